@@ -1,0 +1,15 @@
+//! orpo: ORPO (Odds Ratio Preference Optimization) fine-tuning for causal language models,
+//! reproducing Hugging Face TRL's `ORPOTrainer` numbers.
+//!
+//! Layout: `config` (TOML + overrides), `data` (formats, templates, tokenisation), `model`
+//! (trainable architectures), `train` (loss, optimizer, schedule, loop, checkpoints), `eval`.
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod model;
+pub mod train;
+
+mod error;
+pub use error::Error;

@@ -1,0 +1,228 @@
+//! The `orpo` command line: parses flags, builds the library's pieces, reports errors.
+
+use clap::{Args, Parser, Subcommand};
+use orpo::config::Config;
+use orpo::data::{load_dataset, Tokenizer};
+use orpo::train::load_trainer;
+use orpo::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "orpo",
+    version,
+    about = "ORPO preference fine-tuning for causal language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override a key: --set section.key=value (repeatable)
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model with ORPO
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Reuse an output_dir that already holds a run
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// ORPO metrics on held-out pairs
+    Eval {
+        /// Model folder (or hub id) to evaluate
+        #[arg(long)]
+        model: String,
+        /// Preference pairs (JSON Lines or JSON array)
+        #[arg(long)]
+        data: PathBuf,
+        /// Optional config for batch size, beta and lengths
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Print one JSON object with TRL's eval_* keys
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and tokenise a dataset exactly as training would, and describe it
+    Data {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print a machine-readable summary
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORPO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn holds_run(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name == "metrics.jsonl" || name == "model.safetensors" || name.starts_with("checkpoint-")
+    })
+}
+
+fn train(args: ConfigArgs, overwrite: bool) -> Result<(), Error> {
+    let config = Config::load(&args.config, &args.set)?;
+    let out = PathBuf::from(&config.train.output_dir);
+    if holds_run(&out) && !overwrite {
+        return Err(Error::Input(format!(
+            "train.output_dir `{}` already holds a run; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    let mut trainer = load_trainer(&config)?;
+    let summary = trainer.run()?;
+    if let Some(last) = summary.log.last() {
+        eprintln!(
+            "finished {} steps: loss {:.4}, rewards/accuracies {:.3}; model saved to {}",
+            last.step,
+            last.metrics.loss,
+            last.metrics.rewards_accuracy(),
+            summary.output_dir.display()
+        );
+    }
+    if let Some(eval) = summary.eval {
+        eprint!("{}", eval.render());
+    }
+    Ok(())
+}
+
+fn eval(
+    model: String,
+    data: PathBuf,
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let explicit_length = config.is_some() || set.iter().any(|s| s.starts_with("data.max_length="));
+    let mut config = match config {
+        Some(path) => Config::load(&path, &set)?,
+        None => Config::with_model(model.clone()).with_overrides("(command line)", &set)?,
+    };
+    // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
+    config.model.id = model;
+    let device = orpo::device::select_device(&config.model.device)?;
+    let loaded =
+        orpo::train::load_model(&config.model.id, config.model.revision.as_deref(), &device)?;
+    if let Some(limit) = loaded.model.config().max_sequence_length() {
+        if !explicit_length && config.data.max_length > limit {
+            // Defaults adapt to the model; explicit settings are checked below.
+            config.data.max_length = limit;
+            config.data.max_prompt_length = config.data.max_prompt_length.min(limit);
+        }
+    }
+    orpo::train::check_length(&config, loaded.model.config())?;
+    let opts = orpo::data::DataOptions {
+        max_length: config.data.max_length,
+        max_prompt_length: config.data.max_prompt_length,
+    };
+    let ds = load_dataset(&data, &loaded.tokenizer, &opts)?;
+    if ds.pairs.is_empty() {
+        return Err(Error::Input(format!("{}: no usable pairs", data.display())));
+    }
+    let m = orpo::eval::evaluate(
+        &loaded.model,
+        &ds,
+        config.train.batch_size,
+        config.orpo.beta,
+        loaded.tokenizer.pad_id(),
+        config.orpo.nll_on_prompt,
+    )?;
+    if as_json {
+        println!("{}", m.to_json());
+    } else {
+        print!("{}", m.render());
+    }
+    Ok(())
+}
+
+fn data(args: ConfigArgs, as_json: bool) -> Result<(), Error> {
+    let config = Config::load(&args.config, &args.set)?;
+    let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
+    let tok = Tokenizer::from_dir(&dir)?;
+    let opts = orpo::data::DataOptions {
+        max_length: config.data.max_length,
+        max_prompt_length: config.data.max_prompt_length,
+    };
+    let Some(train) = config.data.train.as_deref() else {
+        return Err(Error::Input(format!(
+            "{}: data.train is not set",
+            args.config.display()
+        )));
+    };
+    let mut splits = vec![("train", train.to_string())];
+    if let Some(e) = &config.data.eval {
+        splits.push(("eval", e.clone()));
+    }
+    let mut json_out = serde_json::Map::new();
+    for (split, path) in splits {
+        let ds = load_dataset(Path::new(&path), &tok, &opts)?;
+        if as_json {
+            json_out.insert(split.into(), ds.stats.to_json());
+        } else {
+            println!("== {split}: {} ({} format)", ds.source, ds.format);
+            print!("{}", ds.stats.render());
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::Value::Object(json_out));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Train { config, overwrite } => train(config, overwrite),
+        Command::Eval {
+            model,
+            data: d,
+            config,
+            set,
+            json,
+        } => eval(model, d, config, set, json),
+        Command::Data { config, json } => data(config, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(&format!("\n  caused by: {text}"));
+                }
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(if e.is_user_error() { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Differentiable building blocks. Each is composed of candle primitives that record a
+//! backward pass; none uses candle-nn's fused kernels, which would drop gradients silently.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x @ w^T + b` for `x` of any rank (the last dim is the input features).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_f = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if let Some(w) = w {
+        y = y.broadcast_mul(w)?;
+    }
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dim; the max shift is detached (it cancels out mathematically).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Additive attention bias `[n, 1, len, len]`: 0 where query i may see key j (causal, key not
+/// padding, within the sliding window), -inf elsewhere.
+pub fn attention_bias(mask: &[Vec<u32>], window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let n = mask.len();
+    let l = mask.first().map_or(0, Vec::len);
+    let mut data = vec![f32::NEG_INFINITY; n * l * l];
+    for (b, row) in mask.iter().enumerate() {
+        for i in 0..l {
+            let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            for j in lo..=i {
+                if row[j] != 0 {
+                    data[(b * l + i) * l + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (n, 1, l, l), device)
+}
+
+/// Scaled dot-product attention with an additive bias. q: `[n, h, l, d]`, k/v: `[n, kvh, l, d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, h, l, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let (k, v) = if kvh != h {
+        (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    let probs = softmax_last(&scores)?;
+    let out = probs.matmul(&v)?; // [n, h, l, d]
+    out.transpose(1, 2)?.reshape((n, l, h * d))
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    let (n, kvh, l, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((n, kvh, rep, l, d))?
+        .contiguous()?
+        .reshape((n, kvh * rep, l, d))
+}
+
+/// `[n, len, h*d]` -> `[n, h, len, d]`, contiguous for the batched matmuls.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, l, hd) = x.dims3()?;
+    x.reshape((n, l, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Rotary tables `[len, d]` for positions 0..len, computed as transformers does in f32.
+pub fn rope_tables(len: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = d / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(len * d);
+    let mut sin = Vec::with_capacity(len * d);
+    for p in 0..len {
+        for k in 0..d {
+            let f = (p as f32) * inv[k % half];
+            cos.push(f.cos());
+            sin.push(f.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (len, d), device)?,
+        Tensor::from_vec(sin, (len, d), device)?,
+    ))
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x: [n, h, len, d]` (transformers' rotate_half layout).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Host copy of a `[n, len]` u32 mask.
+pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
+    mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}

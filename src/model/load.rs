@@ -1,0 +1,249 @@
+//! Reading checkpoints: local folders or hub ids, single or sharded safetensors, or the
+//! legacy `pytorch_model.bin` (names without the `model.` prefix), any float dtype -> f32.
+
+use super::params::Params;
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+    #[error("model `{id}`: {msg}")]
+    Hub { id: String, msg: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+const HUB_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+];
+
+/// A local folder is used as is; anything else that looks like `org/name` is fetched through
+/// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only).
+pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    let local = Path::new(id);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    let looks_like_hub = id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
+    if !looks_like_hub {
+        return Err(ModelError::Hub {
+            id: id.to_string(),
+            msg: "no such folder, and not a hub id of the form org/name".into(),
+        });
+    }
+    let revision = revision.unwrap_or("main").to_string();
+    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false);
+    let hub_err = |msg: String| ModelError::Hub {
+        id: id.to_string(),
+        msg,
+    };
+    let mut config_path = None;
+    if offline {
+        let cache = hf_hub::Cache::from_env().repo(repo);
+        for f in HUB_FILES {
+            if let Some(p) = cache.get(f) {
+                if *f == "config.json" {
+                    config_path = Some(p);
+                }
+            }
+        }
+        if let Some(p) = cache.get("model.safetensors.index.json") {
+            for shard in shard_names(&p)? {
+                cache.get(&shard).ok_or_else(|| {
+                    hub_err(format!("offline and shard {shard} is not in the cache"))
+                })?;
+            }
+        }
+    } else {
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_env();
+        if let Ok(token) = std::env::var("HF_TOKEN") {
+            builder = builder.with_token(Some(token));
+        }
+        let api = builder.build().map_err(|e| hub_err(e.to_string()))?;
+        let api = api.repo(repo);
+        config_path = Some(
+            api.get("config.json")
+                .map_err(|e| hub_err(format!("config.json: {e}")))?,
+        );
+        for f in &HUB_FILES[1..] {
+            // Optional files: a model has only some of them.
+            let _ = api.get(f);
+        }
+        let index = config_path
+            .as_ref()
+            .map(|p| p.with_file_name("model.safetensors.index.json"));
+        if let Some(index) = index.filter(|p| p.exists()) {
+            for shard in shard_names(&index)? {
+                api.get(&shard)
+                    .map_err(|e| hub_err(format!("{shard}: {e}")))?;
+            }
+        }
+    }
+    let config_path = config_path.ok_or_else(|| {
+        hub_err("config.json is not in the hub cache (HF_HUB_OFFLINE is set)".into())
+    })?;
+    Ok(config_path.parent().unwrap_or(Path::new(".")).to_path_buf())
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>, ModelError> {
+    let text = std::fs::read_to_string(index).map_err(|e| ModelError::Io {
+        path: index.to_path_buf(),
+        source: e,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+        path: index.to_path_buf(),
+        msg: format!("invalid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Weights {
+            path: index.to_path_buf(),
+            msg: "no `weight_map` object".into(),
+        })?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// Every tensor of the checkpoint, as f32 on `device`, under `model.`-prefixed names.
+pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let bin = dir.join("pytorch_model.bin");
+    let wrap = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: candle_core::Error| ModelError::Weights {
+            path: path.clone(),
+            msg: e.to_string(),
+        }
+    };
+    let mut raw: Vec<(String, Tensor)> = Vec::new();
+    if single.is_file() {
+        raw.extend(candle_core::safetensors::load(&single, device).map_err(wrap(&single))?);
+    } else if index.is_file() {
+        for shard in shard_names(&index)? {
+            let p = dir.join(&shard);
+            if !p.is_file() {
+                return Err(ModelError::Weights {
+                    path: index.clone(),
+                    msg: format!("shard {shard} is missing"),
+                });
+            }
+            raw.extend(candle_core::safetensors::load(&p, device).map_err(wrap(&p))?);
+        }
+    } else if bin.is_file() {
+        let tensors = candle_core::pickle::read_all(&bin).map_err(wrap(&bin))?;
+        for (n, t) in tensors {
+            raw.push((n, t.to_device(device).map_err(wrap(&bin))?));
+        }
+    } else {
+        return Err(ModelError::Weights {
+            path: dir.to_path_buf(),
+            msg: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin".into(),
+        });
+    }
+    let mut out = HashMap::new();
+    for (name, t) in raw {
+        let name = if name.starts_with("model.") || name.starts_with("lm_head.") {
+            name
+        } else {
+            format!("model.{name}")
+        };
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Hands tensors to the model builders, checking names and shapes, and registers each as a
+/// trainable `Var`.
+pub struct WeightSource {
+    dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    pub params: Params,
+}
+
+impl WeightSource {
+    pub fn new(dir: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        WeightSource {
+            dir: dir.to_path_buf(),
+            tensors,
+            params: Params::default(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes tensor `name` with the expected shape as a trainable parameter.
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::Weights {
+                path: self.dir.clone(),
+                msg: format!("tensor `{name}` is missing"),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Weights {
+                path: self.dir.clone(),
+                msg: format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
+            });
+        }
+        let var = Var::from_tensor(&t.contiguous()?)?;
+        Ok(self.params.insert(name.to_string(), var))
+    }
+
+    pub fn optional_param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        wanted: bool,
+    ) -> Result<Option<Tensor>, ModelError> {
+        if wanted {
+            self.param(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn take_params(&mut self) -> Params {
+        std::mem::take(&mut self.params)
+    }
+}

@@ -1,0 +1,204 @@
+//! OPT (facebook/opt-*): learned positions with offset 2, ReLU MLP, LayerNorm, tied head; both
+//! the pre-norm layout (125M, 1.3B, ...) and 350M's post-norm layout with project_in/out.
+
+use super::arch::ModelConfig;
+use super::layers::{attention, attention_bias, layer_norm, linear, mask_rows, split_heads};
+use super::load::{ModelError, WeightSource};
+use super::params::Params;
+use candle_core::{Result, Tensor};
+type LoadResult<T> = std::result::Result<T, ModelError>;
+
+const POSITION_OFFSET: usize = 2;
+const LN_EPS: f64 = 1e-5;
+
+struct Norm {
+    w: Option<Tensor>,
+    b: Option<Tensor>,
+}
+
+impl Norm {
+    fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        dim: usize,
+        cfg: &ModelConfig,
+    ) -> LoadResult<Self> {
+        let affine = cfg.layer_norm_elementwise_affine;
+        Ok(Norm {
+            w: src.optional_param(&format!("{prefix}.weight"), &[dim], affine)?,
+            b: src.optional_param(&format!("{prefix}.bias"), &[dim], affine)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, self.w.as_ref(), self.b.as_ref(), LN_EPS)
+    }
+}
+
+struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Lin {
+    fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+    ) -> LoadResult<Self> {
+        Ok(Lin {
+            w: src.param(&format!("{prefix}.weight"), &[out_f, in_f])?,
+            b: src.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+struct Layer {
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    attn_norm: Norm,
+    fc1: Lin,
+    fc2: Lin,
+    ffn_norm: Norm,
+}
+
+pub struct Opt {
+    pub config: ModelConfig,
+    pub params: Params,
+    embed_tokens: Tensor,
+    embed_positions: Tensor,
+    project_in: Option<Tensor>,
+    project_out: Option<Tensor>,
+    final_norm: Option<Norm>,
+    lm_head: Option<Tensor>,
+    layers: Vec<Layer>,
+}
+
+impl Opt {
+    pub fn new(cfg: &ModelConfig, src: &mut WeightSource) -> LoadResult<Self> {
+        let (h, e, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let p = "model.decoder";
+        let embed_tokens = src.param(&format!("{p}.embed_tokens.weight"), &[v, e])?;
+        let embed_positions = src.param(
+            &format!("{p}.embed_positions.weight"),
+            &[cfg.max_position_embeddings + POSITION_OFFSET, h],
+        )?;
+        let project_out =
+            src.optional_param(&format!("{p}.project_out.weight"), &[e, h], e != h)?;
+        let project_in = src.optional_param(&format!("{p}.project_in.weight"), &[h, e], e != h)?;
+        let bias = cfg.enable_bias;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let lp = format!("{p}.layers.{i}");
+            layers.push(Layer {
+                k: Lin::load(src, &format!("{lp}.self_attn.k_proj"), h, h, bias)?,
+                v: Lin::load(src, &format!("{lp}.self_attn.v_proj"), h, h, bias)?,
+                q: Lin::load(src, &format!("{lp}.self_attn.q_proj"), h, h, bias)?,
+                o: Lin::load(src, &format!("{lp}.self_attn.out_proj"), h, h, bias)?,
+                attn_norm: Norm::load(src, &format!("{lp}.self_attn_layer_norm"), h, cfg)?,
+                fc1: Lin::load(src, &format!("{lp}.fc1"), cfg.intermediate_size, h, bias)?,
+                fc2: Lin::load(src, &format!("{lp}.fc2"), h, cfg.intermediate_size, bias)?,
+                ffn_norm: Norm::load(src, &format!("{lp}.final_layer_norm"), h, cfg)?,
+            });
+        }
+        let final_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
+            Some(Norm::load(src, &format!("{p}.final_layer_norm"), h, cfg)?)
+        } else {
+            None
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(src.param("lm_head.weight", &[v, e])?)
+        };
+        Ok(Opt {
+            config: cfg.clone(),
+            params: src.take_params(),
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            final_norm,
+            lm_head,
+            layers,
+        })
+    }
+
+    pub fn lm_head(&self) -> Tensor {
+        self.lm_head
+            .clone()
+            .unwrap_or_else(|| self.embed_tokens.clone())
+    }
+
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (n, l) = ids.dims2()?;
+        let rows = mask_rows(mask)?;
+        // transformers: position = cumsum(mask) * mask - 1, plus the offset of 2.
+        let mut pos = Vec::with_capacity(n * l);
+        for row in &rows {
+            let mut c = 0i64;
+            for &m in row {
+                c += m as i64;
+                pos.push((c * m as i64 - 1 + POSITION_OFFSET as i64) as u32);
+            }
+        }
+        let pos = Tensor::from_vec(pos, n * l, ids.device())?;
+        let tok = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        let mut x = tok.reshape((n, l, cfg.word_embed_proj_dim))?;
+        if let Some(w) = &self.project_in {
+            x = linear(&x, w, None)?;
+        }
+        let positions =
+            self.embed_positions
+                .index_select(&pos, 0)?
+                .reshape((n, l, cfg.hidden_size))?;
+        x = (x + positions)?;
+        let bias = attention_bias(&rows, None, ids.device())?;
+        let heads = cfg.num_heads;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let pre = cfg.do_layer_norm_before;
+        for layer in &self.layers {
+            let residual = x.clone();
+            let hs = if pre {
+                layer.attn_norm.forward(&x)?
+            } else {
+                x.clone()
+            };
+            let q = split_heads(&layer.q.forward(&hs)?, heads)?;
+            let k = split_heads(&layer.k.forward(&hs)?, heads)?;
+            let v = split_heads(&layer.v.forward(&hs)?, heads)?;
+            let a = attention(&q, &k, &v, &bias, scale)?;
+            x = (residual + layer.o.forward(&a)?)?;
+            if !pre {
+                x = layer.attn_norm.forward(&x)?;
+            }
+            let residual = x.clone();
+            let hs = if pre {
+                layer.ffn_norm.forward(&x)?
+            } else {
+                x.clone()
+            };
+            let hs = layer.fc2.forward(&layer.fc1.forward(&hs)?.relu()?)?;
+            x = (residual + hs)?;
+            if !pre {
+                x = layer.ffn_norm.forward(&x)?;
+            }
+        }
+        if let Some(norm) = &self.final_norm {
+            x = norm.forward(&x)?;
+        }
+        if let Some(w) = &self.project_out {
+            x = linear(&x, w, None)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,114 @@
+//! Writing models in Hugging Face layout, atomically: everything goes to a temporary sibling
+//! folder (or file) first and is renamed into place only when complete.
+
+use crate::data::Tokenizer;
+use crate::model::CausalLm;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {msg}")]
+    Other { path: PathBuf, msg: String },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SaveError + '_ {
+    move |e| SaveError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+fn other(path: &Path, e: impl std::fmt::Display) -> SaveError {
+    SaveError::Other {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SaveError> {
+    let tmp = tmp_sibling(path);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), SaveError> {
+    let tmp = tmp_sibling(path);
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| other(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// The files of a model folder: config.json (dtype float32), model.safetensors with the
+/// Hugging Face names, generation_config.json when the source had one, tokenizer files.
+fn write_model_files(
+    dir: &Path,
+    model: &CausalLm,
+    tok: &Tokenizer,
+    source_dir: &Path,
+) -> Result<(), SaveError> {
+    let mut config = model.config().raw.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("torch_dtype");
+        obj.insert("dtype".into(), "float32".into());
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
+    write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let tensors = model.params().snapshot().map_err(|e| other(dir, e))?;
+    save_tensors(&tensors, &dir.join("model.safetensors"))?;
+    let gen = source_dir.join("generation_config.json");
+    if gen.is_file() {
+        let bytes = std::fs::read(&gen).map_err(io(&gen))?;
+        write_atomic(&dir.join("generation_config.json"), &bytes)?;
+    }
+    tok.save_to(dir).map_err(|e| other(dir, e))
+}
+
+/// Saves the model at the root of `dir` (each file replaced atomically).
+pub fn save_model(
+    dir: &Path,
+    model: &CausalLm,
+    tok: &Tokenizer,
+    source_dir: &Path,
+) -> Result<(), SaveError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_model_files(dir, model, tok, source_dir)
+}
+
+/// Writes a whole checkpoint folder: built under a temporary name, renamed when complete, so
+/// a crash never leaves a `checkpoint-STEP` that looks finished but is not.
+pub fn save_checkpoint(
+    dir: &Path,
+    model: &CausalLm,
+    tok: &Tokenizer,
+    source_dir: &Path,
+    extra: impl FnOnce(&Path) -> Result<(), SaveError>,
+) -> Result<(), SaveError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = tmp_sibling(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    write_model_files(&tmp, model, tok, source_dir)?;
+    extra(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io(dir))
+}

@@ -1,0 +1,14 @@
+//! Training: batching plan, collation, forward + ORPO loss, AdamW, schedules, checkpoints.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod forward;
+pub mod loss;
+pub mod optim;
+pub mod plan;
+pub mod schedule;
+mod setup;
+mod trainer;
+
+pub use setup::{check_length, load_model, load_trainer, LoadedModel};
+pub use trainer::{LogEntry, TrainSummary, Trainer};

@@ -1,0 +1,128 @@
+//! Which pairs each optimizer step trains on, exactly as transformers' Trainer cuts an epoch:
+//! micro-batches of `batch_size` in (shuffled) order, the last one possibly smaller; each step
+//! takes `grad_accum` of them except the epoch's last step, which takes what remains; with
+//! `max_steps` beyond one epoch the data wraps into the next epoch with a fresh order.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub n_pairs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub micro_per_epoch: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+}
+
+/// The micro-batches of one optimizer step, as pair indices, and where the step leaves the
+/// epoch counter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepBatches {
+    pub epoch: usize,
+    pub micro_batches: Vec<Vec<usize>>,
+    /// transformers' fractional epoch after this step.
+    pub epoch_progress: f64,
+}
+
+impl Plan {
+    pub fn new(
+        n_pairs: usize,
+        batch_size: usize,
+        grad_accum: usize,
+        epochs: usize,
+        max_steps: usize,
+        shuffle: bool,
+        seed: u64,
+    ) -> Self {
+        let micro_per_epoch = n_pairs.div_ceil(batch_size);
+        let steps_per_epoch = micro_per_epoch.div_ceil(grad_accum);
+        let total_steps = if max_steps > 0 {
+            max_steps
+        } else {
+            epochs * steps_per_epoch
+        };
+        Plan {
+            n_pairs,
+            batch_size,
+            grad_accum,
+            shuffle,
+            seed,
+            micro_per_epoch,
+            steps_per_epoch,
+            total_steps,
+        }
+    }
+
+    /// The order of the pairs in `epoch`: file order, or a permutation seeded by (seed, epoch)
+    /// so that any step can be recomputed without replaying earlier ones (exact resume).
+    pub fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.n_pairs).collect();
+        if self.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// The pairs of optimizer step `step` (from 0).
+    pub fn step(&self, step: usize) -> StepBatches {
+        let epoch = step / self.steps_per_epoch;
+        let in_epoch = step % self.steps_per_epoch;
+        let order = self.order(epoch);
+        let first = in_epoch * self.grad_accum;
+        let last = ((in_epoch + 1) * self.grad_accum).min(self.micro_per_epoch);
+        let micro_batches = (first..last)
+            .map(|mb| {
+                let lo = mb * self.batch_size;
+                let hi = ((mb + 1) * self.batch_size).min(self.n_pairs);
+                order[lo..hi].to_vec()
+            })
+            .collect();
+        StepBatches {
+            epoch,
+            micro_batches,
+            epoch_progress: epoch as f64 + last as f64 / self.micro_per_epoch as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_last_step_and_wraparound() {
+        // 7 pairs, batch 2 -> 4 micro-batches (last has 1); grad_accum 3 -> steps of 3 and 1.
+        let p = Plan::new(7, 2, 3, 1, 5, false, 0);
+        assert_eq!(p.steps_per_epoch, 2);
+        assert_eq!(
+            p.step(0).micro_batches,
+            vec![vec![0, 1], vec![2, 3], vec![4, 5]]
+        );
+        assert_eq!(p.step(1).micro_batches, vec![vec![6]]);
+        assert_eq!(p.step(1).epoch_progress, 1.0);
+        assert_eq!(
+            p.step(2).micro_batches,
+            vec![vec![0, 1], vec![2, 3], vec![4, 5]]
+        );
+        assert_eq!(p.step(2).epoch, 1);
+        assert!((p.step(2).epoch_progress - 1.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let p = Plan::new(10, 2, 1, 2, 0, true, 42);
+        let mut a = p.order(0);
+        assert_eq!(a, p.order(0));
+        assert_ne!(a, p.order(1));
+        a.sort();
+        assert_eq!(a, (0..10).collect::<Vec<_>>());
+    }
+}

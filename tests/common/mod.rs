@@ -1,0 +1,81 @@
+//! Shared helpers for the golden tests: fixture paths, golden files, tolerances.
+#![allow(dead_code)]
+
+use orpo::data::{PairText, TokenizedPair};
+use serde_json::Value;
+use std::path::PathBuf;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// The golden file for a fixture model (tiny-opt-legacy shares tiny-opt's).
+pub fn golden(model: &str) -> Value {
+    let name = if model == "tiny-opt-legacy" {
+        "tiny-opt"
+    } else {
+        model
+    };
+    let path = fixtures().join(format!("golden/{name}.trl.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+pub const MODELS: [&str; 5] = [
+    "tiny-opt",
+    "tiny-opt-legacy",
+    "tiny-opt-350m-layout",
+    "tiny-mistral",
+    "tiny-qwen2",
+];
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn labels(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+/// Golden tokenized rows as the trainer's pairs (independent of our tokeniser).
+pub fn golden_pairs(g: &Value, key: &str) -> Vec<TokenizedPair> {
+    g[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| TokenizedPair {
+            prompt_input_ids: ids(&t["prompt_input_ids"]),
+            chosen_input_ids: ids(&t["chosen_input_ids"]),
+            chosen_labels: labels(&t["chosen_labels"]),
+            rejected_input_ids: ids(&t["rejected_input_ids"]),
+            rejected_labels: labels(&t["rejected_labels"]),
+            truncated: false,
+            text: PairText {
+                prompt: t["prompt"].as_str().unwrap().to_string(),
+                chosen: t["chosen"].as_str().unwrap().to_string(),
+                rejected: t["rejected"].as_str().unwrap().to_string(),
+            },
+        })
+        .collect()
+}
+
+/// |a - b| <= rel * |b| + abs, with a readable failure message.
+pub fn assert_close(what: &str, got: f64, want: f64, rel: f64, abs: f64) {
+    let tol = rel * want.abs() + abs;
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got}, want {want} (diff {:.3e}, tol {tol:.3e})",
+        (got - want).abs()
+    );
+}
