@@ -282,6 +282,20 @@ pub struct DataConfig {
     pub eval: Option<String>,
     pub max_length: usize,
     pub max_prompt_length: usize,
+    /// Split read from folders and hub datasets for `train`.
+    pub train_split: String,
+    /// Split read from folders and hub datasets for `eval`.
+    pub eval_split: String,
+    /// Dataset config name (a folder of that name in the repo: `harmless-base`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Hub revision of the dataset (branch, tag or commit); `main` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Column holding the prompt / chosen / rejected field.
+    pub prompt_column: String,
+    pub chosen_column: String,
+    pub rejected_column: String,
 }
 
 impl Default for DataConfig {
@@ -291,7 +305,37 @@ impl Default for DataConfig {
             eval: None,
             max_length: 1024,
             max_prompt_length: 512,
+            train_split: "train".into(),
+            eval_split: "test".into(),
+            subset: None,
+            revision: None,
+            prompt_column: "prompt".into(),
+            chosen_column: "chosen".into(),
+            rejected_column: "rejected".into(),
         }
+    }
+}
+
+impl DataConfig {
+    /// How to read `data.train` (`eval = false`) or `data.eval`: location, split, subset,
+    /// revision and column names. None when that key is not set.
+    pub fn source(&self, eval: bool) -> Option<crate::data::DataSource> {
+        let (location, split) = if eval {
+            (self.eval.as_ref()?, &self.eval_split)
+        } else {
+            (self.train.as_ref()?, &self.train_split)
+        };
+        Some(crate::data::DataSource {
+            location: location.clone(),
+            split: split.clone(),
+            subset: self.subset.clone(),
+            revision: self.revision.clone(),
+            columns: crate::data::ColumnMap {
+                prompt: self.prompt_column.clone(),
+                chosen: self.chosen_column.clone(),
+                rejected: self.rejected_column.clone(),
+            },
+        })
     }
 }
 
@@ -453,6 +497,13 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("eval", Str),
                 ("max_length", UInt),
                 ("max_prompt_length", UInt),
+                ("train_split", Str),
+                ("eval_split", Str),
+                ("subset", Str),
+                ("revision", Str),
+                ("prompt_column", Str),
+                ("chosen_column", Str),
+                ("rejected_column", Str),
             ],
         ),
         ("orpo", &[("beta", Float), ("nll_on_prompt", Bool)]),
@@ -975,6 +1026,37 @@ impl Config {
                 return Err(o.invalid(key, "must not be empty (omit the key instead)"));
             }
         }
+        for (key, v) in [
+            ("data.train_split", &d.train_split),
+            ("data.eval_split", &d.eval_split),
+            ("data.prompt_column", &d.prompt_column),
+            ("data.chosen_column", &d.chosen_column),
+            ("data.rejected_column", &d.rejected_column),
+        ] {
+            if v.trim().is_empty() {
+                return Err(o.invalid(key, "must not be empty"));
+            }
+        }
+        for (key, v) in [("data.subset", &d.subset), ("data.revision", &d.revision)] {
+            if matches!(v, Some(s) if s.trim().is_empty()) {
+                return Err(o.invalid(key, "must not be empty (omit the key instead)"));
+            }
+        }
+        let cols = [
+            ("data.prompt_column", &d.prompt_column),
+            ("data.chosen_column", &d.chosen_column),
+            ("data.rejected_column", &d.rejected_column),
+        ];
+        for (i, (key, v)) in cols.iter().enumerate() {
+            if let Some((other, _)) = cols[..i].iter().find(|(_, w)| w == v) {
+                return Err(o.invalid(
+                    key,
+                    format!(
+                        "column `{v}` is already used by {other}; each field needs its own column"
+                    ),
+                ));
+            }
+        }
         if d.max_length == 0 {
             return Err(o.invalid("data.max_length", "must be at least 1"));
         }
@@ -1494,5 +1576,49 @@ targets = "all-linear"
             Some("optim.warmup_steps")
         );
         assert_eq!(levenshtein("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn data_source_keys() {
+        let base = "[model]\nid = \"m\"\n[data]\ntrain = \"org/name\"\neval = \"org/name\"\n";
+        let c = load(base, &[]).unwrap();
+        let t = c.data.source(false).unwrap();
+        assert_eq!(
+            (t.split.as_str(), t.subset, t.revision),
+            ("train", None, None)
+        );
+        assert!(t.columns.is_default());
+        assert_eq!(c.data.source(true).unwrap().split, "test");
+        let c = load(
+            &format!("{base}subset = \"harmless-base\"\nrevision = \"v1\"\nprompt_column = \"question\"\n"),
+            &["data.chosen_column=response_j", "data.rejected_column=response_k", "data.eval_split=validation"],
+        )
+        .unwrap();
+        let e = c.data.source(true).unwrap();
+        assert_eq!(e.split, "validation");
+        assert_eq!(e.subset.as_deref(), Some("harmless-base"));
+        assert_eq!(e.revision.as_deref(), Some("v1"));
+        assert_eq!(
+            (
+                e.columns.prompt.as_str(),
+                e.columns.chosen.as_str(),
+                e.columns.rejected.as_str()
+            ),
+            ("question", "response_j", "response_k")
+        );
+        assert!(Config::with_model("m").data.source(false).is_none());
+        let e = err(base, &["data.chosen_column=prompt"]);
+        assert!(
+            e.contains("data.chosen_column") && e.contains("already used by data.prompt_column"),
+            "{e}"
+        );
+        let e = err(base, &["data.train_split="]);
+        assert!(e.contains("data.train_split: must not be empty"), "{e}");
+        let e = err(&format!("{base}subset = 3\n"), &[]);
+        assert!(e.contains("data.subset: expected a string"), "{e}");
+        let e = err(&format!("{base}chosen_col = \"a\"\n"), &[]);
+        assert!(e.contains("did you mean `data.chosen_column`"), "{e}");
+        let e = err(&format!("{base}split = \"a\"\n"), &[]);
+        assert!(e.contains("unknown key `data.split`"), "{e}");
     }
 }

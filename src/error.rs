@@ -20,8 +20,10 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("non-finite {what} at step {step}; stopping")]
+    #[error("non-finite {what} at step {step}; stopping (the last checkpoint, if any, is intact)")]
     NonFinite { step: usize, what: &'static str },
+    #[error("interrupted after step {step}; checkpoint written to {}; continue with `orpo train --config CONFIG --resume`", checkpoint.display())]
+    Interrupted { step: usize, checkpoint: PathBuf },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -31,6 +33,15 @@ impl Error {
         Error::Io {
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    /// 2 for input mistakes, 130 after an interruption, 1 for other failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Interrupted { .. } => 130,
+            e if e.is_user_error() => 2,
+            _ => 1,
         }
     }
 

@@ -4,9 +4,12 @@ use clap::{Args, Parser, Subcommand};
 use orpo::config::Config;
 use orpo::data::{load_dataset, Tokenizer};
 use orpo::train::load_trainer;
+use orpo::train::resume::latest_checkpoint;
 use orpo::Error;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +39,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Reuse an output_dir that already holds a run
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Continue from the newest complete checkpoint in output_dir, or from PATH
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+        resume: Option<PathBuf>,
     },
     /// ORPO metrics on held-out pairs
     Eval {
@@ -63,6 +69,12 @@ enum Command {
         /// Print a machine-readable summary
         #[arg(long)]
         json: bool,
+        /// Render the first N pairs as the model sees them (prompt/answer boundary, label mask)
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        show: usize,
+        /// With --show: also list every token as id:"piece" (masked ones prefixed by -)
+        #[arg(long)]
+        ids: bool,
     },
 }
 
@@ -86,17 +98,43 @@ fn holds_run(dir: &Path) -> bool {
     })
 }
 
-fn train(args: ConfigArgs, overwrite: bool) -> Result<(), Error> {
+fn train(args: ConfigArgs, overwrite: bool, resume: Option<PathBuf>) -> Result<(), Error> {
     let config = Config::load(&args.config, &args.set)?;
     let out = PathBuf::from(&config.train.output_dir);
-    if holds_run(&out) && !overwrite {
-        return Err(Error::Input(format!(
-            "train.output_dir `{}` already holds a run; pass --overwrite to replace it",
-            out.display()
-        )));
+    let resume_from = match resume {
+        Some(p) if !p.as_os_str().is_empty() => {
+            if !p.join("trainer_state.json").is_file() {
+                return Err(Error::Input(format!(
+                    "--resume {}: not a checkpoint folder (no trainer_state.json)",
+                    p.display()
+                )));
+            }
+            Some(p)
+        }
+        Some(_) => Some(latest_checkpoint(&out).ok_or_else(|| {
+            Error::Input(format!(
+                "--resume: no complete checkpoint-STEP folder in `{}`",
+                out.display()
+            ))
+        })?),
+        None => {
+            if holds_run(&out) && !overwrite {
+                return Err(Error::Input(format!(
+                    "train.output_dir `{}` already holds a run; pass --resume to continue it or --overwrite to replace it",
+                    out.display()
+                )));
+            }
+            None
+        }
+    };
+    // First SIGINT/SIGTERM: finish the step, checkpoint, exit. A second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
     }
     let mut trainer = load_trainer(&config)?;
-    let summary = trainer.run()?;
+    let summary = trainer.run(resume_from.as_deref(), &stop)?;
     if let Some(last) = summary.log.last() {
         eprintln!(
             "finished {} steps: loss {:.4}, rewards/accuracies {:.3}; model saved to {}",
@@ -161,7 +199,7 @@ fn eval(
     Ok(())
 }
 
-fn data(args: ConfigArgs, as_json: bool) -> Result<(), Error> {
+fn data(args: ConfigArgs, as_json: bool, show: usize, ids: bool) -> Result<(), Error> {
     let config = Config::load(&args.config, &args.set)?;
     let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
     let tok = Tokenizer::from_dir(&dir)?;
@@ -169,24 +207,62 @@ fn data(args: ConfigArgs, as_json: bool) -> Result<(), Error> {
         max_length: config.data.max_length,
         max_prompt_length: config.data.max_prompt_length,
     };
-    let Some(train) = config.data.train.as_deref() else {
+    let Some(train) = config.data.source(false) else {
         return Err(Error::Input(format!(
             "{}: data.train is not set",
             args.config.display()
         )));
     };
-    let mut splits = vec![("train", train.to_string())];
-    if let Some(e) = &config.data.eval {
-        splits.push(("eval", e.clone()));
+    let mut splits = vec![("train", train)];
+    if let Some(e) = config.data.source(true) {
+        splits.push(("eval", e));
     }
     let mut json_out = serde_json::Map::new();
-    for (split, path) in splits {
-        let ds = load_dataset(Path::new(&path), &tok, &opts)?;
+    for (split, src) in splits {
+        let ds = orpo::data::load_source(&src, &tok, &opts)?;
+        let n_show = show.min(ds.pairs.len());
         if as_json {
-            json_out.insert(split.into(), ds.stats.to_json());
+            let mut v = serde_json::json!({
+                "source": ds.source,
+                "files": ds.files,
+                "format": ds.format,
+                "pairs": ds.pairs.len(),
+                "max_length": opts.max_length,
+                "max_prompt_length": opts.max_prompt_length,
+            });
+            if let (Some(obj), serde_json::Value::Object(stats)) =
+                (v.as_object_mut(), ds.stats.to_json())
+            {
+                obj.extend(stats);
+                if n_show > 0 {
+                    let examples: Vec<_> = (0..n_show)
+                        .map(|i| orpo::data::show::example_json(&ds, i, &tok))
+                        .collect();
+                    obj.insert("examples".into(), examples.into());
+                }
+            }
+            json_out.insert(split.into(), v);
         } else {
             println!("== {split}: {} ({} format)", ds.source, ds.format);
+            println!(
+                "pairs:          {} (max_length {}, max_prompt_length {})",
+                ds.pairs.len(),
+                opts.max_length,
+                opts.max_prompt_length
+            );
             print!("{}", ds.stats.render());
+            if n_show > 0 {
+                println!(
+                    "masked (label -100) tokens are shown {}like this{}, trained tokens {}like this{}",
+                    orpo::data::show::MASKED.0,
+                    orpo::data::show::MASKED.1,
+                    orpo::data::show::TRAINED.0,
+                    orpo::data::show::TRAINED.1
+                );
+            }
+            for i in 0..n_show {
+                print!("{}", orpo::data::show::render_example(&ds, i, &tok, ids));
+            }
         }
     }
     if as_json {
@@ -199,7 +275,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Train { config, overwrite } => train(config, overwrite),
+        Command::Train {
+            config,
+            overwrite,
+            resume,
+        } => train(config, overwrite, resume),
         Command::Eval {
             model,
             data: d,
@@ -207,7 +287,12 @@ fn main() -> ExitCode {
             set,
             json,
         } => eval(model, d, config, set, json),
-        Command::Data { config, json } => data(config, json),
+        Command::Data {
+            config,
+            json,
+            show,
+            ids,
+        } => data(config, json, show, ids),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,7 +307,7 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::from(if e.is_user_error() { 2 } else { 1 })
+            ExitCode::from(e.exit_code())
         }
     }
 }

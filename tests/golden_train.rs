@@ -8,6 +8,7 @@ use orpo::config::Config;
 use orpo::train::load_trainer;
 use serde_json::Value;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 fn write_jsonl(path: &Path, rows: &Value) {
     let text: String = rows
@@ -65,11 +66,20 @@ output_dir = "{dir}/run"
 }
 
 fn check_run(name: &str) {
-    let g = golden(name);
+    check_golden(name, &golden(name));
+}
+
+fn check_extra(name: &str, file: &str) {
+    let path = fixtures().join("golden/extra").join(file);
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    check_golden(name, &g);
+}
+
+fn check_golden(name: &str, g: &Value) {
     let tmp = tempfile::tempdir().unwrap();
-    let config = golden_config(name, &g, tmp.path());
+    let config = golden_config(name, g, tmp.path());
     let mut trainer = load_trainer(&config).unwrap();
-    let summary = trainer.run().unwrap();
+    let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
 
     let lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl"))
         .unwrap()
@@ -167,4 +177,19 @@ fn tiny_mistral_training_matches_trl() {
 #[test]
 fn tiny_qwen2_training_matches_trl() {
     check_run("tiny-qwen2");
+}
+
+#[test]
+fn partial_accumulation_step_cosine_warmup_and_clipping_match_trl() {
+    check_extra("tiny-opt", "tiny-opt.accum-cosine.trl.json");
+}
+
+#[test]
+fn accumulation_with_linear_warmup_matches_trl() {
+    check_extra("tiny-qwen2", "tiny-qwen2.accum-warmup.trl.json");
+}
+
+#[test]
+fn answer_truncation_and_constant_schedule_match_trl() {
+    check_extra("tiny-mistral", "tiny-mistral.truncation.trl.json");
 }

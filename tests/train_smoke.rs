@@ -10,6 +10,7 @@ use orpo::model::CausalLm;
 use orpo::train::load_trainer;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -44,7 +45,7 @@ fn every_trainable_tensor_changes_after_one_step() {
         let config = tiny_config(name, tmp.path(), &["train.log_every=1"]);
         let mut trainer = load_trainer(&config).unwrap();
         let before = trainer.model.params().snapshot().unwrap();
-        trainer.run().unwrap();
+        trainer.run(None, &AtomicBool::new(false)).unwrap();
         for (pname, var) in trainer.model.params().iter() {
             let diff = (var.as_tensor() - &before[pname])
                 .unwrap()
@@ -63,7 +64,7 @@ fn saved_model_reloads_to_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config("tiny-qwen2", tmp.path(), &[]);
     let mut trainer = load_trainer(&config).unwrap();
-    trainer.run().unwrap();
+    trainer.run(None, &AtomicBool::new(false)).unwrap();
     let reloaded = CausalLm::load(tmp.path(), &Device::Cpu).unwrap();
     let ids = Tensor::new(
         &[[5u32, 17, 300, 42, 9], [7, 8, 9, 1000, 1000]],
@@ -169,4 +170,48 @@ fn cli_refuses_bad_config_with_exit_code_2() {
     assert!(err.contains("optim.lr"), "{err}");
     let r = orpo(&["train", "--config", "does-not-exist.toml"]);
     assert_eq!(r.status.code(), Some(2));
+}
+
+#[test]
+fn interrupted_run_resumes_bit_identical() {
+    let extra = [
+        "train.max_steps=4",
+        "train.shuffle=true",
+        "train.log_every=3",
+        "train.batch_size=3",
+    ];
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut full = load_trainer(&tiny_config("tiny-opt", full_dir.path(), &extra)).unwrap();
+    full.run(None, &AtomicBool::new(false)).unwrap();
+
+    let cut_dir = tempfile::tempdir().unwrap();
+    let config = tiny_config("tiny-opt", cut_dir.path(), &extra);
+    let mut first = load_trainer(&config).unwrap();
+    // A stop request that is already pending stops the run after its first step.
+    let err = first.run(None, &AtomicBool::new(true)).err().unwrap();
+    assert!(
+        matches!(err, orpo::Error::Interrupted { step: 1, .. }),
+        "{err}"
+    );
+    let ckpt = cut_dir.path().join("checkpoint-1");
+    assert!(ckpt.join("optimizer.safetensors").is_file());
+    assert!(!cut_dir.path().join("model.safetensors").exists());
+
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+    let a = std::fs::read(full_dir.path().join("model.safetensors")).unwrap();
+    let b = std::fs::read(cut_dir.path().join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed model differs from the uninterrupted one");
+    let log_a = std::fs::read_to_string(full_dir.path().join("metrics.jsonl")).unwrap();
+    let log_b = std::fs::read_to_string(cut_dir.path().join("metrics.jsonl")).unwrap();
+    let strip = |s: &str| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("elapsed_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&log_a), strip(&log_b));
 }

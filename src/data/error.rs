@@ -3,8 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
-/// Where a row came from: a file and a 1-based line (JSON Lines) or a 0-based element
-/// index (JSON array).
+/// Where a row came from: a file and a 1-based line (JSON Lines), a 0-based element index
+/// (JSON array) or a 0-based row index (Parquet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowLoc {
     pub file: String,
@@ -18,6 +18,8 @@ pub enum RowPos {
     Line(usize),
     /// 0-based element index of a JSON array file.
     Element(usize),
+    /// 0-based row index of a Parquet file.
+    Row(usize),
 }
 
 impl fmt::Display for RowLoc {
@@ -25,6 +27,7 @@ impl fmt::Display for RowLoc {
         match self.pos {
             RowPos::Line(n) => write!(f, "{}:{}", self.file, n),
             RowPos::Element(i) => write!(f, "{}[{}]", self.file, i),
+            RowPos::Row(i) => write!(f, "{} row {}", self.file, i),
         }
     }
 }
@@ -41,6 +44,12 @@ pub enum DataError {
     },
     #[error("{file}: invalid JSON: {msg}")]
     InvalidFile { file: String, msg: String },
+    #[error("{file}: {msg}")]
+    BadFile { file: String, msg: String },
+    #[error("{loc}: {msg}")]
+    BadRow { loc: RowLoc, msg: String },
+    #[error("data source `{location}`: {msg}")]
+    Source { location: String, msg: String },
     #[error("{loc}: invalid JSON: {msg}")]
     InvalidJson { loc: RowLoc, msg: String },
     #[error("{loc}: field `{field}`: {msg}")]
@@ -76,6 +85,22 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// Renames a canonical field (`prompt`, `chosen`, `rejected`, and their sub-paths such as
+    /// `chosen[1].content`) to the column it was read from, so errors name the user's column.
+    pub(crate) fn rename_field(mut self, canonical: &str, column: &str) -> Self {
+        if canonical == column {
+            return self;
+        }
+        if let DataError::Field { field, .. } | DataError::Template { field, .. } = &mut self {
+            if let Some(rest) = field.strip_prefix(canonical) {
+                if rest.is_empty() || rest.starts_with('[') || rest.starts_with('.') {
+                    *field = format!("{column}{rest}");
+                }
+            }
+        }
+        self
+    }
+
     pub(crate) fn field(loc: &RowLoc, field: &str, msg: impl Into<String>) -> Self {
         DataError::Field {
             loc: loc.clone(),
@@ -98,6 +123,8 @@ pub enum SkipReason {
     PromptMismatch,
     /// The tokenizer failed on this text.
     EncodeFailed,
+    /// Chosen and rejected answers are the same text: nothing to prefer.
+    IdenticalAnswers,
 }
 
 impl SkipReason {
@@ -108,6 +135,7 @@ impl SkipReason {
             SkipReason::EmptyAnswer => "empty_answer",
             SkipReason::PromptMismatch => "prompt_mismatch",
             SkipReason::EncodeFailed => "encode_failed",
+            SkipReason::IdenticalAnswers => "identical_answers",
         }
     }
 }
@@ -121,6 +149,7 @@ impl fmt::Display for SkipReason {
                 "chosen and rejected prompt tokens differ by more than one merged token"
             }
             SkipReason::EncodeFailed => "tokenizer failed on the text",
+            SkipReason::IdenticalAnswers => "chosen and rejected answers are identical",
         };
         f.write_str(s)
     }

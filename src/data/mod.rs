@@ -1,11 +1,15 @@
-//! Preference data: reading rows (JSON Lines / JSON array), TRL's prompt extraction and chat
+//! Preference data: finding the files (local files, folders and globs of shards, hub datasets),
+//! reading rows (JSON Lines, JSON array, gzip, Parquet), TRL's prompt extraction and chat
 //! templating, tokenizer loading, and TRL's ORPO `tokenize_row` with truncation.
 //!
 //! Self-contained: nothing here depends on other modules of the crate.
 
 mod error;
+mod parquet;
 mod prompt;
 mod rows;
+pub mod show;
+mod source;
 mod stats;
 mod template;
 mod tokenize;
@@ -15,7 +19,8 @@ use std::path::Path;
 
 pub use error::{DataError, RowLoc, RowPos, SkipReason};
 pub use prompt::{extract_prompt_list, extract_prompt_str, RawPair, RowFormat, ALLOWED_ROLES};
-pub use rows::{parse_rows, read_rows, RawRow};
+pub use rows::{parse_rows, read_rows, read_rows_named, RawRow};
+pub use source::{resolve, select_split, ColumnMap, DataSource, ResolvedSource, SourceFile};
 pub use stats::{DataStats, LengthStats};
 pub use template::ChatTemplate;
 pub use tokenize::{tokenize_pair, IGNORE_INDEX};
@@ -53,12 +58,17 @@ pub struct DataOptions {
 /// A loaded, validated and tokenized data set.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    /// The file it came from.
+    /// Where it came from: the file, or a description of the folder, glob or hub dataset.
     pub source: String,
     /// "explicit" | "implicit" | "conversational" | "mixed".
     pub format: String,
     pub pairs: Vec<TokenizedPair>,
     pub stats: DataStats,
+    /// The files read, in order (hub files by their path in the repository).
+    pub files: Vec<String>,
+    /// Where each kept pair came from (`file:line`, `file[i]`, `file row i`), parallel to
+    /// `pairs`.
+    pub locations: Vec<String>,
 }
 
 /// A row's texts and where it came from.
@@ -68,120 +78,263 @@ struct LocatedText {
     text: PairText,
 }
 
-fn rows_to_texts(path: &Path, tok: &Tokenizer) -> Result<(Vec<LocatedText>, usize), DataError> {
-    let rows = read_rows(path)?;
-    if rows.is_empty() {
-        return Err(DataError::Empty {
-            file: path.display().to_string(),
-        });
+/// Renames the user's columns to `prompt` / `chosen` / `rejected`.
+fn map_columns(value: serde_json::Value, cols: &ColumnMap) -> serde_json::Value {
+    if cols.is_default() {
+        return value;
     }
-    let n = rows.len();
-    let mut out = Vec::with_capacity(n);
-    for row in rows {
-        let (format, raw) = prompt::parse_row(&row.loc, &row.value)?;
-        let text = match raw {
-            RawPair::Text {
-                prompt,
-                chosen,
-                rejected,
-            } => PairText {
-                prompt,
-                chosen,
-                rejected,
-            },
-            RawPair::Chat {
-                prompt,
-                chosen,
-                rejected,
-            } => {
-                let Some(tpl) = tok.template() else {
-                    return Err(DataError::Row {
-                        loc: row.loc,
-                        msg: "conversational row (message lists) but the model's tokenizer has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`)".into(),
-                    });
-                };
-                let t = tpl
-                    .apply_to_pair(&prompt, &chosen, &rejected)
-                    .map_err(|e| DataError::Template {
+    let serde_json::Value::Object(mut obj) = value else {
+        return value;
+    };
+    let mut out = serde_json::Map::new();
+    for (canonical, column) in cols.pairs() {
+        if let Some(v) = obj.remove(column) {
+            out.insert(canonical.to_string(), v);
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// Adds the row's columns to a "missing" error, so a data set with other column names gets
+/// told how to map them.
+fn explain_missing(e: DataError, row: &serde_json::Value, cols: &ColumnMap) -> DataError {
+    let DataError::Field { loc, field, msg } = e else {
+        return e;
+    };
+    let canonical = cols
+        .pairs()
+        .into_iter()
+        .find(|(_, c)| *c == field)
+        .map(|(k, _)| k);
+    match (canonical, row.as_object()) {
+        (Some(k), Some(obj)) if msg == "missing" => {
+            let names: Vec<&str> = obj.keys().map(String::as_str).collect();
+            DataError::Field {
+                loc,
+                field,
+                msg: format!(
+                    "missing (the row has columns: {}; name yours with data.{k}_column)",
+                    names.join(", ")
+                ),
+            }
+        }
+        _ => DataError::Field { loc, field, msg },
+    }
+}
+
+fn row_to_text(row: RawRow, tok: &Tokenizer, cols: &ColumnMap) -> Result<LocatedText, DataError> {
+    let value = map_columns(row.value, cols);
+    let rename = |e: DataError| {
+        let e = cols.pairs().into_iter().fold(e, |e, (canonical, column)| {
+            e.rename_field(canonical, column)
+        });
+        explain_missing(e, &value, cols)
+    };
+    let (format, raw) = prompt::parse_row(&row.loc, &value).map_err(rename)?;
+    let text = match raw {
+        RawPair::Text {
+            prompt,
+            chosen,
+            rejected,
+        } => PairText {
+            prompt,
+            chosen,
+            rejected,
+        },
+        RawPair::Chat {
+            prompt,
+            chosen,
+            rejected,
+        } => {
+            let Some(tpl) = tok.template() else {
+                return Err(DataError::Row {
+                    loc: row.loc,
+                    msg: "conversational row (message lists) but the model's tokenizer has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`)".into(),
+                });
+            };
+            let t = tpl
+                .apply_to_pair(&prompt, &chosen, &rejected)
+                .map_err(|e| {
+                    rename(DataError::Template {
                         loc: row.loc.clone(),
                         field: e.field.to_string(),
                         msg: e.msg,
-                    })?;
-                PairText {
-                    prompt: t.prompt,
-                    chosen: t.chosen,
-                    rejected: t.rejected,
-                }
+                    })
+                })?;
+            PairText {
+                prompt: t.prompt,
+                chosen: t.chosen,
+                rejected: t.rejected,
             }
-        };
-        out.push(LocatedText {
-            loc: row.loc,
-            format,
-            text,
+        }
+    };
+    Ok(LocatedText {
+        loc: row.loc,
+        format,
+        text,
+    })
+}
+
+/// Reads and validates every row of every file of `src`; returns the texts, the number of rows
+/// and the resolved source.
+fn source_texts(
+    src: &DataSource,
+    tok: &Tokenizer,
+) -> Result<(Vec<LocatedText>, usize, ResolvedSource), DataError> {
+    let resolved = source::resolve(src)?;
+    let mut out = Vec::new();
+    let mut n = 0;
+    for f in &resolved.files {
+        let rows = read_rows_named(&f.path, &f.name)?;
+        n += rows.len();
+        out.reserve(rows.len());
+        for row in rows {
+            out.push(row_to_text(row, tok, &src.columns)?);
+        }
+    }
+    if n == 0 {
+        return Err(DataError::Empty {
+            file: resolved.description,
         });
     }
-    Ok((out, n))
+    Ok((out, n, resolved))
 }
 
 /// Reads and validates every row of `path` and returns the texts TRL would tokenize
 /// (prompt extracted, chat template applied), in file order.
 pub fn load_pairs_text(path: &Path, tok: &Tokenizer) -> Result<Vec<PairText>, DataError> {
-    Ok(rows_to_texts(path, tok)?
+    load_source_text(&DataSource::new(path.display().to_string()), tok)
+}
+
+/// [`load_pairs_text`] for any source (folder, glob, Parquet, hub dataset, column mapping).
+pub fn load_source_text(src: &DataSource, tok: &Tokenizer) -> Result<Vec<PairText>, DataError> {
+    Ok(source_texts(src, tok)?
         .0
         .into_iter()
         .map(|t| t.text)
         .collect())
 }
 
-/// Loads, validates and tokenizes a preference data set. Every row is validated before any is
-/// tokenized; pairs that cannot fit `max_length` are skipped and counted in the stats. A data
-/// set with no rows, or whose every pair is skipped, is an error.
+/// Loads, validates and tokenizes a preference data set from a file, folder, glob or hub
+/// dataset id (split `train`, usual column names); see [`load_source`].
 pub fn load_dataset(
     path: &Path,
+    tok: &Tokenizer,
+    opts: &DataOptions,
+) -> Result<Dataset, DataError> {
+    load_source(&DataSource::new(path.display().to_string()), tok, opts)
+}
+
+/// Tokenizes texts on every core; results stay in input order.
+fn tokenize_all(
+    texts: &[LocatedText],
+    tok: &Tokenizer,
+    opts: &DataOptions,
+) -> Vec<Result<TokenizedPair, SkipReason>> {
+    let one = |t: &LocatedText| {
+        if t.text.chosen == t.text.rejected {
+            return Err(SkipReason::IdenticalAnswers);
+        }
+        tokenize_pair(&t.text, tok, opts)
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(16);
+    if threads <= 1 || texts.len() < 64 {
+        return texts.iter().map(one).collect();
+    }
+    let chunk = texts.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = texts
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
+}
+
+/// Loads, validates and tokenizes a preference data set. Every row is validated before any is
+/// tokenized; pairs that cannot fit `max_length`, or whose answers are identical, are skipped
+/// and counted in the stats. A data set with no rows, or whose every pair is skipped, is an
+/// error.
+pub fn load_source(
+    src: &DataSource,
     tok: &Tokenizer,
     opts: &DataOptions,
 ) -> Result<Dataset, DataError> {
     if opts.max_length == 0 {
         return Err(DataError::Options("max_length must be at least 1".into()));
     }
-    let (texts, rows) = rows_to_texts(path, tok)?;
+    let (texts, rows, resolved) = source_texts(src, tok)?;
     let format = match texts.first() {
         Some(first) if texts.iter().all(|t| t.format == first.format) => first.format.as_str(),
         _ => "mixed",
     }
     .to_string();
+    let results = tokenize_all(&texts, tok, opts);
     let mut pairs = Vec::with_capacity(texts.len());
+    let mut locations = Vec::with_capacity(texts.len());
     let mut skips = Vec::new();
-    for t in texts {
-        match tokenize_pair(&t.text, tok, opts) {
-            Ok(p) => pairs.push(p),
+    for (t, r) in texts.into_iter().zip(results) {
+        match r {
+            Ok(p) => {
+                pairs.push(p);
+                locations.push(t.loc.to_string());
+            }
             Err(reason) => {
                 tracing::debug!(row = %t.loc, %reason, "skipping pair");
                 skips.push((t.loc.to_string(), reason));
             }
         }
     }
-    let source = path.display().to_string();
+    let source = resolved.description;
     if pairs.is_empty() {
+        if skips
+            .iter()
+            .all(|(_, r)| *r == SkipReason::IdenticalAnswers)
+        {
+            return Err(DataError::BadFile {
+                file: source,
+                msg: format!(
+                    "every pair ({}) has identical chosen and rejected answers; nothing to learn",
+                    skips.len()
+                ),
+            });
+        }
         return Err(DataError::NothingKept {
             file: source,
             max_length: opts.max_length,
             skipped: skips.len(),
         });
     }
+    let stats = DataStats::new(rows, &pairs, &skips);
     if !skips.is_empty() {
+        let why: Vec<String> = stats
+            .skipped
+            .iter()
+            .map(|(r, n)| format!("{n} {}", r.as_str()))
+            .collect();
         tracing::warn!(
-            file = %source,
+            source = %source,
             skipped = skips.len(),
-            "some pairs do not fit max_length {} and were skipped",
+            "some pairs were skipped ({}; max_length {})",
+            why.join(", "),
             opts.max_length
         );
     }
-    let stats = DataStats::new(rows, &pairs, &skips);
     Ok(Dataset {
         source,
         format,
         pairs,
         stats,
+        files: resolved.files.into_iter().map(|f| f.name).collect(),
+        locations,
     })
 }

@@ -68,7 +68,8 @@ fn is_conversational(v: &Value) -> bool {
     }
 }
 
-/// Validates a message list and returns its messages.
+/// Validates a message list and returns its messages, with `content` given as a list of text
+/// parts (`[{"type": "text", "text": "..."}]`) joined into one string.
 fn messages(loc: &RowLoc, field: &str, v: &Value) -> Result<Vec<Value>, DataError> {
     let Value::Array(items) = v else {
         return Err(DataError::field(
@@ -80,6 +81,7 @@ fn messages(loc: &RowLoc, field: &str, v: &Value) -> Result<Vec<Value>, DataErro
     if items.is_empty() {
         return Err(DataError::field(loc, field, "is an empty list"));
     }
+    let mut out = Vec::with_capacity(items.len());
     for (i, m) in items.iter().enumerate() {
         let name = format!("{field}[{i}]");
         let Value::Object(obj) = m else {
@@ -92,12 +94,12 @@ fn messages(loc: &RowLoc, field: &str, v: &Value) -> Result<Vec<Value>, DataErro
                 ),
             ));
         };
-        check_message(loc, &name, obj)?;
+        out.push(check_message(loc, &name, obj)?);
     }
-    Ok(items.clone())
+    Ok(out)
 }
 
-fn check_message(loc: &RowLoc, name: &str, obj: &Map<String, Value>) -> Result<(), DataError> {
+fn check_message(loc: &RowLoc, name: &str, obj: &Map<String, Value>) -> Result<Value, DataError> {
     match obj.get("role") {
         None => return Err(DataError::field(loc, &format!("{name}.role"), "missing")),
         Some(Value::String(r)) if ALLOWED_ROLES.contains(&r.as_str()) => {}
@@ -116,15 +118,71 @@ fn check_message(loc: &RowLoc, name: &str, obj: &Map<String, Value>) -> Result<(
             ))
         }
     }
+    let field = format!("{name}.content");
     match obj.get("content") {
-        None => Err(DataError::field(loc, &format!("{name}.content"), "missing")),
-        Some(Value::String(_)) => Ok(()),
+        None => Err(DataError::field(loc, &field, "missing")),
+        Some(Value::String(_)) => Ok(Value::Object(obj.clone())),
+        Some(Value::Array(parts)) => {
+            let text = text_parts(loc, &field, parts)?;
+            let mut m = obj.clone();
+            m.insert("content".into(), Value::String(text));
+            Ok(Value::Object(m))
+        }
         Some(other) => Err(DataError::field(
             loc,
-            &format!("{name}.content"),
-            format!("expected a string, got {}", type_name(other)),
+            &field,
+            format!(
+                "expected a string or a list of text parts, got {}",
+                type_name(other)
+            ),
         )),
     }
+}
+
+/// Joins `[{"type": "text", "text": "..."}]` parts, as chat templates that accept lists print
+/// them (one after the other).
+fn text_parts(loc: &RowLoc, field: &str, parts: &[Value]) -> Result<String, DataError> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        let name = format!("{field}[{j}]");
+        match part {
+            Value::String(s) => text.push_str(s),
+            Value::Object(p) => {
+                match p.get("type").and_then(Value::as_str) {
+                    None | Some("text") => {}
+                    Some(t) => {
+                        return Err(DataError::field(
+                            loc,
+                            &format!("{name}.type"),
+                            format!("only text parts are supported, got type {t:?}"),
+                        ))
+                    }
+                }
+                match p.get("text") {
+                    Some(Value::String(s)) => text.push_str(s),
+                    Some(other) => {
+                        return Err(DataError::field(
+                            loc,
+                            &format!("{name}.text"),
+                            format!("expected a string, got {}", type_name(other)),
+                        ))
+                    }
+                    None => return Err(DataError::field(loc, &format!("{name}.text"), "missing")),
+                }
+            }
+            other => {
+                return Err(DataError::field(
+                    loc,
+                    &name,
+                    format!(
+                        "expected a text part {{\"type\": \"text\", \"text\"}}, got {}",
+                        type_name(other)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(text)
 }
 
 fn nonempty_string(loc: &RowLoc, field: &str, v: &Value) -> Result<String, DataError> {
@@ -204,18 +262,30 @@ pub fn parse_row(loc: &RowLoc, row: &Value) -> Result<(RowFormat, RawPair), Data
                 }));
             }
             _ => {
-                let (p, c, r) = extract_prompt_list(&c, &r);
-                if p.is_empty() {
-                    return Err(DataError::field(
-                        loc,
-                        "chosen",
-                        "`chosen` and `rejected` share no leading message, so there is no prompt",
-                    ));
+                let (p, c2, r2) = extract_prompt_list(&c, &r);
+                match prompt {
+                    Some(Value::String(text)) if p.is_empty() => {
+                        // A string prompt next to answers that do not repeat it (TRL would
+                        // extract an empty prompt here): it is the user's turn.
+                        let text = nonempty_string(loc, "prompt", &Value::String(text.clone()))?;
+                        let user = serde_json::json!({"role": "user", "content": text});
+                        (vec![user], c, r)
+                    }
+                    _ if p.is_empty() => {
+                        return Err(DataError::field(
+                            loc,
+                            "chosen",
+                            "`chosen` and `rejected` share no leading message, so there is no prompt",
+                        ));
+                    }
+                    _ => (p, c2, r2),
                 }
-                (p, c, r)
             }
         };
         check_last_prompt_role(loc, &p)?;
+        for (name, answer) in [("chosen", &c), ("rejected", &r)] {
+            check_answer_ends_with_assistant(loc, name, answer)?;
+        }
         Ok((
             RowFormat::Conversational,
             RawPair::Chat {
@@ -257,6 +327,29 @@ pub fn parse_row(loc: &RowLoc, row: &Value) -> Result<(RowFormat, RawPair), Data
             }
         }
     }
+}
+
+/// The answer is what the model learns to say: its last message must be the assistant's.
+fn check_answer_ends_with_assistant(
+    loc: &RowLoc,
+    field: &str,
+    answer: &[Value],
+) -> Result<(), DataError> {
+    let role = answer
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if role == "assistant" {
+        return Ok(());
+    }
+    Err(DataError::field(
+        loc,
+        field,
+        format!(
+            "the conversation must end with an assistant turn, but its last message has role {role:?}"
+        ),
+    ))
 }
 
 fn check_last_prompt_role(loc: &RowLoc, prompt: &[Value]) -> Result<(), DataError> {

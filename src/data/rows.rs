@@ -1,5 +1,6 @@
-//! Reading raw rows: JSON Lines or a JSON array file.
+//! Reading raw rows: JSON Lines or a JSON array file (plain or gzip), or Parquet.
 
+use std::io::Read;
 use std::path::Path;
 
 use serde_json::Value;
@@ -13,14 +14,36 @@ pub struct RawRow {
     pub value: Value,
 }
 
-/// Reads a JSON Lines file (blank lines skipped, BOM and CRLF accepted) or, when the first
-/// non-space character is `[`, a JSON array of rows.
+/// Reads a JSON Lines file (blank lines skipped, BOM and CRLF accepted), a JSON array of rows
+/// (when the first non-space character is `[`), either of them gzip-compressed, or a Parquet
+/// file. The kind is told by the file's first bytes, not its name.
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
+    read_rows_named(path, &path.display().to_string())
+}
+
+/// [`read_rows`], naming the file `file` in locations and errors (hub files are named by their
+/// path in the repository rather than in the cache).
+pub fn read_rows_named(path: &Path, file: &str) -> Result<Vec<RawRow>, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let file = path.display().to_string();
+    if bytes.starts_with(b"PAR1") {
+        return super::parquet::read_parquet(path, file);
+    }
+    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::BadFile {
+                file: file.to_string(),
+                msg: format!("cannot decompress gzip data: {e}"),
+            })?;
+        out
+    } else {
+        bytes
+    };
+    let file = file.to_string();
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -36,7 +59,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>, DataError> {
                     file,
                     pos: RowPos::Line(line),
                 },
-                msg: "the file is not valid UTF-8".into(),
+                msg: format!(
+                    "the file is not valid UTF-8 (invalid byte at offset {valid}); re-encode it as UTF-8"
+                ),
             });
         }
     };

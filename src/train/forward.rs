@@ -11,6 +11,9 @@ pub struct ForwardOutput {
     /// the odds-ratio term enters linearised around the current log-probs).
     pub objective: Tensor,
     pub metrics: Metrics,
+    /// Mean answer log-prob of each chosen and each rejected sequence.
+    pub lp_chosen: Vec<f64>,
+    pub lp_rejected: Vec<f64>,
 }
 
 /// `log p(target)` at every position `[n, len-1]` and the logits' sums for the two halves.
@@ -81,5 +84,7 @@ pub fn forward(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutp
     Ok(ForwardOutput {
         objective: (nll + surrogate)?,
         metrics,
+        lp_chosen: lp_w.to_vec(),
+        lp_rejected: lp_l.to_vec(),
     })
 }

@@ -158,6 +158,38 @@ impl Metrics {
         out
     }
 
+    /// Recomputes the six per-pair metrics (rewards/*, logps/*) over the given pairs only,
+    /// keeping loss, NLL, logits and the odds-ratio means, which are batch-level scalars.
+    ///
+    /// TRL's gathered metrics go through accelerate's `gather_for_metrics`, which keeps only
+    /// the first `n_pairs % batch_size` pairs of every micro-batch computed after the
+    /// dataloader's end is seen; with gradient accumulation that is each micro-batch of the
+    /// epoch's last step, since the step's micro-batches are fetched before any runs.
+    pub fn restrict_pair_metrics(&mut self, lp_w: &[f64], lp_l: &[f64], beta: f64) {
+        let (sub, _) = Metrics::from_parts(lp_w, lp_l, beta, 0.0, 0.0, 0.0);
+        self.values[..6].copy_from_slice(&sub.values[..6]);
+    }
+
+    /// `[loss, values...]`, for saving unlogged metrics in a checkpoint.
+    pub fn to_vec(&self) -> Vec<f64> {
+        std::iter::once(self.loss).chain(self.values).collect()
+    }
+
+    pub fn from_vec(v: &serde_json::Value) -> Option<Self> {
+        let a = v.as_array()?;
+        if a.len() != 1 + METRIC_NAMES.len() {
+            return None;
+        }
+        let mut m = Metrics {
+            loss: a[0].as_f64()?,
+            ..Metrics::default()
+        };
+        for (slot, x) in m.values.iter_mut().zip(&a[1..]) {
+            *slot = x.as_f64()?;
+        }
+        Some(m)
+    }
+
     pub fn rewards_accuracy(&self) -> f64 {
         self.values[2]
     }

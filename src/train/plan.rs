@@ -27,6 +27,10 @@ pub struct StepBatches {
     pub micro_batches: Vec<Vec<usize>>,
     /// transformers' fractional epoch after this step.
     pub epoch_progress: f64,
+    /// When this step holds the epoch's last micro-batch and the epoch does not divide into
+    /// full micro-batches: TRL reports per-pair metrics of only this many leading pairs of
+    /// each of the step's micro-batches (see `Metrics::restrict_pair_metrics`).
+    pub metric_pairs: Option<usize>,
 }
 
 impl Plan {
@@ -85,10 +89,13 @@ impl Plan {
                 order[lo..hi].to_vec()
             })
             .collect();
+        let remainder = self.n_pairs % self.batch_size;
+        let metric_pairs = (last == self.micro_per_epoch && remainder > 0).then_some(remainder);
         StepBatches {
             epoch,
             micro_batches,
             epoch_progress: epoch as f64 + last as f64 / self.micro_per_epoch as f64,
+            metric_pairs,
         }
     }
 }

@@ -6,6 +6,7 @@ use super::forward::forward;
 use super::loss::{Metrics, METRIC_NAMES};
 use super::optim::{clip, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
+use super::resume::{plan_fingerprint, ResumeState};
 use super::schedule::lr_factor;
 use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
@@ -17,6 +18,7 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// One line of `metrics.jsonl`.
@@ -32,6 +34,26 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let mut metrics = Metrics {
+            loss: f("loss")?,
+            ..Metrics::default()
+        };
+        for (slot, name) in metrics.values.iter_mut().zip(METRIC_NAMES) {
+            *slot = f(name)?;
+        }
+        Some(LogEntry {
+            step: v.get("step")?.as_u64()? as usize,
+            epoch: f("epoch")?,
+            learning_rate: f("learning_rate")?,
+            grad_norm: f("grad_norm")?,
+            metrics,
+            tokens: v.get("tokens")?.as_u64()? as usize,
+            elapsed_s: f("elapsed_s")?,
+        })
+    }
+
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("step".into(), json!(self.step));
@@ -107,7 +129,11 @@ impl Trainer {
 
     /// Runs one optimizer step's forward and backward passes; returns the summed gradients
     /// (already divided by the number of micro-batches), the micro-batch metrics and tokens.
-    pub fn step_gradients(&self, micro_batches: &[Vec<usize>]) -> Result<StepGradients, Error> {
+    pub fn step_gradients(
+        &self,
+        micro_batches: &[Vec<usize>],
+        metric_pairs: Option<usize>,
+    ) -> Result<StepGradients, Error> {
         let cfg = &self.config;
         let n_micro = micro_batches.len() as f64;
         let mut grads = HashMap::new();
@@ -125,7 +151,12 @@ impl Trainer {
             let out = forward(&self.model, &batch, cfg.orpo.beta)?;
             let objective = (out.objective / n_micro)?;
             accumulate(&self.model, &objective, &mut grads)?;
-            metrics.push(out.metrics);
+            let mut m = out.metrics;
+            if let Some(k) = metric_pairs {
+                let k = k.min(idx.len());
+                m.restrict_pair_metrics(&out.lp_chosen[..k], &out.lp_rejected[..k], cfg.orpo.beta);
+            }
+            metrics.push(m);
         }
         Ok(StepGradients {
             grads,
@@ -134,12 +165,28 @@ impl Trainer {
         })
     }
 
-    pub fn run(&mut self) -> Result<TrainSummary, Error> {
+    /// Trains from step 0, or from `resume` (a checkpoint folder) onwards. `stop` is polled
+    /// after every step: when set, a checkpoint is written and `Error::Interrupted` returned.
+    pub fn run(&mut self, resume: Option<&Path>, stop: &AtomicBool) -> Result<TrainSummary, Error> {
         let cfg = self.config.clone();
         let out_dir = PathBuf::from(&cfg.train.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let plan = self.plan();
         let total = plan.total_steps;
+        let mut opt = AdamW::new(AdamWSettings {
+            beta1: cfg.optim.adam_beta1,
+            beta2: cfg.optim.adam_beta2,
+            eps: cfg.optim.adam_epsilon,
+            weight_decay: cfg.optim.weight_decay,
+        });
+        let mut st = RunState::default();
+        if let Some(dir) = resume {
+            let r = ResumeState::load(dir, &plan, &self.device)?;
+            r.restore_weights(self.model.params(), &self.device)?;
+            opt.load_state(&r.optimizer)?;
+            st = RunState::from_resume(&r)?;
+            tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
+        }
         tracing::info!(
             pairs = self.train.pairs.len(),
             steps = total,
@@ -147,67 +194,70 @@ impl Trainer {
             params = self.model.params().num_elements(),
             "training"
         );
-        let mut opt = AdamW::new(AdamWSettings {
-            beta1: cfg.optim.adam_beta1,
-            beta2: cfg.optim.adam_beta2,
-            eps: cfg.optim.adam_epsilon,
-            weight_decay: cfg.optim.weight_decay,
-        });
         let metrics_path = out_dir.join("metrics.jsonl");
+        // On resume the file is rewritten from the checkpoint's history, dropping lines logged
+        // after the checkpoint by the interrupted run.
         let mut metrics_file =
             std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        for entry in &st.log {
+            writeln!(metrics_file, "{}", entry.to_json())
+                .map_err(|e| Error::io(&metrics_path, e))?;
+        }
         let bar = progress_bar(total as u64);
+        bar.set_position(st.step as u64);
         let start = Instant::now();
-        let mut log = Vec::new();
-        let mut pending: Vec<Metrics> = Vec::new();
-        let mut pending_tokens = 0;
-        let mut total_tokens = 0usize;
+        let elapsed_before = st.elapsed_s;
         let log_every = cfg.train.log_every.max(1);
-        for step in 0..total {
+        let mut epoch = st.epoch;
+        for step in st.step..total {
             let sb = plan.step(step);
             let StepGradients {
                 mut grads,
                 metrics: micro_metrics,
                 tokens,
-            } = self.step_gradients(&sb.micro_batches)?;
+            } = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
             let norm = global_norm(&grads)?;
-            if !norm.is_finite() {
+            let step_metrics = Metrics::mean(&micro_metrics);
+            if !norm.is_finite() || !step_metrics.loss.is_finite() {
+                let what = if norm.is_finite() {
+                    "loss"
+                } else {
+                    "gradient norm"
+                };
                 return Err(Error::NonFinite {
                     step: step + 1,
-                    what: "gradient norm",
+                    what,
                 });
             }
             clip(&mut grads, norm, cfg.optim.max_grad_norm)?;
             let lr =
                 cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, cfg.optim.warmup_steps, total);
             opt.step(self.model.params(), &grads, lr)?;
-            let step_metrics = Metrics::mean(&micro_metrics);
-            if !step_metrics.loss.is_finite() {
-                return Err(Error::NonFinite {
-                    step: step + 1,
-                    what: "loss",
-                });
-            }
-            pending.extend(micro_metrics);
-            pending_tokens += tokens;
-            total_tokens += tokens;
-            let elapsed = start.elapsed().as_secs_f64();
-            bar.set_position(step as u64 + 1);
+            drop(grads);
+            st.pending.extend(micro_metrics);
+            st.pending_tokens += tokens;
+            st.total_tokens += tokens;
+            let elapsed = elapsed_before + start.elapsed().as_secs_f64();
+            let done = step + 1;
+            epoch = sb.epoch_progress;
+            st.step = done;
+            st.epoch = epoch;
+            st.elapsed_s = elapsed;
+            bar.set_position(done as u64);
             bar.set_message(format!(
                 "loss {:.4}  acc {:.2}  {:.0} tok/s",
                 step_metrics.loss,
                 step_metrics.rewards_accuracy(),
-                total_tokens as f64 / elapsed.max(1e-9)
+                st.total_tokens as f64 / elapsed.max(1e-9)
             ));
-            let done = step + 1;
             if done % log_every == 0 || done == total {
                 let entry = LogEntry {
                     step: done,
-                    epoch: sb.epoch_progress,
+                    epoch,
                     learning_rate: lr,
                     grad_norm: norm,
-                    metrics: Metrics::mean(&pending),
-                    tokens: pending_tokens,
+                    metrics: Metrics::mean(&st.pending),
+                    tokens: st.pending_tokens,
                     elapsed_s: elapsed,
                 };
                 writeln!(metrics_file, "{}", entry.to_json())
@@ -215,22 +265,29 @@ impl Trainer {
                 metrics_file
                     .flush()
                     .map_err(|e| Error::io(&metrics_path, e))?;
-                tracing::debug!(step = done, loss = entry.metrics.loss, "logged");
-                log.push(entry);
-                pending.clear();
-                pending_tokens = 0;
+                st.log.push(entry);
+                st.pending.clear();
+                st.pending_tokens = 0;
             }
             let save_every = cfg.train.save_every;
-            if save_every > 0 && done % save_every == 0 && done < total {
-                self.save_checkpoint(&out_dir, done, sb.epoch_progress, &opt, &log)?;
+            let interrupted = stop.load(Ordering::SeqCst);
+            if done < total && (interrupted || (save_every > 0 && done % save_every == 0)) {
+                let dir = self.save_checkpoint(&out_dir, &plan, &st, &opt)?;
+                if interrupted {
+                    bar.finish_and_clear();
+                    return Err(Error::Interrupted {
+                        step: done,
+                        checkpoint: dir,
+                    });
+                }
             }
         }
         bar.finish_and_clear();
-        let elapsed = start.elapsed().as_secs_f64();
+        let elapsed = st.elapsed_s;
         tracing::info!(
             steps = total,
             seconds = format!("{elapsed:.1}"),
-            tokens_per_s = format!("{:.1}", total_tokens as f64 / elapsed.max(1e-9)),
+            tokens_per_s = format!("{:.1}", st.total_tokens as f64 / elapsed.max(1e-9)),
             "done"
         );
         save_model(&out_dir, &self.model, &self.tokenizer, &self.model_dir)?;
@@ -246,21 +303,17 @@ impl Trainer {
                 )?;
                 let mut v = m.to_json();
                 if let Some(obj) = v.as_object_mut() {
-                    obj.insert("epoch".into(), json!(log.last().map_or(0.0, |e| e.epoch)));
+                    obj.insert("epoch".into(), json!(epoch));
                 }
                 let path = out_dir.join("eval_metrics.json");
-                write_atomic(
-                    &path,
-                    serde_json::to_string_pretty(&v)
-                        .unwrap_or_default()
-                        .as_bytes(),
-                )?;
+                let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                write_atomic(&path, text.as_bytes())?;
                 Some(m)
             }
             None => None,
         };
         Ok(TrainSummary {
-            log,
+            log: st.log,
             eval,
             output_dir: out_dir,
         })
@@ -269,35 +322,77 @@ impl Trainer {
     fn save_checkpoint(
         &self,
         out_dir: &Path,
-        step: usize,
-        epoch: f64,
+        plan: &Plan,
+        st: &RunState,
         opt: &AdamW,
-        log: &[LogEntry],
-    ) -> Result<(), Error> {
-        let dir = out_dir.join(format!("checkpoint-{step}"));
+    ) -> Result<PathBuf, Error> {
+        let dir = out_dir.join(format!("checkpoint-{}", st.step));
         let state = json!({
-            "global_step": step,
-            "epoch": epoch,
-            "seed": self.config.train.seed,
-            "log_history": log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
+            "global_step": st.step,
+            "epoch": st.epoch,
+            "elapsed_s": st.elapsed_s,
+            "total_tokens": st.total_tokens,
+            "pending_tokens": st.pending_tokens,
+            "pending_metrics": st.pending.iter().map(Metrics::to_vec).collect::<Vec<_>>(),
+            "plan": plan_fingerprint(plan),
+            "log_history": st.log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
         });
         let opt_state = opt.state_tensors()?;
         let config_text = self.config.to_toml_string();
         save_checkpoint(&dir, &self.model, &self.tokenizer, &self.model_dir, |tmp| {
             save_tensors(&opt_state, &tmp.join("optimizer.safetensors"))?;
-            write_atomic(
-                &tmp.join("trainer_state.json"),
-                serde_json::to_string_pretty(&state)
-                    .unwrap_or_default()
-                    .as_bytes(),
-            )?;
+            let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+            write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
             write_atomic(&tmp.join("orpo.toml"), config_text.as_bytes())
         })?;
         tracing::info!(path = %dir.display(), "checkpoint saved");
         if let Some(keep) = self.config.train.save_total_limit {
             prune_checkpoints(out_dir, keep)?;
         }
-        Ok(())
+        Ok(dir)
+    }
+}
+
+/// Where the loop stands; everything here goes into trainer_state.json.
+#[derive(Default)]
+struct RunState {
+    step: usize,
+    epoch: f64,
+    elapsed_s: f64,
+    total_tokens: usize,
+    /// Micro-batch metrics and tokens since the last logged line.
+    pending: Vec<Metrics>,
+    pending_tokens: usize,
+    log: Vec<LogEntry>,
+}
+
+impl RunState {
+    fn from_resume(r: &ResumeState) -> Result<Self, Error> {
+        let bad = |what: &str| {
+            Error::Input(format!(
+                "{}: trainer_state.json has a malformed {what}",
+                r.dir.display()
+            ))
+        };
+        let log = r
+            .log_history
+            .iter()
+            .map(|v| LogEntry::from_json(v).ok_or_else(|| bad("log_history")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pending = r
+            .pending_metrics
+            .iter()
+            .map(|v| Metrics::from_vec(v).ok_or_else(|| bad("pending_metrics")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RunState {
+            step: r.step,
+            epoch: r.epoch,
+            elapsed_s: r.elapsed_s,
+            total_tokens: r.total_tokens,
+            pending,
+            pending_tokens: r.pending_tokens,
+            log,
+        })
     }
 }
 
