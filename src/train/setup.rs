@@ -3,12 +3,12 @@
 
 use super::trainer::Trainer;
 use crate::config::Config;
-use crate::data::{load_dataset, DataOptions, Tokenizer};
+use crate::data::{load_source, DataOptions, Tokenizer};
 use crate::device::select_device;
 use crate::model::{resolve_model_dir, CausalLm, ModelConfig};
 use crate::Error;
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub struct LoadedModel {
     pub dir: PathBuf,
@@ -72,17 +72,21 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     check_length(config, &ModelConfig::from_dir(&dir)?)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let opts = data_options(config);
-    let train_path = config.data.train.clone().unwrap_or_default();
-    let train = load_dataset(Path::new(&train_path), &tokenizer, &opts)?;
+    let train_src = config
+        .data
+        .source(false)
+        .ok_or_else(|| Error::Input("data.train is not set".into()))?;
+    let train = load_source(&train_src, &tokenizer, &opts)?;
     if train.pairs.is_empty() {
         return Err(Error::Input(format!(
-            "{train_path}: no usable pairs (all were skipped)"
+            "{}: no usable pairs (all were skipped)",
+            train.source
         )));
     }
     log_dataset("train", &train);
-    let eval = match &config.data.eval {
-        Some(p) => {
-            let ds = load_dataset(Path::new(p), &tokenizer, &opts)?;
+    let eval = match config.data.source(true) {
+        Some(src) => {
+            let ds = load_source(&src, &tokenizer, &opts)?;
             log_dataset("eval", &ds);
             Some(ds)
         }
