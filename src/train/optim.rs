@@ -1,9 +1,12 @@
 //! AdamW as torch implements it (decoupled decay, bias correction), with transformers' rule
-//! for which tensors decay, global-norm clipping, and state that can be saved and restored.
+//! for which tensors decay, global-norm clipping folded into the update, and state that can
+//! be saved and restored. On CPU the update runs in place over flat f32 buffers in one pass
+//! (no temporaries the size of the model); elsewhere it falls back to tensor ops.
 
 use crate::model::Params;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Storage, Tensor};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// transformers' rule: no weight decay for biases and normalisation weights.
 pub fn decays(name: &str) -> bool {
@@ -24,15 +27,83 @@ pub struct AdamWSettings {
     pub weight_decay: f64,
 }
 
-struct Moments {
-    m: Tensor,
-    v: Tensor,
+enum Moments {
+    /// CPU: plain buffers updated in place.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    Device { m: Tensor, v: Tensor },
 }
 
 pub struct AdamW {
     settings: AdamWSettings,
     step: u64,
     state: HashMap<String, Moments>,
+}
+
+/// The per-step constants of one update.
+#[derive(Clone, Copy)]
+struct Coefs {
+    beta1: f32,
+    beta2: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
+/// In-place AdamW over one parameter (dst) with its gradient (src); moments live in the op.
+struct HostUpdate<'a> {
+    m: Mutex<&'a mut [f32]>,
+    v: Mutex<&'a mut [f32]>,
+    c: Coefs,
+}
+
+fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: Coefs) {
+    for i in 0..p.len() {
+        let gi = g[i] * c.grad_scale;
+        let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+        let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let denom = vi.sqrt() / c.bc2_sqrt + c.eps;
+        p[i] = p[i] * c.decay - c.step_size * mi / denom;
+    }
+}
+
+impl InplaceOp2 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+            candle_core::bail!("adamw-update needs contiguous parameter and gradient");
+        };
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
+            candle_core::bail!("adamw-update needs f32 parameter and gradient");
+        };
+        let p = &mut p[d0..d1];
+        let g = &g[s0..s1];
+        let mut m = self.m.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut v = self.v.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        if p.len() != g.len() || p.len() != m.len() {
+            candle_core::bail!("adamw-update: size mismatch");
+        }
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let chunk = p.len().div_ceil(threads).max(1 << 14);
+        std::thread::scope(|s| {
+            for (((pc, gc), mc), vc) in p
+                .chunks_mut(chunk)
+                .zip(g.chunks(chunk))
+                .zip(m.chunks_mut(chunk))
+                .zip(v.chunks_mut(chunk))
+            {
+                let c = self.c;
+                s.spawn(move || update_chunk(pc, gc, mc, vc, c));
+            }
+        });
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -48,40 +119,60 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every parameter that has a gradient, at learning rate `lr`.
-    pub fn step(
-        &mut self,
-        params: &Params,
-        grads: &HashMap<String, Tensor>,
-        lr: f64,
-    ) -> Result<()> {
+    /// One update of every parameter that has a gradient, at learning rate `lr`, with the
+    /// gradients multiplied by `grad_scale` first (the clipping coefficient).
+    pub fn step(&mut self, params: &Params, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let s = self.settings;
         let bc1 = 1.0 - s.beta1.powi(self.step as i32);
         let bc2_sqrt = (1.0 - s.beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bc1;
         for (name, var) in params.iter() {
             let Some(g) = grads.get(name) else { continue };
-            let p = var.as_tensor().detach();
-            let st = match self.state.get_mut(name) {
-                Some(st) => st,
-                None => {
-                    let z = p.zeros_like()?;
-                    self.state
-                        .insert(name.to_string(), Moments { m: z.clone(), v: z });
-                    self.state.get_mut(name).expect("just inserted")
-                }
-            };
-            st.m = ((&st.m * s.beta1)? + (g * (1.0 - s.beta1))?)?;
-            st.v = ((&st.v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
-            let p = if s.weight_decay != 0.0 && decays(name) {
-                (p * (1.0 - lr * s.weight_decay))?
+            let decay = if s.weight_decay != 0.0 && decays(name) {
+                1.0 - lr * s.weight_decay
             } else {
-                p
+                1.0
             };
-            let denom = ((st.v.sqrt()? / bc2_sqrt)? + s.eps)?;
-            let update = ((&st.m / denom)? * step_size)?;
-            var.set(&(p - update)?)?;
+            let p = var.as_tensor();
+            let host = matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let st = self.state.entry(name.to_string()).or_insert_with(|| {
+                if host {
+                    Moments::Host {
+                        m: vec![0.0; p.elem_count()],
+                        v: vec![0.0; p.elem_count()],
+                    }
+                } else {
+                    let z = p.zeros_like().expect("zeros_like of a parameter");
+                    Moments::Device { m: z.clone(), v: z }
+                }
+            });
+            match st {
+                Moments::Host { m, v } => {
+                    let g = g.contiguous()?;
+                    let op = HostUpdate {
+                        m: Mutex::new(m.as_mut_slice()),
+                        v: Mutex::new(v.as_mut_slice()),
+                        c: Coefs {
+                            beta1: s.beta1 as f32,
+                            beta2: s.beta2 as f32,
+                            decay: decay as f32,
+                            step_size: (lr / bc1) as f32,
+                            bc2_sqrt: bc2_sqrt as f32,
+                            eps: s.eps as f32,
+                            grad_scale: grad_scale as f32,
+                        },
+                    };
+                    p.inplace_op2(&g, &op)?;
+                }
+                Moments::Device { m, v } => {
+                    let g = (g * grad_scale)?;
+                    *m = ((&*m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+                    *v = ((&*v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+                    let denom = ((v.sqrt()? / bc2_sqrt)? + s.eps)?;
+                    let update = ((&*m / denom)? * (lr / bc1))?;
+                    var.set(&((p.detach() * decay)? - update)?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -90,34 +181,44 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, st) in &self.state {
-            out.insert(format!("exp_avg.{name}"), st.m.clone());
-            out.insert(format!("exp_avg_sq.{name}"), st.v.clone());
+            let (m, v) = match st {
+                Moments::Host { m, v } => (
+                    Tensor::from_slice(m, m.len(), &Device::Cpu)?,
+                    Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+                ),
+                Moments::Device { m, v } => (m.flatten_all()?, v.flatten_all()?),
+            };
+            out.insert(format!("exp_avg.{name}"), m);
+            out.insert(format!("exp_avg_sq.{name}"), v);
         }
-        let dev = self
-            .state
-            .values()
-            .next()
-            .map(|s| s.m.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        out.insert("step".into(), Tensor::new(&[self.step as f64], &dev)?);
+        out.insert("step".into(), Tensor::new(&[self.step as f64], &Device::Cpu)?);
         Ok(out)
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    /// Restores moments saved by `state_tensors` for the parameters in `params`.
+    pub fn load_state(&mut self, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.state.clear();
-        for (key, t) in tensors {
-            if let Some(name) = key.strip_prefix("exp_avg.") {
-                let v = tensors.get(&format!("exp_avg_sq.{name}")).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("optimizer state lacks exp_avg_sq.{name}"))
-                })?;
-                self.state.insert(
-                    name.to_string(),
-                    Moments {
-                        m: t.to_dtype(DType::F32)?,
-                        v: v.to_dtype(DType::F32)?,
-                    },
-                );
+        for (name, var) in params.iter() {
+            let (Some(m), Some(v)) = (tensors.get(&format!("exp_avg.{name}")), tensors.get(&format!("exp_avg_sq.{name}"))) else {
+                continue;
+            };
+            let p = var.as_tensor();
+            if m.elem_count() != p.elem_count() || v.elem_count() != p.elem_count() {
+                candle_core::bail!("optimizer state for `{name}` does not match the parameter's size");
             }
+            let host = matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let st = if host {
+                Moments::Host {
+                    m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                    v: v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                }
+            } else {
+                Moments::Device {
+                    m: m.to_dtype(DType::F32)?.to_device(p.device())?.reshape(p.shape())?,
+                    v: v.to_dtype(DType::F32)?.to_device(p.device())?.reshape(p.shape())?,
+                }
+            };
+            self.state.insert(name.to_string(), st);
         }
         if let Some(s) = tensors.get("step") {
             self.step = s.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
@@ -126,31 +227,32 @@ impl AdamW {
     }
 }
 
+/// Sum of squares without a temporary tensor on CPU.
+fn sum_sq(t: &Tensor) -> Result<f64> {
+    if matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(data[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
+        }
+    }
+    t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
 /// The global L2 norm of all gradients (what is logged as `grad_norm`).
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut total = 0.0f64;
     for g in grads.values() {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        total += sum_sq(g)?;
     }
     Ok(total.sqrt())
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (torch's clip_grad_norm_).
-pub fn clip(grads: &mut HashMap<String, Tensor>, norm: f64, max_norm: f64) -> Result<()> {
+/// torch's clip_grad_norm_ coefficient: gradients are scaled by this (at most 1).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     if max_norm <= 0.0 {
-        return Ok(());
+        return 1.0;
     }
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(())
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use super::batch::collate;
 use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic};
 use super::forward::forward;
 use super::loss::{Metrics, METRIC_NAMES};
-use super::optim::{clip, global_norm, AdamW, AdamWSettings};
+use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
 use super::resume::{plan_fingerprint, ResumeState};
 use super::schedule::lr_factor;
@@ -183,7 +183,7 @@ impl Trainer {
         if let Some(dir) = resume {
             let r = ResumeState::load(dir, &plan, &self.device)?;
             r.restore_weights(self.model.params(), &self.device)?;
-            opt.load_state(&r.optimizer)?;
+            opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
         }
@@ -212,7 +212,7 @@ impl Trainer {
         for step in st.step..total {
             let sb = plan.step(step);
             let StepGradients {
-                mut grads,
+                grads,
                 metrics: micro_metrics,
                 tokens,
             } = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
@@ -229,10 +229,10 @@ impl Trainer {
                     what,
                 });
             }
-            clip(&mut grads, norm, cfg.optim.max_grad_norm)?;
             let lr =
                 cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, cfg.optim.warmup_steps, total);
-            opt.step(self.model.params(), &grads, lr)?;
+            let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
+            opt.step(self.model.params(), &grads, lr, scale)?;
             drop(grads);
             st.pending.extend(micro_metrics);
             st.pending_tokens += tokens;
