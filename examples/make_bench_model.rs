@@ -20,9 +20,24 @@ struct Shape {
 
 fn shape(name: &str) -> Option<Shape> {
     match name {
-        "opt-125m" => Some(Shape { hidden: 768, layers: 12, heads: 12, ffn: 3072 }),
-        "opt-350m-pre-norm" => Some(Shape { hidden: 1024, layers: 24, heads: 16, ffn: 4096 }),
-        "opt-1.3b" => Some(Shape { hidden: 2048, layers: 24, heads: 32, ffn: 8192 }),
+        "opt-125m" => Some(Shape {
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            ffn: 3072,
+        }),
+        "opt-350m-pre-norm" => Some(Shape {
+            hidden: 1024,
+            layers: 24,
+            heads: 16,
+            ffn: 4096,
+        }),
+        "opt-1.3b" => Some(Shape {
+            hidden: 2048,
+            layers: 24,
+            heads: 32,
+            ffn: 8192,
+        }),
         _ => None,
     }
 }
@@ -41,7 +56,10 @@ fn normal(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(name), Some(out)) = (args.first(), args.get(1)) else {
-        return Err("usage: make_bench_model SHAPE OUT_DIR (SHAPE: opt-125m, opt-350m-pre-norm, opt-1.3b)".into());
+        return Err(
+            "usage: make_bench_model SHAPE OUT_DIR (SHAPE: opt-125m, opt-350m-pre-norm, opt-1.3b)"
+                .into(),
+        );
     };
     let s = shape(name).ok_or_else(|| format!("unknown shape `{name}`"))?;
     let out = Path::new(out);
@@ -57,8 +75,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let h = s.hidden;
     let p = "model.decoder";
-    add(format!("{p}.embed_tokens.weight"), normal(&mut rng, vocab * h, 0.02), &[vocab, h])?;
-    add(format!("{p}.embed_positions.weight"), normal(&mut rng, (max_pos + 2) * h, 0.02), &[max_pos + 2, h])?;
+    add(
+        format!("{p}.embed_tokens.weight"),
+        normal(&mut rng, vocab * h, 0.02),
+        &[vocab, h],
+    )?;
+    add(
+        format!("{p}.embed_positions.weight"),
+        normal(&mut rng, (max_pos + 2) * h, 0.02),
+        &[max_pos + 2, h],
+    )?;
     for norm in [format!("{p}.final_layer_norm")] {
         add(format!("{norm}.weight"), vec![1.0; h], &[h])?;
         add(format!("{norm}.bias"), vec![0.0; h], &[h])?;
@@ -66,12 +92,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for l in 0..s.layers {
         let lp = format!("{p}.layers.{l}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            add(format!("{lp}.self_attn.{proj}.weight"), normal(&mut rng, h * h, 0.02), &[h, h])?;
+            add(
+                format!("{lp}.self_attn.{proj}.weight"),
+                normal(&mut rng, h * h, 0.02),
+                &[h, h],
+            )?;
             add(format!("{lp}.self_attn.{proj}.bias"), vec![0.0; h], &[h])?;
         }
-        add(format!("{lp}.fc1.weight"), normal(&mut rng, s.ffn * h, 0.02), &[s.ffn, h])?;
+        add(
+            format!("{lp}.fc1.weight"),
+            normal(&mut rng, s.ffn * h, 0.02),
+            &[s.ffn, h],
+        )?;
         add(format!("{lp}.fc1.bias"), vec![0.0; s.ffn], &[s.ffn])?;
-        add(format!("{lp}.fc2.weight"), normal(&mut rng, h * s.ffn, 0.02), &[h, s.ffn])?;
+        add(
+            format!("{lp}.fc2.weight"),
+            normal(&mut rng, h * s.ffn, 0.02),
+            &[h, s.ffn],
+        )?;
         add(format!("{lp}.fc2.bias"), vec![0.0; h], &[h])?;
         for norm in ["self_attn_layer_norm", "final_layer_norm"] {
             add(format!("{lp}.{norm}.weight"), vec![1.0; h], &[h])?;
@@ -88,7 +126,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tie_word_embeddings": true, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2,
         "dtype": "float32",
     });
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bench/gpt2-tokenizer");
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tok.join(f), out.join(f))?;

@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod model;
+pub mod ops;
 pub mod train;
 
 mod error;

@@ -38,13 +38,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
-/// Softmax over the last dim; the max shift is detached (it cancels out mathematically).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// Additive attention bias `[n, 1, len, len]`: 0 where query i may see key j (causal, key not
 /// padding, within the sliding window), -inf elsewhere.
 pub fn attention_bias(mask: &[Vec<u32>], window: Option<usize>, device: &Device) -> Result<Tensor> {
@@ -74,7 +67,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         (k.clone(), v.clone())
     };
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-    let probs = softmax_last(&scores)?;
+    let probs = crate::ops::softmax_last(&scores)?;
     let out = probs.matmul(&v)?; // [n, h, l, d]
     out.transpose(1, 2)?.reshape((n, l, h * d))
 }

@@ -4,7 +4,7 @@
 use super::batch::Batch;
 use super::loss::Metrics;
 use crate::model::CausalLm;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 pub struct ForwardOutput {
     /// Differentiable scalar with the gradient of the ORPO loss (its value is not the loss:
@@ -38,15 +38,8 @@ fn token_logprobs(model: &CausalLm, batch: &Batch) -> Result<(Tensor, f64, f64)>
         .sum_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
-    let m = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = logits
-        .broadcast_sub(&m)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&m)?;
-    let picked = logits.gather(&batch.targets.unsqueeze(1)?, 1)?;
-    let logp = (picked - lse)?.reshape((n, t))?;
+    // Fused log-softmax + gather with a written backward: one [m, vocab] buffer, not four.
+    let logp = crate::ops::token_logprobs(&logits, &batch.targets)?.reshape((n, t))?;
     Ok((logp, chosen_sum / half as f64, rejected_sum / half as f64))
 }
 

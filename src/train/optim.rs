@@ -29,8 +29,14 @@ pub struct AdamWSettings {
 
 enum Moments {
     /// CPU: plain buffers updated in place.
-    Host { m: Vec<f32>, v: Vec<f32> },
-    Device { m: Tensor, v: Tensor },
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Device {
+        m: Tensor,
+        v: Tensor,
+    },
 }
 
 pub struct AdamW {
@@ -75,8 +81,16 @@ impl InplaceOp2 for HostUpdate<'_> {
         "adamw-update"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
             candle_core::bail!("adamw-update needs contiguous parameter and gradient");
         };
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
@@ -84,8 +98,14 @@ impl InplaceOp2 for HostUpdate<'_> {
         };
         let p = &mut p[d0..d1];
         let g = &g[s0..s1];
-        let mut m = self.m.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let mut v = self.v.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut m = self
+            .m
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut v = self
+            .v
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         if p.len() != g.len() || p.len() != m.len() {
             candle_core::bail!("adamw-update: size mismatch");
         }
@@ -121,7 +141,13 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, at learning rate `lr`, with the
     /// gradients multiplied by `grad_scale` first (the clipping coefficient).
-    pub fn step(&mut self, params: &Params, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &Params,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let s = self.settings;
         let bc1 = 1.0 - s.beta1.powi(self.step as i32);
@@ -134,7 +160,8 @@ impl AdamW {
                 1.0
             };
             let p = var.as_tensor();
-            let host = matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let host =
+                matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
             let st = self.state.entry(name.to_string()).or_insert_with(|| {
                 if host {
                     Moments::Host {
@@ -191,7 +218,10 @@ impl AdamW {
             out.insert(format!("exp_avg.{name}"), m);
             out.insert(format!("exp_avg_sq.{name}"), v);
         }
-        out.insert("step".into(), Tensor::new(&[self.step as f64], &Device::Cpu)?);
+        out.insert(
+            "step".into(),
+            Tensor::new(&[self.step as f64], &Device::Cpu)?,
+        );
         Ok(out)
     }
 
@@ -199,14 +229,20 @@ impl AdamW {
     pub fn load_state(&mut self, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.state.clear();
         for (name, var) in params.iter() {
-            let (Some(m), Some(v)) = (tensors.get(&format!("exp_avg.{name}")), tensors.get(&format!("exp_avg_sq.{name}"))) else {
+            let (Some(m), Some(v)) = (
+                tensors.get(&format!("exp_avg.{name}")),
+                tensors.get(&format!("exp_avg_sq.{name}")),
+            ) else {
                 continue;
             };
             let p = var.as_tensor();
             if m.elem_count() != p.elem_count() || v.elem_count() != p.elem_count() {
-                candle_core::bail!("optimizer state for `{name}` does not match the parameter's size");
+                candle_core::bail!(
+                    "optimizer state for `{name}` does not match the parameter's size"
+                );
             }
-            let host = matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let host =
+                matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
             let st = if host {
                 Moments::Host {
                     m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
@@ -214,8 +250,12 @@ impl AdamW {
                 }
             } else {
                 Moments::Device {
-                    m: m.to_dtype(DType::F32)?.to_device(p.device())?.reshape(p.shape())?,
-                    v: v.to_dtype(DType::F32)?.to_device(p.device())?.reshape(p.shape())?,
+                    m: m.to_dtype(DType::F32)?
+                        .to_device(p.device())?
+                        .reshape(p.shape())?,
+                    v: v.to_dtype(DType::F32)?
+                        .to_device(p.device())?
+                        .reshape(p.shape())?,
                 }
             };
             self.state.insert(name.to_string(), st);
@@ -231,7 +271,9 @@ impl AdamW {
 fn sum_sq(t: &Tensor) -> Result<f64> {
     if matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 {
         let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
             return Ok(data[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
         }
     }

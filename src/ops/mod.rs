@@ -1,0 +1,229 @@
+//! Fused candle ops with hand-written backward passes.
+//!
+//! Each op replaces a chain of small candle ops (and the `[rows, cols]` temporaries they
+//! materialise) with one row-parallel pass forward and one backward. The CPU kernels are f32
+//! only; the public functions fall back to the equivalent plain-op chain on any other dtype or
+//! device, so callers need not special-case CUDA or half precision.
+
+mod softmax;
+mod token_logprob;
+
+pub use softmax::{softmax_last, softmax_last_chain};
+pub use token_logprob::{token_logprobs, token_logprobs_chain};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result};
+
+/// Below this many elements the work is done on the calling thread.
+const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// The contiguous f32 slice behind `storage`/`layout`, or an error naming `op`.
+fn f32_slice<'a>(
+    op: &str,
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(d) => d.as_slice(),
+        other => bail!("{op}: {what} must be f32, got {:?}", other.dtype()),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// Splits `out` (items of `item_len` elements) into contiguous runs of whole items and calls
+/// `f(first_item, run)` on each, over up to `candle_core::utils::get_num_threads()` scoped
+/// threads when there is enough work (`work` elements touched in total).
+fn par_items<T, F>(out: &mut [T], item_len: usize, work: usize, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    let items = out.len().checked_div(item_len).unwrap_or(0);
+    let threads = candle_core::utils::get_num_threads().min(items).max(1);
+    if threads == 1 || work < PAR_MIN_ELEMS {
+        simd(|| f(0, out));
+        return;
+    }
+    let per = items.div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let mut chunks = out.chunks_mut(per * item_len).enumerate();
+        // Keep the first chunk for this thread.
+        let first = chunks.next();
+        for (k, chunk) in chunks {
+            s.spawn(move || simd(|| f(k * per, chunk)));
+        }
+        if let Some((_, chunk)) = first {
+            simd(|| f(0, chunk));
+        }
+    });
+}
+
+/// Runs `f` compiled for AVX2 when the CPU has it (the crate is built for baseline x86-64,
+/// i.e. SSE2): the row kernels are `#[inline]` and get inlined into the AVX2 instance, which
+/// doubles the vector width of the `exp` loops.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Max of a row (NEG_INFINITY for an empty or fully masked row), 8 independent lanes so the
+/// compiler can vectorise it.
+#[inline]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in chunks.remainder() {
+        m = m.max(v);
+    }
+    m
+}
+
+/// `exp(x)` for `x <= 88` (the callers only pass `x - max <= ~0`): Cephes-style range
+/// reduction plus a degree-6 polynomial, branch-free so row loops vectorise (libm's `expf` does
+/// not). Max relative error ~2 ulp; `x < -87.3` (including `-inf`) gives exactly 0; NaN stays NaN.
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to the nearest integer, which then sits in the low mantissa
+    // bits (no float-to-int conversion, so the loop stays vectorised on plain SSE2).
+    const ROUND: f32 = 12_582_912.0;
+    const LO: f32 = -87.3;
+    let xc = if x < LO { LO } else { x };
+    let xc = if xc > 88.0 { 88.0 } else { xc };
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    let y = y * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    let y = if x < LO { 0.0 } else { y };
+    // NaN in, NaN out (written as a select so it vectorises).
+    #[allow(clippy::eq_op)]
+    if x != x {
+        x
+    } else {
+        y
+    }
+}
+
+/// `sum(a * b)` with 8 independent lanes.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn par_items_covers_every_item_once() {
+        for (items, item_len) in [(0, 3), (1, 1 << 16), (7, 1 << 13), (1000, 100)] {
+            let mut out = vec![0usize; items * item_len];
+            par_items(&mut out, item_len, items * item_len, |first, run| {
+                for (k, v) in run.iter_mut().enumerate() {
+                    *v += first * item_len + k + 1;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i + 1));
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 1.0 {
+            let want = (x as f64).exp();
+            let got = exp_nonpos(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 4e-7, "max rel err {worst}");
+        assert_eq!(exp_nonpos(0.0), 1.0);
+        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos(-100.0), 0.0);
+        assert!(exp_nonpos(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_helpers_match_naive() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+        let y: Vec<f32> = (0..37).map(|i| ((i * 31) % 13) as f32 * 0.5).collect();
+        assert_eq!(
+            row_max(&x),
+            x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        );
+        let naive: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((dot(&x, &y) - naive).abs() < 1e-3);
+        assert_eq!(row_max(&[]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn non_f32_and_strided_inputs_are_errors_not_panics() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f64, 6., &dev)?.reshape((2, 3))?;
+        let err = x.apply_op1_no_bwd(&softmax::SoftmaxLast).unwrap_err();
+        assert!(err.to_string().contains("f32"), "{err}");
+        let xt = x.to_dtype(candle_core::DType::F32)?.t()?;
+        let err = xt.apply_op1_no_bwd(&softmax::SoftmaxLast).unwrap_err();
+        assert!(err.to_string().contains("contiguous"), "{err}");
+        // The public functions fall back to the plain-op chain instead.
+        let y = softmax_last(&x)?;
+        assert_eq!(y.dtype(), candle_core::DType::F64);
+        let t = Tensor::new(&[0u32, 2], &dev)?;
+        let lp = token_logprobs(&x, &t)?;
+        assert_eq!(lp.dims(), &[2]);
+        // Out-of-range targets are reported.
+        let x32 = x.to_dtype(candle_core::DType::F32)?;
+        let bad = Tensor::new(&[0u32, 3], &dev)?;
+        let err = token_logprobs(&x32, &bad).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        Ok(())
+    }
+}

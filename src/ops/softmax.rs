@@ -1,0 +1,142 @@
+//! Softmax over the last dim as one fused op with a fused backward.
+
+use super::{dot, exp_nonpos, f32_slice, par_items, row_max};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape};
+use candle_core::{Tensor, D};
+
+/// Softmax over the last dim, numerically stable (row max shift).
+///
+/// Rows may contain `-inf` (masked) entries; they get probability 0 and gradient 0. A row that
+/// is entirely `-inf` yields all zeros (and zero gradient) rather than NaN.
+///
+/// f32 tensors on the CPU use the fused kernel (any layout: a non-contiguous input is copied
+/// first); other dtypes/devices fall back to [`softmax_last_chain`].
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        bail!("softmax_last: expected at least one dim, got a scalar");
+    }
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return softmax_last_chain(x);
+    }
+    x.contiguous()?.apply_op1(SoftmaxLast)
+}
+
+/// The plain candle-op formulation (as in `model::layers::softmax_last`): reference and
+/// fallback. Fully masked rows give NaN here.
+pub fn softmax_last_chain(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+pub(super) struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "softmax-last-fused"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), "input", storage, layout)?;
+        let shape = layout.shape().clone();
+        let cols = match shape.dims().last() {
+            Some(&c) => c,
+            None => bail!("{}: expected at least one dim", self.name()),
+        };
+        let mut y = vec![0f32; x.len()];
+        if cols > 0 {
+            par_items(&mut y, cols, x.len(), |row0, out| {
+                let src = &x[row0 * cols..row0 * cols + out.len()];
+                for (xr, yr) in src.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+                    softmax_row(xr, yr);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // res is our own (contiguous) output; the incoming gradient may be strided.
+        let g = grad_res.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxLastBwd)?))
+    }
+}
+
+/// `y = softmax(x)` for one row; all zeros when the row has no finite-or-+inf entry.
+#[inline]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    let m = row_max(x);
+    if m == f32::NEG_INFINITY {
+        y.fill(0.0);
+        return;
+    }
+    let mut acc = [0f32; 8];
+    let mut xc = x.chunks_exact(8);
+    let mut yc = y.chunks_exact_mut(8);
+    for (xs, ys) in (&mut xc).zip(&mut yc) {
+        for k in 0..8 {
+            let e = exp_nonpos(xs[k] - m);
+            ys[k] = e;
+            acc[k] += e;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (xv, yv) in xc.remainder().iter().zip(yc.into_remainder()) {
+        let e = exp_nonpos(xv - m);
+        *yv = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    for v in y.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `dx = y * (g - sum(g * y))` row by row, from the forward output `y` and the gradient `g`.
+struct SoftmaxLastBwd;
+
+impl CustomOp2 for SoftmaxLastBwd {
+    fn name(&self) -> &'static str {
+        "softmax-last-fused-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(self.name(), "output", s1, l1)?;
+        let g = f32_slice(self.name(), "gradient", s2, l2)?;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "{}: shape mismatch {:?} vs {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let shape = l1.shape().clone();
+        let cols = shape.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        if cols > 0 {
+            par_items(&mut dx, cols, y.len(), |row0, out| {
+                let range = row0 * cols..row0 * cols + out.len();
+                let (y, g) = (&y[range.clone()], &g[range]);
+                for ((yr, gr), dr) in y
+                    .chunks_exact(cols)
+                    .zip(g.chunks_exact(cols))
+                    .zip(out.chunks_exact_mut(cols))
+                {
+                    let s = dot(yr, gr);
+                    for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                        // y == 0 at masked entries, so their gradient is exactly 0.
+                        *d = yv * (gv - s);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(dx), shape))
+    }
+}
