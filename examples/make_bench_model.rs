@@ -85,10 +85,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         normal(&mut rng, (max_pos + 2) * h, 0.02),
         &[max_pos + 2, h],
     )?;
-    for norm in [format!("{p}.final_layer_norm")] {
-        add(format!("{norm}.weight"), vec![1.0; h], &[h])?;
-        add(format!("{norm}.bias"), vec![0.0; h], &[h])?;
-    }
+    add(format!("{p}.final_layer_norm.weight"), vec![1.0; h], &[h])?;
+    add(format!("{p}.final_layer_norm.bias"), vec![0.0; h], &[h])?;
     for l in 0..s.layers {
         let lp = format!("{p}.layers.{l}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {

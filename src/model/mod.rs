@@ -8,10 +8,12 @@ mod layers;
 mod llama;
 mod load;
 mod opt;
+mod packed;
 mod params;
 
 pub use arch::{Architecture, ModelConfig};
 pub use load::{resolve_model_dir, ModelError};
+pub use packed::{Packed, Segment};
 pub use params::Params;
 
 use candle_core::{Device, Result as CResult, Tensor};
@@ -59,6 +61,20 @@ impl CausalLm {
         match self {
             CausalLm::Opt(m) => m.forward(ids, mask),
             CausalLm::Llama(m) => m.forward(ids, mask),
+        }
+    }
+
+    /// Whether `hidden_packed` is available (exact only where every padding position of a row
+    /// has the same hidden state: OPT's padding shares one position id).
+    pub fn supports_packing(&self) -> bool {
+        matches!(self, CausalLm::Opt(_))
+    }
+
+    /// Hidden states `[total, e]` of a packed batch (see `Opt::forward_packed`).
+    pub fn hidden_packed(&self, packed: &Packed) -> CResult<Tensor> {
+        match self {
+            CausalLm::Opt(m) => m.forward_packed(packed),
+            CausalLm::Llama(_) => candle_core::bail!("packed batches are only exact for OPT"),
         }
     }
 

@@ -4,6 +4,7 @@
 use super::arch::ModelConfig;
 use super::layers::{attention, attention_bias, layer_norm, linear, mask_rows, split_heads};
 use super::load::{ModelError, WeightSource};
+use super::packed::{Packed, Segment};
 use super::params::Params;
 use candle_core::{Result, Tensor};
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -138,34 +139,30 @@ impl Opt {
             .unwrap_or_else(|| self.embed_tokens.clone())
     }
 
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Token plus position embeddings (and project_in) for flat ids/positions; `shape` is the
+    /// leading shape of the result (`[n, len]` padded, `[total]` packed).
+    fn embed(&self, ids: &Tensor, pos: &Tensor, shape: &[usize]) -> Result<Tensor> {
         let cfg = &self.config;
-        let (n, l) = ids.dims2()?;
-        let rows = mask_rows(mask)?;
-        // transformers: position = cumsum(mask) * mask - 1, plus the offset of 2.
-        let mut pos = Vec::with_capacity(n * l);
-        for row in &rows {
-            let mut c = 0i64;
-            for &m in row {
-                c += m as i64;
-                pos.push((c * m as i64 - 1 + POSITION_OFFSET as i64) as u32);
-            }
-        }
-        let pos = Tensor::from_vec(pos, n * l, ids.device())?;
-        let tok = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        let mut x = tok.reshape((n, l, cfg.word_embed_proj_dim))?;
+        let tok = self.embed_tokens.index_select(ids, 0)?;
+        let mut dims = shape.to_vec();
+        dims.push(cfg.word_embed_proj_dim);
+        let mut x = tok.reshape(dims.clone())?;
         if let Some(w) = &self.project_in {
             x = linear(&x, w, None)?;
         }
-        let positions =
-            self.embed_positions
-                .index_select(&pos, 0)?
-                .reshape((n, l, cfg.hidden_size))?;
-        x = (x + positions)?;
-        let bias = attention_bias(&rows, None, ids.device())?;
-        let heads = cfg.num_heads;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let pre = cfg.do_layer_norm_before;
+        let last = dims.len() - 1;
+        dims[last] = cfg.hidden_size;
+        x + self.embed_positions.index_select(pos, 0)?.reshape(dims)?
+    }
+
+    /// The decoder stack; `attend` maps the q/k/v projections (shaped like `x`) to the
+    /// attention output, so padded and packed batches share every other line.
+    fn decode(
+        &self,
+        mut x: Tensor,
+        attend: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let pre = self.config.do_layer_norm_before;
         for layer in &self.layers {
             let residual = x.clone();
             let hs = if pre {
@@ -173,10 +170,11 @@ impl Opt {
             } else {
                 x.clone()
             };
-            let q = split_heads(&layer.q.forward(&hs)?, heads)?;
-            let k = split_heads(&layer.k.forward(&hs)?, heads)?;
-            let v = split_heads(&layer.v.forward(&hs)?, heads)?;
-            let a = attention(&q, &k, &v, &bias, scale)?;
+            let a = attend(
+                &layer.q.forward(&hs)?,
+                &layer.k.forward(&hs)?,
+                &layer.v.forward(&hs)?,
+            )?;
             x = (residual + layer.o.forward(&a)?)?;
             if !pre {
                 x = layer.attn_norm.forward(&x)?;
@@ -201,4 +199,81 @@ impl Opt {
         }
         Ok(x)
     }
+
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (n, l) = ids.dims2()?;
+        let rows = mask_rows(mask)?;
+        // transformers: position = cumsum(mask) * mask - 1, plus the offset of 2.
+        let mut pos = Vec::with_capacity(n * l);
+        for row in &rows {
+            let mut c = 0i64;
+            for &m in row {
+                c += m as i64;
+                pos.push((c * m as i64 - 1 + POSITION_OFFSET as i64) as u32);
+            }
+        }
+        let pos = Tensor::from_vec(pos, n * l, ids.device())?;
+        let x = self.embed(&ids.flatten_all()?, &pos, &[n, l])?;
+        let bias = attention_bias(&rows, None, ids.device())?;
+        let heads = self.config.num_heads;
+        let scale = 1.0 / (self.config.head_dim as f64).sqrt();
+        self.decode(x, &|q, k, v| {
+            attention(
+                &split_heads(q, heads)?,
+                &split_heads(k, heads)?,
+                &split_heads(v, heads)?,
+                &bias,
+                scale,
+            )
+        })
+    }
+
+    /// Hidden states `[total, e]` of a packed batch: each sequence's real tokens, then (when
+    /// the padded batch would pad it) one padding token standing for all of its padding.
+    ///
+    /// Exact for OPT: every padding position of a row has the same input (pad id, position 1)
+    /// and sees the same keys (the row's real tokens; padding keys are masked), so all of them
+    /// carry one hidden state; and real tokens never see padding.
+    pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
+        let dev = packed.ids.device();
+        let mut pos = Vec::with_capacity(packed.total);
+        let mut biases = Vec::with_capacity(packed.segments.len());
+        for seg in &packed.segments {
+            pos.extend((0..seg.real).map(|t| (t + POSITION_OFFSET) as u32));
+            if seg.pad_rep {
+                pos.push((POSITION_OFFSET - 1) as u32);
+            }
+            biases.push(segment_bias(seg, dev)?);
+        }
+        let pos = Tensor::from_vec(pos, packed.total, dev)?;
+        let x = self.embed(&packed.ids, &pos, &[packed.total])?;
+        let heads = self.config.num_heads;
+        let scale = 1.0 / (self.config.head_dim as f64).sqrt();
+        self.decode(x, &|q, k, v| {
+            let mut outs = Vec::with_capacity(packed.segments.len());
+            for (seg, bias) in packed.segments.iter().zip(&biases) {
+                let len = seg.len();
+                let part = |t: &Tensor| -> Result<Tensor> {
+                    split_heads(&t.narrow(0, seg.offset, len)?.unsqueeze(0)?, heads)
+                };
+                outs.push(attention(&part(q)?, &part(k)?, &part(v)?, bias, scale)?.squeeze(0)?);
+            }
+            Tensor::cat(&outs, 0)
+        })
+    }
+}
+
+/// Causal bias for one packed sequence; its padding stand-in sees the real tokens only.
+fn segment_bias(seg: &Segment, dev: &candle_core::Device) -> Result<Tensor> {
+    let n = seg.len();
+    let mut data = vec![f32::NEG_INFINITY; n * n];
+    for i in 0..n {
+        let visible = if seg.pad_rep && i == seg.real {
+            seg.real
+        } else {
+            i + 1
+        };
+        data[i * n..i * n + visible].fill(0.0);
+    }
+    Tensor::from_vec(data, (1, 1, n, n), dev)
 }

@@ -2,6 +2,7 @@
 //! stacked `[chosen_0..chosen_B, rejected_0..rejected_B]` for a single forward pass.
 
 use crate::data::TokenizedPair;
+use crate::model::{Packed, Segment};
 use candle_core::{Device, Result, Tensor};
 
 pub struct Batch {
@@ -23,6 +24,24 @@ pub struct Batch {
     pub nll_count: f64,
     /// Non-padding tokens of all 2B sequences (throughput accounting).
     pub tokens: usize,
+    /// The same batch without padding, for models that can run it exactly.
+    pub packed: PackedBatch,
+}
+
+/// The padding-free layout: `m` prediction rows (each sequence's positions 0..len-2).
+pub struct PackedBatch {
+    pub layout: Packed,
+    /// `[m]` u32: the packed row each prediction reads its hidden state from.
+    pub rows: Tensor,
+    /// `[m]` u32: the token each prediction scores.
+    pub targets: Tensor,
+    /// `[2B, m]` f32: 1 where a prediction is an answer token of that sequence.
+    pub answer_select: Tensor,
+    /// `[m]` f32: 1 where a prediction counts for the NLL.
+    pub nll_weight: Tensor,
+    /// `[2, total]` f32: how many positions of the padded batch's logits each packed row
+    /// stands for, in the chosen (row 0) and rejected (row 1) halves, over positions [0, len-1).
+    pub logit_weights: Tensor,
 }
 
 /// `nll_on_prompt = true` is TRL's choice: the NLL covers every non-padding target of the
@@ -78,7 +97,9 @@ pub fn collate(
             candle_core::bail!("a sequence has no answer token to score");
         }
     }
+    let packed = pack(&seqs, b, len, pad_id, nll_on_prompt, device)?;
     Ok(Batch {
+        packed,
         n_pairs: b,
         len,
         ids: Tensor::from_vec(ids, (n, len), device)?,
@@ -89,5 +110,80 @@ pub fn collate(
         answer_counts,
         nll_count,
         tokens,
+    })
+}
+
+fn pack(
+    seqs: &[(&[u32], &[i64])],
+    b: usize,
+    len: usize,
+    pad_id: u32,
+    nll_on_prompt: bool,
+    device: &Device,
+) -> Result<PackedBatch> {
+    let n = seqs.len();
+    let mut ids = Vec::new();
+    let mut segments = Vec::with_capacity(n);
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut owner = Vec::new();
+    let mut is_answer = Vec::new();
+    let mut nll_weight = Vec::new();
+    let mut weights = Vec::new();
+    for (r, (seq, labels)) in seqs.iter().enumerate() {
+        let offset = ids.len();
+        let real = seq.len();
+        // A stand-in is needed only when padding positions fall inside [0, len-1).
+        let pad_rep = real + 1 < len;
+        ids.extend_from_slice(seq);
+        let half = usize::from(r >= b);
+        for t in 0..real {
+            weights.push((half, offset + t, if t + 1 < len { 1.0f32 } else { 0.0 }));
+        }
+        if pad_rep {
+            ids.push(pad_id);
+            weights.push((half, offset + real, (len - 1 - real) as f32));
+        }
+        for t in 0..real.saturating_sub(1) {
+            rows.push((offset + t) as u32);
+            targets.push(seq[t + 1]);
+            owner.push(r);
+            let answer = labels[t + 1] != -100;
+            is_answer.push(answer);
+            nll_weight.push(if r < b && (nll_on_prompt || answer) {
+                1f32
+            } else {
+                0.0
+            });
+        }
+        segments.push(Segment {
+            offset,
+            real,
+            pad_rep,
+        });
+    }
+    let total = ids.len();
+    let m = rows.len();
+    let mut select = vec![0f32; n * m];
+    for (i, (&r, &a)) in owner.iter().zip(&is_answer).enumerate() {
+        if a {
+            select[r * m + i] = 1.0;
+        }
+    }
+    let mut logit_weights = vec![0f32; 2 * total];
+    for (half, row, w) in weights {
+        logit_weights[half * total + row] = w;
+    }
+    Ok(PackedBatch {
+        layout: Packed {
+            ids: Tensor::from_vec(ids, total, device)?,
+            segments,
+            total,
+        },
+        rows: Tensor::from_vec(rows, m, device)?,
+        targets: Tensor::from_vec(targets, m, device)?,
+        answer_select: Tensor::from_vec(select, (n, m), device)?,
+        nll_weight: Tensor::from_vec(nll_weight, m, device)?,
+        logit_weights: Tensor::from_vec(logit_weights, (2, total), device)?,
     })
 }

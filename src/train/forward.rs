@@ -16,38 +16,86 @@ pub struct ForwardOutput {
     pub lp_rejected: Vec<f64>,
 }
 
-/// `log p(target)` at every position `[n, len-1]` and the logits' sums for the two halves.
-fn token_logprobs(model: &CausalLm, batch: &Batch) -> Result<(Tensor, f64, f64)> {
+/// What the loss needs from the model: per-sequence sums of answer log-probs `[2B]`, the sum
+/// of NLL-target log-probs (a scalar), and the mean logit of each half (metrics only).
+struct Scores {
+    answer_sums: Tensor,
+    nll_sum: Tensor,
+    logits_chosen: f64,
+    logits_rejected: f64,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// The padded batch as TRL runs it: `[2B, len]` through the model, positions [0, len-1).
+fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let hidden = model.hidden_states(&batch.ids, &batch.mask)?;
     let (n, l, e) = hidden.dims3()?;
     let t = l - 1;
     // Only positions [0, len-1) predict a token; the last one is never needed.
     let h = hidden.narrow(1, 0, t)?.reshape((n * t, e))?;
-    let w = model.lm_head();
-    let logits = h.matmul(&w.t()?)?; // [n*t, vocab]
-    let v = logits.dim(1)?;
-    let half = (n / 2) * t * v;
+    let logits = h.matmul(&model.lm_head().t()?)?; // [n*t, vocab]
+    let half = (n / 2) * t;
+    let count = (half * logits.dim(1)?) as f64;
     let detached = logits.detach();
-    let chosen_sum = detached
-        .narrow(0, 0, (n / 2) * t)?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    let rejected_sum = detached
-        .narrow(0, (n / 2) * t, (n / 2) * t)?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let logits_chosen = scalar(&detached.narrow(0, 0, half)?.sum_all()?)? / count;
+    let logits_rejected = scalar(&detached.narrow(0, half, half)?.sum_all()?)? / count;
     // Fused log-softmax + gather with a written backward: one [m, vocab] buffer, not four.
     let logp = crate::ops::token_logprobs(&logits, &batch.targets)?.reshape((n, t))?;
-    Ok((logp, chosen_sum / half as f64, rejected_sum / half as f64))
+    Ok(Scores {
+        answer_sums: (&logp * &batch.answer_mask)?.sum(1)?,
+        nll_sum: (logp.narrow(0, 0, n / 2)? * &batch.nll_mask)?.sum_all()?,
+        logits_chosen,
+        logits_rejected,
+    })
 }
 
+/// The same numbers without computing padding: the LM head runs on predicting positions
+/// only, and the padding logits enter the metrics through `h . sum_v W_v` of each row's
+/// padding stand-in (the logits' sum over the vocabulary, as the head has no bias).
+fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
+    let p = &batch.packed;
+    let hidden = model.hidden_packed(&p.layout)?; // [total, e]
+    let w = model.lm_head();
+    let h = hidden.index_select(&p.rows, 0)?;
+    let logits = h.matmul(&w.t()?)?; // [m, vocab]
+    let logp = crate::ops::token_logprobs(&logits, &p.targets)?;
+    let n = batch.n_pairs * 2;
+    let vocab = w.dim(0)?;
+    let w_sum = w.detach().sum_keepdim(0)?.t()?; // [e, 1]
+    let halves = p.logit_weights.matmul(&hidden.detach())?.matmul(&w_sum)?; // [2, 1]
+    let halves: Vec<f64> = halves.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    let count = ((n / 2) * (batch.len - 1) * vocab) as f64;
+    Ok(Scores {
+        answer_sums: p.answer_select.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?,
+        nll_sum: (&logp * &p.nll_weight)?.sum_all()?,
+        logits_chosen: halves[0] / count,
+        logits_rejected: halves[1] / count,
+    })
+}
+
+/// The ORPO objective and metrics of one micro-batch, without computing padding where the
+/// model allows it exactly (OPT), else on the padded batch.
 pub fn forward(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutput> {
+    forward_with(model, batch, beta, model.supports_packing())
+}
+
+/// `forward` on the padded batch, as TRL computes it (the reference for the packed path).
+pub fn forward_padded(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutput> {
+    forward_with(model, batch, beta, false)
+}
+
+fn forward_with(model: &CausalLm, batch: &Batch, beta: f64, packed: bool) -> Result<ForwardOutput> {
     let b = batch.n_pairs;
-    let (logp, logits_chosen, logits_rejected) = token_logprobs(model, batch)?;
-    let dev = logp.device();
-    let answer_sums = (&logp * &batch.answer_mask)?.sum(1)?; // [2B]
+    let sc = if packed {
+        scores_packed(model, batch)?
+    } else {
+        scores_padded(model, batch)?
+    };
+    let (logits_chosen, logits_rejected) = (sc.logits_chosen, sc.logits_rejected);
+    let dev = &sc.answer_sums.device().clone();
     let counts = Tensor::from_vec(
         batch
             .answer_counts
@@ -57,8 +105,8 @@ pub fn forward(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutp
         2 * b,
         dev,
     )?;
-    let mean_lp = (answer_sums / counts)?;
-    let nll = ((logp.narrow(0, 0, b)? * &batch.nll_mask)?.sum_all()? / (-batch.nll_count))?;
+    let mean_lp = (sc.answer_sums / counts)?;
+    let nll = (sc.nll_sum / (-batch.nll_count))?;
 
     let lp_host: Vec<f64> = mean_lp.detach().to_dtype(DType::F64)?.to_vec1()?;
     let nll_host = nll.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;

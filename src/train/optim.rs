@@ -282,9 +282,12 @@ fn sum_sq(t: &Tensor) -> Result<f64> {
 
 /// The global L2 norm of all gradients (what is logged as `grad_norm`).
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
+    // A fixed order keeps the f64 sum, and so the logged value, identical across runs.
+    let mut names: Vec<&String> = grads.keys().collect();
+    names.sort();
     let mut total = 0.0f64;
-    for g in grads.values() {
-        total += sum_sq(g)?;
+    for name in names {
+        total += sum_sq(&grads[name])?;
     }
     Ok(total.sqrt())
 }
