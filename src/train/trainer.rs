@@ -148,9 +148,18 @@ impl Trainer {
                 &self.device,
             )?;
             tokens += batch.tokens;
+            let t0 = Instant::now();
             let out = forward(&self.model, &batch, cfg.orpo.beta)?;
+            let t1 = Instant::now();
             let objective = (out.objective / n_micro)?;
             accumulate(&self.model, &objective, &mut grads)?;
+            tracing::debug!(
+                forward_s = (t1 - t0).as_secs_f64(),
+                backward_s = t1.elapsed().as_secs_f64(),
+                len = batch.len,
+                tokens = batch.tokens,
+                "micro-batch"
+            );
             let mut m = out.metrics;
             if let Some(k) = metric_pairs {
                 let k = k.min(idx.len());
@@ -232,7 +241,9 @@ impl Trainer {
             let lr =
                 cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, cfg.optim.warmup_steps, total);
             let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
+            let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
+            tracing::debug!(optimizer_s = t_opt.elapsed().as_secs_f64(), "optimizer step");
             drop(grads);
             st.pending.extend(micro_metrics);
             st.pending_tokens += tokens;
