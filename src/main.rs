@@ -271,7 +271,27 @@ fn data(args: ConfigArgs, as_json: bool, show: usize, ids: bool) -> Result<(), E
     Ok(())
 }
 
+/// Training frees and reallocates the same activation-sized buffers every step. glibc returns
+/// blocks over its dynamic mmap threshold to the OS and faults fresh zeroed pages back in on
+/// the next step; raising the threshold to its maximum (32 MiB) and not trimming the heap keeps
+/// them for reuse (about 5% faster on the CPU benchmark, same peak RSS).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
+    // candle asks for the thread count on every parallel op, and without RAYON_NUM_THREADS it
+    // re-reads the CPU/cgroup files each time; resolve it once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    keep_freed_memory();
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {

@@ -19,23 +19,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// LayerNorm over the last dim (fused op with a written backward on CPU f32).
 pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    if let Some(w) = w {
-        y = y.broadcast_mul(w)?;
-    }
-    if let Some(b) = b {
-        y = y.broadcast_add(b)?;
-    }
-    Ok(y)
+    crate::ops::layer_norm(x, w, b, eps)
 }
 
+/// RMSNorm over the last dim (fused op with a written backward on CPU f32).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    crate::ops::rms_norm(x, w, eps)
 }
 
 /// Additive attention bias `[n, 1, len, len]`: 0 where query i may see key j (causal, key not

@@ -5,9 +5,11 @@
 //! only; the public functions fall back to the equivalent plain-op chain on any other dtype or
 //! device, so callers need not special-case CUDA or half precision.
 
+mod norm;
 mod softmax;
 mod token_logprob;
 
+pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
 pub use softmax::{softmax_last, softmax_last_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 
@@ -43,7 +45,7 @@ where
     F: Fn(usize, &mut [T]) + Sync,
 {
     let items = out.len().checked_div(item_len).unwrap_or(0);
-    let threads = candle_core::utils::get_num_threads().min(items).max(1);
+    let threads = num_threads().min(items).max(1);
     if threads == 1 || work < PAR_MIN_ELEMS {
         simd(|| f(0, out));
         return;
@@ -67,6 +69,12 @@ where
 /// i.e. SSE2): the row kernels are `#[inline]` and get inlined into the AVX2 instance, which
 /// doubles the vector width of the `exp` loops.
 #[inline(always)]
+/// candle's thread count, looked up once (candle re-reads it from the OS on every call).
+fn num_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
+}
+
 fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {

@@ -162,17 +162,21 @@ impl AdamW {
             let p = var.as_tensor();
             let host =
                 matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
-            let st = self.state.entry(name.to_string()).or_insert_with(|| {
-                if host {
+            if !self.state.contains_key(name) {
+                let fresh = if host {
                     Moments::Host {
                         m: vec![0.0; p.elem_count()],
                         v: vec![0.0; p.elem_count()],
                     }
                 } else {
-                    let z = p.zeros_like().expect("zeros_like of a parameter");
+                    let z = p.zeros_like()?;
                     Moments::Device { m: z.clone(), v: z }
-                }
-            });
+                };
+                self.state.insert(name.to_string(), fresh);
+            }
+            let Some(st) = self.state.get_mut(name) else {
+                continue;
+            };
             match st {
                 Moments::Host { m, v } => {
                     let g = g.contiguous()?;

@@ -243,7 +243,10 @@ impl Trainer {
             let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
             let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
-            tracing::debug!(optimizer_s = t_opt.elapsed().as_secs_f64(), "optimizer step");
+            tracing::debug!(
+                optimizer_s = t_opt.elapsed().as_secs_f64(),
+                "optimizer step"
+            );
             drop(grads);
             st.pending.extend(micro_metrics);
             st.pending_tokens += tokens;
