@@ -89,6 +89,7 @@ fn saved_model_reloads_to_identical_logits() {
         "tokenizer.json",
         "tokenizer_config.json",
         "metrics.jsonl",
+        "training_curves.svg",
     ] {
         assert!(tmp.path().join(f).is_file(), "missing {f}");
     }

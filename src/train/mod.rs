@@ -6,6 +6,7 @@ pub mod forward;
 pub mod loss;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod resume;
 pub mod schedule;
 mod setup;

@@ -305,6 +305,8 @@ impl Trainer {
             "done"
         );
         save_model(&out_dir, &self.model, &self.tokenizer, &self.model_dir)?;
+        let plot = out_dir.join("training_curves.svg");
+        write_atomic(&plot, super::plot::training_curves(&st.log).as_bytes())?;
         let eval = match &self.eval {
             Some(ds) => {
                 let m = evaluate(
