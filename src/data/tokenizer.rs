@@ -22,6 +22,8 @@ pub struct Tokenizer {
     bos: Option<(String, u32)>,
     eos: (String, u32),
     pad: (String, u32),
+    /// Whether the tokenizer files name a pad token (else `pad` is EOS).
+    pad_named: bool,
     unk: Option<String>,
     template: Option<ChatTemplate>,
     /// `tokenizer_config.json` as read (empty when absent).
@@ -218,6 +220,7 @@ impl Tokenizer {
         let eos = eos.ok_or_else(|| {
             err("no EOS token: tokenizer_config.json, special_tokens_map.json and config.json name none".into())
         })?;
+        let pad_named = pad.is_some();
         let pad = pad.unwrap_or_else(|| eos.clone());
 
         let template_src = if dir.join("chat_template.jinja").is_file() {
@@ -258,6 +261,7 @@ impl Tokenizer {
             eos,
             pad,
             unk,
+            pad_named,
             template,
             config,
         })
@@ -411,7 +415,11 @@ impl Tokenizer {
         if let Some(u) = self.unk_token() {
             specials.insert("unk_token".into(), u.into());
         }
-        specials.insert("pad_token".into(), self.pad_token().into());
+        // A pad token the source did not name (EOS stands in for it) is not written back, so
+        // the saved tokenizer is the one trained from.
+        if self.pad_named {
+            specials.insert("pad_token".into(), self.pad_token().into());
+        }
 
         let mut config = self.config.clone();
         config.remove("chat_template");
