@@ -47,9 +47,12 @@ enum Command {
     },
     /// ORPO metrics on held-out pairs
     Eval {
-        /// Model folder (or hub id) to evaluate
+        /// Model folder (or hub id), or a LoRA adapter folder, to evaluate
         #[arg(long)]
         model: String,
+        /// Base model of an adapter (default: adapter_config.json's base_model_name_or_path)
+        #[arg(long)]
+        base: Option<String>,
         /// Preference pairs (JSON Lines or JSON array)
         #[arg(long)]
         data: PathBuf,
@@ -61,6 +64,18 @@ enum Command {
         /// Print one JSON object with TRL's eval_* keys
         #[arg(long)]
         json: bool,
+    },
+    /// Fold a LoRA adapter into its base model and write a full model
+    Merge {
+        /// Base model folder or hub id (default: adapter_config.json's base_model_name_or_path)
+        #[arg(long)]
+        base: Option<String>,
+        /// Adapter folder written by `orpo train` with LoRA (or by PEFT)
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Folder for the merged model
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Load and tokenise a dataset exactly as training would, and describe it
     Data {
@@ -152,6 +167,7 @@ fn train(args: ConfigArgs, overwrite: bool, resume: Option<PathBuf>) -> Result<(
 
 fn eval(
     model: String,
+    base: Option<String>,
     data: PathBuf,
     config: Option<PathBuf>,
     set: Vec<String>,
@@ -165,8 +181,12 @@ fn eval(
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
-    let loaded =
-        orpo::train::load_model(&config.model.id, config.model.revision.as_deref(), &device)?;
+    let loaded = orpo::train::load_model(
+        &config.model.id,
+        config.model.revision.as_deref(),
+        base.as_deref(),
+        &device,
+    )?;
     if let Some(limit) = loaded.model.config().max_sequence_length() {
         if !explicit_length && config.data.max_length > limit {
             // Defaults adapt to the model; explicit settings are checked below.
@@ -302,11 +322,22 @@ fn main() -> ExitCode {
         } => train(config, overwrite, resume),
         Command::Eval {
             model,
+            base,
             data: d,
             config,
             set,
             json,
-        } => eval(model, d, config, set, json),
+        } => eval(model, base, d, config, set, json),
+        Command::Merge { base, adapter, out } => {
+            orpo::merge::merge(base.as_deref(), &adapter, &out).map(|base_dir| {
+                eprintln!(
+                    "merged {} into {}; full model written to {}",
+                    adapter.display(),
+                    base_dir.display(),
+                    out.display()
+                )
+            })
+        }
         Command::Data {
             config,
             json,

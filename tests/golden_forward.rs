@@ -146,3 +146,46 @@ fn packed_opt_batches_match_the_padded_computation() {
         }
     }
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    for name in MODELS {
+        let g = golden(name);
+        let plain = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        let mut ckpt = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        ckpt.enable_recompute();
+        let pairs = golden_pairs(&g, "tokenized");
+        let refs: Vec<_> = pairs.iter().take(3).collect();
+        let batch = collate(&refs, pad_id(&g), true, &Device::Cpu).unwrap();
+        let a = forward(&plain, &batch, 0.1).unwrap();
+        let b = forward(&ckpt, &batch, 0.1).unwrap();
+        assert_eq!(a.metrics.loss, b.metrics.loss, "{name}: forward differs");
+        let ga = plain.gradients(&a.objective).unwrap();
+        let gb = ckpt.gradients(&b.objective).unwrap();
+        for ((pname, va), (_, vb)) in plain.params().iter().zip(ckpt.params().iter()) {
+            let x = ga.get(va.as_tensor()).unwrap();
+            let y = gb
+                .get(vb.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {pname}: no gradient with checkpointing"));
+            let diff = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = x
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * scale + 1e-9,
+                "{name} {pname}: max grad diff {diff} (scale {scale})"
+            );
+        }
+    }
+}

@@ -20,7 +20,7 @@ fn write_jsonl(path: &Path, rows: &Value) {
     std::fs::write(path, text).unwrap();
 }
 
-fn golden_config(name: &str, g: &Value, dir: &Path) -> Config {
+fn golden_config(name: &str, g: &Value, dir: &Path, sets: &[&str]) -> Config {
     let s = &g["settings"];
     write_jsonl(&dir.join("train.jsonl"), &g["train_pairs"]);
     write_jsonl(&dir.join("eval.jsonl"), &g["eval_pairs"]);
@@ -62,22 +62,31 @@ output_dir = "{dir}/run"
         ga = s["grad_accum"],
         steps = s["steps"],
     );
-    Config::from_toml_str(&toml, "golden.toml", &[]).unwrap()
+    // LoRA goldens: TRL trained the adapter orpo initialises from train.seed (42).
+    let lora = match g.get("lora") {
+        Some(l) => format!(
+            "[lora]\nenabled = true\nr = {}\nalpha = {}\ntargets = {}\nuse_rslora = {}\n",
+            l["r"], l["lora_alpha"], l["target_modules"], l["use_rslora"]
+        ),
+        None => String::new(),
+    };
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Config::from_toml_str(&(toml + &lora), "golden.toml", &sets).unwrap()
 }
 
 fn check_run(name: &str) {
-    check_golden(name, &golden(name));
+    check_golden(name, &golden(name), &[]);
 }
 
 fn check_extra(name: &str, file: &str) {
     let path = fixtures().join("golden/extra").join(file);
     let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    check_golden(name, &g);
+    check_golden(name, &g, &[]);
 }
 
-fn check_golden(name: &str, g: &Value) {
+fn check_golden(name: &str, g: &Value, sets: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
-    let config = golden_config(name, g, tmp.path());
+    let config = golden_config(name, g, tmp.path(), sets);
     let mut trainer = load_trainer(&config).unwrap();
     let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
 
@@ -117,7 +126,11 @@ fn check_golden(name: &str, g: &Value) {
         if pname.ends_with("k_proj.bias") {
             continue;
         }
-        let var = trainer.model.params().get(pname).unwrap();
+        let var = trainer
+            .model
+            .params()
+            .get(pname)
+            .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
         let got = var
             .as_tensor()
             .sqr()
@@ -192,4 +205,30 @@ fn accumulation_with_linear_warmup_matches_trl() {
 #[test]
 fn answer_truncation_and_constant_schedule_match_trl() {
     check_extra("tiny-mistral", "tiny-mistral.truncation.trl.json");
+}
+
+#[test]
+fn lora_training_matches_trl_with_peft() {
+    check_extra("tiny-opt", "tiny-opt.lora.trl.json");
+}
+
+#[test]
+fn lora_subset_targets_with_rslora_and_accumulation_match_trl_with_peft() {
+    check_extra("tiny-qwen2", "tiny-qwen2.lora-rslora.trl.json");
+}
+
+#[test]
+fn training_with_gradient_checkpointing_matches_trl() {
+    let on = ["train.gradient_checkpointing=true"];
+    for name in [
+        "tiny-opt",
+        "tiny-opt-350m-layout",
+        "tiny-mistral",
+        "tiny-qwen2",
+    ] {
+        check_golden(name, &golden(name), &on);
+    }
+    let path = fixtures().join("golden/extra/tiny-qwen2.lora-rslora.trl.json");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    check_golden("tiny-qwen2", &g, &on);
 }

@@ -49,7 +49,16 @@ pub fn attention_bias(mask: &[Vec<u32>], window: Option<usize>, device: &Device)
 }
 
 /// Scaled dot-product attention with an additive bias. q: `[n, h, l, d]`, k/v: `[n, kvh, l, d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+/// With `compute` BF16 both products take bf16 inputs (as under torch autocast) while the
+/// scores, bias and softmax stay f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    compute: DType,
+) -> Result<Tensor> {
     let (n, h, l, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let (k, v) = if kvh != h {
@@ -57,9 +66,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     } else {
         (k.clone(), v.clone())
     };
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    let low = |t: &Tensor| t.to_dtype(compute);
+    let scores = low(q)?.matmul(&low(&k)?.t()?)?.to_dtype(DType::F32)?;
+    let scores = (scores * scale)?.broadcast_add(bias)?;
     let probs = crate::ops::softmax_last(&scores)?;
-    let out = probs.matmul(&v)?; // [n, h, l, d]
+    let out = low(&probs)?.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
     out.transpose(1, 2)?.reshape((n, l, h * d))
 }
 

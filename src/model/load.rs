@@ -1,9 +1,11 @@
 //! Reading checkpoints: local folders or hub ids, single or sharded safetensors, or the
 //! legacy `pytorch_model.bin` (names without the `model.` prefix), any float dtype -> f32.
 
+use super::linear::{Linear, LoraPair};
+use super::lora::{self, AdapterInit, LoraSpec, Targets};
 use super::params::Params;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -187,47 +189,109 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     Ok(out)
 }
 
-/// Hands tensors to the model builders, checking names and shapes, and registers each as a
-/// trainable `Var`.
+/// How the model's weights are set up: full fine-tuning (every tensor a trainable `Var`), or
+/// LoRA (base frozen, adapters trainable), or a saved adapter merged into the base.
+pub struct LoadOptions {
+    pub lora: Option<(LoraSpec, AdapterInit)>,
+    /// Fold a saved adapter into the base weights (`orpo merge`); the result is a full model.
+    pub merge: bool,
+    pub compute: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            lora: None,
+            merge: false,
+            compute: DType::F32,
+        }
+    }
+}
+
+/// Hands tensors to the model builders, checking names and shapes; registers each as a
+/// trainable `Var`, or keeps it as a frozen tensor when LoRA trains adapters instead.
 pub struct WeightSource {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
     pub params: Params,
+    compute: DType,
+    frozen: bool,
+    lora: Option<LoraPlan>,
+}
+
+struct LoraPlan {
+    spec: LoraSpec,
+    init: AdapterInit,
+    merge: bool,
+    /// Names of the adapted modules, for adapter_config.json's target_modules.
+    modules: BTreeSet<String>,
+}
+
+/// What a LoRA model needs to save its adapter.
+#[derive(Clone)]
+pub struct AdapterInfo {
+    pub spec: LoraSpec,
+    pub modules: BTreeSet<String>,
 }
 
 impl WeightSource {
-    pub fn new(dir: &Path, tensors: HashMap<String, Tensor>) -> Self {
+    pub fn new(dir: &Path, tensors: HashMap<String, Tensor>, opts: LoadOptions) -> Self {
+        let frozen = opts.lora.is_some() && !opts.merge;
         WeightSource {
             dir: dir.to_path_buf(),
             tensors,
             params: Params::default(),
+            compute: opts.compute,
+            frozen,
+            lora: opts.lora.map(|(spec, init)| LoraPlan {
+                spec,
+                init,
+                merge: opts.merge,
+                modules: BTreeSet::new(),
+            }),
         }
+    }
+
+    pub fn compute(&self) -> DType {
+        self.compute
     }
 
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
-    /// Takes tensor `name` with the expected shape as a trainable parameter.
-    pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    fn err(&self, msg: String) -> ModelError {
+        ModelError::Weights {
+            path: self.dir.clone(),
+            msg,
+        }
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let t = self
             .tensors
             .remove(name)
-            .ok_or_else(|| ModelError::Weights {
-                path: self.dir.clone(),
-                msg: format!("tensor `{name}` is missing"),
-            })?;
+            .ok_or_else(|| self.err(format!("tensor `{name}` is missing")))?;
         if t.dims() != shape {
-            return Err(ModelError::Weights {
-                path: self.dir.clone(),
-                msg: format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.dims()
-                ),
-            });
+            return Err(self.err(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                t.dims()
+            )));
         }
-        let var = Var::from_tensor(&t.contiguous()?)?;
-        Ok(self.params.insert(name.to_string(), var))
+        Ok(t.contiguous()?)
+    }
+
+    fn register(&mut self, name: &str, t: Tensor) -> Result<Tensor, ModelError> {
+        if self.frozen {
+            return Ok(t);
+        }
+        Ok(self.params.insert(name.to_string(), Var::from_tensor(&t)?))
+    }
+
+    /// Takes tensor `name` with the expected shape as a parameter (frozen under LoRA).
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self.take(name, shape)?;
+        self.register(name, t)
     }
 
     pub fn optional_param(
@@ -243,7 +307,128 @@ impl WeightSource {
         }
     }
 
-    pub fn take_params(&mut self) -> Params {
-        std::mem::take(&mut self.params)
+    /// The linear layer `prefix` (`{prefix}.weight` `[out_f, in_f]`, optional bias), with a LoRA
+    /// pair when it is a target; a merged adapter is folded into the weight instead.
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
+        let name = format!("{prefix}.weight");
+        let mut w = self.take(&name, &[out_f, in_f])?;
+        let pair = self.lora_pair(prefix, out_f, in_f)?;
+        let mut lora = None;
+        if let Some(pair) = pair {
+            if self.lora.as_ref().is_some_and(|p| p.merge) {
+                w = (w + (pair.b.matmul(&pair.a)? * pair.scale)?)?;
+            } else {
+                lora = Some(pair);
+            }
+        }
+        // A frozen weight is only ever read by bf16 products: store it rounded once.
+        if self.frozen && self.compute == DType::BF16 {
+            w = w.to_dtype(DType::BF16)?;
+        }
+        let w = self.register(&name, w)?;
+        let b = self.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?;
+        Ok(Linear {
+            w,
+            b,
+            lora,
+            compute: self.compute,
+        })
+    }
+
+    fn lora_pair(
+        &mut self,
+        prefix: &str,
+        out_f: usize,
+        in_f: usize,
+    ) -> Result<Option<LoraPair>, ModelError> {
+        let Some(plan) = self.lora.as_mut() else {
+            return Ok(None);
+        };
+        if !plan.spec.matches(prefix) {
+            return Ok(None);
+        }
+        plan.modules.insert(lora::module_name(prefix).to_string());
+        let r = plan.spec.r;
+        let scale = plan.spec.scale();
+        let (na, nb) = (lora::peft_name(prefix, 'A'), lora::peft_name(prefix, 'B'));
+        let device = self
+            .tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        let (a, b) = match &mut plan.init {
+            AdapterInit::Fresh { seed } => (
+                lora::init_a(prefix, r, in_f, *seed, &device)?,
+                Tensor::zeros((out_f, r), DType::F32, &device)?,
+            ),
+            AdapterInit::Saved(saved) => {
+                let mut get = |n: &str, shape: [usize; 2]| -> Result<Tensor, String> {
+                    let t = saved
+                        .remove(n)
+                        .ok_or_else(|| format!("the adapter lacks `{n}`"))?;
+                    if t.dims() != shape {
+                        return Err(format!(
+                            "adapter tensor `{n}` has shape {:?}, expected {shape:?}",
+                            t.dims()
+                        ));
+                    }
+                    Ok(t)
+                };
+                let a = get(&na, [r, in_f]).map_err(|m| self_err(&self.dir, m))?;
+                let b = get(&nb, [out_f, r]).map_err(|m| self_err(&self.dir, m))?;
+                (a.contiguous()?, b.contiguous()?)
+            }
+        };
+        if plan.merge {
+            return Ok(Some(LoraPair { a, b, scale }));
+        }
+        let a = self.params.insert(na, Var::from_tensor(&a)?);
+        let b = self.params.insert(nb, Var::from_tensor(&b)?);
+        Ok(Some(LoraPair { a, b, scale }))
+    }
+
+    /// The trainable tensors, after checking that LoRA found its targets and used every
+    /// saved adapter tensor (a mismatch means the adapter belongs to another model).
+    pub fn finish(&mut self) -> Result<(Params, Option<AdapterInfo>), ModelError> {
+        let info = match self.lora.take() {
+            None => None,
+            Some(plan) => {
+                if plan.modules.is_empty() {
+                    let want = match &plan.spec.targets {
+                        Targets::AllLinear => "all-linear".to_string(),
+                        Targets::Modules(m) => m.join(", "),
+                    };
+                    return Err(self.err(format!(
+                        "LoRA targets [{want}] match no linear layer of this model"
+                    )));
+                }
+                if let AdapterInit::Saved(rest) = &plan.init {
+                    if let Some(name) = rest.keys().min() {
+                        return Err(self.err(format!(
+                            "adapter tensor `{name}` has no matching layer in this model"
+                        )));
+                    }
+                }
+                (!plan.merge).then_some(AdapterInfo {
+                    spec: plan.spec,
+                    modules: plan.modules,
+                })
+            }
+        };
+        Ok((std::mem::take(&mut self.params), info))
+    }
+}
+
+fn self_err(dir: &Path, msg: String) -> ModelError {
+    ModelError::Weights {
+        path: dir.to_path_buf(),
+        msg,
     }
 }

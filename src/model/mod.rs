@@ -5,18 +5,22 @@
 
 mod arch;
 mod layers;
+mod linear;
 mod llama;
 mod load;
+pub mod lora;
 mod opt;
 mod packed;
 mod params;
+pub mod recompute;
 
 pub use arch::{Architecture, ModelConfig};
-pub use load::{resolve_model_dir, ModelError};
+pub use load::{resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
 pub use packed::{Packed, Segment};
 pub use params::Params;
 
-use candle_core::{Device, Result as CResult, Tensor};
+use candle_core::{DType, Device, Result as CResult, Tensor};
+use recompute::SideGrads;
 use std::path::Path;
 
 /// A decoder-only model whose forward pass stops before the LM head, so the loss can apply the
@@ -29,9 +33,15 @@ pub enum CausalLm {
 impl CausalLm {
     /// Loads config and weights from a Hugging Face folder; weights become f32 `Var`s.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, LoadOptions::default())
+    }
+
+    /// Loads a model for full fine-tuning, LoRA training (base frozen, adapters trainable) or
+    /// with a saved adapter merged in, as `opts` says.
+    pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
         let tensors = load::read_weights(dir, device)?;
-        let mut source = load::WeightSource::new(dir, tensors);
+        let mut source = load::WeightSource::new(dir, tensors, opts);
         let model = match config.arch {
             Architecture::Opt => CausalLm::Opt(opt::Opt::new(&config, &mut source)?),
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
@@ -45,6 +55,39 @@ impl CausalLm {
         match self {
             CausalLm::Opt(m) => &m.config,
             CausalLm::Llama(m) => &m.config,
+        }
+    }
+
+    /// Turns gradient checkpointing on: each decoder layer keeps only its input and is
+    /// recomputed in backward. Parameter gradients from recomputations land in the returned
+    /// `SideGrads`; merge them into the `GradStore` after `backward()` (see `gradients`).
+    pub fn enable_recompute(&mut self) -> SideGrads {
+        let side = SideGrads::default();
+        match self {
+            CausalLm::Opt(m) => m.recompute = Some(side.clone()),
+            CausalLm::Llama(m) => m.recompute = Some(side.clone()),
+        }
+        side
+    }
+
+    /// `objective.backward()`, plus the gradients of recomputed layers when checkpointing.
+    pub fn gradients(&self, objective: &Tensor) -> CResult<candle_core::backprop::GradStore> {
+        let mut grads = objective.backward()?;
+        let side = match self {
+            CausalLm::Opt(m) => m.recompute.as_ref(),
+            CausalLm::Llama(m) => m.recompute.as_ref(),
+        };
+        if let Some(side) = side {
+            side.merge_into(&mut grads)?;
+        }
+        Ok(grads)
+    }
+
+    /// The adapter's settings when this model trains (or evaluates) LoRA adapters.
+    pub fn adapter(&self) -> Option<&AdapterInfo> {
+        match self {
+            CausalLm::Opt(m) => m.adapter.as_ref(),
+            CausalLm::Llama(m) => m.adapter.as_ref(),
         }
     }
 
@@ -86,11 +129,32 @@ impl CausalLm {
         }
     }
 
+    /// Dtype of the matrix products: F32, or BF16 (inputs rounded, f32 accumulation).
+    pub fn compute_dtype(&self) -> DType {
+        match self {
+            CausalLm::Opt(m) => m.compute,
+            CausalLm::Llama(m) => m.compute,
+        }
+    }
+
+    /// Logits `[m, vocab]` (f32) of hidden states `[m, e]` through the LM head, the product in
+    /// the compute dtype as torch autocast runs the head.
+    pub fn head_logits(&self, h: &Tensor) -> CResult<Tensor> {
+        let w = self.lm_head();
+        match self.compute_dtype() {
+            DType::F32 => h.matmul(&w.t()?),
+            dt => h
+                .to_dtype(dt)?
+                .matmul(&w.to_dtype(dt)?.t()?)?
+                .to_dtype(DType::F32),
+        }
+    }
+
     /// Full logits `[n, len, vocab]`; for inference checks and tests.
     pub fn logits(&self, ids: &Tensor, mask: &Tensor) -> CResult<Tensor> {
         let h = self.hidden_states(ids, mask)?;
         let (n, l, e) = h.dims3()?;
-        let w = self.lm_head();
-        h.reshape((n * l, e))?.matmul(&w.t()?)?.reshape((n, l, ()))
+        self.head_logits(&h.reshape((n * l, e))?)?
+            .reshape((n, l, ()))
     }
 }

@@ -2,16 +2,20 @@
 //! the pre-norm layout (125M, 1.3B, ...) and 350M's post-norm layout with project_in/out.
 
 use super::arch::ModelConfig;
-use super::layers::{attention, attention_bias, layer_norm, linear, mask_rows, split_heads};
-use super::load::{ModelError, WeightSource};
+use super::layers::{attention, attention_bias, layer_norm, mask_rows, split_heads};
+use super::linear::Linear;
+use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::packed::{Packed, Segment};
 use super::params::Params;
-use candle_core::{Result, Tensor};
+use super::recompute::{checkpoint, Block, SideGrads};
+use candle_core::{DType, Result, Tensor, Var};
+use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
 
 const POSITION_OFFSET: usize = 2;
 const LN_EPS: f64 = 1e-5;
 
+#[derive(Clone)]
 struct Norm {
     w: Option<Tensor>,
     b: Option<Tensor>,
@@ -34,50 +38,118 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, self.w.as_ref(), self.b.as_ref(), LN_EPS)
     }
-}
 
-struct Lin {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Lin {
-    fn load(
-        src: &mut WeightSource,
-        prefix: &str,
-        out_f: usize,
-        in_f: usize,
-        bias: bool,
-    ) -> LoadResult<Self> {
-        Ok(Lin {
-            w: src.param(&format!("{prefix}.weight"), &[out_f, in_f])?,
-            b: src.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.w, self.b.as_ref())
+    fn detached(&self) -> Norm {
+        Norm {
+            w: self.w.as_ref().map(Tensor::detach),
+            b: self.b.as_ref().map(Tensor::detach),
+        }
     }
 }
 
+#[derive(Clone)]
 struct Layer {
-    q: Lin,
-    k: Lin,
-    v: Lin,
-    o: Lin,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     attn_norm: Norm,
-    fc1: Lin,
-    fc2: Lin,
+    fc1: Linear,
+    fc2: Linear,
     ffn_norm: Norm,
+}
+
+/// Maps the q/k/v projections (shaped like the layer input) to the attention output; owns what
+/// it needs (masks, segments) so a checkpointed layer can rerun it during backward.
+type Attend = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+impl Layer {
+    fn forward(&self, x: &Tensor, pre: bool, attend: &Attend) -> Result<Tensor> {
+        let residual = x.clone();
+        let hs = if pre {
+            self.attn_norm.forward(x)?
+        } else {
+            x.clone()
+        };
+        let a = attend(
+            &self.q.forward(&hs)?,
+            &self.k.forward(&hs)?,
+            &self.v.forward(&hs)?,
+        )?;
+        let mut x = (residual + self.o.forward(&a)?)?;
+        if !pre {
+            x = self.attn_norm.forward(&x)?;
+        }
+        let residual = x.clone();
+        let hs = if pre {
+            self.ffn_norm.forward(&x)?
+        } else {
+            x.clone()
+        };
+        let hs = self.fc2.forward(&self.fc1.forward(&hs)?.relu()?)?;
+        x = (residual + hs)?;
+        if !pre {
+            x = self.ffn_norm.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    fn detached(&self) -> Layer {
+        Layer {
+            q: self.q.detached(),
+            k: self.k.detached(),
+            v: self.v.detached(),
+            o: self.o.detached(),
+            attn_norm: self.attn_norm.detached(),
+            fc1: self.fc1.detached(),
+            fc2: self.fc2.detached(),
+            ffn_norm: self.ffn_norm.detached(),
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for l in [&self.q, &self.k, &self.v, &self.o, &self.fc1, &self.fc2] {
+            out.extend(l.tensors());
+        }
+        for n in [&self.attn_norm, &self.ffn_norm] {
+            out.extend(n.w.iter().chain(n.b.iter()));
+        }
+        out
+    }
+}
+
+/// One decoder layer as a recomputable block (gradient checkpointing).
+struct LayerBlock {
+    live: Layer,
+    frozen: Layer,
+    pre: bool,
+    attend: Attend,
+}
+
+impl Block for LayerBlock {
+    fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor> {
+        let layer = if live { &self.live } else { &self.frozen };
+        layer.forward(x, self.pre, &self.attend)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        trainable(self.live.tensors())
+    }
 }
 
 pub struct Opt {
     pub config: ModelConfig,
     pub params: Params,
+    pub adapter: Option<AdapterInfo>,
+    /// Set when gradient checkpointing is on: layers are recomputed in backward.
+    pub recompute: Option<SideGrads>,
+    /// Dtype of the matrix products (f32, or bf16 with f32 everywhere else).
+    pub compute: DType,
     embed_tokens: Tensor,
     embed_positions: Tensor,
-    project_in: Option<Tensor>,
-    project_out: Option<Tensor>,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
     final_norm: Option<Norm>,
     lm_head: Option<Tensor>,
     layers: Vec<Layer>,
@@ -92,21 +164,24 @@ impl Opt {
             &format!("{p}.embed_positions.weight"),
             &[cfg.max_position_embeddings + POSITION_OFFSET, h],
         )?;
-        let project_out =
-            src.optional_param(&format!("{p}.project_out.weight"), &[e, h], e != h)?;
-        let project_in = src.optional_param(&format!("{p}.project_in.weight"), &[h, e], e != h)?;
+        let project_out = (e != h)
+            .then(|| src.linear(&format!("{p}.project_out"), e, h, false))
+            .transpose()?;
+        let project_in = (e != h)
+            .then(|| src.linear(&format!("{p}.project_in"), h, e, false))
+            .transpose()?;
         let bias = cfg.enable_bias;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let lp = format!("{p}.layers.{i}");
             layers.push(Layer {
-                k: Lin::load(src, &format!("{lp}.self_attn.k_proj"), h, h, bias)?,
-                v: Lin::load(src, &format!("{lp}.self_attn.v_proj"), h, h, bias)?,
-                q: Lin::load(src, &format!("{lp}.self_attn.q_proj"), h, h, bias)?,
-                o: Lin::load(src, &format!("{lp}.self_attn.out_proj"), h, h, bias)?,
+                k: src.linear(&format!("{lp}.self_attn.k_proj"), h, h, bias)?,
+                v: src.linear(&format!("{lp}.self_attn.v_proj"), h, h, bias)?,
+                q: src.linear(&format!("{lp}.self_attn.q_proj"), h, h, bias)?,
+                o: src.linear(&format!("{lp}.self_attn.out_proj"), h, h, bias)?,
                 attn_norm: Norm::load(src, &format!("{lp}.self_attn_layer_norm"), h, cfg)?,
-                fc1: Lin::load(src, &format!("{lp}.fc1"), cfg.intermediate_size, h, bias)?,
-                fc2: Lin::load(src, &format!("{lp}.fc2"), h, cfg.intermediate_size, bias)?,
+                fc1: src.linear(&format!("{lp}.fc1"), cfg.intermediate_size, h, bias)?,
+                fc2: src.linear(&format!("{lp}.fc2"), h, cfg.intermediate_size, bias)?,
                 ffn_norm: Norm::load(src, &format!("{lp}.final_layer_norm"), h, cfg)?,
             });
         }
@@ -120,9 +195,13 @@ impl Opt {
         } else {
             Some(src.param("lm_head.weight", &[v, e])?)
         };
+        let (params, adapter) = src.finish()?;
         Ok(Opt {
             config: cfg.clone(),
-            params: src.take_params(),
+            params,
+            adapter,
+            recompute: None,
+            compute: src.compute(),
             embed_tokens,
             embed_positions,
             project_in,
@@ -147,8 +226,8 @@ impl Opt {
         let mut dims = shape.to_vec();
         dims.push(cfg.word_embed_proj_dim);
         let mut x = tok.reshape(dims.clone())?;
-        if let Some(w) = &self.project_in {
-            x = linear(&x, w, None)?;
+        if let Some(p) = &self.project_in {
+            x = p.forward(&x)?;
         }
         let last = dims.len() - 1;
         dims[last] = cfg.hidden_size;
@@ -157,45 +236,27 @@ impl Opt {
 
     /// The decoder stack; `attend` maps the q/k/v projections (shaped like `x`) to the
     /// attention output, so padded and packed batches share every other line.
-    fn decode(
-        &self,
-        mut x: Tensor,
-        attend: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    fn decode(&self, mut x: Tensor, attend: Attend) -> Result<Tensor> {
         let pre = self.config.do_layer_norm_before;
         for layer in &self.layers {
-            let residual = x.clone();
-            let hs = if pre {
-                layer.attn_norm.forward(&x)?
-            } else {
-                x.clone()
+            x = match &self.recompute {
+                Some(side) => {
+                    let block = LayerBlock {
+                        live: layer.clone(),
+                        frozen: layer.detached(),
+                        pre,
+                        attend: attend.clone(),
+                    };
+                    checkpoint(&x, Arc::new(block), side)?
+                }
+                None => layer.forward(&x, pre, &attend)?,
             };
-            let a = attend(
-                &layer.q.forward(&hs)?,
-                &layer.k.forward(&hs)?,
-                &layer.v.forward(&hs)?,
-            )?;
-            x = (residual + layer.o.forward(&a)?)?;
-            if !pre {
-                x = layer.attn_norm.forward(&x)?;
-            }
-            let residual = x.clone();
-            let hs = if pre {
-                layer.ffn_norm.forward(&x)?
-            } else {
-                x.clone()
-            };
-            let hs = layer.fc2.forward(&layer.fc1.forward(&hs)?.relu()?)?;
-            x = (residual + hs)?;
-            if !pre {
-                x = layer.ffn_norm.forward(&x)?;
-            }
         }
         if let Some(norm) = &self.final_norm {
             x = norm.forward(&x)?;
         }
-        if let Some(w) = &self.project_out {
-            x = linear(&x, w, None)?;
+        if let Some(p) = &self.project_out {
+            x = p.forward(&x)?;
         }
         Ok(x)
     }
@@ -217,15 +278,20 @@ impl Opt {
         let bias = attention_bias(&rows, None, ids.device())?;
         let heads = self.config.num_heads;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
-        self.decode(x, &|q, k, v| {
-            attention(
-                &split_heads(q, heads)?,
-                &split_heads(k, heads)?,
-                &split_heads(v, heads)?,
-                &bias,
-                scale,
-            )
-        })
+        let compute = self.compute;
+        self.decode(
+            x,
+            Arc::new(move |q, k, v| {
+                attention(
+                    &split_heads(q, heads)?,
+                    &split_heads(k, heads)?,
+                    &split_heads(v, heads)?,
+                    &bias,
+                    scale,
+                    compute,
+                )
+            }),
+        )
     }
 
     /// Hidden states `[total, e]` of a packed batch: each sequence's real tokens, then (when
@@ -249,18 +315,35 @@ impl Opt {
         let x = self.embed(&packed.ids, &pos, &[packed.total])?;
         let heads = self.config.num_heads;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
-        self.decode(x, &|q, k, v| {
-            let mut outs = Vec::with_capacity(packed.segments.len());
-            for (seg, bias) in packed.segments.iter().zip(&biases) {
-                let len = seg.len();
-                let part = |t: &Tensor| -> Result<Tensor> {
-                    split_heads(&t.narrow(0, seg.offset, len)?.unsqueeze(0)?, heads)
-                };
-                outs.push(attention(&part(q)?, &part(k)?, &part(v)?, bias, scale)?.squeeze(0)?);
-            }
-            Tensor::cat(&outs, 0)
-        })
+        let compute = self.compute;
+        let segments = packed.segments.clone();
+        self.decode(
+            x,
+            Arc::new(move |q, k, v| {
+                let mut outs = Vec::with_capacity(segments.len());
+                for (seg, bias) in segments.iter().zip(&biases) {
+                    let len = seg.len();
+                    let part = |t: &Tensor| -> Result<Tensor> {
+                        split_heads(&t.narrow(0, seg.offset, len)?.unsqueeze(0)?, heads)
+                    };
+                    outs.push(
+                        attention(&part(q)?, &part(k)?, &part(v)?, bias, scale, compute)?
+                            .squeeze(0)?,
+                    );
+                }
+                Tensor::cat(&outs, 0)
+            }),
+        )
     }
+}
+
+/// The `Var`s among a layer's tensors (all of them when fine-tuning; the adapters under LoRA).
+pub(super) fn trainable(tensors: Vec<&Tensor>) -> Vec<Var> {
+    tensors
+        .into_iter()
+        .filter(|t| t.is_variable())
+        .filter_map(|t| Var::from_tensor(t).ok())
+        .collect()
 }
 
 /// Causal bias for one packed sequence; its padding stand-in sees the real tokens only.

@@ -2,7 +2,7 @@
 //! folder (or file) first and is renamed into place only when complete.
 
 use crate::data::Tokenizer;
-use crate::model::CausalLm;
+use crate::model::{lora, CausalLm};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,23 +54,32 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
 }
 
 /// The files of a model folder: config.json (dtype float32), model.safetensors with the
-/// Hugging Face names, generation_config.json when the source had one, tokenizer files.
+/// Hugging Face names, generation_config.json when the source had one, tokenizer files. A LoRA
+/// model writes PEFT's adapter_config.json and adapter_model.safetensors instead of the first
+/// two (the base stays where it is; `orpo merge` makes a full model).
 fn write_model_files(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
-    source_dir: &Path,
+    base: &BaseModel,
 ) -> Result<(), SaveError> {
-    let mut config = model.config().raw.clone();
-    if let Some(obj) = config.as_object_mut() {
-        obj.remove("torch_dtype");
-        obj.insert("dtype".into(), "float32".into());
-    }
-    let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
-    write_atomic(&dir.join("config.json"), text.as_bytes())?;
     let tensors = model.params().snapshot().map_err(|e| other(dir, e))?;
-    save_tensors(&tensors, &dir.join("model.safetensors"))?;
-    let gen = source_dir.join("generation_config.json");
+    if let Some(info) = model.adapter() {
+        let config = crate::model::lora::adapter_config(&info.spec, &base.name, &info.modules);
+        let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
+        write_atomic(&dir.join(lora::ADAPTER_CONFIG), text.as_bytes())?;
+        save_tensors(&tensors, &dir.join(lora::ADAPTER_WEIGHTS))?;
+    } else {
+        let mut config = model.config().raw.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.remove("torch_dtype");
+            obj.insert("dtype".into(), "float32".into());
+        }
+        let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
+        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        save_tensors(&tensors, &dir.join("model.safetensors"))?;
+    }
+    let gen = base.dir.join("generation_config.json");
     if gen.is_file() {
         let bytes = std::fs::read(&gen).map_err(io(&gen))?;
         write_atomic(&dir.join("generation_config.json"), &bytes)?;
@@ -78,15 +87,40 @@ fn write_model_files(
     tok.save_to(dir).map_err(|e| other(dir, e))
 }
 
+/// The model a run started from: its folder, and the name an adapter records for it (the hub
+/// id, or the folder's absolute path).
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl BaseModel {
+    pub fn new(id: &str, dir: &Path) -> Self {
+        let name = if Path::new(id).is_dir() {
+            std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .display()
+                .to_string()
+        } else {
+            id.to_string()
+        };
+        BaseModel {
+            dir: dir.to_path_buf(),
+            name,
+        }
+    }
+}
+
 /// Saves the model at the root of `dir` (each file replaced atomically).
 pub fn save_model(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
-    source_dir: &Path,
+    base: &BaseModel,
 ) -> Result<(), SaveError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    write_model_files(dir, model, tok, source_dir)
+    write_model_files(dir, model, tok, base)
 }
 
 /// Writes a whole checkpoint folder: built under a temporary name, renamed when complete, so
@@ -95,7 +129,7 @@ pub fn save_checkpoint(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
-    source_dir: &Path,
+    base: &BaseModel,
     extra: impl FnOnce(&Path) -> Result<(), SaveError>,
 ) -> Result<(), SaveError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -105,7 +139,7 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write_model_files(&tmp, model, tok, source_dir)?;
+    write_model_files(&tmp, model, tok, base)?;
     extra(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io(dir))?;

@@ -36,7 +36,7 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let t = l - 1;
     // Only positions [0, len-1) predict a token; the last one is never needed.
     let h = hidden.narrow(1, 0, t)?.reshape((n * t, e))?;
-    let logits = h.matmul(&model.lm_head().t()?)?; // [n*t, vocab]
+    let logits = model.head_logits(&h)?; // [n*t, vocab]
     let half = (n / 2) * t;
     let count = (half * logits.dim(1)?) as f64;
     let detached = logits.detach();
@@ -60,7 +60,7 @@ fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let hidden = model.hidden_packed(&p.layout)?; // [total, e]
     let w = model.lm_head();
     let h = hidden.index_select(&p.rows, 0)?;
-    let logits = h.matmul(&w.t()?)?; // [m, vocab]
+    let logits = model.head_logits(&h)?; // [m, vocab]
     let logp = crate::ops::token_logprobs(&logits, &p.targets)?;
     let n = batch.n_pairs * 2;
     let vocab = w.dim(0)?;

@@ -3,7 +3,7 @@
 //! is a pure function of (seed, epoch), so step N+1 trains on the same pairs either way.
 
 use super::plan::Plan;
-use crate::model::Params;
+use crate::model::CausalLm;
 use crate::Error;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -92,15 +92,21 @@ impl ResumeState {
         })
     }
 
-    /// Overwrites the model's weights with the checkpoint's.
-    pub fn restore_weights(&self, params: &Params, device: &Device) -> Result<(), Error> {
-        let path = self.dir.join("model.safetensors");
+    /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
+    /// the checkpoint's.
+    pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
+        let file = match model.adapter() {
+            Some(_) => crate::model::lora::ADAPTER_WEIGHTS,
+            None => "model.safetensors",
+        };
+        let params = model.params();
+        let path = self.dir.join(file);
         let tensors =
             candle_core::safetensors::load(&path, device).map_err(|e| bad(&self.dir, e))?;
         for (name, var) in params.iter() {
             let t = tensors
                 .get(name)
-                .ok_or_else(|| bad(&self.dir, format!("model.safetensors lacks `{name}`")))?;
+                .ok_or_else(|| bad(&self.dir, format!("{file} lacks `{name}`")))?;
             if t.dims() != var.dims() {
                 return Err(bad(
                     &self.dir,

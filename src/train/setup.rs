@@ -1,30 +1,100 @@
 //! Turning a config into a ready trainer: every input is loaded and checked here, before any
 //! training starts, so mistakes surface in seconds rather than hours.
 
+use super::checkpoint::BaseModel;
 use super::trainer::Trainer;
-use crate::config::Config;
+use crate::config::{Config, Dtype, LoraTargets};
 use crate::data::{load_source, DataOptions, Tokenizer};
 use crate::device::select_device;
-use crate::model::{resolve_model_dir, CausalLm, ModelConfig};
+use crate::model::lora::{self, AdapterInit, LoraSpec, Targets};
+use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig};
 use crate::Error;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::PathBuf;
 
 pub struct LoadedModel {
+    /// The model folder, or for an adapter the base model's folder.
     pub dir: PathBuf,
     pub model: CausalLm,
     pub tokenizer: Tokenizer,
 }
 
-pub fn load_model(id: &str, revision: Option<&str>, device: &Device) -> Result<LoadedModel, Error> {
+/// Loads a full model, or a LoRA adapter folder on top of its base: `base` when given, else
+/// `base_model_name_or_path` from adapter_config.json.
+pub fn load_model(
+    id: &str,
+    revision: Option<&str>,
+    base: Option<&str>,
+    device: &Device,
+) -> Result<LoadedModel, Error> {
     let dir = resolve_model_dir(id, revision)?;
-    let tokenizer = Tokenizer::from_dir(&dir)?;
-    let model = CausalLm::load(&dir, device)?;
+    if !lora::is_adapter_dir(&dir) {
+        let tokenizer = Tokenizer::from_dir(&dir)?;
+        let model = CausalLm::load(&dir, device)?;
+        return Ok(LoadedModel {
+            dir,
+            model,
+            tokenizer,
+        });
+    }
+    let saved = lora::read_adapter(&dir, device)?;
+    let base_id = base.map(str::to_string).or(saved.base).ok_or_else(|| {
+        Error::Input(format!(
+            "{}: adapter_config.json names no base model (base_model_name_or_path); pass --base",
+            dir.display()
+        ))
+    })?;
+    let base_dir = resolve_model_dir(&base_id, None)?;
+    let tok_dir = if dir.join("tokenizer.json").is_file() || dir.join("vocab.json").is_file() {
+        &dir
+    } else {
+        &base_dir
+    };
+    let tokenizer = Tokenizer::from_dir(tok_dir)?;
+    let opts = LoadOptions {
+        lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
+        ..LoadOptions::default()
+    };
+    let model = CausalLm::load_with(&base_dir, device, opts)?;
     Ok(LoadedModel {
-        dir,
+        dir: base_dir,
         model,
         tokenizer,
     })
+}
+
+/// The `[lora]` section as the model loader takes it.
+pub fn lora_spec(l: &crate::config::LoraConfig) -> LoraSpec {
+    LoraSpec {
+        r: l.r,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        use_rslora: l.use_rslora,
+        targets: match &l.targets {
+            LoraTargets::AllLinear => Targets::AllLinear,
+            LoraTargets::Modules(m) => Targets::Modules(m.clone()),
+        },
+    }
+}
+
+/// How the config wants the model set up for training.
+pub fn load_options(config: &Config) -> LoadOptions {
+    let lora = config.lora.enabled.then(|| {
+        (
+            lora_spec(&config.lora),
+            AdapterInit::Fresh {
+                seed: config.train.seed,
+            },
+        )
+    });
+    LoadOptions {
+        lora,
+        merge: false,
+        compute: match config.model.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+        },
+    }
 }
 
 pub fn data_options(config: &Config) -> DataOptions {
@@ -32,25 +102,6 @@ pub fn data_options(config: &Config) -> DataOptions {
         max_length: config.data.max_length,
         max_prompt_length: config.data.max_prompt_length,
     }
-}
-
-/// Settings this version cannot honour are refused rather than silently ignored.
-fn check_supported(config: &Config) -> Result<(), Error> {
-    let refuse = |key: &str, why: &str| {
-        Err(Error::Input(format!(
-            "{key}: {why} is not supported by this version of orpo"
-        )))
-    };
-    if config.lora.enabled {
-        return refuse("lora.enabled", "LoRA training");
-    }
-    if config.model.dtype != crate::config::Dtype::F32 {
-        return refuse("model.dtype", "bf16 compute");
-    }
-    if config.train.gradient_checkpointing {
-        return refuse("train.gradient_checkpointing", "gradient checkpointing");
-    }
-    Ok(())
 }
 
 /// `data.max_length` must fit the model's position table (OPT's is learned and finite).
@@ -66,7 +117,6 @@ pub fn check_length(config: &Config, model: &ModelConfig) -> Result<(), Error> {
 
 pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     config.validate_for_train()?;
-    check_supported(config)?;
     let device = select_device(&config.model.device)?;
     let dir = resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
     check_length(config, &ModelConfig::from_dir(&dir)?)?;
@@ -92,11 +142,29 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         }
         None => None,
     };
-    let model = CausalLm::load(&dir, &device)?;
+    let mut model = CausalLm::load_with(&dir, &device, load_options(config))?;
+    if config.train.gradient_checkpointing {
+        model.enable_recompute();
+    }
+    if let Some(info) = model.adapter() {
+        tracing::info!(
+            r = info.spec.r,
+            alpha = info.spec.alpha,
+            modules = ?info.modules,
+            trainable = model.params().num_elements(),
+            "LoRA adapters on a frozen base"
+        );
+        if info.spec.dropout > 0.0 {
+            tracing::info!(
+                "lora.dropout = {} is recorded in adapter_config.json; ORPO training runs without dropout, as TRL does",
+                info.spec.dropout
+            );
+        }
+    }
     Ok(Trainer {
         config: config.clone(),
         model,
-        model_dir: dir,
+        base: BaseModel::new(&config.model.id, &dir),
         tokenizer,
         train,
         eval,

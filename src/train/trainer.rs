@@ -1,7 +1,7 @@
 //! The training loop: plan -> micro-batches -> forward/backward -> clip -> AdamW -> log/save.
 
 use super::batch::collate;
-use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic};
+use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic, BaseModel};
 use super::forward::forward;
 use super::loss::{Metrics, METRIC_NAMES};
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
@@ -74,7 +74,7 @@ impl LogEntry {
 pub struct Trainer {
     pub config: Config,
     pub model: CausalLm,
-    pub model_dir: PathBuf,
+    pub base: BaseModel,
     pub tokenizer: Tokenizer,
     pub train: Dataset,
     pub eval: Option<Dataset>,
@@ -100,7 +100,7 @@ fn accumulate(
     objective: &Tensor,
     acc: &mut HashMap<String, Tensor>,
 ) -> Result<(), Error> {
-    let grads = objective.backward()?;
+    let grads = model.gradients(objective)?;
     for (name, var) in model.params().iter() {
         if let Some(g) = grads.get(var.as_tensor()) {
             let g = match acc.remove(name) {
@@ -191,7 +191,7 @@ impl Trainer {
         let mut st = RunState::default();
         if let Some(dir) = resume {
             let r = ResumeState::load(dir, &plan, &self.device)?;
-            r.restore_weights(self.model.params(), &self.device)?;
+            r.restore_weights(&self.model, &self.device)?;
             opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
@@ -304,7 +304,7 @@ impl Trainer {
             tokens_per_s = format!("{:.1}", st.total_tokens as f64 / elapsed.max(1e-9)),
             "done"
         );
-        save_model(&out_dir, &self.model, &self.tokenizer, &self.model_dir)?;
+        save_model(&out_dir, &self.model, &self.tokenizer, &self.base)?;
         let plot = out_dir.join("training_curves.svg");
         write_atomic(&plot, super::plot::training_curves(&st.log).as_bytes())?;
         let eval = match &self.eval {
@@ -355,7 +355,7 @@ impl Trainer {
         });
         let opt_state = opt.state_tensors()?;
         let config_text = self.config.to_toml_string();
-        save_checkpoint(&dir, &self.model, &self.tokenizer, &self.model_dir, |tmp| {
+        save_checkpoint(&dir, &self.model, &self.tokenizer, &self.base, |tmp| {
             save_tensors(&opt_state, &tmp.join("optimizer.safetensors"))?;
             let text = serde_json::to_string_pretty(&state).unwrap_or_default();
             write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;

@@ -1,0 +1,57 @@
+//! `orpo merge`: fold a LoRA adapter into its base model (W + s·B·A) and write a full model in
+//! Hugging Face layout, loadable without PEFT.
+
+use crate::data::Tokenizer;
+use crate::model::lora::{self, AdapterInit};
+use crate::model::{resolve_model_dir, CausalLm, LoadOptions};
+use crate::train::checkpoint::{save_model, BaseModel};
+use crate::Error;
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// Merges the adapter in `adapter` into `base` (or the base its adapter_config.json names) and
+/// saves the result to `out`; returns the base model's folder.
+pub fn merge(base: Option<&str>, adapter: &Path, out: &Path) -> Result<PathBuf, Error> {
+    if !lora::is_adapter_dir(adapter) {
+        return Err(Error::Input(format!(
+            "{}: no {} here; --adapter must be a LoRA adapter folder",
+            adapter.display(),
+            lora::ADAPTER_CONFIG
+        )));
+    }
+    let device = Device::Cpu;
+    let saved = lora::read_adapter(adapter, &device)?;
+    let base_id = base.map(str::to_string).or(saved.base).ok_or_else(|| {
+        Error::Input(format!(
+            "{}: adapter_config.json names no base model; pass --base",
+            adapter.display()
+        ))
+    })?;
+    let base_dir = resolve_model_dir(&base_id, None)?;
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(out, &base_dir) || same(out, adapter) {
+        return Err(Error::Input(format!(
+            "--out {} would overwrite an input; choose a new folder",
+            out.display()
+        )));
+    }
+    let opts = LoadOptions {
+        lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
+        merge: true,
+        ..LoadOptions::default()
+    };
+    let model = CausalLm::load_with(&base_dir, &device, opts)?;
+    let has_tokenizer =
+        adapter.join("tokenizer.json").is_file() || adapter.join("vocab.json").is_file();
+    let tokenizer = Tokenizer::from_dir(if has_tokenizer { adapter } else { &base_dir })?;
+    save_model(
+        out,
+        &model,
+        &tokenizer,
+        &BaseModel::new(&base_id, &base_dir),
+    )?;
+    Ok(base_dir)
+}

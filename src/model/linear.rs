@@ -1,0 +1,87 @@
+//! A linear layer as the models use it: base weight and bias (trainable `Var`s, or frozen
+//! tensors under LoRA), an optional LoRA pair, and the compute dtype of its matrix products.
+
+use super::layers::linear;
+use candle_core::{DType, Result, Tensor};
+
+/// `s · B (A x)`: the trainable low-rank update of a frozen layer.
+#[derive(Clone)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+#[derive(Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+    pub lora: Option<LoraPair>,
+    /// BF16: inputs and weights are rounded to bf16 for the product (f32 accumulation, f32
+    /// result), as torch autocast does; the bias add and everything around stays f32.
+    pub compute: DType,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.compute {
+            DType::BF16 => {
+                let xb = x.to_dtype(DType::BF16)?;
+                let y = matmul_bf16(&xb, &self.w)?;
+                let y = match &self.b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                match &self.lora {
+                    Some(l) => {
+                        let d = matmul_bf16(&matmul_bf16(&xb, &l.a)?.to_dtype(DType::BF16)?, &l.b)?;
+                        (y + (d * l.scale)?)?
+                    }
+                    None => y,
+                }
+            }
+            _ => {
+                let y = linear(x, &self.w, self.b.as_ref())?;
+                match &self.lora {
+                    Some(l) => (y + (linear(&linear(x, &l.a, None)?, &l.b, None)? * l.scale)?)?,
+                    None => y,
+                }
+            }
+        };
+        Ok(y)
+    }
+
+    /// Every tensor of the layer (trainable or not).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.w];
+        out.extend(self.b.iter());
+        if let Some(l) = &self.lora {
+            out.extend([&l.a, &l.b]);
+        }
+        out
+    }
+
+    /// The same layer over detached tensors: runs without recording a graph (for recompute).
+    pub fn detached(&self) -> Linear {
+        Linear {
+            w: self.w.detach(),
+            b: self.b.as_ref().map(Tensor::detach),
+            lora: self.lora.as_ref().map(|l| LoraPair {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+            }),
+            compute: self.compute,
+        }
+    }
+}
+
+/// `x @ w^T` with `x` already bf16 and `w` cast if needed; the result in f32.
+fn matmul_bf16(xb: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let wb = if w.dtype() == DType::BF16 {
+        w.clone()
+    } else {
+        w.to_dtype(DType::BF16)?
+    };
+    linear(xb, &wb, None)?.to_dtype(DType::F32)
+}

@@ -1,0 +1,209 @@
+//! Gradient checkpointing: run a block without keeping its activations, recompute it in backward.
+//!
+//! candle records an op whenever an input tracks a `Var`, and has neither a no-grad mode nor
+//! checkpointing. [`checkpoint`] runs the block on detached inputs (nothing recorded), then wraps
+//! the result in a custom op whose only graph arguments are `x` (and a `Var` anchor when `x` does
+//! not track), so the block's intermediates are freed as soon as the forward returns. In backward
+//! the op re-runs the block with live parameters and backprops through that one block.
+//!
+//! The inner backward cannot hand parameter gradients to the outer `GradStore` (a custom op only
+//! returns gradients for its own arguments), so they go to a [`SideGrads`] that the caller merges
+//! after `backward()`.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backprop::GradStore;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    TensorId, Var,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// What a checkpointed block needs: run itself on an input, either with live parameters (graph
+/// recorded) or with detached copies (no graph), and name its trainable `Var`s.
+pub trait Block: Send + Sync {
+    /// `live == false` should use `.detach()`ed parameters so that nothing is recorded; this is
+    /// only an optimisation (a recorded graph is dropped right after the forward anyway).
+    fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor>;
+    /// The trainable parameters the block uses; only these receive gradients.
+    fn vars(&self) -> Vec<Var>;
+}
+
+/// Parameter gradients computed inside recomputations, accumulated by `TensorId`.
+#[derive(Clone, Default)]
+pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl SideGrads {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TensorId, Tensor>> {
+        // A panic elsewhere cannot leave the map half-updated (each entry is replaced whole).
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, id: TensorId, grad: &Tensor) -> Result<()> {
+        let mut map = self.lock();
+        let sum = match map.get(&id) {
+            Some(prev) => prev.add(grad)?,
+            None => grad.clone(),
+        };
+        map.insert(id, sum);
+        Ok(())
+    }
+
+    /// Whether nothing is pending (e.g. already merged).
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Adds the collected gradients to `grads` (inserting where absent) and clears `self`.
+    pub fn merge_into(&self, grads: &mut GradStore) -> Result<()> {
+        let pending = std::mem::take(&mut *self.lock());
+        for (id, g) in pending {
+            let sum = match grads.get_id(id) {
+                Some(prev) => prev.add(&g)?,
+                None => g,
+            };
+            grads.insert_id(id, sum);
+        }
+        Ok(())
+    }
+}
+
+/// `y = block(x)` with no graph inside the block; backward recomputes the block, returns `d/dx`
+/// to the outer graph and adds the parameter gradients to `side`. Keeps `y`'s dtype.
+pub fn checkpoint(x: &Tensor, block: Arc<dyn Block>, side: &SideGrads) -> Result<Tensor> {
+    let y = block.forward(&x.detach(), false)?;
+    let x_tracks = x.track_op();
+    // The op node is only recorded (and visited by backward) when an argument leads to a `Var`.
+    // A constant `x` would lose the parameter gradients, so anchor the node on a parameter.
+    let anchor = if x_tracks {
+        x.clone()
+    } else {
+        match block.vars().first() {
+            Some(v) => v.as_tensor().clone(),
+            None => return Ok(y.detach()), // nothing to differentiate
+        }
+    };
+    // Own an exact copy of y's data now; the op hands it out in its forward, so the graph holds
+    // only `x` (not `y` as well) and y's intermediates die with this function.
+    let storage = {
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Cpu(s) => Storage::Cpu(strided_copy(s, l)?),
+            Storage::Cuda(s) => Storage::Cuda(strided_copy(s, l)?),
+            Storage::Metal(s) => Storage::Metal(strided_copy(s, l)?),
+        }
+    };
+    let op = CheckpointOp {
+        block,
+        side: side.clone(),
+        x_tracks,
+        shape: y.shape().clone(),
+        y: Mutex::new(Some(storage)),
+    };
+    x.apply_op2_arc(&anchor, Arc::new(Box::new(op)))
+}
+
+/// A contiguous copy of a strided view, on any backend.
+fn strided_copy<S>(s: &S, l: &Layout) -> Result<S>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    // SAFETY: `copy_strided_src` writes every element of the fresh buffer before it is read.
+    let mut dst = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok(dst)
+}
+
+struct CheckpointOp {
+    block: Arc<dyn Block>,
+    side: SideGrads,
+    x_tracks: bool,
+    shape: Shape,
+    /// y's data until the (single) forward moves it into the result tensor.
+    y: Mutex<Option<Storage>>,
+}
+
+impl CheckpointOp {
+    fn take_y(&self) -> Result<Storage> {
+        let y = self.y.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match y {
+            Some(y) => Ok(y),
+            None => bail!("checkpoint op forward called twice"),
+        }
+    }
+}
+
+impl CustomOp2 for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    // The arguments' storages are ignored: the value was computed (detached) before the op.
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match self.take_y()? {
+            Storage::Cpu(s) => Ok((s, self.shape.clone())),
+            _ => bail!("checkpoint: block output is not on the cpu"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match self.take_y()? {
+            Storage::Cuda(s) => Ok((s, self.shape.clone())),
+            _ => bail!("checkpoint: block output is not on the cuda device"),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        match self.take_y()? {
+            Storage::Metal(s) => Ok((s, self.shape.clone())),
+            _ => bail!("checkpoint: block output is not on the metal device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // A fresh Var copy of x is the leaf for d/dx; a constant x needs no gradient.
+        let xv = if self.x_tracks {
+            Some(Var::from_tensor(&x.detach())?)
+        } else {
+            None
+        };
+        let input = xv
+            .as_ref()
+            .map_or_else(|| x.detach(), |v| v.as_tensor().clone());
+        let y = self.block.forward(&input, true)?;
+        // d(sum(y * grad))/dθ is the vector-Jacobian product the outer graph asks for.
+        let g = (y * grad.detach())?.sum_all()?.backward()?;
+        for v in self.block.vars() {
+            if let Some(gv) = g.get(v.as_tensor()) {
+                self.side.add(v.id(), gv)?;
+            }
+        }
+        let dx = xv.and_then(|v| g.get(v.as_tensor()).cloned());
+        Ok((dx, None))
+    }
+}

@@ -1,0 +1,229 @@
+//! LoRA beyond the TRL goldens (tests/golden_train.rs): frozen base, adapter files in PEFT's
+//! layout, merge, evaluation of an adapter folder, and exact resume from adapter checkpoints.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use orpo::config::Config;
+use orpo::model::CausalLm;
+use orpo::train::{load_model, load_trainer};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn lora_config(model: &str, out: &Path, extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!("model.id={}", model_dir(model).display()),
+        format!("train.output_dir={}", out.display()),
+        "train.max_steps=2".to_string(),
+        "train.batch_size=2".to_string(),
+        "optim.lr=5e-3".to_string(),
+        "data.max_length=256".to_string(),
+        "data.max_prompt_length=192".to_string(),
+        "lora.enabled=true".to_string(),
+        "lora.r=4".to_string(),
+        "lora.alpha=8".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let data = repo().join("examples/data/explicit-10.jsonl");
+    sets.push(format!("data.train={}", data.display()));
+    Config::from_toml_str("", "test.toml", &sets).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn probe() -> (Tensor, Tensor) {
+    let ids = Tensor::new(&[[5u32, 17, 300, 42, 9], [7, 8, 9, 100, 100]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    (ids, mask)
+}
+
+fn orpo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
+    for name in ["tiny-opt", "tiny-mistral"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = lora_config(name, tmp.path(), &[]);
+        let mut trainer = load_trainer(&config).unwrap();
+        // Only LoRA matrices are trainable: two per adapted linear layer.
+        let names: Vec<String> = trainer
+            .model
+            .params()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert!(!names.is_empty());
+        assert!(names
+            .iter()
+            .all(|n| n.starts_with("base_model.model.") && n.contains(".lora_")));
+        let before = trainer.model.params().snapshot().unwrap();
+        trainer.run(None, &AtomicBool::new(false)).unwrap();
+        for (pname, var) in trainer.model.params().iter() {
+            assert!(
+                max_diff(var.as_tensor(), &before[pname]) > 0.0,
+                "{name}: {pname} did not change"
+            );
+        }
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer.json",
+        ] {
+            assert!(tmp.path().join(f).is_file(), "{name}: missing {f}");
+        }
+        assert!(!tmp.path().join("model.safetensors").exists());
+
+        // The adapter folder loads on its base (from adapter_config.json) to the same logits.
+        let (ids, mask) = probe();
+        let live = trainer.model.logits(&ids, &mask).unwrap();
+        let dir = tmp.path().to_string_lossy().into_owned();
+        let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
+        assert_eq!(
+            max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
+            0.0
+        );
+
+        // The merged model gives the same logits up to rounding, and differs from the base.
+        let merged_dir = tmp.path().join("merged");
+        orpo::merge::merge(None, tmp.path(), &merged_dir).unwrap();
+        let merged = CausalLm::load(&merged_dir, &Device::Cpu).unwrap();
+        assert!(merged.adapter().is_none());
+        let merged_logits = merged.logits(&ids, &mask).unwrap();
+        assert!(
+            max_diff(&live, &merged_logits) < 1e-5,
+            "{name}: merged logits differ"
+        );
+        let base = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        assert!(max_diff(&base.logits(&ids, &mask).unwrap(), &merged_logits) > 1e-4);
+    }
+}
+
+#[test]
+fn cli_evaluates_an_adapter_folder_and_merges_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out_set = format!("train.output_dir={}", run.display());
+    let r = orpo(&[
+        "train",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "lora.enabled=true",
+        "--set",
+        "lora.targets=[\"q_proj\", \"v_proj\"]",
+        "--set",
+        &out_set,
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    assert_eq!(cfg["peft_type"], "LORA");
+
+    // `orpo eval` on the adapter reproduces the end-of-training eval exactly.
+    let run_s = run.to_string_lossy().into_owned();
+    let r = orpo(&[
+        "eval",
+        "--model",
+        &run_s,
+        "--data",
+        "examples/data/hh-rlhf-eval-16.jsonl",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    let got: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(got["eval_loss"], want["eval_loss"]);
+
+    let merged = tmp.path().join("merged").to_string_lossy().into_owned();
+    let base = model_dir("tiny-opt").to_string_lossy().into_owned();
+    let r = orpo(&[
+        "merge",
+        "--base",
+        &base,
+        "--adapter",
+        &run_s,
+        "--out",
+        &merged,
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(Path::new(&merged).join("model.safetensors").is_file());
+    // Merging into the base folder itself is refused.
+    let r = orpo(&["merge", "--adapter", &run_s, "--out", &base]);
+    assert_eq!(r.status.code(), Some(2));
+    // A target that matches nothing is a user error before training.
+    let r = orpo(&[
+        "train",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "lora.enabled=true",
+        "--set",
+        "lora.targets=[\"qkv\"]",
+        "--set",
+        &format!("train.output_dir={}", tmp.path().join("bad").display()),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("match no linear layer"));
+}
+
+#[test]
+fn interrupted_lora_run_resumes_bit_identical() {
+    let extra = [
+        "train.max_steps=3",
+        "train.shuffle=true",
+        "train.batch_size=3",
+    ];
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut full = load_trainer(&lora_config("tiny-qwen2", full_dir.path(), &extra)).unwrap();
+    full.run(None, &AtomicBool::new(false)).unwrap();
+
+    let cut_dir = tempfile::tempdir().unwrap();
+    let config = lora_config("tiny-qwen2", cut_dir.path(), &extra);
+    let mut first = load_trainer(&config).unwrap();
+    let err = first.run(None, &AtomicBool::new(true)).err().unwrap();
+    assert!(
+        matches!(err, orpo::Error::Interrupted { step: 1, .. }),
+        "{err}"
+    );
+    let ckpt = cut_dir.path().join("checkpoint-1");
+    assert!(ckpt.join("adapter_model.safetensors").is_file());
+
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+    let a = std::fs::read(full_dir.path().join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(cut_dir.path().join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+}
