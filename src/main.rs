@@ -42,8 +42,8 @@ enum Command {
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
         /// Continue from the newest complete checkpoint in output_dir, or from PATH
-        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
-        resume: Option<PathBuf>,
+        #[arg(long, value_name = "PATH", num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
     },
     /// ORPO metrics on held-out pairs
     Eval {
@@ -113,11 +113,11 @@ fn holds_run(dir: &Path) -> bool {
     })
 }
 
-fn train(args: ConfigArgs, overwrite: bool, resume: Option<PathBuf>) -> Result<(), Error> {
+fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> Result<(), Error> {
     let config = Config::load(&args.config, &args.set)?;
     let out = PathBuf::from(&config.train.output_dir);
     let resume_from = match resume {
-        Some(p) if !p.as_os_str().is_empty() => {
+        Some(Some(p)) => {
             if !p.join("trainer_state.json").is_file() {
                 return Err(Error::Input(format!(
                     "--resume {}: not a checkpoint folder (no trainer_state.json)",
@@ -126,7 +126,7 @@ fn train(args: ConfigArgs, overwrite: bool, resume: Option<PathBuf>) -> Result<(
             }
             Some(p)
         }
-        Some(_) => Some(latest_checkpoint(&out).ok_or_else(|| {
+        Some(None) => Some(latest_checkpoint(&out).ok_or_else(|| {
             Error::Input(format!(
                 "--resume: no complete checkpoint-STEP folder in `{}`",
                 out.display()

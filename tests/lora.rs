@@ -227,3 +227,34 @@ fn interrupted_lora_run_resumes_bit_identical() {
     let b = std::fs::read(cut_dir.path().join("adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed adapter differs from the uninterrupted one");
 }
+
+#[test]
+fn shipped_configs_validate_and_the_mistral_recipe_runs_on_a_tiny_model() {
+    for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let config = Config::load(&path, &[]).unwrap();
+        config.validate_for_train().unwrap();
+    }
+    // configs/mistral.toml's recipe (LoRA r16 all-linear, bf16, gradient checkpointing) on the
+    // tiny Mistral, with local data.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = repo().join("examples/data/chat-10.jsonl");
+    let sets = [
+        format!("model.id={}", model_dir("tiny-mistral").display()),
+        format!("data.train={}", data.display()),
+        format!("data.eval={}", data.display()),
+        format!("train.output_dir={}", tmp.path().display()),
+        "train.max_steps=2".to_string(),
+        "data.max_length=256".to_string(),
+        "data.max_prompt_length=192".to_string(),
+        "model.device=cpu".to_string(),
+    ];
+    let config = Config::load(&repo().join("configs/mistral.toml"), &sets).unwrap();
+    let mut trainer = load_trainer(&config).unwrap();
+    let info = trainer.model.adapter().unwrap();
+    assert_eq!(info.spec.r, 16);
+    assert_eq!(info.modules.len(), 7);
+    let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
+    assert!(summary.log.iter().all(|e| e.metrics.loss.is_finite()));
+    assert!(tmp.path().join("adapter_model.safetensors").is_file());
+}

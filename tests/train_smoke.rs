@@ -216,3 +216,126 @@ fn interrupted_run_resumes_bit_identical() {
     };
     assert_eq!(strip(&log_a), strip(&log_b));
 }
+
+#[test]
+fn sigkilled_cli_run_resumes_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| {
+        vec![
+            "train".to_string(),
+            "--config".into(),
+            "configs/tiny-opt.toml".into(),
+            "--set".into(),
+            "train.max_steps=12".into(),
+            "--set".into(),
+            "train.save_every=2".into(),
+            "--set".into(),
+            format!("train.output_dir={}", out.display()),
+        ]
+    };
+    let full = tmp.path().join("full");
+    let r = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(args(&full))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let cut = tmp.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(args(&cut))
+        .current_dir(repo())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = cut.join("checkpoint-4/trainer_state.json");
+    let start = std::time::Instant::now();
+    while !ckpt.is_file() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint-4 written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed"
+    );
+    assert!(!cut.join("model.safetensors").exists());
+
+    let mut resume = args(&cut);
+    resume.push("--resume".into());
+    let r = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(&resume)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(cut.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed model differs from the uninterrupted one");
+    let steps = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(steps(&full), steps(&cut), "metrics.jsonl steps differ");
+}
+
+#[test]
+fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args([
+            "train",
+            "--config",
+            "configs/tiny-opt.toml",
+            "--set",
+            "train.max_steps=30",
+            "--set",
+            "train.save_every=2",
+            "--set",
+            &format!("train.output_dir={}", out.display()),
+        ])
+        .current_dir(repo())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("checkpoint-2/trainer_state.json").is_file() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint-2 written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let r = child.wait_with_output().unwrap();
+    assert_eq!(r.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("--resume"), "{err}");
+    let latest = orpo::train::resume::latest_checkpoint(&out).unwrap();
+    assert!(latest.join("optimizer.safetensors").is_file());
+    let r = orpo(&[
+        "train",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        &format!("train.output_dir={}", out.display()),
+        "--resume",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("model.safetensors").is_file());
+}

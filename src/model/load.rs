@@ -135,7 +135,8 @@ fn shard_names(index: &Path) -> Result<Vec<String>, ModelError> {
     Ok(shards)
 }
 
-/// Every tensor of the checkpoint, as f32 on `device`, under `model.`-prefixed names.
+/// Every tensor of the checkpoint on `device`, in its stored dtype (the builders convert: a
+/// frozen bf16 weight never exists as f32), under `model.`-prefixed names.
 pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
@@ -178,11 +179,6 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
             name
         } else {
             format!("model.{name}")
-        };
-        let t = if t.dtype() == DType::F32 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
         };
         out.insert(name, t);
     }
@@ -267,7 +263,7 @@ impl WeightSource {
         }
     }
 
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let t = self
             .tensors
             .remove(name)
@@ -278,7 +274,12 @@ impl WeightSource {
                 t.dims()
             )));
         }
-        Ok(t.contiguous()?)
+        Ok(t)
+    }
+
+    /// The tensor as f32 (the dtype of master weights and of everything but bf16 products).
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        Ok(self.take_raw(name, shape)?.to_dtype(DType::F32)?.contiguous()?)
     }
 
     fn register(&mut self, name: &str, t: Tensor) -> Result<Tensor, ModelError> {
@@ -317,19 +318,24 @@ impl WeightSource {
         bias: bool,
     ) -> Result<Linear, ModelError> {
         let name = format!("{prefix}.weight");
-        let mut w = self.take(&name, &[out_f, in_f])?;
         let pair = self.lora_pair(prefix, out_f, in_f)?;
+        let w = if self.frozen && self.compute == DType::BF16 {
+            // A frozen weight is only ever read by bf16 products: keep it in bf16 from the
+            // file on, so a 7B base never exists in f32.
+            self.take_raw(&name, &[out_f, in_f])?
+                .to_dtype(DType::BF16)?
+                .contiguous()?
+        } else {
+            self.take(&name, &[out_f, in_f])?
+        };
         let mut lora = None;
+        let mut w = w;
         if let Some(pair) = pair {
             if self.lora.as_ref().is_some_and(|p| p.merge) {
                 w = (w + (pair.b.matmul(&pair.a)? * pair.scale)?)?;
             } else {
                 lora = Some(pair);
             }
-        }
-        // A frozen weight is only ever read by bf16 products: store it rounded once.
-        if self.frozen && self.compute == DType::BF16 {
-            w = w.to_dtype(DType::BF16)?;
         }
         let w = self.register(&name, w)?;
         let b = self.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?;
