@@ -5,18 +5,8 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 /// `x @ w^T + b` for `x` of any rank (the last dim is the input features).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let in_f = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    let last = out.len() - 1;
-    out[last] = w.dim(0)?;
-    y.reshape(out)
+    // One fused node with a written backward on CPU f32; the plain op chain elsewhere.
+    crate::ops::linear(x, w, b)
 }
 
 /// LayerNorm over the last dim (fused op with a written backward on CPU f32).

@@ -142,7 +142,8 @@ impl CausalLm {
     pub fn head_logits(&self, h: &Tensor) -> CResult<Tensor> {
         let w = self.lm_head();
         match self.compute_dtype() {
-            DType::F32 => h.matmul(&w.t()?),
+            // The fused linear hands the tied embedding its gradient contiguous, in [vocab, e].
+            DType::F32 => layers::linear(h, &w, None),
             dt => h
                 .to_dtype(dt)?
                 .matmul(&w.to_dtype(dt)?.t()?)?

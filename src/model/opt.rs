@@ -86,7 +86,7 @@ impl Layer {
         } else {
             x.clone()
         };
-        let hs = self.fc2.forward(&self.fc1.forward(&hs)?.relu()?)?;
+        let hs = self.fc2.forward(&crate::ops::relu(&self.fc1.forward(&hs)?)?)?;
         x = (residual + hs)?;
         if !pre {
             x = self.ffn_norm.forward(&x)?;

@@ -5,11 +5,15 @@
 //! only; the public functions fall back to the equivalent plain-op chain on any other dtype or
 //! device, so callers need not special-case CUDA or half precision.
 
+mod linear;
 mod norm;
+mod relu;
 mod softmax;
 mod token_logprob;
 
+pub use linear::{linear, linear_chain};
 pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
+pub use relu::relu;
 pub use softmax::{softmax_last, softmax_last_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 
@@ -47,7 +51,7 @@ where
     let items = out.len().checked_div(item_len).unwrap_or(0);
     let threads = num_threads().min(items).max(1);
     if threads == 1 || work < PAR_MIN_ELEMS {
-        simd(|| f(0, out));
+        f(0, out);
         return;
     }
     let per = items.div_ceil(threads);
@@ -57,44 +61,49 @@ where
         // Keep the first chunk for this thread.
         let first = chunks.next();
         for (k, chunk) in chunks {
-            s.spawn(move || simd(|| f(k * per, chunk)));
+            s.spawn(move || f(k * per, chunk));
         }
         if let Some((_, chunk)) = first {
-            simd(|| f(0, chunk));
+            f(0, chunk);
         }
     });
 }
 
-/// Runs `f` compiled for AVX2 when the CPU has it (the crate is built for baseline x86-64,
-/// i.e. SSE2): the row kernels are `#[inline]` and get inlined into the AVX2 instance, which
-/// doubles the vector width of the `exp` loops.
-#[inline(always)]
 /// candle's thread count, looked up once (candle re-reads it from the OS on every call).
 fn num_threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { avx2(f) };
+/// Defines a function whose body is compiled twice, for baseline x86-64 (SSE2, what the crate
+/// is built for) and for AVX2, with the AVX2 instance picked at run time. The body must be a
+/// plain function of its arguments: an AVX2 wrapper around a *closure* (the old `simd(|| ..)`)
+/// leaves the closure uninlined and SSE2. The row helpers below are `#[inline(always)]` so
+/// they are compiled into each instance.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $v:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])* $v fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn imp($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            fn avx2($($a: $t),*) $(-> $r)? {
+                imp($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { avx2($($a),*) };
+            }
+            imp($($a),*)
         }
-    }
-    f()
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+pub(crate) use simd_fn;
 
 /// Max of a row (NEG_INFINITY for an empty or fully masked row), 8 independent lanes so the
 /// compiler can vectorise it.
-#[inline]
+#[inline(always)]
 fn row_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let mut chunks = x.chunks_exact(8);
@@ -147,7 +156,7 @@ fn exp_nonpos(x: f32) -> f32 {
 }
 
 /// `sum(a * b)` with 8 independent lanes.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);

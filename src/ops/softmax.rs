@@ -1,6 +1,6 @@
 //! Softmax over the last dim as one fused op with a fused backward.
 
-use super::{dot, exp_nonpos, f32_slice, par_items, row_max};
+use super::{dot, exp_nonpos, f32_slice, par_items, row_max, simd_fn};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape};
 use candle_core::{Tensor, D};
 
@@ -46,10 +46,7 @@ impl CustomOp1 for SoftmaxLast {
         let mut y = vec![0f32; x.len()];
         if cols > 0 {
             par_items(&mut y, cols, x.len(), |row0, out| {
-                let src = &x[row0 * cols..row0 * cols + out.len()];
-                for (xr, yr) in src.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
-                    softmax_row(xr, yr);
-                }
+                softmax_rows(&x[row0 * cols..row0 * cols + out.len()], out, cols);
             });
         }
         Ok((CpuStorage::F32(y), shape))
@@ -62,8 +59,17 @@ impl CustomOp1 for SoftmaxLast {
     }
 }
 
+simd_fn! {
+    /// [`softmax_row`] over consecutive rows of `cols`.
+    fn softmax_rows(x: &[f32], y: &mut [f32], cols: usize) {
+        for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+            softmax_row(xr, yr);
+        }
+    }
+}
+
 /// `y = softmax(x)` for one row; all zeros when the row has no finite-or-+inf entry.
-#[inline]
+#[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32]) {
     let m = row_max(x);
     if m == f32::NEG_INFINITY {
@@ -123,20 +129,26 @@ impl CustomOp2 for SoftmaxLastBwd {
         if cols > 0 {
             par_items(&mut dx, cols, y.len(), |row0, out| {
                 let range = row0 * cols..row0 * cols + out.len();
-                let (y, g) = (&y[range.clone()], &g[range]);
-                for ((yr, gr), dr) in y
-                    .chunks_exact(cols)
-                    .zip(g.chunks_exact(cols))
-                    .zip(out.chunks_exact_mut(cols))
-                {
-                    let s = dot(yr, gr);
-                    for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
-                        // y == 0 at masked entries, so their gradient is exactly 0.
-                        *d = yv * (gv - s);
-                    }
-                }
+                softmax_bwd_rows(&y[range.clone()], &g[range], out, cols);
             });
         }
         Ok((CpuStorage::F32(dx), shape))
+    }
+}
+
+simd_fn! {
+    /// `dx = y * (g - sum(g * y))` over consecutive rows of `cols`.
+    fn softmax_bwd_rows(y: &[f32], g: &[f32], dx: &mut [f32], cols: usize) {
+        for ((yr, gr), dr) in y
+            .chunks_exact(cols)
+            .zip(g.chunks_exact(cols))
+            .zip(dx.chunks_exact_mut(cols))
+        {
+            let s = dot(yr, gr);
+            for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                // y == 0 at masked entries, so their gradient is exactly 0.
+                *d = yv * (gv - s);
+            }
+        }
     }
 }

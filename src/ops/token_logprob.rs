@@ -1,6 +1,6 @@
 //! `log softmax(logits)[target]` per row as one fused op with a fused backward.
 
-use super::{exp_nonpos, f32_slice, par_items, row_max};
+use super::{exp_nonpos, f32_slice, par_items, row_max, simd_fn};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape};
 use candle_core::{Tensor, D};
@@ -107,8 +107,40 @@ fn rows_cols(op: &str, l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / v, v))
 }
 
+simd_fn! {
+    /// `(log-prob of the target, logsumexp)` for consecutive rows of `v` logits.
+    fn lp_rows(x: &[f32], t: &[usize], out: &mut [[f32; 2]], v: usize) {
+        for ((xr, &ti), o) in x.chunks_exact(v).zip(t).zip(out) {
+            let lse = row_lse(xr);
+            *o = [xr[ti] - lse, lse];
+        }
+    }
+}
+
+simd_fn! {
+    /// `dx[i, :] = g_i * (onehot(t_i) - exp(x[i, :] - lse_i))` for consecutive rows of `v`;
+    /// rows with `g_i == 0` are left as they are (zeros).
+    fn bwd_rows(x: &[f32], t: &[usize], g: &[f32], lse: Option<&[f32]>, dx: &mut [f32], v: usize) {
+        for (i, (xr, dr)) in x.chunks_exact(v).zip(dx.chunks_exact_mut(v)).enumerate() {
+            let gi = g[i];
+            if gi == 0.0 {
+                continue;
+            }
+            let lse_i = match lse {
+                Some(l) => l[i],
+                None => row_lse(xr),
+            };
+            let ng = -gi;
+            for (d, &xv) in dr.iter_mut().zip(xr) {
+                *d = ng * exp_nonpos(xv - lse_i);
+            }
+            dr[t[i]] += gi;
+        }
+    }
+}
+
 /// `logsumexp` of one row: max shift, f32 lanes within blocks, f64 across blocks.
-#[inline]
+#[inline(always)]
 fn row_lse(x: &[f32]) -> f32 {
     let m = row_max(x);
     if !m.is_finite() {
@@ -151,12 +183,8 @@ impl CustomOp2 for TokenLogprobs {
         // (log-prob, lse) per row.
         let mut out = vec![[0f32; 2]; rows];
         par_items(&mut out, 1, x.len(), |row0, run| {
-            for (k, o) in run.iter_mut().enumerate() {
-                let i = row0 + k;
-                let xr = &x[i * v..(i + 1) * v];
-                let lse = row_lse(xr);
-                *o = [xr[t[i]] - lse, lse];
-            }
+            let rows = row0..row0 + run.len();
+            lp_rows(&x[rows.start * v..rows.end * v], &t[rows], run, v);
         });
         let lse = out.iter().map(|o| o[1]).collect();
         // A fresh op struct is made per call, so the first (only) forward owns the stash.
@@ -211,23 +239,10 @@ impl CustomOp3 for TokenLogprobsBwd<'_> {
         let lse = self.lse.filter(|l| l.len() == rows);
         let mut dx = vec![0f32; x.len()];
         par_items(&mut dx, v, x.len(), |row0, run| {
-            for (k, dr) in run.chunks_exact_mut(v).enumerate() {
-                let i = row0 + k;
-                let gi = g[i];
-                if gi == 0.0 {
-                    continue; // already zeros
-                }
-                let xr = &x[i * v..(i + 1) * v];
-                let lse_i = match lse {
-                    Some(l) => l[i],
-                    None => row_lse(xr),
-                };
-                let ng = -gi;
-                for (d, &xv) in dr.iter_mut().zip(xr) {
-                    *d = ng * exp_nonpos(xv - lse_i);
-                }
-                dr[t[i]] += gi;
-            }
+            let rows = row0..row0 + run.len() / v;
+            let lse = lse.map(|l| &l[rows.clone()]);
+            let x = &x[rows.start * v..rows.end * v];
+            bwd_rows(x, &t[rows.clone()], &g[rows], lse, run, v);
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }

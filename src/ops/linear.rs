@@ -1,0 +1,206 @@
+//! `x @ w^T + b` as one graph node with a written backward.
+//!
+//! The candle chain (`matmul(w.t())` + `broadcast_add(b)`) records three extra nodes: its
+//! backward sums the bias gradient with candle's generic strided reduce, and computes the
+//! weight gradient as `x^T @ g` (`[in, out]`) that reaches the weight as a transposed view,
+//! which every later reader (gradient norm, optimizer) must copy. Here the forward is candle's
+//! own gemm call plus an in-place bias add (the same arithmetic, so the same values), and the
+//! backward writes `dx = g @ w`, `dw = g^T @ x` straight in the weight's `[out, in]` layout, and
+//! `db` as column sums in row order (the order candle's reduce uses).
+
+use super::{f32_slice, par_items};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout};
+use candle_core::{Result, Shape, Tensor};
+
+/// `x @ w^T + b` for `x: [..., in]`, `w: [out, in]`, `b: [out]`.
+///
+/// f32 tensors on the CPU use the fused op (non-contiguous inputs are copied first); other
+/// dtypes/devices fall back to [`linear_chain`].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let fusable = x.rank() >= 1
+        && w.rank() == 2
+        && cpu_f32(x)
+        && cpu_f32(w)
+        && b.is_none_or(|b| cpu_f32(b) && b.dims() == [w.dims()[0]]);
+    if !fusable {
+        return linear_chain(x, w, b);
+    }
+    let (dims, in_f, rows) = split_rows(x)?;
+    let x2 = x.reshape((rows, in_f))?.contiguous()?;
+    let w = w.contiguous()?;
+    let y = match b {
+        Some(b) => x2.apply_op3(&w, &b.contiguous()?, Linear)?,
+        None => x2.apply_op2(&w, Linear)?,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// The plain candle-op formulation (what `model::layers::linear` was): reference and fallback.
+pub fn linear_chain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (dims, in_f, rows) = split_rows(x)?;
+    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// `x`'s dims, its last dim and the product of the others.
+fn split_rows(x: &Tensor) -> Result<(Vec<usize>, usize, usize)> {
+    let dims = x.dims().to_vec();
+    let Some(&in_f) = dims.last() else {
+        bail!("linear: expected at least one dim, got a scalar");
+    };
+    let rows = dims[..dims.len() - 1].iter().product();
+    Ok((dims, in_f, rows))
+}
+
+struct Linear;
+
+impl Linear {
+    /// `x @ w^T` through candle's own CPU matmul (same gemm call as `x.matmul(&w.t())`), plus
+    /// `b` added row by row in place.
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "linear-fused";
+        let ((rows, in_f), (out_f, w_in)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
+        if in_f != w_in {
+            bail!("{name}: input has {in_f} features, weight expects {w_in}");
+        }
+        let wt = w.1.transpose(0, 1)?;
+        let mut y = x.0.matmul(w.0, (1, rows, out_f, in_f), x.1, &wt)?;
+        if let Some((bs, bl)) = b {
+            let b = f32_slice(name, "bias", bs, bl)?;
+            let CpuStorage::F32(y) = &mut y else {
+                bail!("{name}: expected an f32 product");
+            };
+            if b.len() != out_f || y.len() != rows * out_f {
+                bail!("{name}: bias of {} for {out_f} outputs", b.len());
+            }
+            for row in y.chunks_exact_mut(out_f.max(1)) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        }
+        Ok((y, Shape::from((rows, out_f))))
+    }
+
+    /// Gradients of the inputs that take part in the graph.
+    fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // Detached operands: the results are gradients, not nodes of a second-order graph.
+        let dx = match x.track_op() {
+            true => Some(g.matmul(&w.detach())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(g.t()?.matmul(&x.detach())?),
+            false => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(g.apply_op1_no_bwd(&ColumnSums)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, None, grad_res)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::grads(x, w, Some(b), grad_res)
+    }
+}
+
+/// `[rows, cols] -> [cols]`: each column summed over the rows in order, in f32 (as candle's
+/// `sum(0)` does); threads split the columns.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(self.name(), "input", storage, layout)?;
+        let (rows, cols) = layout.shape().dims2()?;
+        let mut acc = vec![0f32; cols];
+        par_items(&mut acc, 1, g.len(), |c0, run| {
+            let n = run.len();
+            for row in g.chunks_exact(cols.max(1)).take(rows) {
+                for (a, &v) in run.iter_mut().zip(&row[c0..c0 + n]) {
+                    *a += v;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(acc), Shape::from(cols)))
+    }
+}
