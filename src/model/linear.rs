@@ -43,7 +43,9 @@ impl Linear {
             _ => {
                 let y = linear(x, &self.w, self.b.as_ref())?;
                 match &self.lora {
-                    Some(l) => (y + (linear(&linear(x, &l.a, None)?, &l.b, None)? * l.scale)?)?,
+                    // The scale is folded into the small B: one [tokens, out] product less
+                    // kept for backward per layer.
+                    Some(l) => (y + linear(&linear(x, &l.a, None)?, &(&l.b * l.scale)?, None)?)?,
                     None => y,
                 }
             }

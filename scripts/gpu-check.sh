@@ -1,0 +1,607 @@
+#!/usr/bin/env bash
+# GPU checks of issue 6, in one prepared script for the lent GPU machine (run from the
+# repository root, with the package of scripts/gpu-package.sh carried in target/gpu-package):
+#
+#   scripts/gpu-check.sh PHASE...     PHASE: parity | opt-125m | llama-1b | mistral-7b
+#                                            | bench (= the three workloads) | all
+#
+# parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
+#             tiny-qwen2), f32 and bf16: `orpo train` 3 steps (file order, log_every 1) on the
+#             CPU and on CUDA with the same binary, then examples/compare_runs on the two run
+#             folders (every metric of every step, eval metrics, every saved tensor); plus
+#             LoRA + gradient checkpointing + bf16 on tiny-opt and tiny-mistral. Each case also
+#             runs a gradient probe (one AdamW step with lr = eps = 1e4, so the weight update
+#             is the gradient) and compares every parameter's gradient and gradient norm
+#             against the CPU's (norms: f32 1e-4, bf16 3e-2 as tests/bf16.rs).
+#             f32 tolerance: metrics 1e-4 relative (1e-6 absolute), final weights 1e-2 (AdamW
+#             turns near-zero gradients into ±lr steps whatever their rounding);
+#             bf16: loss/logps/nll 1e-3, grad_norm 3e-2 (tests/bf16.rs), small differences
+#             (margins, log_odds_chosen, mean logits) 1e-2 or 5e-4 absolute, tensors 1e-1.
+#             k_proj.bias is left out of the tensor verdict (zero gradient in exact
+#             arithmetic: its AdamW updates are rounding noise on either device).
+# opt-125m    OPT-125M shape, f32 weights + bf16 compute, 8 pairs/step, max_length 512, 20 steps
+# llama-1b    Llama-1B shape, full fine-tune, bf16 compute, 8 pairs/step, max_length 512, 12 steps
+# mistral-7b  Mistral-7B shape (GPT-2 vocab), LoRA r16 all-linear, gradient checkpointing,
+#             bf16, 4 pairs/step, max_length 1024, 8 steps
+#             Each workload: the bench checkpoint is generated on the machine
+#             (make_bench_model), orpo trains with nvidia-smi sampling memory.used every
+#             200 ms (peak minus the idle baseline), then TRL's bench_trl.py runs the same
+#             workload (shape:NAME, built in memory) the same way. tokens/s: non-padding chosen
+#             + rejected tokens of the steps after the first over their wall time.
+#
+# Estimated durations on an H100 (not yet measured; each step has its own timeout):
+#   setup: unpack binaries, pip install the TRL wheels, import check  ~15-25 s
+#   CUDA smoke test (tiny-opt, 1 step; the first CUDA process JIT-compiles
+#           candle's PTX, later ones reuse the driver's cache)       ~10-40 s   (timeout 120 s)
+#   parity: 24 CUDA runs ~2-5 s each, the 31 CPU runs beside them
+#           in the background                                        ~60-150 s  (timeout 60 s/run)
+#   opt-125m: model ~3 s, orpo ~30-60 s, TRL ~45 s                   ~80-120 s  (timeouts 150/150)
+#   llama-1b: model ~5 s, orpo ~30-60 s, TRL ~40 s                   ~80-120 s  (timeouts 180/150)
+#   mistral-7b: model (14.5 GB bf16; 1.26 GB took 4 s on 2 cores here) ~10-30 s, orpo ~60-150 s
+#           (load 14.5 GB, 8 steps), TRL ~60-90 s (7B init on the GPU)  ~150-270 s (timeouts 120/300/200)
+# Device time is 15 minutes a session, start-up included. One call, `all` (budget ~560 s,
+# timeout_s 600), is the cheapest; phases run in the order given and what no longer fits the
+# budget is skipped and listed, so a follow-up call on the still-warm machine (30 s) can run
+# just the skipped workload. Two calls: `parity opt-125m llama-1b` (~250-400 s), then
+# `mistral-7b` (~150-270 s) with budgets that add up to what is left.
+#
+# Environment:
+#   GPU_CHECK_BUDGET  seconds for the whole call (default 540): a step starts only if its
+#                     minimum fits, and its timeout is cut to what is left (minus a reserve
+#                     for the report). Steps that do not fit are recorded as skipped.
+#   GPU_CHECK_DEVICE  cuda (default) or cpu: the dry run for a machine without a GPU; parity
+#                     then compares the CPU with itself, bench runs shrunken workloads
+#                     (GPU_CHECK_DRY=1 is implied: 1 layer, 2 pairs/step, max_length 96, 2
+#                     steps; TRL only for opt-125m, on the CPU).
+#   GPU_CHECK_PKG     the package folder (default target/gpu-package).
+#   GPU_CHECK_WORK    scratch folder (default /tmp/gpu-check; the 7B model needs 15 GB).
+#   GPU_CHECK_TRL     0 skips TRL.
+#   OUT               where results go (set on the device; default target/gpu-check-out):
+#                     gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz
+#                     (every run's metrics.jsonl, logs and comparison outputs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-540}
+DEV=${GPU_CHECK_DEVICE:-cuda}
+PKG=${GPU_CHECK_PKG:-target/gpu-package}
+W=${GPU_CHECK_WORK:-/tmp/gpu-check}
+OUT=${OUT:-target/gpu-check-out}
+DRY=${GPU_CHECK_DRY:-0}
+[ "$DEV" = cpu ] && DRY=1
+TRL=${GPU_CHECK_TRL:-1}
+RESERVE=15
+mkdir -p "$OUT" "$W"
+OUT=$(cd "$OUT" && pwd)
+PKG=$(cd "$PKG" 2>/dev/null && pwd || echo "$REPO/$PKG")
+LOG=$OUT/gpu-check.log
+RES=$W/results.jsonl
+: >"$RES"
+: >"$LOG"
+rm -rf "$W/parity" "$W/bench" "$W/trl"
+exec > >(tee -a "$LOG") 2>&1
+
+phases=()
+for a in "${@:-all}"; do
+  case $a in
+    all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
+    bench) phases+=(opt-125m llama-1b mistral-7b) ;;
+    parity | opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, opt-125m, llama-1b, mistral-7b, bench, all)"; exit 2 ;;
+  esac
+done
+
+elapsed() { echo $(($(date +%s) - T0)); }
+left() { echo $((BUDGET - $(elapsed) - RESERVE)); }
+log() { echo "[$(date +%H:%M:%S) +$(elapsed)s] $*"; }
+# record KEY=VALUE... : one JSON object into results.jsonl (values are JSON literals or strings).
+record() { python3 - "$RES" "$@" <<'PY'
+import json, sys
+obj = {}
+for kv in sys.argv[2:]:
+    k, v = kv.split("=", 1)
+    try:
+        obj[k] = json.loads(v)
+    except ValueError:
+        obj[k] = v
+open(sys.argv[1], "a").write(json.dumps(obj) + "\n")
+PY
+}
+
+# step NAME MIN_S TIMEOUT_S CMD... : runs CMD under `timeout` if at least MIN_S seconds of
+# the budget are left (the timeout is cut to what is left); records rc and seconds. With
+# STEP_LOG=FILE, CMD's output goes to FILE. Sets STEP_RC (124/137: timed out, 200: skipped) and STEP_S.
+step() {
+  local name=$1 min=$2 tmo=$3
+  shift 3
+  local l
+  l=$(left)
+  if [ "$l" -lt "$min" ]; then
+    log "SKIP $name: ${l}s of the budget left, needs ${min}s"
+    record kind=step name="$name" rc=200 secs=0 skipped=budget
+    STEP_RC=200 STEP_S=0
+    return 200
+  fi
+  [ "$tmo" -gt "$l" ] && tmo=$l
+  log "RUN  $name (timeout ${tmo}s): $*"
+  local s e
+  s=$(date +%s.%N)
+  if [ -n "${STEP_LOG:-}" ]; then
+    timeout -k 10 "$tmo" "$@" >"$STEP_LOG" 2>&1
+  else
+    timeout -k 10 "$tmo" "$@"
+  fi
+  STEP_RC=$?
+  e=$(date +%s.%N)
+  STEP_S=$(python3 -c "print(round($e - $s, 2))")
+  log "DONE $name rc=$STEP_RC in ${STEP_S}s"
+  record kind=step name="$name" rc=$STEP_RC secs=$STEP_S timeout=$tmo
+  return $STEP_RC
+}
+
+# --- set-up -----------------------------------------------------------------------------
+log "gpu-check: phases ${phases[*]}; device $DEV; budget ${BUDGET}s; package $PKG; work $W"
+BIN=$W/bin
+mkdir -p "$BIN"
+unpack() { # NAME: $PKG/NAME(.xz) -> $BIN/NAME
+  if [ -f "$PKG/$1.xz" ]; then xz -dc "$PKG/$1.xz" >"$BIN/$1" && chmod +x "$BIN/$1"
+  elif [ -f "$PKG/$1" ]; then cp "$PKG/$1" "$BIN/$1" && chmod +x "$BIN/$1"
+  else return 1; fi
+}
+if [ "$DEV" = cuda ]; then
+  unpack orpo || log "MISSING $PKG/orpo.xz (the CUDA binary)"
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export CUDA_CACHE_MAXSIZE=2147483648
+else
+  unpack orpo-cpu && mv "$BIN/orpo-cpu" "$BIN/orpo" || cp target/release/orpo "$BIN/orpo" ||
+    log "MISSING orpo CPU binary"
+fi
+for b in compare_runs make_bench_model; do
+  unpack $b || cp "target/release/examples/$b" "$BIN/$b" 2>/dev/null || log "MISSING $b"
+done
+ORPO=$BIN/orpo
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HOME=$W/hf PYTHONUNBUFFERED=1 NO_COLOR=1 TRL_EXPERIMENTAL_SILENCE=1
+GPU_NAME=none
+HAVE_SMI=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  HAVE_SMI=1
+  GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu \
+    --format=csv
+fi
+log "card: $GPU_NAME; cores $(nproc); $(free -g | awk '/Mem:/{print $2" GiB RAM"}'); disk $(df -h "$W" | awk 'NR==2{print $4" free"}')"
+record kind=env gpu="$GPU_NAME" device="$DEV" phases="${phases[*]}" nproc="$(nproc)" \
+  orpo_sha="$(sha256sum "$ORPO" 2>/dev/null | cut -c1-16)" \
+  manifest="$(tr '\n' ' ' <"$PKG/MANIFEST.txt" 2>/dev/null | cut -c1-400)"
+
+# TRL: the wheels of the package over the machine's torch/transformers/peft/accelerate.
+trl_probe() { # prints versions; exit status 0 when ORPOTrainer imports
+  python3 - <<'PY' 2>&1
+import importlib, sys
+for m in ["torch", "transformers", "trl", "datasets", "peft", "accelerate", "pyarrow"]:
+    try:
+        print(" ", m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(" ", m, "missing:", type(e).__name__, e)
+try:
+    import trl.experimental.orpo  # noqa: F401
+except Exception as e:
+    print("  trl.experimental.orpo:", type(e).__name__, e)
+    sys.exit(1)
+PY
+}
+TRL_OK=0
+if [ "$TRL" = 1 ]; then
+  SITE=$W/site
+  pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$@"; }
+  if ls "$PKG"/wheels/*.whl >/dev/null 2>&1; then
+    pipi "$PKG"/wheels/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if trl_probe; then
+    TRL_OK=1
+  elif ls "$PKG"/wheels/alt/*.whl >/dev/null 2>&1; then
+    log "TRL does not import; trying the alternative datasets wheel"
+    pipi "$PKG"/wheels/alt/*.whl && trl_probe && TRL_OK=1
+  fi
+  [ $TRL_OK = 1 ] || log "TRL unavailable: the TRL baselines are skipped"
+fi
+record kind=trl available=$TRL_OK
+
+# CUDA smoke test: one step of tiny-opt (the first CUDA run also JIT-compiles candle's PTX).
+# If it fails, the device runs are skipped (their errors would only repeat this one).
+DEV_OK=1
+mkdir -p "$W/parity" "$W/bench"
+if [ "$DEV" != cpu ]; then
+  STEP_LOG=$W/parity/device-smoke.log step "device smoke test" 30 120 "$ORPO" train \
+    --config configs/tiny-opt.toml --set model.device="$DEV" --set train.max_steps=1 \
+    --set train.save_every=0 --set train.output_dir="$W/smoke" --overwrite
+  if [ "$STEP_RC" != 0 ]; then
+    DEV_OK=0
+    log "DEVICE RUNS DISABLED: the smoke test failed (rc $STEP_RC):"
+    tail -n 40 "$W/parity/device-smoke.log"
+  fi
+fi
+record kind=smoke ok=$DEV_OK
+log "set-up done"
+
+# --- parity -----------------------------------------------------------------------------
+F32_TOL=(--rtol 1e-4 --atol 1e-6 --tensor-rtol 1e-2 --skip-tensor k_proj.bias)
+BF16_TOL=(--rtol 1e-3 --atol 1e-5 --key-tol grad_norm=3e-2
+  --key-tol rewards/margins=1e-2,5e-4 --key-tol log_odds_chosen=1e-2,5e-4 --key-tol 'logits/*=1e-2,5e-4'
+  --key-tol eval_rewards/margins=1e-2,5e-4 --key-tol eval_log_odds_chosen=1e-2,5e-4
+  --key-tol 'eval_logits/*=1e-2,5e-4' --tensor-rtol 1e-1 --skip-tensor k_proj.bias)
+
+train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
+  local name=$1 fx=$2 role=$3 dev=$4 dt=$5
+  shift 5
+  local dir=$W/parity/$name-$role
+  rm -rf "$dir"
+  if [ "$role" = dev ] && [ $DEV_OK = 0 ]; then
+    record kind=step name="train $name $role:$dev" rc=201 secs=0 skipped=device-smoke-failed
+    return 201
+  fi
+  STEP_LOG=$dir.log step "train $name $role:$dev" 20 60 "$ORPO" train \
+    --config "configs/$fx.toml" --set model.device="$dev" --set model.dtype="$dt" \
+    --set train.max_steps=3 --set train.shuffle=false --set train.log_every=1 \
+    --set train.save_every=0 --set train.output_dir="$dir" --overwrite "$@"
+  local rc=$?
+  [ $rc = 0 ] || tail -n 5 "$dir.log"
+  return $rc
+}
+
+# One AdamW step with lr = adam_epsilon = 1e4, no decay, no clipping: the update is the
+# gradient (lr*g/(|g|+eps)), so weights minus the base run's (lr 1e-30: the initial weights)
+# are each parameter's gradient; compare_runs --base compares them and their norms.
+PROBE=(--set train.max_steps=1 --set optim.scheduler=constant --set optim.weight_decay=0
+  --set optim.max_grad_norm=0 --set optim.adam_epsilon=1e4)
+
+compare_case() { # NAME FIXTURE DTYPE KIND RC_REF RC_DEV COMPARE_ARGS...
+  local name=$1 fx=$2 dt=$3 kind=$4 rc_cpu=$5 rc_dev=$6
+  shift 6
+  local cmp=$W/parity/$name.compare.json
+  if [ "$rc_cpu" = 0 ] && [ "$rc_dev" = 0 ]; then
+    "$BIN/compare_runs" "$W/parity/$name-ref" "$W/parity/$name-dev" "$@" --json "$cmp" \
+      >"$W/parity/$name.compare.txt" 2>&1
+    local rc=$?
+    grep -E '^(PASS|FAIL)|^tensors|^problem|^grad_norm |^loss |^compare_runs' "$W/parity/$name.compare.txt"
+    if [ $rc -le 1 ]; then
+      record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=$rc compare="$cmp"
+    else
+      record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=$rc \
+        error="compare_runs rc $rc: $(grep -v '^ *$' "$W/parity/$name.compare.txt" | tail -n 3 | tr '\n' ' ')"
+    fi
+  else
+    record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=-1 \
+      error="a run failed: cpu rc=$rc_cpu, $DEV rc=$rc_dev"
+  fi
+}
+
+# NAME FIXTURE DTYPE TOLS_ARRAY_NAME BASE_NAME EXTRA...: a 3-step training run on the CPU and
+# on the device, compared; then the gradient probe against the base run BASE_NAME.
+parity_case() {
+  local name=$1 fx=$2 dt=$3 tolname=$4[@] base=$5
+  shift 5
+  local tols=("${!tolname}") norm_rtol=1e-4 vec_rtol=1e-3
+  [ "$dt" = bf16 ] && norm_rtol=3e-2 vec_rtol=2e-1
+  # The CPU reference runs in the background while the device run goes (16 cores there).
+  local a b pid
+  train_tiny "$name" "$fx" ref cpu "$dt" "$@" &
+  pid=$!
+  train_tiny "$name" "$fx" dev "$DEV" "$dt" "$@"
+  b=$?
+  wait $pid
+  a=$?
+  compare_case "$name" "$fx" "$dt" train $a $b "${tols[@]}"
+  train_tiny "$name-grad" "$fx" ref cpu "$dt" "${PROBE[@]}" --set optim.lr=1e4 "$@" &
+  pid=$!
+  train_tiny "$name-grad" "$fx" dev "$DEV" "$dt" "${PROBE[@]}" --set optim.lr=1e4 "$@"
+  b=$?
+  wait $pid
+  a=$?
+  if [ -d "$W/parity/$base-ref" ]; then
+    compare_case "$name-grad" "$fx" "$dt" grad $a $b "${tols[@]}" --skip-eval \
+      --base "$W/parity/$base-ref" --tensor-rtol $vec_rtol --norm-rtol $norm_rtol
+  else
+    record kind=parity name="$name-grad" fixture="$fx" dtype="$dt" check=grad rc=-1 \
+      error="no base run $base"
+  fi
+}
+
+run_parity() {
+  mkdir -p "$W/parity"
+  log "== parity ($DEV vs cpu)"
+  for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2; do
+    train_tiny "$fx-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30
+    parity_case "$fx-f32" "$fx" f32 F32_TOL "$fx-init"
+    parity_case "$fx-bf16" "$fx" bf16 BF16_TOL "$fx-init"
+  done
+  local lora=(--set lora.enabled=true --set train.gradient_checkpointing=true)
+  for fx in tiny-opt tiny-mistral; do
+    train_tiny "$fx-lora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${lora[@]}"
+    parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
+  done
+}
+
+# --- benchmarks -------------------------------------------------------------------------
+SMI_PID=
+mem_start() { # FILE: background sampler of memory.used (MiB) every 200 ms
+  SMI_PID=
+  [ $HAVE_SMI = 1 ] || return 0
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$1" 2>/dev/null &
+  SMI_PID=$!
+}
+mem_stop() {
+  [ -n "$SMI_PID" ] || return 0
+  kill "$SMI_PID" 2>/dev/null
+  wait "$SMI_PID" 2>/dev/null
+  SMI_PID=
+}
+idle_mib() {
+  [ $HAVE_SMI = 1 ] || { echo null; return; }
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1
+}
+
+bench_workload() { # NAME
+  local wl=$1 d=$W/bench/$1
+  mkdir -p "$d"
+  log "== bench $wl"
+  # Workload settings (TRL's bench_trl.py arguments mirror them).
+  local batch=8 maxlen=512 prompt=512 steps=20 pairs=256 wdtype=float32 lora=0 ckpt=0
+  local gen_tmo=60 orpo_tmo=150 trl_tmo=150 orpo_min=40 trl_min=40
+  case $wl in
+    llama-1b) steps=12 orpo_tmo=180 ;;
+    mistral-7b) batch=4 maxlen=1024 steps=8 pairs=128 wdtype=bfloat16 lora=1 ckpt=1
+      gen_tmo=120 orpo_tmo=300 trl_tmo=200 orpo_min=90 trl_min=60 ;;
+  esac
+  local layers=()
+  if [ "$DRY" = 1 ]; then
+    batch=2 maxlen=96 prompt=48 steps=2 pairs=16 orpo_tmo=400 trl_tmo=300
+    [ $wl = opt-125m ] || layers=(--layers 1)
+  fi
+  # The model.
+  local model=$W/models/$wl
+  if [ ! -f "$model/model.safetensors" ] || [ ${#layers[@]} -gt 0 ]; then
+    rm -rf "$model"
+    STEP_LOG=$d/make_bench_model.log step "make_bench_model $wl" 10 $gen_tmo \
+      "$BIN/make_bench_model" "$wl" "$model" "${layers[@]}"
+    cat "$d/make_bench_model.log"
+    [ $STEP_RC = 0 ] || rm -rf "$model"
+  fi
+  local gen_s=${STEP_S:-0}
+  # orpo.
+  local run=$d/orpo-run toml=$d/orpo.toml
+  cat >"$toml" <<TOML
+[model]
+id = "$model"
+device = "$DEV"
+dtype = "bf16"
+[data]
+train = "$PKG/data/hh-256.jsonl"
+max_length = $maxlen
+max_prompt_length = $prompt
+[orpo]
+beta = 0.1
+[optim]
+lr = 8e-6
+scheduler = "linear"
+warmup_steps = 0
+weight_decay = 0.0
+max_grad_norm = 1.0
+[train]
+batch_size = $batch
+grad_accum = 1
+max_steps = $steps
+shuffle = false
+log_every = 1
+save_every = 0
+gradient_checkpointing = $([ $ckpt = 1 ] && echo true || echo false)
+output_dir = "$run"
+[lora]
+enabled = $([ $lora = 1 ] && echo true || echo false)
+r = 16
+alpha = 32
+dropout = 0.0
+targets = "all-linear"
+TOML
+  local base
+  if [ $DEV_OK = 0 ]; then
+    record kind=bench workload=$wl tool=orpo rc=-1 error="skipped: the device smoke test failed"
+  elif [ -f "$model/model.safetensors" ]; then
+    base=$(idle_mib)
+    mem_start "$d/orpo-mem.log"
+    STEP_LOG=$d/orpo.log step "orpo $wl" $orpo_min $orpo_tmo "$ORPO" train --config "$toml" \
+      --overwrite
+    local rc=$STEP_RC secs=$STEP_S
+    mem_stop
+    [ $rc = 0 ] || tail -n 8 "$d/orpo.log"
+    python3 - "$RES" "$wl" "$run" "$d/orpo-mem.log" "$base" "$rc" "$secs" "$gen_s" <<'PY'
+import json, sys
+res, wl, run, memlog, base, rc, secs, gen_s = sys.argv[1:]
+out = dict(kind="bench", workload=wl, tool="orpo", rc=int(rc), secs=float(secs), model_gen_s=float(gen_s))
+try:
+    rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if l.strip()]
+    out["steps_logged"] = len(rows)
+    if len(rows) >= 2:
+        toks = sum(r["tokens"] for r in rows[1:])
+        secs_t = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+        out.update(tokens_per_s=round(toks / secs_t, 1), timed_steps=len(rows) - 1,
+                   first_step_s=round(rows[0]["elapsed_s"], 3),
+                   step_s=round(secs_t / (len(rows) - 1), 3), final_loss=rows[-1]["loss"])
+except Exception as e:
+    out["metrics_error"] = f"{type(e).__name__}: {e}"
+try:
+    vals = [int(x) for x in open(memlog).read().split() if x.strip().isdigit()]
+    if vals and base != "null":
+        out.update(peak_gpu_mib=max(vals) - int(base), peak_gpu_mib_abs=max(vals), idle_mib=int(base))
+except FileNotFoundError:
+    pass
+open(res, "a").write(json.dumps(out) + "\n")
+print("orpo", json.dumps(out))
+PY
+  else
+    record kind=bench workload=$wl tool=orpo rc=-1 error="no model (make_bench_model failed or skipped)"
+  fi
+  # TRL.
+  if [ $TRL_OK = 1 ] && { [ "$DRY" = 0 ] || [ $wl = opt-125m ]; }; then
+    local tools=$W/trl/tools
+    mkdir -p "$tools" "$W/trl/fixtures"
+    cp "$PKG"/tools/*.py "$tools/"
+    ln -sfn "$REPO/examples/bench/gpt2-tokenizer" "$W/trl/fixtures/gpt2-tokenizer"
+    local tdev=cuda
+    [ "$DEV" = cpu ] && tdev=cpu
+    base=$(idle_mib)
+    mem_start "$d/trl-mem.log"
+    STEP_LOG=$d/trl.log step "trl $wl" $trl_min $trl_tmo python3 "$tools/bench_trl.py" \
+      "shape:$wl" "$PKG/data/hh-256.jsonl" device=$tdev dtype=$wdtype amp=1 lora=$lora \
+      grad_ckpt=$ckpt batch=$batch max_length=$maxlen pairs=$pairs steps=$steps
+    local rc=$STEP_RC secs=$STEP_S
+    mem_stop
+    [ $rc = 0 ] || tail -n 8 "$d/trl.log"
+    python3 - "$RES" "$wl" "$d/trl.log" "$d/trl-mem.log" "$base" "$rc" "$secs" <<'PY'
+import json, sys
+res, wl, tlog, memlog, base, rc, secs = sys.argv[1:]
+out = dict(kind="bench", workload=wl, tool="trl", rc=int(rc), secs=float(secs))
+last = None
+try:
+    for line in open(tlog, errors="replace"):
+        line = line.strip()
+        if line.startswith("{") and '"tokens_per_s"' in line:
+            last = line
+except FileNotFoundError:
+    pass
+if last:
+    t = json.loads(last)
+    out.update(tokens_per_s=t.get("tokens_per_s"), peak_gpu_mib_torch=t.get("peak_gpu_mib"),
+               step_s_list=t.get("step_s"), torch=t.get("torch"), peak_rss_mib=t.get("peak_rss_mib"))
+else:
+    out["error"] = "no JSON line in trl.log"
+try:
+    vals = [int(x) for x in open(memlog).read().split() if x.strip().isdigit()]
+    if vals and base != "null":
+        out.update(peak_gpu_mib=max(vals) - int(base), peak_gpu_mib_abs=max(vals), idle_mib=int(base))
+except FileNotFoundError:
+    pass
+open(res, "a").write(json.dumps(out) + "\n")
+print("trl", json.dumps(out))
+PY
+  fi
+  # The 7B checkpoint is 15 GB: drop it once used.
+  [ $wl = mistral-7b ] && rm -rf "$model"
+  return 0
+}
+
+# --- main -------------------------------------------------------------------------------
+for p in "${phases[@]}"; do
+  case $p in
+    parity) run_parity ;;
+    *) bench_workload "$p" ;;
+  esac
+done
+
+# --- report -----------------------------------------------------------------------------
+log "== report"
+python3 - "$RES" "$OUT" "$BUDGET" "$(elapsed)" <<'PY'
+import json, os, sys
+res, out, budget, elapsed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+recs = [json.loads(l) for l in open(res) if l.strip()]
+env = next((r for r in recs if r.get("kind") == "env"), {})
+parity = []
+for r in (r for r in recs if r.get("kind") == "parity"):
+    row = dict(name=r["name"], fixture=r["fixture"], dtype=r["dtype"], check=r.get("check"), rc=r["rc"])
+    if r.get("compare") and os.path.exists(r["compare"]):
+        c = json.load(open(r["compare"]))
+        row.update(pass_=c.get("pass"), error=c.get("error"), problems=c.get("problems"),
+                   max_metric_rel=c.get("max_metric_rel"), max_tensor_rel=c.get("max_tensor_rel"),
+                   worst_tensor=c.get("worst_tensor"),
+                   max_tensor_rel_incl_skipped=c.get("max_tensor_rel_incl_skipped"),
+                   max_update_norm_rel=c.get("max_update_norm_rel"), worst_update_norm=c.get("worst_update_norm"),
+                   metrics={k: {"max_rel": v["max_rel"], "max_abs": v["max_abs"], "failures": v["failures"]}
+                            for k, v in c.get("metrics", {}).items()})
+        for k in ("loss", "grad_norm", "nll_loss", "logps/chosen", "eval:eval_loss"):
+            if k in c.get("metrics", {}):
+                row["rel_" + k.replace("eval:", "").replace("/", "_")] = c["metrics"][k]["max_rel"]
+        # The worst metric (by failures, then relative difference).
+        ms = c.get("metrics", {})
+        if ms:
+            k = max(ms, key=lambda k: (ms[k]["failures"], ms[k]["max_rel"] if isinstance(ms[k]["max_rel"], float) else 1e308))
+            if ms[k]["failures"] or ms[k]["max_rel"] != 0:
+                row["worst_metric"] = k
+    else:
+        row.update(pass_=False, error=r.get("error", "no comparison"))
+    row["pass"] = row.pop("pass_")
+    parity.append(row)
+bench = {}
+for r in (r for r in recs if r.get("kind") == "bench"):
+    bench.setdefault(r["workload"], {})[r["tool"]] = r
+for wl, b in bench.items():
+    o, t = b.get("orpo", {}), b.get("trl", {})
+    if o.get("tokens_per_s") and t.get("tokens_per_s"):
+        b["ratio_tokens_per_s"] = round(o["tokens_per_s"] / t["tokens_per_s"], 3)
+    if o.get("peak_gpu_mib") and t.get("peak_gpu_mib"):
+        b["ratio_peak_gpu"] = round(o["peak_gpu_mib"] / t["peak_gpu_mib"], 3)
+steps = [r for r in recs if r.get("kind") == "step"]
+summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("phases"),
+               nproc=env.get("nproc"), orpo_sha=env.get("orpo_sha"), manifest=env.get("manifest"),
+               budget_s=budget, elapsed_s=elapsed,
+               trl_available=next((r["available"] for r in recs if r.get("kind") == "trl"), None),
+               device_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke"), None),
+               parity_pass=all(p["pass"] for p in parity) if parity else None,
+               parity=parity, bench=bench,
+               failed_steps=[s for s in steps if s["rc"] not in (0,)],
+               steps=steps)
+json.dump(summary, open(f"{out}/gpu-results.json", "w"), indent=1)
+
+def f(x, fmt="{:.2e}"):
+    return "-" if x is None else (fmt.format(x) if isinstance(x, (int, float)) else str(x))
+md = [f"# GPU check: {summary['card']} ({summary['device']})", "",
+      f"Phases: {summary['phases']}; {elapsed} s of a {budget} s budget; device smoke test ok: "
+      f"{summary['device_smoke_ok']}; TRL available: {summary['trl_available']}; "
+      f"orpo sha256 {summary['orpo_sha']}", ""]
+if parity:
+    md += ["## Parity (device vs CPU, same binary)", "",
+           "train: 3 steps, every metric of every step and the final weights (tensor rel = |a-b|/|a|). "
+           "grad: the gradient probe (1 step, the update is the gradient): tensor rel = relative "
+           "difference of each parameter's gradient, param grad-norm rel = of its norm.", "",
+           "| case | check | pass | loss rel | grad_norm rel | worst metric (rel) | worst tensor rel (name) | worst param grad-norm rel (name) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in parity:
+        wm = p.get("worst_metric")
+        wmv = p.get("metrics", {}).get(wm, {}).get("max_rel") if wm else None
+        md.append(f"| {p['name']} | {p.get('check')} | {'PASS' if p['pass'] else 'FAIL'} | {f(p.get('rel_loss'))} | "
+                  f"{f(p.get('rel_grad_norm'))} | {wm or '-'} ({f(wmv)}) | "
+                  f"{f(p.get('max_tensor_rel'))} ({p.get('worst_tensor') or '-'}) | "
+                  f"{f(p.get('max_update_norm_rel'))} ({p.get('worst_update_norm') or '-'}) |"
+                  + (f" error: {p['error']}" if p.get("error") else "")
+                  + (f" problems: {p['problems']}" if p.get("problems") else ""))
+    md.append("")
+if bench:
+    md += ["## Throughput and peak GPU memory", "",
+           "| workload | orpo tokens/s | TRL tokens/s | ratio | orpo peak GiB (smi) | TRL peak GiB (smi / torch) | orpo step s (first) | rc orpo/TRL |",
+           "|---|---|---|---|---|---|---|---|"]
+    gib = lambda m: None if m is None else m / 1024
+    for wl, b in bench.items():
+        o, t = b.get("orpo", {}), b.get("trl", {})
+        md.append(f"| {wl} | {f(o.get('tokens_per_s'), '{:.0f}')} | {f(t.get('tokens_per_s'), '{:.0f}')} | "
+                  f"{f(b.get('ratio_tokens_per_s'), '{:.2f}x')} | {f(gib(o.get('peak_gpu_mib')), '{:.1f}')} | "
+                  f"{f(gib(t.get('peak_gpu_mib')), '{:.1f}')} / {f(gib(t.get('peak_gpu_mib_torch')), '{:.1f}')} | "
+                  f"{f(o.get('step_s'), '{:.3f}')} ({f(o.get('first_step_s'), '{:.1f}')}) | "
+                  f"{o.get('rc', '-')}/{t.get('rc', '-')} |")
+    md.append("")
+bad = summary["failed_steps"]
+if bad:
+    md += ["## Failed or skipped steps", ""] + [
+        f"- {s['name']}: rc {s['rc']}" + (" (timed out)" if s["rc"] in (124, 137) else "")
+        + (f" ({s['skipped']})" if s.get("skipped") else "") + f", {s['secs']} s" for s in bad] + [""]
+md += ["## Step times", ""] + [f"- {s['name']}: {s['secs']} s (rc {s['rc']})" for s in steps]
+open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+PY
+# Every run's metrics, logs, configs and comparisons (small files only), for later study.
+(cd "$W" && find parity bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
+  -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2M 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
+  results.jsonl 2>/dev/null)
+log "results: $OUT/gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz"
+sleep 1 # let tee write the log's last lines
