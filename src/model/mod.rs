@@ -4,6 +4,7 @@
 //! every layer here is composed from differentiable primitives (see `layers.rs`).
 
 mod arch;
+mod head;
 mod layers;
 mod linear;
 mod llama;
@@ -140,15 +141,18 @@ impl CausalLm {
     /// Logits `[m, vocab]` (f32) of hidden states `[m, e]` through the LM head, the product in
     /// the compute dtype as torch autocast runs the head.
     pub fn head_logits(&self, h: &Tensor) -> CResult<Tensor> {
-        let w = self.lm_head();
-        match self.compute_dtype() {
-            // The fused linear hands the tied embedding its gradient contiguous, in [vocab, e].
-            DType::F32 => layers::linear(h, &w, None),
-            dt => h
-                .to_dtype(dt)?
-                .matmul(&w.to_dtype(dt)?.t()?)?
-                .to_dtype(DType::F32),
-        }
+        head::head_product(h, &self.lm_head(), self.compute_dtype())
+    }
+
+    /// Per-row log-probs of `targets` `[m]` and logit sums `[m]` (detached, for metrics) of
+    /// hidden states `[m, e]`. Under gradient checkpointing the head runs in recomputed row
+    /// chunks, so all of the logits never exist at once.
+    pub fn head_scores(&self, h: &Tensor, targets: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let side = match self {
+            CausalLm::Opt(m) => m.recompute.as_ref(),
+            CausalLm::Llama(m) => m.recompute.as_ref(),
+        };
+        head::head_scores(h, &self.lm_head(), targets, self.compute_dtype(), side)
     }
 
     /// Full logits `[n, len, vocab]`; for inference checks and tests.

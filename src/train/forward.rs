@@ -36,14 +36,14 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let t = l - 1;
     // Only positions [0, len-1) predict a token; the last one is never needed.
     let h = hidden.narrow(1, 0, t)?.reshape((n * t, e))?;
-    let logits = model.head_logits(&h)?; // [n*t, vocab]
+    // Log-softmax + gather without more than one [rows, vocab] buffer (fused, or chunked and
+    // recomputed under gradient checkpointing).
+    let (logp, row_sums) = model.head_scores(&h, &batch.targets.flatten_all()?)?;
     let half = (n / 2) * t;
-    let count = (half * logits.dim(1)?) as f64;
-    let detached = logits.detach();
-    let logits_chosen = scalar(&detached.narrow(0, 0, half)?.sum_all()?)? / count;
-    let logits_rejected = scalar(&detached.narrow(0, half, half)?.sum_all()?)? / count;
-    // Fused log-softmax + gather with a written backward: one [m, vocab] buffer, not four.
-    let logp = crate::ops::token_logprobs(&logits, &batch.targets)?.reshape((n, t))?;
+    let count = (half * model.lm_head().dim(0)?) as f64;
+    let logits_chosen = scalar(&row_sums.narrow(0, 0, half)?.sum_all()?)? / count;
+    let logits_rejected = scalar(&row_sums.narrow(0, half, half)?.sum_all()?)? / count;
+    let logp = logp.reshape((n, t))?;
     Ok(Scores {
         answer_sums: (&logp * &batch.answer_mask)?.sum(1)?,
         nll_sum: (logp.narrow(0, 0, n / 2)? * &batch.nll_mask)?.sum_all()?,
@@ -60,8 +60,7 @@ fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let hidden = model.hidden_packed(&p.layout)?; // [total, e]
     let w = model.lm_head();
     let h = hidden.index_select(&p.rows, 0)?;
-    let logits = model.head_logits(&h)?; // [m, vocab]
-    let logp = crate::ops::token_logprobs(&logits, &p.targets)?;
+    let (logp, _) = model.head_scores(&h, &p.targets)?; // [m]
     let n = batch.n_pairs * 2;
     let vocab = w.dim(0)?;
     let w_sum = w.detach().sum_keepdim(0)?.t()?; // [e, 1]

@@ -1,0 +1,155 @@
+//! The LM head with its log-softmax: logits `[m, vocab]` are the largest tensors of a step, so
+//! under gradient checkpointing (or where no fused kernel exists, off CPU) the head runs in row
+//! chunks that keep only their outputs and recompute their logits in backward.
+
+use super::layers::linear;
+use super::recompute::{checkpoint, Block, SideGrads};
+use candle_core::{DType, Result, Tensor, Var};
+use std::sync::Arc;
+
+/// Rows per recomputed chunk: bounds a chunk's logits at ~`HEAD_CHUNK × vocab` floats.
+const HEAD_CHUNK: usize = 1024;
+
+/// `h @ w^T` (f32 result), the product in `compute` (bf16 rounds its inputs, as autocast).
+pub fn head_product(h: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
+    match compute {
+        // The fused linear hands the tied embedding its gradient contiguous, in [vocab, e].
+        DType::F32 => linear(h, w, None),
+        dt => h
+            .to_dtype(dt)?
+            .matmul(&w.to_dtype(dt)?.t()?)?
+            .to_dtype(DType::F32),
+    }
+}
+
+/// `[m, 2]`: each row's log-prob of its target, and (for metrics, no gradient) the sum of its
+/// logits.
+fn scores(h: &Tensor, w: &Tensor, targets: &Tensor, compute: DType) -> Result<Tensor> {
+    let logits = head_product(h, w, compute)?;
+    let logp = crate::ops::token_logprobs(&logits, targets)?;
+    let sums = logits.detach().sum(1)?;
+    Tensor::stack(&[&logp, &sums], 1)
+}
+
+struct HeadChunk {
+    w: Tensor,
+    targets: Tensor,
+    compute: DType,
+}
+
+impl Block for HeadChunk {
+    fn forward(&self, h: &Tensor, live: bool) -> Result<Tensor> {
+        let w = if live {
+            self.w.clone()
+        } else {
+            self.w.detach()
+        };
+        scores(h, &w, &self.targets, self.compute)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        if self.w.is_variable() {
+            Var::from_tensor(&self.w).into_iter().collect()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Per-row target log-probs `[m]` and logit sums `[m]` (detached) of hidden states `[m, e]`.
+/// With `side`, the head runs in recomputed chunks (peak: one chunk's logits, not all of them).
+pub fn head_scores(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    compute: DType,
+    side: Option<&SideGrads>,
+) -> Result<(Tensor, Tensor)> {
+    chunked_scores(h, w, targets, compute, side, HEAD_CHUNK)
+}
+
+fn chunked_scores(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    compute: DType,
+    side: Option<&SideGrads>,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let out = match side {
+        None => scores(h, w, targets, compute)?,
+        Some(side) => {
+            let m = h.dim(0)?;
+            let mut parts = Vec::with_capacity(m.div_ceil(chunk));
+            for start in (0..m).step_by(chunk) {
+                let len = chunk.min(m - start);
+                let block = HeadChunk {
+                    w: w.clone(),
+                    targets: targets.narrow(0, start, len)?.contiguous()?,
+                    compute,
+                };
+                parts.push(checkpoint(
+                    &h.narrow(0, start, len)?,
+                    Arc::new(block),
+                    side,
+                )?);
+            }
+            Tensor::cat(&parts, 0)?
+        }
+    };
+    // Contiguous columns: downstream products then see the layout a plain [m] tensor has.
+    let logp = out.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+    let sums = out.narrow(1, 1, 1)?.squeeze(1)?.detach().contiguous()?;
+    Ok((logp, sums))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Chunks of 7 rows, recomputed in backward, give the unchunked values and gradients.
+    #[test]
+    fn chunked_recomputed_head_matches_the_plain_head() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, e, v) = (30, 8, 50);
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, e), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (v, e), &dev)?)?;
+        let targets =
+            Tensor::from_vec((0..m as u32).map(|i| (i * 7) % v as u32).collect(), m, &dev)?;
+        let weights = Tensor::randn(0f32, 1.0, m, &dev)?;
+        let run = |side: Option<&SideGrads>, chunk| -> Result<(Vec<f32>, Tensor, Tensor)> {
+            let (lp, sums) = chunked_scores(
+                h.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                DType::F32,
+                side,
+                chunk,
+            )?;
+            let mut g = (&lp * &weights)?.sum_all()?.backward()?;
+            if let Some(side) = side {
+                side.merge_into(&mut g)?;
+            }
+            let mut vals = lp.to_vec1::<f32>()?;
+            vals.extend(sums.to_vec1::<f32>()?);
+            Ok((
+                vals,
+                g.get(h.as_tensor()).unwrap().clone(),
+                g.get(w.as_tensor()).unwrap().clone(),
+            ))
+        };
+        let (a, ha, wa) = run(None, 0)?;
+        let side = SideGrads::default();
+        let (b, hb, wb) = run(Some(&side), 7)?;
+        // Equal up to the rounding of differently blocked products.
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
+        }
+        for (x, y) in [(ha, hb), (wa, wb)] {
+            let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "gradient differs by {diff}");
+        }
+        Ok(())
+    }
+}
