@@ -279,7 +279,10 @@ impl WeightSource {
 
     /// The tensor as f32 (the dtype of master weights and of everything but bf16 products).
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        Ok(self.take_raw(name, shape)?.to_dtype(DType::F32)?.contiguous()?)
+        Ok(self
+            .take_raw(name, shape)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     }
 
     fn register(&mut self, name: &str, t: Tensor) -> Result<Tensor, ModelError> {

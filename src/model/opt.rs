@@ -86,7 +86,9 @@ impl Layer {
         } else {
             x.clone()
         };
-        let hs = self.fc2.forward(&crate::ops::relu(&self.fc1.forward(&hs)?)?)?;
+        let hs = self
+            .fc2
+            .forward(&crate::ops::relu(&self.fc1.forward(&hs)?)?)?;
         x = (residual + hs)?;
         if !pre {
             x = self.ffn_norm.forward(&x)?;
