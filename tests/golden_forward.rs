@@ -103,46 +103,53 @@ fn packed_opt_batches_match_the_padded_computation() {
         let pairs = golden_pairs(&g, "tokenized");
         // Four pairs of very different lengths: lots of padding in every row but one.
         let refs: Vec<_> = pairs.iter().take(4).collect();
-        let batch = collate(&refs, pad_id(&g), true, &Device::Cpu).unwrap();
-        let a = forward(&model, &batch, 0.3).unwrap();
-        let b = forward_padded(&model, &batch, 0.3).unwrap();
-        assert_close(
-            &format!("{name} loss"),
-            a.metrics.loss,
-            b.metrics.loss,
-            1e-6,
-            1e-9,
-        );
-        for key in METRIC_NAMES {
-            let (x, y) = (a.metrics.get(key).unwrap(), b.metrics.get(key).unwrap());
-            assert_close(&format!("{name} {key}"), x, y, 1e-5, 2e-7);
-        }
-        let (ga, gb) = (
-            a.objective.backward().unwrap(),
-            b.objective.backward().unwrap(),
-        );
-        for (pname, var) in model.params().iter() {
-            let x = ga.get(var.as_tensor()).unwrap();
-            let y = gb.get(var.as_tensor()).unwrap();
-            let diff = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = y
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-5 * scale + 1e-9,
-                "{name} {pname}: max grad diff {diff} (scale {scale})"
+        for nll_on_prompt in [true, false] {
+            let name = &format!("{name} (nll_on_prompt {nll_on_prompt})");
+            let batch = collate(&refs, pad_id(&g), nll_on_prompt, &Device::Cpu).unwrap();
+            // Every rejected sequence reads the prompt from its chosen sequence's rows.
+            let segments = &batch.packed.layout.segments;
+            assert!(segments[..4].iter().all(|s| s.prefix.is_none()));
+            assert!(segments[4..].iter().all(|s| s.prefix.is_some()), "{name}");
+            let a = forward(&model, &batch, 0.3).unwrap();
+            let b = forward_padded(&model, &batch, 0.3).unwrap();
+            assert_close(
+                &format!("{name} loss"),
+                a.metrics.loss,
+                b.metrics.loss,
+                1e-6,
+                1e-9,
             );
+            for key in METRIC_NAMES {
+                let (x, y) = (a.metrics.get(key).unwrap(), b.metrics.get(key).unwrap());
+                assert_close(&format!("{name} {key}"), x, y, 1e-5, 2e-7);
+            }
+            let (ga, gb) = (
+                a.objective.backward().unwrap(),
+                b.objective.backward().unwrap(),
+            );
+            for (pname, var) in model.params().iter() {
+                let x = ga.get(var.as_tensor()).unwrap();
+                let y = gb.get(var.as_tensor()).unwrap();
+                let diff = (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = y
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale + 1e-9,
+                    "{name} {pname}: max grad diff {diff} (scale {scale})"
+                );
+            }
         }
     }
 }

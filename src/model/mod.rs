@@ -17,7 +17,7 @@ pub mod recompute;
 
 pub use arch::{Architecture, ModelConfig};
 pub use load::{resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
-pub use packed::{Packed, Segment};
+pub use packed::{Packed, Prefix, Segment};
 pub use params::Params;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};

@@ -297,17 +297,22 @@ impl Opt {
     }
 
     /// Hidden states `[total, e]` of a packed batch: each sequence's real tokens, then (when
-    /// the padded batch would pad it) one padding token standing for all of its padding.
+    /// the padded batch would pad it) one padding token standing for all of its padding; a
+    /// sequence with a shared prefix stores only the tokens after it.
     ///
     /// Exact for OPT: every padding position of a row has the same input (pad id, position 1)
     /// and sees the same keys (the row's real tokens; padding keys are masked), so all of them
-    /// carry one hidden state; and real tokens never see padding.
+    /// carry one hidden state; real tokens never see padding; and a causal model gives two
+    /// sequences with the same first tokens the same hidden states there, so the rejected
+    /// sequence's copy of the prompt is read from the chosen one's rows (its gradient then
+    /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
         let dev = packed.ids.device();
         let mut pos = Vec::with_capacity(packed.total);
         let mut biases = Vec::with_capacity(packed.segments.len());
         for seg in &packed.segments {
-            pos.extend((0..seg.real).map(|t| (t + POSITION_OFFSET) as u32));
+            let first = seg.prefix_len() + POSITION_OFFSET;
+            pos.extend((0..seg.real).map(|t| (first + t) as u32));
             if seg.pad_rep {
                 pos.push((POSITION_OFFSET - 1) as u32);
             }
@@ -324,13 +329,25 @@ impl Opt {
             Arc::new(move |q, k, v| {
                 let mut outs = Vec::with_capacity(segments.len());
                 for (seg, bias) in segments.iter().zip(&biases) {
-                    let len = seg.len();
-                    let part = |t: &Tensor| -> Result<Tensor> {
-                        split_heads(&t.narrow(0, seg.offset, len)?.unsqueeze(0)?, heads)
+                    let own = |t: &Tensor| t.narrow(0, seg.offset, seg.len());
+                    // Keys and values: the shared prefix's rows, then the segment's own.
+                    let keys = |t: &Tensor| -> Result<Tensor> {
+                        match seg.prefix {
+                            Some(p) => Tensor::cat(&[&t.narrow(0, p.offset, p.len)?, &own(t)?], 0),
+                            None => own(t),
+                        }
                     };
+                    let heads_of = |t: Tensor| split_heads(&t.unsqueeze(0)?, heads);
                     outs.push(
-                        attention(&part(q)?, &part(k)?, &part(v)?, bias, scale, compute)?
-                            .squeeze(0)?,
+                        attention(
+                            &heads_of(own(q)?)?,
+                            &heads_of(keys(k)?)?,
+                            &heads_of(keys(v)?)?,
+                            bias,
+                            scale,
+                            compute,
+                        )?
+                        .squeeze(0)?,
                     );
                 }
                 Tensor::cat(&outs, 0)
@@ -348,17 +365,19 @@ pub(super) fn trainable(tensors: Vec<&Tensor>) -> Vec<Var> {
         .collect()
 }
 
-/// Causal bias for one packed sequence; its padding stand-in sees the real tokens only.
+/// Causal bias `[own rows, prefix + own rows]` for one packed sequence: each token sees the
+/// shared prefix and its own earlier tokens; the padding stand-in sees the real tokens only.
 fn segment_bias(seg: &Segment, dev: &candle_core::Device) -> Result<Tensor> {
-    let n = seg.len();
-    let mut data = vec![f32::NEG_INFINITY; n * n];
+    let (n, p) = (seg.len(), seg.prefix_len());
+    let cols = p + n;
+    let mut data = vec![f32::NEG_INFINITY; n * cols];
     for i in 0..n {
-        let visible = if seg.pad_rep && i == seg.real {
+        let own = if seg.pad_rep && i == seg.real {
             seg.real
         } else {
             i + 1
         };
-        data[i * n..i * n + visible].fill(0.0);
+        data[i * cols..i * cols + p + own].fill(0.0);
     }
-    Tensor::from_vec(data, (1, 1, n, n), dev)
+    Tensor::from_vec(data, (1, 1, n, cols), dev)
 }

@@ -2,7 +2,7 @@
 //! stacked `[chosen_0..chosen_B, rejected_0..rejected_B]` for a single forward pass.
 
 use crate::data::TokenizedPair;
-use crate::model::{Packed, Segment};
+use crate::model::{Packed, Prefix, Segment};
 use candle_core::{Device, Result, Tensor};
 
 pub struct Batch {
@@ -28,7 +28,8 @@ pub struct Batch {
     pub packed: PackedBatch,
 }
 
-/// The padding-free layout: `m` prediction rows (each sequence's positions 0..len-2).
+/// The padding-free layout: `m` prediction rows (the positions whose next token the loss
+/// scores), rejected sequences sharing their chosen sequence's rows for the common prompt.
 pub struct PackedBatch {
     pub layout: Packed,
     /// `[m]` u32: the packed row each prediction reads its hidden state from.
@@ -123,7 +124,7 @@ fn pack(
 ) -> Result<PackedBatch> {
     let n = seqs.len();
     let mut ids = Vec::new();
-    let mut segments = Vec::with_capacity(n);
+    let mut segments: Vec<Segment> = Vec::with_capacity(n);
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut owner = Vec::new();
@@ -133,33 +134,54 @@ fn pack(
     for (r, (seq, labels)) in seqs.iter().enumerate() {
         let offset = ids.len();
         let real = seq.len();
+        // A rejected sequence reads its leading tokens shared with the chosen one from the
+        // chosen one's rows, keeping at least one row of its own.
+        let prefix = (r >= b)
+            .then(|| {
+                let chosen = seqs[r - b].0;
+                let shared = chosen.iter().zip(seq.iter()).take_while(|(a, b)| a == b);
+                let len = shared.count().min(real.saturating_sub(1));
+                Prefix {
+                    offset: segments[r - b].offset,
+                    len,
+                }
+            })
+            .filter(|p| p.len > 0);
+        let p = prefix.map_or(0, |p| p.len);
+        let row_of = |t: usize| match prefix {
+            Some(pre) if t < p => pre.offset + t,
+            _ => offset + t - p,
+        };
         // A stand-in is needed only when padding positions fall inside [0, len-1).
         let pad_rep = real + 1 < len;
-        ids.extend_from_slice(seq);
+        ids.extend_from_slice(&seq[p..]);
         let half = usize::from(r >= b);
         for t in 0..real {
-            weights.push((half, offset + t, if t + 1 < len { 1.0f32 } else { 0.0 }));
+            weights.push((half, row_of(t), if t + 1 < len { 1.0f32 } else { 0.0 }));
         }
         if pad_rep {
             ids.push(pad_id);
-            weights.push((half, offset + real, (len - 1 - real) as f32));
+            weights.push((half, offset + real - p, (len - 1 - real) as f32));
         }
+        // The LM head runs only where the loss reads it: answer tokens, and the chosen
+        // sequence's NLL targets.
         for t in 0..real.saturating_sub(1) {
-            rows.push((offset + t) as u32);
+            let answer = labels[t + 1] != -100;
+            let nll = r < b && (nll_on_prompt || answer);
+            if !answer && !nll {
+                continue;
+            }
+            rows.push(row_of(t) as u32);
             targets.push(seq[t + 1]);
             owner.push(r);
-            let answer = labels[t + 1] != -100;
             is_answer.push(answer);
-            nll_weight.push(if r < b && (nll_on_prompt || answer) {
-                1f32
-            } else {
-                0.0
-            });
+            nll_weight.push(if nll { 1f32 } else { 0.0 });
         }
         segments.push(Segment {
             offset,
-            real,
+            real: real - p,
             pad_rep,
+            prefix,
         });
     }
     let total = ids.len();
@@ -172,7 +194,7 @@ fn pack(
     }
     let mut logit_weights = vec![0f32; 2 * total];
     for (half, row, w) in weights {
-        logit_weights[half * total + row] = w;
+        logit_weights[half * total + row] += w;
     }
     Ok(PackedBatch {
         layout: Packed {

@@ -52,8 +52,8 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     })
 }
 
-/// The same numbers without computing padding: the LM head runs on predicting positions
-/// only, and the padding logits enter the metrics through `h . sum_v W_v` of each row's
+/// The same numbers without computing padding or a rejected sequence's copy of the prompt:
+/// the LM head runs on the positions the loss scores only, and the padding logits enter the metrics through `h . sum_v W_v` of each row's
 /// padding stand-in (the logits' sum over the vocabulary, as the head has no bias).
 fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let p = &batch.packed;
