@@ -5,7 +5,7 @@
 //! Timings: `cargo test --release --test ops_linear -- --ignored --nocapture`.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use orpo::ops::{linear, linear_chain};
+use orpo::ops::{column_sums, linear, linear_chain};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -194,6 +194,20 @@ fn timing_fused_vs_chain() -> Result<()> {
             "linear [{rows}, {in_f}] -> {out}: fused fwd {:.1} ms, fwd+bwd {:.1} ms | chain fwd {:.1} ms, fwd+bwd {:.1} ms | x{:.2}",
             ff * 1e3, ft * 1e3, cf * 1e3, ct * 1e3, ct / ft
         );
+    }
+    Ok(())
+}
+
+/// `column_sums` (the parallel dim-0 reduce) gives candle's `sum(0)` on a tall, a wide and a
+/// strided (transposed) matrix.
+#[test]
+fn column_sums_match_candle_sum0() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for shape in [[3001, 17], [5, 4099]] {
+        let t = tensor(&mut rng, &shape, 1.0)?;
+        assert_close("column sums", &column_sums(&t)?, &t.sum(0)?, 1e-5, 1e-5)?;
+        let tt = t.t()?;
+        assert_close("transposed", &column_sums(&tt)?, &tt.sum(0)?, 1e-5, 1e-5)?;
     }
     Ok(())
 }

@@ -182,6 +182,17 @@ impl CustomOp3 for Linear {
 
 /// `[rows, cols] -> [cols]`: each column summed over the rows in order, in f32 (as candle's
 /// `sum(0)` does); threads split the columns.
+/// Column sums of a 2-D tensor `[rows, cols]` -> `[cols]`, in row order (candle's
+/// `sum(0)` order); parallel over columns for f32 on the CPU (candle's dim-0 reduce is a
+/// single-threaded strided loop: ~230 ms on a 50272 x 768 embedding).
+pub fn column_sums(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && t.rank() == 2 {
+        t.contiguous()?.apply_op1_no_bwd(&ColumnSums)
+    } else {
+        t.sum(0)
+    }
+}
+
 struct ColumnSums;
 
 impl CustomOp1 for ColumnSums {

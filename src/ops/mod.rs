@@ -11,7 +11,7 @@ mod relu;
 mod softmax;
 mod token_logprob;
 
-pub use linear::{linear, linear_chain};
+pub use linear::{column_sums, linear, linear_chain};
 pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
 pub use relu::relu;
 pub use softmax::{softmax_last, softmax_last_chain};
@@ -43,7 +43,7 @@ fn f32_slice<'a>(
 /// Splits `out` (items of `item_len` elements) into contiguous runs of whole items and calls
 /// `f(first_item, run)` on each, over up to `candle_core::utils::get_num_threads()` scoped
 /// threads when there is enough work (`work` elements touched in total).
-fn par_items<T, F>(out: &mut [T], item_len: usize, work: usize, f: F)
+pub(crate) fn par_items<T, F>(out: &mut [T], item_len: usize, work: usize, f: F)
 where
     T: Send,
     F: Fn(usize, &mut [T]) + Sync,

@@ -278,10 +278,38 @@ fn sum_sq(t: &Tensor) -> Result<f64> {
         if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(data[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
+            return Ok(sum_sq_f32(&data[a..b]));
         }
     }
     t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// `sum(x^2)` in f64 over fixed 64K-element blocks summed in order, so the value does not
+/// depend on the thread count; blocks run in parallel.
+fn sum_sq_f32(x: &[f32]) -> f64 {
+    const BLOCK: usize = 1 << 16;
+    let mut partial = vec![0f64; x.len().div_ceil(BLOCK)];
+    crate::ops::par_items(&mut partial, 1, x.len(), |first, out| {
+        for (k, p) in out.iter_mut().enumerate() {
+            let start = (first + k) * BLOCK;
+            let block = &x[start..(start + BLOCK).min(x.len())];
+            // Four lanes: independent dependency chains for the f64 adds.
+            let mut acc = [0f64; 4];
+            let mut quads = block.chunks_exact(4);
+            for q in &mut quads {
+                for j in 0..4 {
+                    acc[j] += (q[j] as f64) * (q[j] as f64);
+                }
+            }
+            let tail: f64 = quads
+                .remainder()
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum();
+            *p = acc.iter().sum::<f64>() + tail;
+        }
+    });
+    partial.iter().sum()
 }
 
 /// The global L2 norm of all gradients (what is logged as `grad_norm`).
@@ -306,7 +334,23 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::decays;
+    use super::{decays, sum_sq_f32};
+
+    /// The blocked, parallel sum of squares agrees with the plain f64 sum (several blocks plus
+    /// a ragged tail), and an empty slice gives 0.
+    #[test]
+    fn blocked_sum_of_squares_matches_the_plain_sum() {
+        let x: Vec<f32> = (0..200_003)
+            .map(|i| ((i * 37 % 1001) as f32 - 500.0) * 1e-3)
+            .collect();
+        let plain: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let blocked = sum_sq_f32(&x);
+        assert!(
+            (blocked - plain).abs() <= 1e-12 * plain,
+            "{blocked} vs {plain}"
+        );
+        assert_eq!(sum_sq_f32(&[]), 0.0);
+    }
 
     #[test]
     fn decay_rule_matches_transformers() {
