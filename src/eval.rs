@@ -30,7 +30,13 @@ pub fn evaluate(
     let mut weighted_loss = 0.0;
     let pairs: Vec<_> = data.pairs.iter().collect();
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let batch = collate(chunk, pad_id, nll_on_prompt, &device)?;
+        let batch = collate(
+            chunk,
+            pad_id,
+            nll_on_prompt,
+            model.packed_padding(),
+            &device,
+        )?;
         let out = forward(model, &batch, beta)?;
         weighted_loss += out.metrics.loss * chunk.len() as f64;
         per_batch.push(out.metrics);

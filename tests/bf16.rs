@@ -41,8 +41,8 @@ fn bf16_compute_agrees_with_f32_on_every_fixture() {
         let g = golden(name);
         let pairs = golden_pairs(&g, "tokenized");
         let refs: Vec<_> = pairs.iter().take(2).collect();
-        let batch = collate(&refs, pad_id(&g), true, &Device::Cpu).unwrap();
         let (f, b) = (load(name, DType::F32), load(name, DType::BF16));
+        let batch = collate(&refs, pad_id(&g), true, f.packed_padding(), &Device::Cpu).unwrap();
         assert_eq!(b.compute_dtype(), DType::BF16);
         let (of, ob) = (
             forward(&f, &batch, 0.1).unwrap(),

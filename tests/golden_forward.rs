@@ -3,8 +3,9 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::*;
+use orpo::data::TokenizedPair;
 use orpo::model::CausalLm;
 use orpo::train::batch::collate;
 use orpo::train::forward::forward;
@@ -26,7 +27,14 @@ fn per_pair_loss_and_metrics_match_trl() {
             .zip(g["initial_per_pair"].as_array().unwrap())
             .enumerate()
         {
-            let batch = collate(&[pair], pad_id(&g), true, &Device::Cpu).unwrap();
+            let batch = collate(
+                &[pair],
+                pad_id(&g),
+                true,
+                model.packed_padding(),
+                &Device::Cpu,
+            )
+            .unwrap();
             let out = forward(&model, &batch, beta).unwrap();
             assert_close(
                 &format!("{name} pair {i} loss"),
@@ -53,7 +61,14 @@ fn first_batch_gradient_norms_match_trl() {
         let bsz = g["settings"]["batch"].as_u64().unwrap() as usize;
         let pairs = golden_pairs(&g, "tokenized");
         let refs: Vec<_> = pairs.iter().take(bsz).collect();
-        let batch = collate(&refs, pad_id(&g), true, &Device::Cpu).unwrap();
+        let batch = collate(
+            &refs,
+            pad_id(&g),
+            true,
+            model.packed_padding(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let out = forward(&model, &batch, beta).unwrap();
         let want = &g["initial_first_batch"];
         assert_close(
@@ -93,64 +108,116 @@ fn first_batch_gradient_norms_match_trl() {
     }
 }
 
-#[test]
-fn packed_opt_batches_match_the_padded_computation() {
+/// The packed batch (`forward` on `model`) against the padded one (`forward_padded` on
+/// `reference`, the same weights): loss, metrics and every parameter gradient, with
+/// nll_on_prompt both ways; rejected sequences must read the prompt from their chosen
+/// sequence's rows.
+fn assert_packed_matches_padded(
+    name: &str,
+    model: &CausalLm,
+    reference: &CausalLm,
+    pad: u32,
+    refs: &[&TokenizedPair],
+) {
     use orpo::train::forward::forward_padded;
-    for name in ["tiny-opt", "tiny-opt-350m-layout"] {
+    assert!(model.supports_packing());
+    let b = refs.len();
+    for nll_on_prompt in [true, false] {
+        let name = &format!("{name} (nll_on_prompt {nll_on_prompt})");
+        let batch = collate(
+            refs,
+            pad,
+            nll_on_prompt,
+            model.packed_padding(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let segments = &batch.packed.layout.segments;
+        assert!(segments[..b].iter().all(|s| s.prefix.is_none()), "{name}");
+        assert!(segments[b..].iter().all(|s| s.prefix.is_some()), "{name}");
+        assert!(segments.iter().any(|s| s.pad > 0), "{name}: no padding");
+        let a = forward(model, &batch, 0.3).unwrap();
+        let p = forward_padded(reference, &batch, 0.3).unwrap();
+        assert_close(
+            &format!("{name} loss"),
+            a.metrics.loss,
+            p.metrics.loss,
+            1e-5,
+            1e-9,
+        );
+        for key in METRIC_NAMES {
+            let (x, y) = (a.metrics.get(key).unwrap(), p.metrics.get(key).unwrap());
+            assert_close(&format!("{name} {key}"), x, y, 1e-5, 2e-7);
+        }
+        let (ga, gp) = (
+            model.gradients(&a.objective).unwrap(),
+            reference.gradients(&p.objective).unwrap(),
+        );
+        for ((pname, var), (_, rvar)) in model.params().iter().zip(reference.params().iter()) {
+            let x = ga.get(var.as_tensor()).unwrap();
+            let y = gp.get(rvar.as_tensor()).unwrap();
+            let max = |t: Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let (diff, scale) = (max((x - y).unwrap()), max(y.clone()));
+            assert!(
+                diff <= 1e-5 * scale + 1e-9,
+                "{name} {pname}: max grad diff {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_batches_match_the_padded_computation() {
+    for name in MODELS {
         let g = golden(name);
         let model = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
-        assert!(model.supports_packing());
         let pairs = golden_pairs(&g, "tokenized");
         // Four pairs of very different lengths: lots of padding in every row but one.
         let refs: Vec<_> = pairs.iter().take(4).collect();
-        for nll_on_prompt in [true, false] {
-            let name = &format!("{name} (nll_on_prompt {nll_on_prompt})");
-            let batch = collate(&refs, pad_id(&g), nll_on_prompt, &Device::Cpu).unwrap();
-            // Every rejected sequence reads the prompt from its chosen sequence's rows.
-            let segments = &batch.packed.layout.segments;
-            assert!(segments[..4].iter().all(|s| s.prefix.is_none()));
-            assert!(segments[4..].iter().all(|s| s.prefix.is_some()), "{name}");
-            let a = forward(&model, &batch, 0.3).unwrap();
-            let b = forward_padded(&model, &batch, 0.3).unwrap();
-            assert_close(
-                &format!("{name} loss"),
-                a.metrics.loss,
-                b.metrics.loss,
-                1e-6,
-                1e-9,
-            );
-            for key in METRIC_NAMES {
-                let (x, y) = (a.metrics.get(key).unwrap(), b.metrics.get(key).unwrap());
-                assert_close(&format!("{name} {key}"), x, y, 1e-5, 2e-7);
-            }
-            let (ga, gb) = (
-                a.objective.backward().unwrap(),
-                b.objective.backward().unwrap(),
-            );
-            for (pname, var) in model.params().iter() {
-                let x = ga.get(var.as_tensor()).unwrap();
-                let y = gb.get(var.as_tensor()).unwrap();
-                let diff = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = y
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    diff <= 1e-5 * scale + 1e-9,
-                    "{name} {pname}: max grad diff {diff} (scale {scale})"
-                );
-            }
-        }
+        assert_packed_matches_padded(name, &model, &model, pad_id(&g), &refs);
+        // Packed with gradient checkpointing against the plain padded computation.
+        let mut ckpt = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        ckpt.enable_recompute();
+        let name = format!("{name} (checkpointed)");
+        assert_packed_matches_padded(&name, &ckpt, &model, pad_id(&g), &refs);
+    }
+}
+
+#[test]
+fn packed_batches_match_the_padded_computation_under_a_sliding_window() {
+    // tiny-mistral with a window shorter than the batch: real tokens and padding positions
+    // lose their earliest keys (some padding positions all of them).
+    let g = golden("tiny-mistral");
+    let pairs = golden_pairs(&g, "tokenized");
+    let refs: Vec<_> = pairs.iter().take(4).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir("tiny-mistral")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    for window in [3usize, 7] {
+        cfg["sliding_window"] = window.into();
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let model = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(model.config().sliding_window, Some(window));
+        let shortest = refs
+            .iter()
+            .map(|p| p.chosen_input_ids.len().min(p.rejected_input_ids.len()))
+            .min()
+            .unwrap();
+        assert!(shortest > window, "every sequence must exceed the window");
+        let name = format!("tiny-mistral (window {window})");
+        assert_packed_matches_padded(&name, &model, &model, pad_id(&g), &refs);
     }
 }
 
@@ -163,7 +230,14 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         ckpt.enable_recompute();
         let pairs = golden_pairs(&g, "tokenized");
         let refs: Vec<_> = pairs.iter().take(3).collect();
-        let batch = collate(&refs, pad_id(&g), true, &Device::Cpu).unwrap();
+        let batch = collate(
+            &refs,
+            pad_id(&g),
+            true,
+            plain.packed_padding(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let a = forward(&plain, &batch, 0.1).unwrap();
         let b = forward(&ckpt, &batch, 0.1).unwrap();
         assert_eq!(a.metrics.loss, b.metrics.loss, "{name}: forward differs");

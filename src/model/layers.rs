@@ -1,7 +1,41 @@
 //! Differentiable building blocks. Each is composed of candle primitives that record a
 //! backward pass; none uses candle-nn's fused kernels, which would drop gradients silently.
 
+use super::packed::{AttendFn, PackedAttention};
 use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::Arc;
+
+/// Maps a layer's q/k/v projections of a padded batch (shaped like the layer input, heads not
+/// yet split) to the attention output; owns what it needs (masks, rotary tables) so that a
+/// checkpointed layer can rerun it during backward.
+pub type Attend = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// How the decoder layers of one forward pass attend, so that padded and packed batches share
+/// every other line of a layer.
+#[derive(Clone)]
+pub enum Attention {
+    Padded(Attend),
+    Packed(Arc<PackedAttention>),
+}
+
+impl Attention {
+    /// One decoder layer over `x`: `run(layer, rows, attend)` runs a layer on some rows. A
+    /// padded batch runs `live` on every row; a packed one runs `live` on the real rows and
+    /// `frozen` (the same layer with detached parameters) on the padding rows, which need no
+    /// gradient (see `PackedAttention::layer`).
+    pub fn layer<L>(
+        &self,
+        x: &Tensor,
+        live: &L,
+        frozen: &L,
+        run: impl Fn(&L, &Tensor, &AttendFn) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self {
+            Attention::Padded(attend) => run(live, x, &**attend),
+            Attention::Packed(p) => p.layer(x, |x, a| run(live, x, a), |x, a| run(frozen, x, a)),
+        }
+    }
+}
 
 /// `x @ w^T + b` for `x` of any rank (the last dim is the input features).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

@@ -3,11 +3,12 @@
 
 use super::arch::{Architecture, ModelConfig};
 use super::layers::{
-    apply_rope, attention, attention_bias, mask_rows, rms_norm, rope_tables, split_heads,
+    apply_rope, attention, attention_bias, mask_rows, rms_norm, rope_tables, split_heads, Attention,
 };
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::opt::trainable;
+use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{checkpoint, Block, SideGrads};
 use candle_core::{DType, Result, Tensor, Var};
@@ -29,27 +30,21 @@ struct Layer {
 
 /// Per-batch inputs every layer shares (owned, so a checkpointed layer can rerun in backward).
 struct Ctx {
-    cos: Tensor,
-    sin: Tensor,
-    bias: Tensor,
-    scale: f64,
+    /// Rotary positions, masks and attention of a padded or a packed batch.
+    attention: Attention,
     eps: f64,
-    heads: usize,
-    kv_heads: usize,
-    compute: DType,
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, c: &Ctx) -> Result<Tensor> {
-        let hs = rms_norm(x, &self.input_norm, c.eps)?;
-        let q = split_heads(&self.q.forward(&hs)?, c.heads)?;
-        let k = split_heads(&self.k.forward(&hs)?, c.kv_heads)?;
-        let v = split_heads(&self.v.forward(&hs)?, c.kv_heads)?;
-        let q = apply_rope(&q, &c.cos, &c.sin)?;
-        let k = apply_rope(&k, &c.cos, &c.sin)?;
-        let a = attention(&q, &k, &v, &c.bias, c.scale, c.compute)?;
+    fn forward(&self, x: &Tensor, eps: f64, attend: &AttendFn) -> Result<Tensor> {
+        let hs = rms_norm(x, &self.input_norm, eps)?;
+        let a = attend(
+            &self.q.forward(&hs)?,
+            &self.k.forward(&hs)?,
+            &self.v.forward(&hs)?,
+        )?;
         let x = (x + self.o.forward(&a)?)?;
-        let hs = rms_norm(&x, &self.post_norm, c.eps)?;
+        let hs = rms_norm(&x, &self.post_norm, eps)?;
         let g = self.gate.forward(&hs)?.silu()?;
         let u = self.up.forward(&hs)?;
         x + self.down.forward(&(g * u)?)?
@@ -91,10 +86,19 @@ struct LayerBlock {
     ctx: Arc<Ctx>,
 }
 
+impl LayerBlock {
+    fn run(&self, x: &Tensor, live: bool) -> Result<Tensor> {
+        let layer = if live { &self.live } else { &self.frozen };
+        let eps = self.ctx.eps;
+        self.ctx
+            .attention
+            .layer(x, layer, &self.frozen, |l, x, a| l.forward(x, eps, a))
+    }
+}
+
 impl Block for LayerBlock {
     fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor> {
-        let layer = if live { &self.live } else { &self.frozen };
-        layer.forward(x, &self.ctx)
+        self.run(x, live)
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -171,40 +175,74 @@ impl Llama {
             .unwrap_or_else(|| self.embed_tokens.clone())
     }
 
+    /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
+    fn decode(&self, mut x: Tensor, attention: Attention) -> Result<Tensor> {
+        let ctx = Arc::new(Ctx {
+            attention,
+            eps: self.config.rms_norm_eps,
+        });
+        for layer in &self.layers {
+            let block = LayerBlock {
+                live: layer.clone(),
+                frozen: layer.detached(),
+                ctx: ctx.clone(),
+            };
+            x = match &self.recompute {
+                Some(side) => checkpoint(&x, Arc::new(block), side)?,
+                None => block.run(&x, true)?,
+            };
+        }
+        rms_norm(&x, &self.norm, ctx.eps)
+    }
+
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let cfg = &self.config;
         let (n, l) = ids.dims2()?;
         let rows = mask_rows(mask)?;
         let dev = ids.device();
-        let mut x = self
+        let x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((n, l, cfg.hidden_size))?;
         // transformers uses positions 0..len for every row, padding or not.
         let (cos, sin) = rope_tables(l, cfg.head_dim, cfg.rope_theta, dev)?;
-        let ctx = Arc::new(Ctx {
-            cos,
-            sin,
-            bias: attention_bias(&rows, cfg.sliding_window, dev)?,
-            scale: 1.0 / (cfg.head_dim as f64).sqrt(),
-            eps: cfg.rms_norm_eps,
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
-            compute: self.compute,
-        });
-        for layer in &self.layers {
-            x = match &self.recompute {
-                Some(side) => {
-                    let block = LayerBlock {
-                        live: layer.clone(),
-                        frozen: layer.detached(),
-                        ctx: ctx.clone(),
-                    };
-                    checkpoint(&x, Arc::new(block), side)?
-                }
-                None => layer.forward(&x, &ctx)?,
-            };
-        }
-        rms_norm(&x, &self.norm, ctx.eps)
+        let bias = attention_bias(&rows, cfg.sliding_window, dev)?;
+        let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let compute = self.compute;
+        self.decode(
+            x,
+            Attention::Padded(Arc::new(move |q, k, v| {
+                let q = apply_rope(&split_heads(q, heads)?, &cos, &sin)?;
+                let k = apply_rope(&split_heads(k, kv_heads)?, &cos, &sin)?;
+                let v = split_heads(v, kv_heads)?;
+                attention(&q, &k, &v, &bias, scale, compute)
+            })),
+        )
+    }
+
+    /// Hidden states `[total, h]` of a packed batch laid out with `Padding::Explicit`: each
+    /// sequence's real tokens (a sequence with a shared prefix stores only the tokens after
+    /// it), then the padding block: one row per padding position the metrics count
+    /// (computed without a graph).
+    ///
+    /// Exact: transformers gives every row the positions 0..len, padding included, and masks
+    /// padding keys, so real tokens never see padding and padding position p (its own rotary
+    /// position p) sees the row's real tokens up to p (within the sliding window): here own
+    /// row i sits at position `prefix_len + i`, with those keys. A causal model gives two
+    /// sequences with the same first tokens the same hidden states there, so the rejected
+    /// sequence's copy of the prompt is read from the chosen one's rows (its gradient then
+    /// arrives there too, summed as the two copies' would be).
+    pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
+        let cfg = &self.config;
+        let x = self.embed_tokens.index_select(&packed.ids, 0)?;
+        let attention = PackedAttention::new(
+            packed,
+            (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            cfg.sliding_window,
+            Some(cfg.rope_theta),
+            self.compute,
+        )?;
+        self.decode(x, Attention::Packed(Arc::new(attention)))
     }
 }

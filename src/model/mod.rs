@@ -17,7 +17,7 @@ pub mod recompute;
 
 pub use arch::{Architecture, ModelConfig};
 pub use load::{resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
-pub use packed::{Packed, Prefix, Segment};
+pub use packed::{Packed, Padding, Prefix, Segment};
 pub use params::Params;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
@@ -108,17 +108,34 @@ impl CausalLm {
         }
     }
 
-    /// Whether `hidden_packed` is available (exact only where every padding position of a row
-    /// has the same hidden state: OPT's padding shares one position id).
+    /// Whether `hidden_packed` is available (every architecture has an exact packed path).
     pub fn supports_packing(&self) -> bool {
-        matches!(self, CausalLm::Opt(_))
+        true
     }
 
-    /// Hidden states `[total, e]` of a packed batch (see `Opt::forward_packed`).
+    /// The padding layout `hidden_packed` is exact for (pass it to `collate`): OPT's padding
+    /// positions share one position id and one hidden state, so one stand-in row serves a
+    /// sequence; rotary models give each padding position its own position and hidden state.
+    pub fn packed_padding(&self) -> Padding {
+        match self {
+            CausalLm::Opt(_) => Padding::StandIn,
+            CausalLm::Llama(_) => Padding::Explicit,
+        }
+    }
+
+    /// Hidden states `[total, e]` of a packed batch (see `Opt::forward_packed`,
+    /// `Llama::forward_packed`).
     pub fn hidden_packed(&self, packed: &Packed) -> CResult<Tensor> {
+        if packed.padding != self.packed_padding() {
+            candle_core::bail!(
+                "packed batch laid out with {:?} padding, the model needs {:?}",
+                packed.padding,
+                self.packed_padding()
+            );
+        }
         match self {
             CausalLm::Opt(m) => m.forward_packed(packed),
-            CausalLm::Llama(_) => candle_core::bail!("packed batches are only exact for OPT"),
+            CausalLm::Llama(m) => m.forward_packed(packed),
         }
     }
 

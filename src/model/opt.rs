@@ -2,10 +2,10 @@
 //! the pre-norm layout (125M, 1.3B, ...) and 350M's post-norm layout with project_in/out.
 
 use super::arch::ModelConfig;
-use super::layers::{attention, attention_bias, layer_norm, mask_rows, split_heads};
+use super::layers::{attention, attention_bias, layer_norm, mask_rows, split_heads, Attention};
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
-use super::packed::{Packed, Segment};
+use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{checkpoint, Block, SideGrads};
 use candle_core::{DType, Result, Tensor, Var};
@@ -59,12 +59,8 @@ struct Layer {
     ffn_norm: Norm,
 }
 
-/// Maps the q/k/v projections (shaped like the layer input) to the attention output; owns what
-/// it needs (masks, segments) so a checkpointed layer can rerun it during backward.
-type Attend = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
-
 impl Layer {
-    fn forward(&self, x: &Tensor, pre: bool, attend: &Attend) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pre: bool, attend: &AttendFn) -> Result<Tensor> {
         let residual = x.clone();
         let hs = if pre {
             self.attn_norm.forward(x)?
@@ -126,13 +122,21 @@ struct LayerBlock {
     live: Layer,
     frozen: Layer,
     pre: bool,
-    attend: Attend,
+    attention: Attention,
+}
+
+impl LayerBlock {
+    fn run(&self, x: &Tensor, live: bool) -> Result<Tensor> {
+        let layer = if live { &self.live } else { &self.frozen };
+        let pre = self.pre;
+        self.attention
+            .layer(x, layer, &self.frozen, |l, x, a| l.forward(x, pre, a))
+    }
 }
 
 impl Block for LayerBlock {
     fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor> {
-        let layer = if live { &self.live } else { &self.frozen };
-        layer.forward(x, self.pre, &self.attend)
+        self.run(x, live)
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -236,22 +240,20 @@ impl Opt {
         x + self.embed_positions.index_select(pos, 0)?.reshape(dims)?
     }
 
-    /// The decoder stack; `attend` maps the q/k/v projections (shaped like `x`) to the
-    /// attention output, so padded and packed batches share every other line.
-    fn decode(&self, mut x: Tensor, attend: Attend) -> Result<Tensor> {
+    /// The decoder stack; `attention` says how a padded or packed batch attends, so both
+    /// share every other line.
+    fn decode(&self, mut x: Tensor, attention: Attention) -> Result<Tensor> {
         let pre = self.config.do_layer_norm_before;
         for layer in &self.layers {
+            let block = LayerBlock {
+                live: layer.clone(),
+                frozen: layer.detached(),
+                pre,
+                attention: attention.clone(),
+            };
             x = match &self.recompute {
-                Some(side) => {
-                    let block = LayerBlock {
-                        live: layer.clone(),
-                        frozen: layer.detached(),
-                        pre,
-                        attend: attend.clone(),
-                    };
-                    checkpoint(&x, Arc::new(block), side)?
-                }
-                None => layer.forward(&x, pre, &attend)?,
+                Some(side) => checkpoint(&x, Arc::new(block), side)?,
+                None => block.run(&x, true)?,
             };
         }
         if let Some(norm) = &self.final_norm {
@@ -283,7 +285,7 @@ impl Opt {
         let compute = self.compute;
         self.decode(
             x,
-            Arc::new(move |q, k, v| {
+            Attention::Padded(Arc::new(move |q, k, v| {
                 attention(
                     &split_heads(q, heads)?,
                     &split_heads(k, heads)?,
@@ -292,13 +294,14 @@ impl Opt {
                     scale,
                     compute,
                 )
-            }),
+            })),
         )
     }
 
-    /// Hidden states `[total, e]` of a packed batch: each sequence's real tokens, then (when
-    /// the padded batch would pad it) one padding token standing for all of its padding; a
-    /// sequence with a shared prefix stores only the tokens after it.
+    /// Hidden states `[total, e]` of a packed batch laid out with `Padding::StandIn`: each
+    /// sequence's real tokens (a sequence with a shared prefix stores only the tokens after
+    /// it), then the padding block: for each sequence the padded batch pads, one padding token
+    /// standing for all of its padding (computed without a graph).
     ///
     /// Exact for OPT: every padding position of a row has the same input (pad id, position 1)
     /// and sees the same keys (the row's real tokens; padding keys are masked), so all of them
@@ -308,51 +311,21 @@ impl Opt {
     /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
         let dev = packed.ids.device();
-        let mut pos = Vec::with_capacity(packed.total);
-        let mut biases = Vec::with_capacity(packed.segments.len());
+        let mut pos = vec![(POSITION_OFFSET - 1) as u32; packed.total];
         for seg in &packed.segments {
             let first = seg.prefix_len() + POSITION_OFFSET;
-            pos.extend((0..seg.real).map(|t| (first + t) as u32));
-            if seg.pad_rep {
-                pos.push((POSITION_OFFSET - 1) as u32);
+            for t in 0..seg.real {
+                pos[seg.offset + t] = (first + t) as u32;
             }
-            biases.push(segment_bias(seg, dev)?);
         }
+        // The padding block keeps position id 1 (= 0 - 1 + offset), as transformers gives
+        // every padding position.
         let pos = Tensor::from_vec(pos, packed.total, dev)?;
         let x = self.embed(&packed.ids, &pos, &[packed.total])?;
-        let heads = self.config.num_heads;
-        let scale = 1.0 / (self.config.head_dim as f64).sqrt();
-        let compute = self.compute;
-        let segments = packed.segments.clone();
-        self.decode(
-            x,
-            Arc::new(move |q, k, v| {
-                let mut outs = Vec::with_capacity(segments.len());
-                for (seg, bias) in segments.iter().zip(&biases) {
-                    let own = |t: &Tensor| t.narrow(0, seg.offset, seg.len());
-                    // Keys and values: the shared prefix's rows, then the segment's own.
-                    let keys = |t: &Tensor| -> Result<Tensor> {
-                        match seg.prefix {
-                            Some(p) => Tensor::cat(&[&t.narrow(0, p.offset, p.len)?, &own(t)?], 0),
-                            None => own(t),
-                        }
-                    };
-                    let heads_of = |t: Tensor| split_heads(&t.unsqueeze(0)?, heads);
-                    outs.push(
-                        attention(
-                            &heads_of(own(q)?)?,
-                            &heads_of(keys(k)?)?,
-                            &heads_of(keys(v)?)?,
-                            bias,
-                            scale,
-                            compute,
-                        )?
-                        .squeeze(0)?,
-                    );
-                }
-                Tensor::cat(&outs, 0)
-            }),
-        )
+        let cfg = &self.config;
+        let heads = (cfg.num_heads, cfg.num_heads, cfg.head_dim);
+        let attention = PackedAttention::new(packed, heads, None, None, self.compute)?;
+        self.decode(x, Attention::Packed(Arc::new(attention)))
     }
 }
 
@@ -363,21 +336,4 @@ pub(super) fn trainable(tensors: Vec<&Tensor>) -> Vec<Var> {
         .filter(|t| t.is_variable())
         .filter_map(|t| Var::from_tensor(t).ok())
         .collect()
-}
-
-/// Causal bias `[own rows, prefix + own rows]` for one packed sequence: each token sees the
-/// shared prefix and its own earlier tokens; the padding stand-in sees the real tokens only.
-fn segment_bias(seg: &Segment, dev: &candle_core::Device) -> Result<Tensor> {
-    let (n, p) = (seg.len(), seg.prefix_len());
-    let cols = p + n;
-    let mut data = vec![f32::NEG_INFINITY; n * cols];
-    for i in 0..n {
-        let own = if seg.pad_rep && i == seg.real {
-            seg.real
-        } else {
-            i + 1
-        };
-        data[i * cols..i * cols + p + own].fill(0.0);
-    }
-    Tensor::from_vec(data, (1, 1, n, cols), dev)
 }

@@ -2,7 +2,7 @@
 //! stacked `[chosen_0..chosen_B, rejected_0..rejected_B]` for a single forward pass.
 
 use crate::data::TokenizedPair;
-use crate::model::{Packed, Prefix, Segment};
+use crate::model::{Packed, Padding, Prefix, Segment};
 use candle_core::{Device, Result, Tensor};
 
 pub struct Batch {
@@ -28,8 +28,9 @@ pub struct Batch {
     pub packed: PackedBatch,
 }
 
-/// The padding-free layout: `m` prediction rows (the positions whose next token the loss
-/// scores), rejected sequences sharing their chosen sequence's rows for the common prompt.
+/// The packed layout (see `Packed`): real rows without padding, rejected sequences sharing
+/// their chosen sequence's rows for the common prompt, then the padding rows the metrics
+/// need; `m` prediction rows (the positions whose next token the loss scores).
 pub struct PackedBatch {
     pub layout: Packed,
     /// `[m]` u32: the packed row each prediction reads its hidden state from.
@@ -46,11 +47,13 @@ pub struct PackedBatch {
 }
 
 /// `nll_on_prompt = true` is TRL's choice: the NLL covers every non-padding target of the
-/// chosen sequence; `false` restricts it to the answer, as in the paper.
+/// chosen sequence; `false` restricts it to the answer, as in the paper. `padding` is how the
+/// packed layout represents padding: the model's `CausalLm::packed_padding()`.
 pub fn collate(
     pairs: &[&TokenizedPair],
     pad_id: u32,
     nll_on_prompt: bool,
+    padding: Padding,
     device: &Device,
 ) -> Result<Batch> {
     let b = pairs.len();
@@ -98,7 +101,7 @@ pub fn collate(
             candle_core::bail!("a sequence has no answer token to score");
         }
     }
-    let packed = pack(&seqs, b, len, pad_id, nll_on_prompt, device)?;
+    let packed = pack(&seqs, b, len, pad_id, nll_on_prompt, padding, device)?;
     Ok(Batch {
         packed,
         n_pairs: b,
@@ -120,6 +123,7 @@ fn pack(
     len: usize,
     pad_id: u32,
     nll_on_prompt: bool,
+    padding: Padding,
     device: &Device,
 ) -> Result<PackedBatch> {
     let n = seqs.len();
@@ -131,6 +135,8 @@ fn pack(
     let mut is_answer = Vec::new();
     let mut nll_weight = Vec::new();
     let mut weights = Vec::new();
+    let mut pad_ids = Vec::new();
+    let mut pad_weights = Vec::new();
     for (r, (seq, labels)) in seqs.iter().enumerate() {
         let offset = ids.len();
         let real = seq.len();
@@ -152,16 +158,23 @@ fn pack(
             Some(pre) if t < p => pre.offset + t,
             _ => offset + t - p,
         };
-        // A stand-in is needed only when padding positions fall inside [0, len-1).
-        let pad_rep = real + 1 < len;
+        // Padding rows are needed only when padding positions fall inside [0, len-1): one
+        // stand-in weighted by their count, or one row for each. They go after every real
+        // row (the stream's padding block), as nothing differentiates through them.
+        let pad = padding.rows(real, len);
+        let pad_offset = pad_ids.len();
         ids.extend_from_slice(&seq[p..]);
+        pad_ids.extend(std::iter::repeat_n(pad_id, pad));
         let half = usize::from(r >= b);
         for t in 0..real {
             weights.push((half, row_of(t), if t + 1 < len { 1.0f32 } else { 0.0 }));
         }
-        if pad_rep {
-            ids.push(pad_id);
-            weights.push((half, offset + real - p, (len - 1 - real) as f32));
+        let pad_weight = match padding {
+            Padding::StandIn => (len - 1).saturating_sub(real) as f32,
+            Padding::Explicit => 1.0,
+        };
+        for i in 0..pad {
+            pad_weights.push((half, pad_offset + i, pad_weight));
         }
         // The LM head runs only where the loss reads it: answer tokens, and the chosen
         // sequence's NLL targets.
@@ -180,10 +193,18 @@ fn pack(
         segments.push(Segment {
             offset,
             real: real - p,
-            pad_rep,
+            pad,
+            pad_offset,
             prefix,
         });
     }
+    let real_rows = ids.len();
+    ids.extend(pad_ids);
+    weights.extend(
+        pad_weights
+            .into_iter()
+            .map(|(half, i, w)| (half, real_rows + i, w)),
+    );
     let total = ids.len();
     let m = rows.len();
     let mut select = vec![0f32; n * m];
@@ -201,6 +222,8 @@ fn pack(
             ids: Tensor::from_vec(ids, total, device)?,
             segments,
             total,
+            real_rows,
+            padding,
         },
         rows: Tensor::from_vec(rows, m, device)?,
         targets: Tensor::from_vec(targets, m, device)?,
@@ -208,4 +231,64 @@ fn pack(
         nll_weight: Tensor::from_vec(nll_weight, m, device)?,
         logit_weights: Tensor::from_vec(logit_weights, (2, total), device)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::PairText;
+
+    fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> TokenizedPair {
+        let seq = |answer: &[u32]| [prompt, answer].concat();
+        let labels = |answer: &[u32]| {
+            let mut l = vec![-100i64; prompt.len()];
+            l.extend(answer.iter().map(|&t| t as i64));
+            l
+        };
+        TokenizedPair {
+            prompt_input_ids: prompt.to_vec(),
+            chosen_input_ids: seq(chosen),
+            chosen_labels: labels(chosen),
+            rejected_input_ids: seq(rejected),
+            rejected_labels: labels(rejected),
+            truncated: false,
+            text: PairText {
+                prompt: String::new(),
+                chosen: String::new(),
+                rejected: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn padding_rows_follow_every_real_row() {
+        // Lengths 5, 3 (chosen) and 4, 8 (rejected): padded to 8.
+        let a = pair(&[1, 2, 3], &[4, 5], &[6]);
+        let b = pair(&[7], &[8, 9], &[10, 11, 12, 13, 14, 15, 16]);
+        let pad = 99;
+        for padding in [Padding::StandIn, Padding::Explicit] {
+            let batch = collate(&[&a, &b], pad, true, padding, &Device::Cpu).unwrap();
+            let p = &batch.packed;
+            let l = &p.layout;
+            let pads: Vec<usize> = l.segments.iter().map(|s| s.pad).collect();
+            let want = match padding {
+                Padding::StandIn => vec![1, 1, 1, 0],
+                Padding::Explicit => vec![2, 4, 3, 0],
+            };
+            assert_eq!(pads, want, "{padding:?}");
+            // Real rows: 5 + 3 + (4 - 3 shared) + (8 - 1 shared).
+            assert_eq!(l.real_rows, 5 + 3 + 1 + 7);
+            assert_eq!(l.total, l.real_rows + want.iter().sum::<usize>());
+            let ids: Vec<u32> = l.ids.to_vec1().unwrap();
+            assert!(ids[l.real_rows..].iter().all(|&t| t == pad));
+            assert!(ids[..l.real_rows].iter().all(|&t| t != pad));
+            let offsets: Vec<usize> = l.segments.iter().map(|s| s.pad_offset).collect();
+            assert_eq!(offsets[..3], [0, want[0], want[0] + want[1]]);
+            // Each half's weights count all of its padded positions [0, len-1).
+            let w: Vec<Vec<f32>> = p.logit_weights.to_vec2().unwrap();
+            for half in &w {
+                assert_eq!(half.iter().sum::<f32>(), (2 * 7) as f32);
+            }
+        }
+    }
 }

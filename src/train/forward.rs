@@ -52,9 +52,11 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     })
 }
 
-/// The same numbers without computing padding or a rejected sequence's copy of the prompt:
-/// the LM head runs on the positions the loss scores only, and the padding logits enter the metrics through `h . sum_v W_v` of each row's
-/// padding stand-in (the logits' sum over the vocabulary, as the head has no bias).
+/// The same numbers without a rejected sequence's copy of the prompt, and with padding only
+/// as the forward-only rows the metrics need: the LM head runs on the positions the loss
+/// scores only, and the padded batch's logits enter the metrics through `h . sum_v W_v` (the
+/// logits' sum over the vocabulary, as the head has no bias) of each packed row, weighted by
+/// the padded positions it stands for.
 fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let p = &batch.packed;
     let hidden = model.hidden_packed(&p.layout)?; // [total, e]
@@ -75,8 +77,8 @@ fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     })
 }
 
-/// The ORPO objective and metrics of one micro-batch, without computing padding where the
-/// model allows it exactly (OPT), else on the padded batch.
+/// The ORPO objective and metrics of one micro-batch: packed where the model allows it exactly
+/// (every architecture today), else on the padded batch.
 pub fn forward(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutput> {
     forward_with(model, batch, beta, model.supports_packing())
 }

@@ -145,6 +145,7 @@ impl Trainer {
                 &pairs,
                 self.tokenizer.pad_id(),
                 cfg.orpo.nll_on_prompt,
+                self.model.packed_padding(),
                 &self.device,
             )?;
             tokens += batch.tokens;
