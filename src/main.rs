@@ -314,6 +314,10 @@ fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     init_logging();
+    if std::env::var_os("ORPO_FUSED_KERNELS").is_some_and(|v| v == "0") {
+        orpo::ops::set_fused_kernels(false);
+        tracing::info!("ORPO_FUSED_KERNELS=0: CPU kernels off, plain candle ops throughout");
+    }
     let result = match cli.command {
         Command::Train {
             config,

@@ -145,9 +145,12 @@ fn assert_packed_matches_padded(
             1e-5,
             1e-9,
         );
+        // Absolute 1e-6: differences of log-probs of a few units (log_odds_chosen, margins)
+        // near 0 sit at f32 resolution once the plain ops round packed and padded shapes
+        // differently (tests/plain_ops.rs); a layout error shows at 1e-3 and up.
         for key in METRIC_NAMES {
             let (x, y) = (a.metrics.get(key).unwrap(), p.metrics.get(key).unwrap());
-            assert_close(&format!("{name} {key}"), x, y, 1e-5, 2e-7);
+            assert_close(&format!("{name} {key}"), x, y, 1e-5, 1e-6);
         }
         let (ga, gp) = (
             model.gradients(&a.objective).unwrap(),

@@ -122,21 +122,36 @@ fn softmax_on_strided_input_and_fully_masked_rows() -> Result<()> {
     assert_close("strided value", &y, &y_ref, 1e-5, 1e-7)?;
     assert_close("strided grad", &gx, &gx_ref, 1e-5, 1e-6)?;
 
-    // A fully masked row gives zeros (not NaN) and zero gradient; other rows are unaffected.
+    // A fully masked row gives zeros (not NaN) and zero gradient; other rows, a single-key
+    // row among them (probability 1, gradient 0), are unaffected; in the chain (the CUDA
+    // path) as in the kernel.
     let mut data = randn(&mut rng, 3 * 4, 1.0);
     data[4..8].fill(f32::NEG_INFINITY);
+    data[9..12].fill(f32::NEG_INFINITY);
     let x = Tensor::from_vec(data, (3, 4), &Device::Cpu)?;
     let w = Tensor::from_vec(randn(&mut rng, 12, 1.0), (3, 4), &Device::Cpu)?;
-    let (y, gx) = value_and_grad(&x, &w, softmax_last)?;
-    let y = y.to_vec2::<f32>()?;
-    let gx = gx.to_vec2::<f32>()?;
-    assert_eq!(y[1], vec![0.0; 4]);
-    assert_eq!(gx[1], vec![0.0; 4]);
-    assert!(y
-        .iter()
-        .flatten()
-        .chain(gx.iter().flatten())
-        .all(|v| v.is_finite()));
+    let (y_ref, gx_ref) = value_and_grad(&x, &w, softmax_last)?;
+    for (what, f) in [
+        ("fused", softmax_last as fn(&Tensor) -> Result<Tensor>),
+        ("chain", softmax_last_chain),
+    ] {
+        let (y, gx) = value_and_grad(&x, &w, f)?;
+        assert_close(&format!("{what} masked rows"), &y, &y_ref, 1e-6, 1e-7)?;
+        assert_close(&format!("{what} masked grads"), &gx, &gx_ref, 1e-6, 1e-7)?;
+        let y = y.to_vec2::<f32>()?;
+        let gx = gx.to_vec2::<f32>()?;
+        assert_eq!(y[1], vec![0.0; 4], "{what}");
+        assert_eq!(gx[1], vec![0.0; 4], "{what}");
+        assert_eq!(y[2], vec![1.0, 0.0, 0.0, 0.0], "{what}");
+        assert_eq!(gx[2], vec![0.0; 4], "{what}");
+        assert!(
+            y.iter()
+                .flatten()
+                .chain(gx.iter().flatten())
+                .all(|v| v.is_finite()),
+            "{what}"
+        );
+    }
     Ok(())
 }
 

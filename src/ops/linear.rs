@@ -10,7 +10,7 @@
 
 use super::{f32_slice, par_items};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout};
 use candle_core::{Result, Shape, Tensor};
 
 /// `x @ w^T + b` for `x: [..., in]`, `w: [out, in]`, `b: [out]`.
@@ -18,7 +18,7 @@ use candle_core::{Result, Shape, Tensor};
 /// f32 tensors on the CPU use the fused op (non-contiguous inputs are copied first); other
 /// dtypes/devices fall back to [`linear_chain`].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let cpu_f32 = super::fusable_f32;
     let fusable = x.rank() >= 1
         && w.rank() == 2
         && cpu_f32(x)
@@ -186,7 +186,7 @@ impl CustomOp3 for Linear {
 /// `sum(0)` order); parallel over columns for f32 on the CPU (candle's dim-0 reduce is a
 /// single-threaded strided loop: ~230 ms on a 50272 x 768 embedding).
 pub fn column_sums(t: &Tensor) -> Result<Tensor> {
-    if t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && t.rank() == 2 {
+    if super::fusable_f32(t) && t.rank() == 2 {
         t.contiguous()?.apply_op1_no_bwd(&ColumnSums)
     } else {
         t.sum(0)

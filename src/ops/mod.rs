@@ -18,7 +18,28 @@ pub use softmax::{softmax_last, softmax_last_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static FUSED_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the CPU kernels of this module (and the optimizer's host update) on or off for the
+/// whole process. Off, every op takes the plain candle-op path that CUDA and other dtypes
+/// take, so that path can be tested against the goldens on the CPU (`tests/plain_ops.rs`);
+/// the binary reads `ORPO_FUSED_KERNELS=0` to rule the kernels out when a result looks wrong.
+pub fn set_fused_kernels(on: bool) {
+    FUSED_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the CPU kernels are on (see [`set_fused_kernels`]).
+pub fn fused_kernels() -> bool {
+    FUSED_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Whether a fused CPU kernel may take `t`: kernels on, f32, on the CPU.
+pub(crate) fn fusable_f32(t: &Tensor) -> bool {
+    fused_kernels() && t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
+}
 
 /// Below this many elements the work is done on the calling thread.
 const PAR_MIN_ELEMS: usize = 1 << 15;

@@ -92,7 +92,7 @@ pub fn rms_norm_chain(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Whether the fused kernel applies: non-empty f32 `x` on the CPU and f32 CPU parameters of
 /// `d` elements whose shape broadcasts to `[.., d]` without growing `x`'s rank.
 fn fusable(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
-    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let cpu_f32 = super::fusable_f32;
     let cols = x.dims().last().copied().unwrap_or(0);
     cols > 0
         && x.elem_count() > 0

@@ -5,12 +5,12 @@
 //! candle's semantics: `y = max(x, 0)`, `dx = g * (x >= 0 ? 1 : 0)`.
 
 use super::{f32_slice, par_items, simd_fn};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `max(x, 0)` element-wise. f32 on the CPU uses the fused op (a non-contiguous input is
 /// copied first); anything else is candle's `relu`.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+    if !super::fusable_f32(x) {
         return x.relu();
     }
     x.contiguous()?.apply_op1(Relu)

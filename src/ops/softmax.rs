@@ -1,7 +1,7 @@
 //! Softmax over the last dim as one fused op with a fused backward.
 
 use super::{dot, exp_nonpos, f32_slice, par_items, row_max, simd_fn};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use candle_core::{Tensor, D};
 
 /// Softmax over the last dim, numerically stable (row max shift).
@@ -15,18 +15,30 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last: expected at least one dim, got a scalar");
     }
-    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+    if !super::fusable_f32(x) {
         return softmax_last_chain(x);
     }
     x.contiguous()?.apply_op1(SoftmaxLast)
 }
 
-/// The plain candle-op formulation (as in `model::layers::softmax_last`): reference and
-/// fallback. Fully masked rows give NaN here.
+/// The plain candle-op formulation: reference and fallback (CUDA, other dtypes). A fully
+/// masked row gives zeros, as the fused kernel: a NaN there would reach every row through
+/// the next layer's keys (`NaN + -inf` is NaN, so masking does not stop it).
 pub fn softmax_last_chain(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
+    // A finite shift keeps `-inf - max` at -inf (exp 0) for an all `-inf` row; other rows'
+    // maxima are finite and unchanged.
+    let m = x
+        .max_keepdim(D::Minus1)?
+        .detach()
+        .clamp(f32::MIN as f64, f32::MAX as f64)?;
     let e = x.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    // A row's sum is >= 1 (its maximum gives exp(0)) unless the row is fully masked (0): add
+    // 1 there, as a constant, so the row divides to zeros with a zero (not 0/0) gradient
+    // and every other row's arithmetic and gradient is untouched (a clamp would halve the
+    // gradient of a single-key row, whose sum is exactly 1).
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let empty = sum.detach().eq(0f64)?.to_dtype(sum.dtype())?;
+    e.broadcast_div(&(sum + empty)?)
 }
 
 pub(super) struct SoftmaxLast;

@@ -2,7 +2,7 @@
 
 use super::{exp_nonpos, f32_slice, par_items, row_max, simd_fn};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::{Tensor, D};
 use std::sync::OnceLock;
 
@@ -31,7 +31,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dtype()
         );
     }
-    if logits.dtype() != DType::F32 || !matches!(logits.device(), Device::Cpu) {
+    if !super::fusable_f32(logits) {
         return token_logprobs_chain(logits, targets);
     }
     let targets = if targets.dtype() == DType::U32 {

@@ -160,8 +160,7 @@ impl AdamW {
                 1.0
             };
             let p = var.as_tensor();
-            let host =
-                matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let host = crate::ops::fusable_f32(p) && p.is_contiguous();
             if !self.state.contains_key(name) {
                 let fresh = if host {
                     Moments::Host {
@@ -245,8 +244,7 @@ impl AdamW {
                     "optimizer state for `{name}` does not match the parameter's size"
                 );
             }
-            let host =
-                matches!(p.device(), Device::Cpu) && p.dtype() == DType::F32 && p.is_contiguous();
+            let host = crate::ops::fusable_f32(p) && p.is_contiguous();
             let st = if host {
                 Moments::Host {
                     m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
@@ -271,17 +269,16 @@ impl AdamW {
     }
 }
 
-/// Sum of squares without a temporary tensor on CPU.
-fn sum_sq(t: &Tensor) -> Result<f64> {
-    if matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 {
-        let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(sum_sq_f32(&data[a..b]));
-        }
+/// Sum of squares read straight from host memory (f32 CPU tensors with the kernels on).
+fn host_sum_sq(t: &Tensor) -> Option<f64> {
+    if !crate::ops::fusable_f32(t) {
+        return None;
     }
-    t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => Some(sum_sq_f32(&data[a..b])),
+        _ => None,
+    }
 }
 
 /// `sum(x^2)` in f64 over fixed 64K-element blocks summed in order, so the value does not
@@ -318,8 +315,21 @@ pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
     let mut total = 0.0f64;
+    // Off the host, each tensor's sum of squares stays on its device and all of them come
+    // back in one transfer (one synchronisation per step, not one per tensor).
+    let mut on_device = Vec::new();
     for name in names {
-        total += sum_sq(&grads[name])?;
+        let g = &grads[name];
+        match host_sum_sq(g) {
+            Some(s) => total += s,
+            None => on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+        }
+    }
+    if !on_device.is_empty() {
+        let sums: Vec<f64> = Tensor::stack(&on_device, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        total += sums.iter().sum::<f64>();
     }
     Ok(total.sqrt())
 }
