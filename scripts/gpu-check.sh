@@ -50,7 +50,8 @@
 #                     minimum fits, and its timeout is cut to what is left (minus a reserve
 #                     for the report). Steps that do not fit are recorded as skipped.
 #   GPU_CHECK_DEVICE  cuda (default) or cpu: the dry run for a machine without a GPU; parity
-#                     then compares the CPU with itself, bench runs shrunken workloads
+#                     then compares the CPU's kernels with its plain candle-op path (what
+#                     CUDA runs; ORPO_FUSED_KERNELS=0), bench runs shrunken workloads
 #                     (GPU_CHECK_DRY=1 is implied: 1 layer, 2 pairs/step, max_length 96, 2
 #                     steps; TRL only for opt-125m, on the CPU).
 #   GPU_CHECK_PKG     the package folder (default target/gpu-package).
@@ -243,7 +244,11 @@ train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
     record kind=step name="train $name $role:$dev" rc=201 secs=0 skipped=device-smoke-failed
     return 201
   fi
-  STEP_LOG=$dir.log step "train $name $role:$dev" 20 60 "$ORPO" train \
+  # The dry run's "device" side is the CPU with its kernels off: the plain candle-op path that
+  # CUDA takes, so the comparison and its tolerances meet real rounding differences.
+  local envs=()
+  [ "$role" = dev ] && [ "$dev" = cpu ] && envs=(env ORPO_FUSED_KERNELS=0)
+  STEP_LOG=$dir.log step "train $name $role:$dev" 20 60 "${envs[@]}" "$ORPO" train \
     --config "configs/$fx.toml" --set model.device="$dev" --set model.dtype="$dt" \
     --set train.max_steps=3 --set train.shuffle=false --set train.log_every=1 \
     --set train.save_every=0 --set train.output_dir="$dir" --overwrite "$@"
