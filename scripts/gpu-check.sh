@@ -417,8 +417,11 @@ TOML
   elif [ -f "$model/model.safetensors" ]; then
     base=$(idle_mib)
     mem_start "$d/orpo-mem.log"
-    STEP_LOG=$d/orpo.log step "orpo $wl" $orpo_min $orpo_tmo "$ORPO" train --config "$toml" \
-      --overwrite
+    # Debug logs time each micro-batch's forward (ends in a host read: the GPU's forward time)
+    # and backward (kernel launches), the gradient norm (waits for the backward's kernels) and
+    # the optimizer step; their medians go into the results.
+    STEP_LOG=$d/orpo.log step "orpo $wl" $orpo_min $orpo_tmo env ORPO_LOG=orpo=debug "$ORPO" \
+      train --config "$toml" --overwrite
     local rc=$STEP_RC secs=$STEP_S
     mem_stop
     [ $rc = 0 ] || tail -n 8 "$d/orpo.log"
@@ -443,6 +446,16 @@ try:
         out.update(peak_gpu_mib=max(vals) - int(base), peak_gpu_mib_abs=max(vals), idle_mib=int(base))
 except FileNotFoundError:
     pass
+try:
+    import re, statistics
+    times = {}
+    for line in open(run.rsplit("/", 1)[0] + "/orpo.log", errors="replace"):
+        for k, v in re.findall(r"\b(forward_s|backward_s|norm_s|optimizer_s)=([0-9.e+-]+)", line):
+            times.setdefault(k, []).append(float(v))
+    # The first step (warm-up, PTX compilation) is left out, as in tokens/s.
+    out.update({f"median_{k}": round(statistics.median(v[1:] or v), 4) for k, v in times.items()})
+except (FileNotFoundError, ValueError) as e:
+    out["timing_error"] = f"{type(e).__name__}: {e}"
 open(res, "a").write(json.dumps(out) + "\n")
 print("orpo", json.dumps(out))
 PY
@@ -594,6 +607,14 @@ if bench:
                   f"{f(gib(t.get('peak_gpu_mib')), '{:.1f}')} / {f(gib(t.get('peak_gpu_mib_torch')), '{:.1f}')} | "
                   f"{f(o.get('step_s'), '{:.3f}')} ({f(o.get('first_step_s'), '{:.1f}')}) | "
                   f"{o.get('rc', '-')}/{t.get('rc', '-')} |")
+    md += ["", "orpo's step, medians after the first step (seconds; ORPO_LOG=orpo=debug): forward "
+           "(ends in a host read, so GPU time), backward (kernel launches), gradient norm (waits "
+           "for the backward's kernels), optimizer.", "",
+           "| workload | forward | backward | norm | optimizer |", "|---|---|---|---|---|"]
+    for wl, b in bench.items():
+        o = b.get("orpo", {})
+        md.append(f"| {wl} | " + " | ".join(f(o.get(f"median_{k}_s"), "{:.4f}")
+                                             for k in ("forward", "backward", "norm", "optimizer")) + " |")
     md.append("")
 bad = summary["failed_steps"]
 if bad:

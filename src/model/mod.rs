@@ -4,6 +4,7 @@
 //! every layer here is composed from differentiable primitives (see `layers.rs`).
 
 mod arch;
+mod gathered;
 mod head;
 mod layers;
 mod linear;

@@ -3,6 +3,7 @@
 //! stand for the padding (see [`Padding`]), and the attention that runs such a stream (see
 //! `Opt::forward_packed`, `Llama::forward_packed`).
 
+use super::gathered::Gathered;
 use super::layers::{apply_rope, attention, rope_tables, split_heads};
 use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
@@ -84,6 +85,12 @@ impl Segment {
         }
     }
 
+    /// The row numbers `key_rows` reads, in order.
+    pub fn key_row_indices(&self) -> impl Iterator<Item = usize> {
+        let prefix = self.prefix.map_or(0..0, |p| p.offset..p.offset + p.len);
+        prefix.chain(self.offset..self.offset + self.real)
+    }
+
     /// Additive attention bias `[1, 1, rows, keys]` of own rows `rows` (real rows first, then
     /// padding rows): own row `i` sits at position `prefix_len + i` and sees the real tokens
     /// at positions `k <= i` (and `k > i - window` with a sliding window); padding is never a
@@ -96,6 +103,12 @@ impl Segment {
         device: &Device,
     ) -> Result<Tensor> {
         let (n, cols) = (rows.len(), self.keys());
+        Tensor::from_vec(self.bias_data(rows, window), (1, 1, n, cols), device)
+    }
+
+    /// `attention_bias`'s values, row-major `[rows, keys]`.
+    pub fn bias_data(&self, rows: Range<usize>, window: Option<usize>) -> Vec<f32> {
+        let (n, cols) = (rows.len(), self.keys());
         let mut data = vec![f32::NEG_INFINITY; n * cols];
         for (r, i) in rows.enumerate() {
             let pos = self.prefix_len() + i;
@@ -103,7 +116,7 @@ impl Segment {
             let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w)).min(hi);
             data[r * cols + lo..r * cols + hi].fill(0.0);
         }
-        Tensor::from_vec(data, (1, 1, n, cols), device)
+        data
     }
 
     /// Position of every own row (real rows, then padding rows) in the sequence.
@@ -131,14 +144,28 @@ pub struct Packed {
 /// output.
 pub type AttendFn<'a> = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a;
 
+/// How a packed stream's segments attend.
+enum Plan {
+    /// One attention call per segment, each on exactly its rows (the CPU: no padding work,
+    /// and a call costs nothing extra): the biases of the real rows and of the padding rows.
+    PerSegment {
+        real_bias: Vec<Tensor>,
+        pad_bias: Vec<Option<Tensor>>,
+    },
+    /// One call for all segments (see [`Gathered`]): where each op is a kernel launch.
+    Gathered {
+        real: Option<Gathered>,
+        pad: Option<Gathered>,
+    },
+}
+
 /// Per-batch attention state of a packed stream, shared by every layer: segment masks, and
 /// rotary tables by row for rotary models.
 pub struct PackedAttention {
     segments: Vec<Segment>,
     real_rows: usize,
     pad_rows: usize,
-    real_bias: Vec<Tensor>,
-    pad_bias: Vec<Option<Tensor>>,
+    plan: Plan,
     /// cos/sin `[rows, 1, d]` of the real rows and of the padding rows.
     rope: Option<[Tensor; 4]>,
     heads: usize,
@@ -159,16 +186,29 @@ impl PackedAttention {
         compute: DType,
     ) -> Result<Self> {
         let dev = packed.ids.device();
-        let mut real_bias = Vec::with_capacity(packed.segments.len());
-        let mut pad_bias = Vec::with_capacity(packed.segments.len());
+        let plan = if crate::ops::fused_kernels() && dev.is_cpu() {
+            let mut real_bias = Vec::with_capacity(packed.segments.len());
+            let mut pad_bias = Vec::with_capacity(packed.segments.len());
+            for seg in &packed.segments {
+                real_bias.push(seg.attention_bias(0..seg.real, window, dev)?);
+                pad_bias.push(
+                    (seg.pad > 0)
+                        .then(|| seg.attention_bias(seg.real..seg.len(), window, dev))
+                        .transpose()?,
+                );
+            }
+            Plan::PerSegment {
+                real_bias,
+                pad_bias,
+            }
+        } else {
+            Plan::Gathered {
+                real: Gathered::new(&packed.segments, false, window, dev)?,
+                pad: Gathered::new(&packed.segments, true, window, dev)?,
+            }
+        };
         let (mut real_pos, mut pad_pos) = (Vec::new(), Vec::new());
         for seg in &packed.segments {
-            real_bias.push(seg.attention_bias(0..seg.real, window, dev)?);
-            pad_bias.push(
-                (seg.pad > 0)
-                    .then(|| seg.attention_bias(seg.real..seg.len(), window, dev))
-                    .transpose()?,
-            );
             let mut pos = seg.positions().map(|p| p as u32);
             real_pos.extend(pos.by_ref().take(seg.real));
             pad_pos.extend(pos);
@@ -197,8 +237,7 @@ impl PackedAttention {
             segments: packed.segments.clone(),
             real_rows,
             pad_rows,
-            real_bias,
-            pad_bias,
+            plan,
             rope,
             heads,
             kv_heads,
@@ -223,27 +262,38 @@ impl PackedAttention {
         apply_rope(&t.reshape((rows, hd / d, d))?, cos, sin)?.reshape((rows, hd))
     }
 
-    /// Each segment's queries (`pick` of `q`) against its keys, stacked in stream order.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        pick: impl Fn(&Segment) -> Option<(usize, usize)>,
-        bias: impl Fn(usize) -> Option<Tensor>,
-    ) -> Result<Tensor> {
+    /// Each segment's queries (its real rows of `q`, or with `pad` its padding rows) against
+    /// its keys (real rows of `k`/`v`), stacked in stream order.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pad: bool) -> Result<Tensor> {
+        let (real_bias, pad_bias) = match &self.plan {
+            Plan::PerSegment {
+                real_bias,
+                pad_bias,
+            } => (real_bias, pad_bias),
+            Plan::Gathered { real, pad: padding } => {
+                let Some(g) = (if pad { padding } else { real }) else {
+                    candle_core::bail!("packed attention: no rows to attend");
+                };
+                let heads = (self.heads, self.kv_heads);
+                return g.attend(q, k, v, heads, self.scale, self.compute);
+            }
+        };
         let split = |t: Tensor, h: usize| split_heads(&t.unsqueeze(0)?, h);
         let mut outs = Vec::with_capacity(self.segments.len());
         for (i, seg) in self.segments.iter().enumerate() {
-            let (Some((start, n)), Some(bias)) = (pick(seg), bias(i)) else {
-                continue;
+            let (start, n, bias) = match pad {
+                false => (seg.offset, seg.real, &real_bias[i]),
+                true => match &pad_bias[i] {
+                    Some(b) => (seg.pad_offset, seg.pad, b),
+                    None => continue,
+                },
             };
             outs.push(
                 attention(
                     &split(q.narrow(0, start, n)?, self.heads)?,
                     &split(seg.key_rows(k)?, self.kv_heads)?,
                     &split(seg.key_rows(v)?, self.kv_heads)?,
-                    &bias,
+                    bias,
                     self.scale,
                     self.compute,
                 )?
@@ -270,13 +320,7 @@ impl PackedAttention {
             if self.pad_rows > 0 {
                 *kv.borrow_mut() = Some((k.detach(), v.detach()));
             }
-            self.attend(
-                &self.rope(q, false)?,
-                &k,
-                v,
-                |s| Some((s.offset, s.real)),
-                |i| Some(self.real_bias[i].clone()),
-            )
+            self.attend(&self.rope(q, false)?, &k, v, false)
         })?;
         if self.pad_rows == 0 {
             return Ok(real);
@@ -288,13 +332,7 @@ impl PackedAttention {
                 let Some((k, v)) = kv.as_ref() else {
                     candle_core::bail!("packed layer: padding attended before the real rows");
                 };
-                self.attend(
-                    &self.rope(q, true)?,
-                    k,
-                    v,
-                    |s| (s.pad > 0).then_some((s.pad_offset, s.pad)),
-                    |i| self.pad_bias[i].clone(),
-                )
+                self.attend(&self.rope(q, true)?, k, v, true)
             },
         )?;
         Tensor::cat(&[&real, &pad.detach()], 0)

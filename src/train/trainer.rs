@@ -226,7 +226,10 @@ impl Trainer {
                 metrics: micro_metrics,
                 tokens,
             } = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
+            // On a GPU this waits for the backward pass's kernels (its first host read).
+            let t_norm = Instant::now();
             let norm = global_norm(&grads)?;
+            let norm_s = t_norm.elapsed().as_secs_f64();
             let step_metrics = Metrics::mean(&micro_metrics);
             if !norm.is_finite() || !step_metrics.loss.is_finite() {
                 let what = if norm.is_finite() {
@@ -245,6 +248,7 @@ impl Trainer {
             let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
             tracing::debug!(
+                norm_s,
                 optimizer_s = t_opt.elapsed().as_secs_f64(),
                 "optimizer step"
             );
