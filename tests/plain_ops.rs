@@ -21,9 +21,15 @@ extern "C" fn kernels_off() {
     orpo::ops::set_fused_kernels(false);
 }
 
-// An ELF constructor: the loader runs it before `main` (libtest has no per-binary set-up).
+// A constructor the loader runs before `main` (libtest has no per-binary set-up): the
+// platform's initialiser section, as the `ctor` crate does it.
 #[used]
-#[link_section = ".init_array"]
+#[cfg_attr(
+    any(target_os = "linux", target_os = "android", target_os = "freebsd"),
+    link_section = ".init_array"
+)]
+#[cfg_attr(target_vendor = "apple", link_section = "__DATA,__mod_init_func")]
+#[cfg_attr(windows, link_section = ".CRT$XCU")]
 static KERNELS_OFF: extern "C" fn() = kernels_off;
 
 #[test]
