@@ -109,7 +109,10 @@ fn holds_run(dir: &Path) -> bool {
     };
     entries.flatten().any(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        name == "metrics.jsonl" || name == "model.safetensors" || name.starts_with("checkpoint-")
+        name == "metrics.jsonl"
+            || name == "model.safetensors"
+            || name == "model.safetensors.index.json"
+            || name.starts_with("checkpoint-")
     })
 }
 

@@ -95,6 +95,81 @@ fn saved_model_reloads_to_identical_logits() {
     }
 }
 
+/// Above the shard size the weights are written as transformers shards them; they load back
+/// identical, and a later save in the other layout removes the first one's files.
+#[test]
+fn sharded_weights_round_trip_and_replace_each_other() {
+    use orpo::train::shard::{save_weights, INDEX, SINGLE};
+    let model = CausalLm::load(&model_dir("tiny-opt"), &Device::Cpu).unwrap();
+    let tensors = || -> Vec<(String, Tensor)> {
+        model
+            .params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
+            .collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::copy(
+        model_dir("tiny-opt").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let files = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    let same_weights = |dir: &Path| {
+        let back = CausalLm::load(dir, &Device::Cpu).unwrap();
+        assert_eq!(back.params().len(), model.params().len());
+        for (name, var) in model.params().iter() {
+            let b = back.params().get(name).unwrap();
+            let diff = (var.as_tensor() - b.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    };
+    // ~0.8 MB of f32 weights in shards of at most 200 kB.
+    save_weights(dir, tensors(), 200_000).unwrap();
+    let sharded = files(dir);
+    assert!(sharded.len() > 3, "{sharded:?}");
+    assert!(sharded.contains(&INDEX.to_string()));
+    assert!(!sharded.contains(&SINGLE.to_string()));
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(INDEX)).unwrap()).unwrap();
+    let n = sharded.len() - 1;
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), model.params().len());
+    assert!(map
+        .values()
+        .all(|f| sharded.contains(&f.as_str().unwrap().to_string())));
+    assert!(sharded
+        .iter()
+        .any(|f| f == &format!("model-00001-of-{n:05}.safetensors")));
+    let total: usize = model.params().iter().map(|(_, v)| v.elem_count() * 4).sum();
+    assert_eq!(index["metadata"]["total_size"], total);
+    same_weights(dir);
+    // One file now: the shards and index go.
+    save_weights(dir, tensors(), u64::MAX).unwrap();
+    assert_eq!(files(dir), vec![SINGLE.to_string()]);
+    same_weights(dir);
+    // And back.
+    save_weights(dir, tensors(), 200_000).unwrap();
+    assert_eq!(files(dir), sharded);
+    same_weights(dir);
+}
+
 fn orpo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_orpo"))
         .args(args)

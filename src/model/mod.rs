@@ -17,7 +17,7 @@ mod params;
 pub mod recompute;
 
 pub use arch::{Architecture, ModelConfig};
-pub use load::{resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
+pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
 pub use packed::{Packed, Padding, Prefix, Segment};
 pub use params::Params;
 

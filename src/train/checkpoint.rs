@@ -53,22 +53,31 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// The files of a model folder: config.json (dtype float32), model.safetensors with the
-/// Hugging Face names, generation_config.json when the source had one, tokenizer files. A LoRA
-/// model writes PEFT's adapter_config.json and adapter_model.safetensors instead of the first
-/// two (the base stays where it is; `orpo merge` makes a full model).
+/// The files of a model folder: config.json (dtype float32), the weights under their Hugging
+/// Face names (model.safetensors, or shards above 5 GB: see `shard`), generation_config.json
+/// when the source had one, tokenizer files. A LoRA model writes PEFT's adapter_config.json
+/// and adapter_model.safetensors instead of the first two (the base stays where it is;
+/// `orpo merge` makes a full model).
 fn write_model_files(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
     base: &BaseModel,
 ) -> Result<(), SaveError> {
-    let tensors = model.params().snapshot().map_err(|e| other(dir, e))?;
+    // The parameters as they are (no copy: nothing updates them while they are written).
+    let tensors: Vec<(String, Tensor)> = model
+        .params()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
+        .collect();
     if let Some(info) = model.adapter() {
         let config = crate::model::lora::adapter_config(&info.spec, &base.name, &info.modules);
         let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
         write_atomic(&dir.join(lora::ADAPTER_CONFIG), text.as_bytes())?;
-        save_tensors(&tensors, &dir.join(lora::ADAPTER_WEIGHTS))?;
+        save_tensors(
+            &tensors.into_iter().collect(),
+            &dir.join(lora::ADAPTER_WEIGHTS),
+        )?;
     } else {
         let mut config = model.config().raw.clone();
         if let Some(obj) = config.as_object_mut() {
@@ -77,7 +86,7 @@ fn write_model_files(
         }
         let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
-        save_tensors(&tensors, &dir.join("model.safetensors"))?;
+        super::shard::save_weights(dir, tensors, super::shard::MAX_SHARD_BYTES)?;
     }
     let gen = base.dir.join("generation_config.json");
     if gen.is_file() {

@@ -10,6 +10,7 @@ pub mod plot;
 pub mod resume;
 pub mod schedule;
 mod setup;
+pub mod shard;
 mod trainer;
 
 pub use setup::{check_length, load_model, load_trainer, LoadedModel};

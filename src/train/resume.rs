@@ -95,14 +95,22 @@ impl ResumeState {
     /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
     /// the checkpoint's.
     pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
-        let file = match model.adapter() {
-            Some(_) => crate::model::lora::ADAPTER_WEIGHTS,
-            None => "model.safetensors",
+        let (file, tensors) = match model.adapter() {
+            Some(_) => {
+                let path = self.dir.join(crate::model::lora::ADAPTER_WEIGHTS);
+                let t = candle_core::safetensors::load(&path, device);
+                (
+                    crate::model::lora::ADAPTER_WEIGHTS,
+                    t.map_err(|e| bad(&self.dir, e))?,
+                )
+            }
+            // One file or shards, as the checkpoint was written.
+            None => (
+                "the model's weights",
+                crate::model::read_weights(&self.dir, device).map_err(|e| bad(&self.dir, e))?,
+            ),
         };
         let params = model.params();
-        let path = self.dir.join(file);
-        let tensors =
-            candle_core::safetensors::load(&path, device).map_err(|e| bad(&self.dir, e))?;
         for (name, var) in params.iter() {
             let t = tensors
                 .get(name)
