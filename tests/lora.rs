@@ -258,3 +258,73 @@ fn shipped_configs_validate_and_the_mistral_recipe_runs_on_a_tiny_model() {
     assert!(summary.log.iter().all(|e| e.metrics.loss.is_finite()));
     assert!(tmp.path().join("adapter_model.safetensors").is_file());
 }
+
+/// A copy of fixture `name` in `dir` with every weight rounded to bf16, stored as bf16 (`wide`
+/// false) or widened back to f32 (the same values).
+fn bf16_copy(name: &str, dir: &Path, wide: bool) {
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let file = dir.join(path.file_name().unwrap());
+        std::fs::copy(&path, &file).unwrap();
+        if file.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let out: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let t = t.to_dtype(candle_core::DType::BF16).unwrap();
+                let t = if wide {
+                    t.to_dtype(candle_core::DType::F32).unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&out, &file).unwrap();
+    }
+}
+
+/// Under LoRA with bf16 compute a bf16 checkpoint's frozen embeddings stay bf16 and the
+/// untied head is bf16 whatever the file: memory only, the training is bit-identical to the
+/// same values held in f32.
+#[test]
+fn frozen_bf16_embeddings_and_head_train_as_their_f32_copies() {
+    for name in ["tiny-opt", "tiny-mistral"] {
+        let runs: Vec<_> = [false, true]
+            .iter()
+            .map(|&wide| {
+                let model = tempfile::tempdir().unwrap();
+                bf16_copy(name, model.path(), wide);
+                let out = tempfile::tempdir().unwrap();
+                let mut config = lora_config(name, out.path(), &["model.dtype=bf16"]);
+                config.model.id = model.path().display().to_string();
+                let mut trainer = load_trainer(&config).unwrap();
+                // tiny-opt's head is its embedding: bf16 where the file is.
+                let head = trainer.model.lm_head().dtype();
+                let tied_f32 = name == "tiny-opt" && wide;
+                assert_eq!(head == candle_core::DType::BF16, !tied_f32, "{name} {wide}");
+                let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
+                let params: Vec<(String, Tensor)> = trainer
+                    .model
+                    .params()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.as_tensor().copy().unwrap()))
+                    .collect();
+                (summary.log, params)
+            })
+            .collect();
+        let (log_a, params_a) = &runs[0];
+        let (log_b, params_b) = &runs[1];
+        assert_eq!(log_a.len(), log_b.len());
+        for (a, b) in log_a.iter().zip(log_b) {
+            assert_eq!(a.to_json()["loss"], b.to_json()["loss"], "{name}");
+            assert_eq!(a.metrics.values, b.metrics.values, "{name} step {}", a.step);
+            assert_eq!(a.grad_norm, b.grad_norm, "{name} step {}", a.step);
+        }
+        for ((n, a), (_, b)) in params_a.iter().zip(params_b) {
+            assert_eq!(max_diff(a, b), 0.0, "{name} {n}");
+        }
+    }
+}

@@ -125,7 +125,7 @@ impl Llama {
         let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let qd = cfg.num_heads * cfg.head_dim;
         let kvd = cfg.num_kv_heads * cfg.head_dim;
-        let embed_tokens = src.param("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = src.embedding("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -153,7 +153,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(src.param("lm_head.weight", &[v, h])?)
+            Some(src.head("lm_head.weight", &[v, h])?)
         };
         let (params, adapter) = src.finish()?;
         Ok(Llama {
@@ -203,6 +203,7 @@ impl Llama {
         let x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
             .reshape((n, l, cfg.hidden_size))?;
         // transformers uses positions 0..len for every row, padding or not.
         let (cos, sin) = rope_tables(l, cfg.head_dim, cfg.rope_theta, dev)?;
@@ -235,7 +236,10 @@ impl Llama {
     /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
         let cfg = &self.config;
-        let x = self.embed_tokens.index_select(&packed.ids, 0)?;
+        let x = self
+            .embed_tokens
+            .index_select(&packed.ids, 0)?
+            .to_dtype(DType::F32)?;
         let attention = PackedAttention::new(
             packed,
             (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),

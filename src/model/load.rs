@@ -298,6 +298,30 @@ impl WeightSource {
         self.register(name, t)
     }
 
+    /// An embedding table: a parameter, except frozen under bf16 compute with bf16 in the file,
+    /// where it stays bf16 (rows looked up convert to f32 exactly, so nothing changes but the
+    /// memory: a large vocabulary never exists in f32). Lookups call `.to_dtype(F32)`.
+    pub fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let file_bf16 = self.tensors.get(name).map(Tensor::dtype) == Some(DType::BF16);
+        if self.frozen && self.compute == DType::BF16 && file_bf16 {
+            return Ok(self.take_raw(name, shape)?.contiguous()?);
+        }
+        self.param(name, shape)
+    }
+
+    /// An untied LM head: a parameter, except frozen under bf16 compute, where it is only ever
+    /// read by bf16 products and so is kept in bf16 from the file on, as frozen linear
+    /// weights are (the same products, bit for bit).
+    pub fn head(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        if self.frozen && self.compute == DType::BF16 {
+            return Ok(self
+                .take_raw(name, shape)?
+                .to_dtype(DType::BF16)?
+                .contiguous()?);
+        }
+        self.param(name, shape)
+    }
+
     pub fn optional_param(
         &mut self,
         name: &str,

@@ -165,8 +165,8 @@ impl Opt {
     pub fn new(cfg: &ModelConfig, src: &mut WeightSource) -> LoadResult<Self> {
         let (h, e, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
         let p = "model.decoder";
-        let embed_tokens = src.param(&format!("{p}.embed_tokens.weight"), &[v, e])?;
-        let embed_positions = src.param(
+        let embed_tokens = src.embedding(&format!("{p}.embed_tokens.weight"), &[v, e])?;
+        let embed_positions = src.embedding(
             &format!("{p}.embed_positions.weight"),
             &[cfg.max_position_embeddings + POSITION_OFFSET, h],
         )?;
@@ -199,7 +199,7 @@ impl Opt {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(src.param("lm_head.weight", &[v, e])?)
+            Some(src.head("lm_head.weight", &[v, e])?)
         };
         let (params, adapter) = src.finish()?;
         Ok(Opt {
@@ -228,7 +228,10 @@ impl Opt {
     /// leading shape of the result (`[n, len]` padded, `[total]` packed).
     fn embed(&self, ids: &Tensor, pos: &Tensor, shape: &[usize]) -> Result<Tensor> {
         let cfg = &self.config;
-        let tok = self.embed_tokens.index_select(ids, 0)?;
+        let tok = self
+            .embed_tokens
+            .index_select(ids, 0)?
+            .to_dtype(DType::F32)?;
         let mut dims = shape.to_vec();
         dims.push(cfg.word_embed_proj_dim);
         let mut x = tok.reshape(dims.clone())?;
@@ -237,7 +240,8 @@ impl Opt {
         }
         let last = dims.len() - 1;
         dims[last] = cfg.hidden_size;
-        x + self.embed_positions.index_select(pos, 0)?.reshape(dims)?
+        let positions = self.embed_positions.index_select(pos, 0)?;
+        x + positions.to_dtype(DType::F32)?.reshape(dims)?
     }
 
     /// The decoder stack; `attention` says how a padded or packed batch attends, so both

@@ -10,7 +10,7 @@
 
 use super::{f32_slice, par_items};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout};
 use candle_core::{Result, Shape, Tensor};
 
 /// `x @ w^T + b` for `x: [..., in]`, `w: [out, in]`, `b: [out]`.
@@ -180,12 +180,25 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// `[rows, cols] -> [cols]`: each column summed over the rows in order, in f32 (as candle's
-/// `sum(0)` does); threads split the columns.
 /// Column sums of a 2-D tensor `[rows, cols]` -> `[cols]`, in row order (candle's
 /// `sum(0)` order); parallel over columns for f32 on the CPU (candle's dim-0 reduce is a
 /// single-threaded strided loop: ~230 ms on a 50272 x 768 embedding).
+///
+/// A half-precision tensor is summed in f32 (result f32), widened in blocks of rows so that no
+/// f32 copy of all of it exists (a frozen bf16 LM head); each block is summed after the
+/// running sum, so the order (and on the CPU the value) is that of its f32 copy.
 pub fn column_sums(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() != DType::F32 && t.rank() == 2 {
+        const BLOCK: usize = 8192;
+        let (rows, cols) = t.dims2()?;
+        let mut acc = Tensor::zeros((1, cols), DType::F32, t.device())?;
+        for start in (0..rows).step_by(BLOCK) {
+            let part = t.narrow(0, start, BLOCK.min(rows - start))?;
+            let rows = Tensor::cat(&[acc, part.to_dtype(DType::F32)?], 0)?;
+            acc = column_sums(&rows)?.unsqueeze(0)?;
+        }
+        return acc.squeeze(0);
+    }
     if super::fusable_f32(t) && t.rank() == 2 {
         t.contiguous()?.apply_op1_no_bwd(&ColumnSums)
     } else {
