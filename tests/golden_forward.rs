@@ -221,6 +221,11 @@ fn packed_batches_match_the_padded_computation_under_a_sliding_window() {
         assert!(shortest > window, "every sequence must exceed the window");
         let name = format!("tiny-mistral (window {window})");
         assert_packed_matches_padded(&name, &model, &model, pad_id(&g), &refs);
+        // Checkpointed: the padding rows stay out of the checkpoints.
+        let mut ckpt = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+        ckpt.enable_recompute();
+        let name = format!("{name} (checkpointed)");
+        assert_packed_matches_padded(&name, &ckpt, &model, pad_id(&g), &refs);
     }
 }
 

@@ -2,6 +2,7 @@
 //! backward pass; none uses candle-nn's fused kernels, which would drop gradients silently.
 
 use super::packed::{AttendFn, PackedAttention};
+use super::recompute::{checkpoint, checkpoint_rows, Block, RowsBlock, SideGrads};
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::sync::Arc;
 
@@ -19,6 +20,38 @@ pub enum Attention {
 }
 
 impl Attention {
+    /// The decoder `layers` in order over `x`, each checkpointed when `recompute` is given (a
+    /// packed stream's padding rows then run forward beside the checkpoints, see
+    /// `checkpoint_rows`).
+    pub fn stack<B: Block + RowsBlock + 'static>(
+        &self,
+        mut x: Tensor,
+        layers: impl Iterator<Item = B>,
+        recompute: Option<&SideGrads>,
+    ) -> Result<Tensor> {
+        match (recompute, self) {
+            (Some(side), Attention::Packed(p)) => {
+                let (mut real, mut pad) = p.split_rows(&x)?;
+                for layer in layers {
+                    (real, pad) = checkpoint_rows(&real, pad, layer, side)?;
+                }
+                p.join_rows(real, pad)
+            }
+            (Some(side), Attention::Padded(_)) => {
+                for layer in layers {
+                    x = checkpoint(&x, Arc::new(layer), side)?;
+                }
+                Ok(x)
+            }
+            (None, _) => {
+                for layer in layers {
+                    x = Block::forward(&layer, &x, true)?;
+                }
+                Ok(x)
+            }
+        }
+    }
+
     /// One decoder layer over `x`: `run(layer, rows, attend)` runs a layer on some rows. A
     /// padded batch runs `live` on every row; a packed one runs `live` on the real rows and
     /// `frozen` (the same layer with detached parameters) on the padding rows, which need no

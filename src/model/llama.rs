@@ -10,7 +10,7 @@ use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::opt::trainable;
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
-use super::recompute::{checkpoint, Block, SideGrads};
+use super::recompute::{Block, RowsBlock, SideGrads};
 use candle_core::{DType, Result, Tensor, Var};
 use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -106,6 +106,31 @@ impl Block for LayerBlock {
     }
 }
 
+impl RowsBlock for LayerBlock {
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        pad: Option<&Tensor>,
+        live: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let Attention::Packed(p) = &self.ctx.attention else {
+            candle_core::bail!("forward_rows: not a packed batch");
+        };
+        let layer = if live { &self.live } else { &self.frozen };
+        let eps = self.ctx.eps;
+        p.layer_rows(
+            x,
+            pad,
+            |x, a| layer.forward(x, eps, a),
+            |x, a| self.frozen.forward(x, eps, a),
+        )
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        trainable(self.live.tensors())
+    }
+}
+
 pub struct Llama {
     pub config: ModelConfig,
     pub params: Params,
@@ -176,22 +201,17 @@ impl Llama {
     }
 
     /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
-    fn decode(&self, mut x: Tensor, attention: Attention) -> Result<Tensor> {
+    fn decode(&self, x: Tensor, attention: Attention) -> Result<Tensor> {
         let ctx = Arc::new(Ctx {
             attention,
             eps: self.config.rms_norm_eps,
         });
-        for layer in &self.layers {
-            let block = LayerBlock {
-                live: layer.clone(),
-                frozen: layer.detached(),
-                ctx: ctx.clone(),
-            };
-            x = match &self.recompute {
-                Some(side) => checkpoint(&x, Arc::new(block), side)?,
-                None => block.run(&x, true)?,
-            };
-        }
+        let layers = self.layers.iter().map(|layer| LayerBlock {
+            live: layer.clone(),
+            frozen: layer.detached(),
+            ctx: ctx.clone(),
+        });
+        let x = ctx.attention.stack(x, layers, self.recompute.as_ref())?;
         rms_norm(&x, &self.norm, ctx.eps)
     }
 

@@ -7,7 +7,7 @@ use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
-use super::recompute::{checkpoint, Block, SideGrads};
+use super::recompute::{Block, RowsBlock, SideGrads};
 use candle_core::{DType, Result, Tensor, Var};
 use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -134,6 +134,31 @@ impl LayerBlock {
     }
 }
 
+impl RowsBlock for LayerBlock {
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        pad: Option<&Tensor>,
+        live: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let Attention::Packed(p) = &self.attention else {
+            candle_core::bail!("forward_rows: not a packed batch");
+        };
+        let layer = if live { &self.live } else { &self.frozen };
+        let pre = self.pre;
+        p.layer_rows(
+            x,
+            pad,
+            |x, a| layer.forward(x, pre, a),
+            |x, a| self.frozen.forward(x, pre, a),
+        )
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        trainable(self.live.tensors())
+    }
+}
+
 impl Block for LayerBlock {
     fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor> {
         self.run(x, live)
@@ -248,18 +273,13 @@ impl Opt {
     /// share every other line.
     fn decode(&self, mut x: Tensor, attention: Attention) -> Result<Tensor> {
         let pre = self.config.do_layer_norm_before;
-        for layer in &self.layers {
-            let block = LayerBlock {
-                live: layer.clone(),
-                frozen: layer.detached(),
-                pre,
-                attention: attention.clone(),
-            };
-            x = match &self.recompute {
-                Some(side) => checkpoint(&x, Arc::new(block), side)?,
-                None => block.run(&x, true)?,
-            };
-        }
+        let layers = self.layers.iter().map(|layer| LayerBlock {
+            live: layer.clone(),
+            frozen: layer.detached(),
+            pre,
+            attention: attention.clone(),
+        });
+        x = attention.stack(x, layers, self.recompute.as_ref())?;
         if let Some(norm) = &self.final_norm {
             x = norm.forward(&x)?;
         }

@@ -314,28 +314,58 @@ impl PackedAttention {
         live: impl FnOnce(&Tensor, &AttendFn) -> Result<Tensor>,
         frozen: impl FnOnce(&Tensor, &AttendFn) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let (real, pad) = self.split_rows(x)?;
+        let (real, pad) = self.layer_rows(&real, pad.as_ref(), live, frozen)?;
+        self.join_rows(real, pad)
+    }
+
+    /// A stream `[total, ..]` as its real rows and (detached) padding rows, if any.
+    pub fn split_rows(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let real = x.narrow(0, 0, self.real_rows)?;
+        let pad = (self.pad_rows > 0)
+            .then(|| {
+                Ok::<_, candle_core::Error>(x.narrow(0, self.real_rows, self.pad_rows)?.detach())
+            })
+            .transpose()?;
+        Ok((real, pad))
+    }
+
+    /// The inverse of `split_rows`.
+    pub fn join_rows(&self, real: Tensor, pad: Option<Tensor>) -> Result<Tensor> {
+        match pad {
+            Some(pad) => Tensor::cat(&[&real, &pad], 0),
+            None => Ok(real),
+        }
+    }
+
+    /// `layer` on a stream held as its real rows and its padding rows: `pad` `None` runs the
+    /// real rows alone (what a recomputation in backward needs: padding rows are never keys).
+    pub fn layer_rows(
+        &self,
+        real: &Tensor,
+        pad: Option<&Tensor>,
+        live: impl FnOnce(&Tensor, &AttendFn) -> Result<Tensor>,
+        frozen: impl FnOnce(&Tensor, &AttendFn) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let kv = RefCell::new(None);
-        let real = live(&x.narrow(0, 0, self.real_rows)?, &|q, k, v| {
+        let real = live(real, &|q, k, v| {
             let k = self.rope(k, false)?;
-            if self.pad_rows > 0 {
+            if pad.is_some() {
                 *kv.borrow_mut() = Some((k.detach(), v.detach()));
             }
             self.attend(&self.rope(q, false)?, &k, v, false)
         })?;
-        if self.pad_rows == 0 {
-            return Ok(real);
-        }
-        let pad = frozen(
-            &x.narrow(0, self.real_rows, self.pad_rows)?.detach(),
-            &|q, _, _| {
-                let kv = kv.borrow();
-                let Some((k, v)) = kv.as_ref() else {
-                    candle_core::bail!("packed layer: padding attended before the real rows");
-                };
-                self.attend(&self.rope(q, true)?, k, v, true)
-            },
-        )?;
-        Tensor::cat(&[&real, &pad.detach()], 0)
+        let Some(pad) = pad else {
+            return Ok((real, None));
+        };
+        let pad = frozen(&pad.detach(), &|q, _, _| {
+            let kv = kv.borrow();
+            let Some((k, v)) = kv.as_ref() else {
+                candle_core::bail!("packed layer: padding attended before the real rows");
+            };
+            self.attend(&self.rope(q, true)?, k, v, true)
+        })?;
+        Ok((real, Some(pad.detach())))
     }
 }
 

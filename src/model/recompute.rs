@@ -29,6 +29,67 @@ pub trait Block: Send + Sync {
     fn vars(&self) -> Vec<Var>;
 }
 
+/// A block over a packed stream held as real rows (differentiated) and padding rows (forward
+/// only: their outputs are detached and no real row attends to them).
+pub trait RowsBlock: Send + Sync {
+    /// Outputs for real rows `x` and, when given, padding rows `pad`; `live` as in `Block`.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        pad: Option<&Tensor>,
+        live: bool,
+    ) -> Result<(Tensor, Option<Tensor>)>;
+    fn vars(&self) -> Vec<Var>;
+}
+
+/// A `RowsBlock` as a `Block` on the real rows: the padding rows ride along in the first
+/// forward (handed in and out through the slots) and are gone by the recomputation.
+struct CarryPad<B> {
+    block: B,
+    pad_in: Mutex<Option<Tensor>>,
+    pad_out: Mutex<Option<Tensor>>,
+}
+
+impl<B: RowsBlock> Block for CarryPad<B> {
+    fn forward(&self, x: &Tensor, live: bool) -> Result<Tensor> {
+        let pad = self
+            .pad_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let (y, pad) = self.block.forward_rows(x, pad.as_ref(), live)?;
+        *self.pad_out.lock().unwrap_or_else(PoisonError::into_inner) = pad;
+        Ok(y)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.block.vars()
+    }
+}
+
+/// [`checkpoint`] of `block` on the real rows `x` only: the padding rows `pad` pass through
+/// the block in the forward, outside the graph, so only `x` is kept for backward and the
+/// recomputation runs the real rows alone (padding can be most rows of a batch).
+pub fn checkpoint_rows<B: RowsBlock + 'static>(
+    x: &Tensor,
+    pad: Option<Tensor>,
+    block: B,
+    side: &SideGrads,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let carry = Arc::new(CarryPad {
+        block,
+        pad_in: Mutex::new(pad),
+        pad_out: Mutex::new(None),
+    });
+    let y = checkpoint(x, carry.clone(), side)?;
+    let pad = carry
+        .pad_out
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    Ok((y, pad))
+}
+
 /// Parameter gradients computed inside recomputations, accumulated by `TensorId`.
 #[derive(Clone, Default)]
 pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
