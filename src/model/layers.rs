@@ -20,9 +20,9 @@ pub enum Attention {
 }
 
 impl Attention {
-    /// The decoder `layers` in order over `x`, each checkpointed when `recompute` is given (a
-    /// packed stream's padding rows then run forward beside the checkpoints, see
-    /// `checkpoint_rows`).
+    /// The decoder `layers` in order over `x`, each checkpointed when `recompute` is given. A
+    /// packed stream runs as (real rows, padding rows) throughout: under checkpointing the
+    /// padding rows pass forward beside the checkpoints (see `checkpoint_rows`).
     pub fn stack<B: Block + RowsBlock + 'static>(
         &self,
         mut x: Tensor,
@@ -43,7 +43,15 @@ impl Attention {
                 }
                 Ok(x)
             }
-            (None, _) => {
+            // Real and padding rows apart until the end: no per-layer concatenation.
+            (None, Attention::Packed(p)) => {
+                let (mut real, mut pad) = p.split_rows(&x)?;
+                for layer in layers {
+                    (real, pad) = layer.forward_rows(&real, pad.as_ref(), true)?;
+                }
+                p.join_rows(real, pad)
+            }
+            (None, Attention::Padded(_)) => {
                 for layer in layers {
                     x = Block::forward(&layer, &x, true)?;
                 }
