@@ -26,6 +26,8 @@ pub fn evaluate(
     nll_on_prompt: bool,
 ) -> Result<EvalMetrics, Error> {
     let device = model.lm_head().device().clone();
+    // No graph: nothing is differentiated here.
+    let model = &model.detached();
     let mut per_batch = Vec::new();
     let mut weighted_loss = 0.0;
     let pairs: Vec<_> = data.pairs.iter().collect();

@@ -278,3 +278,34 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+#[test]
+fn a_detached_model_gives_the_same_numbers_without_a_graph() {
+    for name in MODELS {
+        let g = golden(name);
+        for recompute in [false, true] {
+            let mut model = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+            if recompute {
+                model.enable_recompute();
+            }
+            let pairs = golden_pairs(&g, "tokenized");
+            let refs: Vec<_> = pairs.iter().take(3).collect();
+            let batch = collate(
+                &refs,
+                pad_id(&g),
+                true,
+                model.packed_padding(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let live = forward(&model, &batch, 0.1).unwrap();
+            let detached = model.detached();
+            assert!(detached.params().is_empty());
+            let out = forward(&detached, &batch, 0.1).unwrap();
+            assert!(live.objective.track_op(), "{name}");
+            assert!(!out.objective.track_op(), "{name}: a graph was recorded");
+            assert_eq!(live.metrics.values, out.metrics.values, "{name}");
+            assert_eq!(live.metrics.loss, out.metrics.loss, "{name}");
+        }
+    }
+}

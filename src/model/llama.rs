@@ -200,6 +200,21 @@ impl Llama {
             .unwrap_or_else(|| self.embed_tokens.clone())
     }
 
+    /// The same weights as constants (no parameters): see `CausalLm::detached`.
+    pub fn detached(&self) -> Llama {
+        Llama {
+            config: self.config.clone(),
+            params: Params::default(),
+            adapter: self.adapter.clone(),
+            recompute: self.recompute.as_ref().map(|_| SideGrads::default()),
+            compute: self.compute,
+            embed_tokens: self.embed_tokens.detach(),
+            layers: self.layers.iter().map(Layer::detached).collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(Tensor::detach),
+        }
+    }
+
     /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
     fn decode(&self, x: Tensor, attention: Attention) -> Result<Tensor> {
         let ctx = Arc::new(Ctx {

@@ -93,6 +93,16 @@ impl CausalLm {
         }
     }
 
+    /// The same weights (shared, not copied) as constants, with no parameters: its forward
+    /// passes record no graph, so each layer's intermediates are freed as soon as the layer
+    /// returns (evaluation). Checkpointing, if on, stays on only as the LM head's chunking.
+    pub fn detached(&self) -> CausalLm {
+        match self {
+            CausalLm::Opt(m) => CausalLm::Opt(m.detached()),
+            CausalLm::Llama(m) => CausalLm::Llama(m.detached()),
+        }
+    }
+
     pub fn params(&self) -> &Params {
         match self {
             CausalLm::Opt(m) => &m.params,

@@ -249,6 +249,24 @@ impl Opt {
             .unwrap_or_else(|| self.embed_tokens.clone())
     }
 
+    /// The same weights as constants (no parameters): see `CausalLm::detached`.
+    pub fn detached(&self) -> Opt {
+        Opt {
+            config: self.config.clone(),
+            params: Params::default(),
+            adapter: self.adapter.clone(),
+            recompute: self.recompute.as_ref().map(|_| SideGrads::default()),
+            compute: self.compute,
+            embed_tokens: self.embed_tokens.detach(),
+            embed_positions: self.embed_positions.detach(),
+            project_in: self.project_in.as_ref().map(Linear::detached),
+            project_out: self.project_out.as_ref().map(Linear::detached),
+            final_norm: self.final_norm.as_ref().map(Norm::detached),
+            lm_head: self.lm_head.as_ref().map(Tensor::detach),
+            layers: self.layers.iter().map(Layer::detached).collect(),
+        }
+    }
+
     /// Token plus position embeddings (and project_in) for flat ids/positions; `shape` is the
     /// leading shape of the result (`[n, len]` padded, `[total]` packed).
     fn embed(&self, ids: &Tensor, pos: &Tensor, shape: &[usize]) -> Result<Tensor> {
