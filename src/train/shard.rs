@@ -86,7 +86,10 @@ pub fn save_weights(
             "metadata": { "total_size": total },
             "weight_map": weight_map,
         });
-        let text = serde_json::to_string_pretty(&index).unwrap_or_default() + "\n";
+        let text = serde_json::to_string_pretty(&index).map_err(|e| SaveError::Other {
+            path: dir.join(INDEX),
+            msg: e.to_string(),
+        })? + "\n";
         write_atomic(&dir.join(INDEX), text.as_bytes())?;
         written.push(INDEX.into());
     }
