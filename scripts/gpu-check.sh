@@ -9,7 +9,8 @@
 #             tiny-qwen2), f32 and bf16: `orpo train` 3 steps (file order, log_every 1) on the
 #             CPU and on CUDA with the same binary, then examples/compare_runs on the two run
 #             folders (every metric of every step, eval metrics, every saved tensor); plus
-#             LoRA + gradient checkpointing + bf16 on tiny-opt and tiny-mistral. Each case also
+#             LoRA + gradient checkpointing + bf16 on tiny-opt and tiny-mistral, and tiny-mistral
+#             with a sliding window of 3 (f32; bf16 + checkpointing). Each case also
 #             runs a gradient probe (one AdamW step with lr = eps = 1e4, so the weight update
 #             is the gradient) and compares every parameter's gradient and gradient norm
 #             against the CPU's (norms: f32 1e-4, bf16 3e-2 as tests/bf16.rs).
@@ -328,6 +329,19 @@ run_parity() {
     train_tiny "$fx-lora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${lora[@]}"
     parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
   done
+  # A sliding window (3) shorter than every sequence: padding positions past it have no key
+  # at all (the fully masked rows that gave NaN on the plain-op path until fixed).
+  local w3=$W/models/tiny-mistral-w3
+  rm -rf "$w3" && mkdir -p "$W/models" && cp -r tests/fixtures/tiny-mistral "$w3"
+  python3 - "$w3/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["sliding_window"] = 3; json.dump(c, open(sys.argv[1], "w"))
+PY
+  local win=(--set model.id="$w3")
+  train_tiny tiny-mistral-w3-init tiny-mistral ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${win[@]}"
+  parity_case tiny-mistral-w3-f32 tiny-mistral f32 F32_TOL tiny-mistral-w3-init "${win[@]}"
+  parity_case tiny-mistral-w3-ckpt-bf16 tiny-mistral bf16 BF16_TOL tiny-mistral-w3-init "${win[@]}" \
+    --set train.gradient_checkpointing=true
 }
 
 # --- benchmarks -------------------------------------------------------------------------
