@@ -34,7 +34,7 @@
 #   setup: unpack binaries, pip install the TRL wheels, import check  ~15-25 s
 #   CUDA smoke test (tiny-opt, 1 step; the first CUDA process JIT-compiles
 #           candle's PTX, later ones reuse the driver's cache)       ~10-40 s   (timeout 120 s)
-#   parity: 24 CUDA runs ~2-5 s each, the 31 CPU runs beside them
+#   parity: 30 CUDA runs ~2-5 s each, the 38 CPU runs beside them
 #           in the background                                        ~60-150 s  (timeout 60 s/run)
 #   opt-125m: model ~3 s, orpo ~30-60 s, TRL ~45 s                   ~80-120 s  (timeouts 150/150)
 #   llama-1b: model ~5 s, orpo ~30-60 s, TRL ~40 s                   ~80-120 s  (timeouts 180/150)
