@@ -328,3 +328,28 @@ fn frozen_bf16_embeddings_and_head_train_as_their_f32_copies() {
         }
     }
 }
+
+/// The head's column sums (the logit metrics) follow a trainable head's updates and are kept
+/// for a frozen one.
+#[test]
+fn head_column_sums_follow_a_trainable_head_and_are_kept_for_a_frozen_one() {
+    let sums = |m: &CausalLm| m.head_column_sums().unwrap().to_vec1::<f32>().unwrap();
+    let full = CausalLm::load(&model_dir("tiny-opt"), &Device::Cpu).unwrap();
+    let before = sums(&full);
+    let head = full
+        .params()
+        .get("model.decoder.embed_tokens.weight")
+        .unwrap();
+    head.set(&(head.as_tensor() * 2.0).unwrap()).unwrap();
+    let after = sums(&full);
+    assert!(before.iter().zip(&after).all(|(b, a)| *a == 2.0 * b));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = load_trainer(&lora_config("tiny-mistral", tmp.path(), &[])).unwrap();
+    let frozen = &trainer.model;
+    assert!(!frozen.lm_head().is_variable());
+    let want = orpo::ops::column_sums(&frozen.lm_head()).unwrap();
+    let want = want.to_vec1::<f32>().unwrap();
+    assert_eq!(sums(frozen), want);
+    assert_eq!(sums(frozen), want);
+}

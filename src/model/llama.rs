@@ -143,6 +143,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
+    /// A frozen head's column sums (see `CausalLm::head_column_sums`).
+    pub(super) head_sums: std::sync::OnceLock<Tensor>,
 }
 
 impl Llama {
@@ -191,6 +193,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            head_sums: Default::default(),
         })
     }
 
@@ -212,6 +215,7 @@ impl Llama {
             layers: self.layers.iter().map(Layer::detached).collect(),
             norm: self.norm.detach(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
+            head_sums: self.head_sums.clone(),
         }
     }
 

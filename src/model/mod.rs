@@ -93,6 +93,25 @@ impl CausalLm {
         }
     }
 
+    /// Column sums `[e]` of the LM head, f32 and detached: a row's logits summed over the
+    /// vocabulary are `h · sums` (the head has no bias). Computed once when the head is a
+    /// constant (frozen under LoRA, or a detached copy), as it never changes.
+    pub fn head_column_sums(&self) -> CResult<Tensor> {
+        let w = self.lm_head();
+        if w.is_variable() {
+            return crate::ops::column_sums(&w.detach());
+        }
+        let cache = match self {
+            CausalLm::Opt(m) => &m.head_sums,
+            CausalLm::Llama(m) => &m.head_sums,
+        };
+        if let Some(sums) = cache.get() {
+            return Ok(sums.clone());
+        }
+        let sums = crate::ops::column_sums(&w)?;
+        Ok(cache.get_or_init(|| sums).clone())
+    }
+
     /// The same weights (shared, not copied) as constants, with no parameters: its forward
     /// passes record no graph, so each layer's intermediates are freed as soon as the layer
     /// returns (evaluation). Checkpointing, if on, stays on only as the LM head's chunking.

@@ -184,6 +184,8 @@ pub struct Opt {
     final_norm: Option<Norm>,
     lm_head: Option<Tensor>,
     layers: Vec<Layer>,
+    /// A frozen head's column sums (see `CausalLm::head_column_sums`).
+    pub(super) head_sums: std::sync::OnceLock<Tensor>,
 }
 
 impl Opt {
@@ -240,6 +242,7 @@ impl Opt {
             final_norm,
             lm_head,
             layers,
+            head_sums: Default::default(),
         })
     }
 
@@ -264,6 +267,7 @@ impl Opt {
             final_norm: self.final_norm.as_ref().map(Norm::detached),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             layers: self.layers.iter().map(Layer::detached).collect(),
+            head_sums: self.head_sums.clone(),
         }
     }
 

@@ -65,7 +65,7 @@ fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let (logp, _) = model.head_scores(&h, &p.targets)?; // [m]
     let n = batch.n_pairs * 2;
     let vocab = w.dim(0)?;
-    let w_sum = crate::ops::column_sums(&w.detach())?.unsqueeze(1)?; // [e, 1]
+    let w_sum = model.head_column_sums()?.unsqueeze(1)?; // [e, 1]
     let halves = p.logit_weights.matmul(&hidden.detach())?.matmul(&w_sum)?; // [2, 1]
     let halves: Vec<f64> = halves.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
     let count = ((n / 2) * (batch.len - 1) * vocab) as f64;
