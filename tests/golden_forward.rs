@@ -3,7 +3,8 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::Device;
 use common::*;
 use orpo::data::TokenizedPair;
 use orpo::model::CausalLm;
@@ -156,23 +157,23 @@ fn assert_packed_matches_padded(
             model.gradients(&a.objective).unwrap(),
             reference.gradients(&p.objective).unwrap(),
         );
-        for ((pname, var), (_, rvar)) in model.params().iter().zip(reference.params().iter()) {
-            let x = ga.get(var.as_tensor()).unwrap();
-            let y = gp.get(rvar.as_tensor()).unwrap();
-            let max = |t: Tensor| {
-                t.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            let (diff, scale) = (max((x - y).unwrap()), max(y.clone()));
-            assert!(
-                diff <= 1e-5 * scale + 1e-9,
-                "{name} {pname}: max grad diff {diff} (scale {scale})"
-            );
-        }
+        assert_grads_close(name, (model, &ga), (reference, &gp));
+    }
+}
+
+/// Every parameter's gradient in `got` within 1e-5 of the largest entry of `want`'s.
+fn assert_grads_close(name: &str, got: (&CausalLm, &GradStore), want: (&CausalLm, &GradStore)) {
+    for ((pname, var), (_, wvar)) in got.0.params().iter().zip(want.0.params().iter()) {
+        let x = got
+            .1
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} {pname}: no gradient"));
+        let y = want.1.get(wvar.as_tensor()).unwrap();
+        let (diff, scale) = (max_diff(x, y), max_abs(y));
+        assert!(
+            diff <= 1e-5 * scale + 1e-9,
+            "{name} {pname}: max grad diff {diff} (scale {scale})"
+        );
     }
 }
 
@@ -251,31 +252,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert_eq!(a.metrics.loss, b.metrics.loss, "{name}: forward differs");
         let ga = plain.gradients(&a.objective).unwrap();
         let gb = ckpt.gradients(&b.objective).unwrap();
-        for ((pname, va), (_, vb)) in plain.params().iter().zip(ckpt.params().iter()) {
-            let x = ga.get(va.as_tensor()).unwrap();
-            let y = gb
-                .get(vb.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {pname}: no gradient with checkpointing"));
-            let diff = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = x
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-5 * scale + 1e-9,
-                "{name} {pname}: max grad diff {diff} (scale {scale})"
-            );
-        }
+        let name = format!("{name} (checkpointed)");
+        assert_grads_close(&name, (&ckpt, &gb), (&plain, &ga));
     }
 }
 

@@ -74,15 +74,7 @@ fn saved_model_reloads_to_identical_logits() {
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     let a = trainer.model.logits(&ids, &mask).unwrap();
     let b = reloaded.logits(&ids, &mask).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(max_diff(&a, &b), 0.0);
     for f in [
         "config.json",
         "model.safetensors",
@@ -129,15 +121,7 @@ fn sharded_weights_round_trip_and_replace_each_other() {
         assert_eq!(back.params().len(), model.params().len());
         for (name, var) in model.params().iter() {
             let b = back.params().get(name).unwrap();
-            let diff = (var.as_tensor() - b.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "{name}");
+            assert_eq!(max_diff(var.as_tensor(), b.as_tensor()), 0.0, "{name}");
         }
     };
     // ~0.8 MB of f32 weights in shards of at most 200 kB.

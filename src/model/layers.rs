@@ -60,6 +60,22 @@ impl Attention {
         }
     }
 
+    /// `layer` on a packed stream held as real rows `x` and padding rows `pad` (see
+    /// `PackedAttention::layer_rows`); an error for a padded batch.
+    pub fn layer_rows<L>(
+        &self,
+        x: &Tensor,
+        pad: Option<&Tensor>,
+        live: &L,
+        frozen: &L,
+        run: impl Fn(&L, &Tensor, &AttendFn) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let Attention::Packed(p) = self else {
+            candle_core::bail!("layer_rows: not a packed batch");
+        };
+        p.layer_rows(x, pad, |x, a| run(live, x, a), |x, a| run(frozen, x, a))
+    }
+
     /// One decoder layer over `x`: `run(layer, rows, attend)` runs a layer on some rows. A
     /// padded batch runs `live` on every row; a packed one runs `live` on the real rows and
     /// `frozen` (the same layer with detached parameters) on the padding rows, which need no

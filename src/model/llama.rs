@@ -113,17 +113,11 @@ impl RowsBlock for LayerBlock {
         pad: Option<&Tensor>,
         live: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let Attention::Packed(p) = &self.ctx.attention else {
-            candle_core::bail!("forward_rows: not a packed batch");
-        };
         let layer = if live { &self.live } else { &self.frozen };
         let eps = self.ctx.eps;
-        p.layer_rows(
-            x,
-            pad,
-            |x, a| layer.forward(x, eps, a),
-            |x, a| self.frozen.forward(x, eps, a),
-        )
+        self.ctx
+            .attention
+            .layer_rows(x, pad, layer, &self.frozen, |l, x, a| l.forward(x, eps, a))
     }
 
     fn vars(&self) -> Vec<Var> {

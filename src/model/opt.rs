@@ -141,17 +141,10 @@ impl RowsBlock for LayerBlock {
         pad: Option<&Tensor>,
         live: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let Attention::Packed(p) = &self.attention else {
-            candle_core::bail!("forward_rows: not a packed batch");
-        };
         let layer = if live { &self.live } else { &self.frozen };
         let pre = self.pre;
-        p.layer_rows(
-            x,
-            pad,
-            |x, a| layer.forward(x, pre, a),
-            |x, a| self.frozen.forward(x, pre, a),
-        )
+        self.attention
+            .layer_rows(x, pad, layer, &self.frozen, |l, x, a| l.forward(x, pre, a))
     }
 
     fn vars(&self) -> Vec<Var> {

@@ -1,6 +1,7 @@
 //! Shared helpers for the golden tests: fixture paths, golden files, tolerances.
 #![allow(dead_code)]
 
+use candle_core::Tensor;
 use orpo::data::{PairText, TokenizedPair};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -78,4 +79,19 @@ pub fn assert_close(what: &str, got: f64, want: f64, rel: f64, abs: f64) {
         "{what}: got {got}, want {want} (diff {:.3e}, tol {tol:.3e})",
         (got - want).abs()
     );
+}
+
+/// `max |t|` over all elements.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `max |a - b|` over all elements.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
 }
