@@ -151,6 +151,21 @@ fn golden_tiny_qwen2() {
 }
 
 #[test]
+fn golden_tiny_gemma() {
+    check_model("tiny-gemma", "tiny-gemma");
+}
+
+#[test]
+fn golden_tiny_phi3() {
+    check_model("tiny-phi3", "tiny-phi3");
+}
+
+#[test]
+fn golden_tiny_llama3() {
+    check_model("tiny-llama3", "tiny-llama3");
+}
+
+#[test]
 fn special_tokens() {
     let opt = Tokenizer::from_dir(&fixtures().join("tiny-opt")).unwrap();
     assert_eq!(

@@ -193,6 +193,21 @@ fn tiny_qwen2_training_matches_trl() {
 }
 
 #[test]
+fn tiny_gemma_training_matches_trl() {
+    check_run("tiny-gemma");
+}
+
+#[test]
+fn tiny_phi3_training_matches_trl() {
+    check_run("tiny-phi3");
+}
+
+#[test]
+fn tiny_llama3_training_matches_trl() {
+    check_run("tiny-llama3");
+}
+
+#[test]
 fn partial_accumulation_step_cosine_warmup_and_clipping_match_trl() {
     check_extra("tiny-opt", "tiny-opt.accum-cosine.trl.json");
 }

@@ -51,7 +51,7 @@ fn orpo(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
-    for name in ["tiny-opt", "tiny-mistral"] {
+    for name in ["tiny-opt", "tiny-mistral", "tiny-gemma", "tiny-phi3"] {
         let tmp = tempfile::tempdir().unwrap();
         let config = lora_config(name, tmp.path(), &[]);
         let mut trainer = load_trainer(&config).unwrap();
@@ -66,6 +66,13 @@ fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
         assert!(names
             .iter()
             .all(|n| n.starts_with("base_model.model.") && n.contains(".lora_")));
+        if name == "tiny-phi3" {
+            // Phi-3's fused projections are adapted as the single modules PEFT sees.
+            for module in ["self_attn.qkv_proj", "mlp.gate_up_proj"] {
+                let a = format!("base_model.model.model.layers.0.{module}.lora_A.weight");
+                assert!(names.contains(&a), "{name}: no {a}");
+            }
+        }
         let before = trainer.model.params().snapshot().unwrap();
         trainer.run(None, &AtomicBool::new(false)).unwrap();
         for (pname, var) in trainer.model.params().iter() {

@@ -40,6 +40,9 @@ fn every_trainable_tensor_changes_after_one_step() {
         "tiny-opt-350m-layout",
         "tiny-mistral",
         "tiny-qwen2",
+        "tiny-gemma",
+        "tiny-phi3",
+        "tiny-llama3",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let config = tiny_config(name, tmp.path(), &["train.log_every=1"]);

@@ -1,6 +1,7 @@
 //! `config.json` parsing for the supported architectures, old and new key spellings alike.
 
 use super::load::ModelError;
+use super::rope::Rope;
 use serde_json::Value;
 use std::path::Path;
 
@@ -10,10 +11,23 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Gemma,
+    Phi3,
 }
 
-pub const SUPPORTED: &str =
-    "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+pub const SUPPORTED: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
+     Qwen2ForCausalLM, GemmaForCausalLM, Phi3ForCausalLM";
+
+/// The MLP's gate activation (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Silu,
+    /// The tanh approximation (`gelu_pytorch_tanh`, `gelu_new`; Gemma's legacy `gelu`).
+    GeluTanh,
+    /// The exact, erf-based GELU.
+    Gelu,
+}
 
 /// The hyper-parameters the model code needs, with Hugging Face's defaults filled in.
 #[derive(Debug, Clone)]
@@ -36,13 +50,19 @@ pub struct ModelConfig {
     pub remove_final_layer_norm: bool,
     pub enable_bias: bool,
     pub layer_norm_elementwise_affine: bool,
-    pub activation: String,
+    pub activation: Activation,
     // Llama family
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
+    pub rope: Rope,
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub sliding_window: Option<usize>,
+    /// Gemma multiplies the token embeddings by sqrt(hidden_size).
+    pub embed_scale: Option<f64>,
+    /// Gemma's RMSNorm scales by `1 + w` (its weights are stored as offsets from 1).
+    pub norm_weight_offset: bool,
+    /// Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
+    pub fused_projections: bool,
 }
 
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
@@ -92,6 +112,8 @@ impl ModelConfig {
             (Some("LlamaForCausalLM"), _) | (None, "llama") => Architecture::Llama,
             (Some("MistralForCausalLM"), _) | (None, "mistral") => Architecture::Mistral,
             (Some("Qwen2ForCausalLM"), _) | (None, "qwen2") => Architecture::Qwen2,
+            (Some("GemmaForCausalLM"), _) | (None, "gemma") => Architecture::Gemma,
+            (Some("Phi3ForCausalLM"), _) | (None, "phi3") => Architecture::Phi3,
             (Some(other), _) => {
                 return Err(err(format!(
                     "unsupported architecture `{other}`; supported: {SUPPORTED}"
@@ -117,57 +139,43 @@ impl ModelConfig {
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        let rope_theta = raw
-            .get("rope_theta")
-            .and_then(Value::as_f64)
-            .or_else(|| {
-                raw.get("rope_parameters")
-                    .and_then(|r| r.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10000.0);
-        if let Some(rope_type) = raw
-            .get("rope_parameters")
-            .or_else(|| raw.get("rope_scaling"))
-            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-            .and_then(Value::as_str)
-        {
-            if rope_type != "default" {
-                return Err(err(format!(
-                    "rope_type `{rope_type}` is not supported yet (only `default`)"
-                )));
-            }
-        }
         let is_opt = arch == Architecture::Opt;
         let intermediate_size = if is_opt {
             need("ffn_dim")?
         } else {
             need("intermediate_size")?
         };
-        let use_sliding =
-            get_bool(&raw, "use_sliding_window").unwrap_or(arch == Architecture::Mistral);
+        let use_sliding = get_bool(&raw, "use_sliding_window")
+            .unwrap_or(matches!(arch, Architecture::Mistral | Architecture::Phi3));
         let sliding_window = if use_sliding {
             get_usize(&raw, "sliding_window")
         } else {
             None
         };
-        let activation = raw
+        let act_name = raw
             .get(if is_opt {
                 "activation_function"
             } else {
                 "hidden_act"
             })
             .and_then(Value::as_str)
-            .unwrap_or(if is_opt { "relu" } else { "silu" })
-            .to_string();
-        let supported_act = if is_opt {
-            activation == "relu"
-        } else {
-            activation == "silu"
+            .unwrap_or(match arch {
+                Architecture::Opt => "relu",
+                Architecture::Gemma => "gelu_pytorch_tanh",
+                _ => "silu",
+            });
+        let activation = match (act_name, arch) {
+            ("relu", Architecture::Opt) => Activation::Relu,
+            ("silu", a) if a != Architecture::Opt => Activation::Silu,
+            // transformers reads Gemma's legacy `gelu` as the tanh approximation.
+            ("gelu", Architecture::Gemma) => Activation::GeluTanh,
+            ("gelu", a) if a != Architecture::Opt => Activation::Gelu,
+            ("gelu_pytorch_tanh" | "gelu_new", a) if a != Architecture::Opt => Activation::GeluTanh,
+            (other, _) => return Err(err(format!("activation `{other}` is not supported"))),
         };
-        if !supported_act {
-            return Err(err(format!("activation `{activation}` is not supported")));
-        }
+        let head_dim = get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_heads);
+        let rope = Rope::from_config(&raw, head_dim).map_err(err)?;
+        let gemma = arch == Architecture::Gemma;
         Ok(ModelConfig {
             arch,
             vocab_size: need("vocab_size")?,
@@ -175,10 +183,10 @@ impl ModelConfig {
             num_layers: need("num_hidden_layers")?,
             num_heads,
             num_kv_heads,
-            head_dim: get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_heads),
+            head_dim,
             intermediate_size,
             max_position_embeddings: get_usize(&raw, "max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: get_bool(&raw, "tie_word_embeddings").unwrap_or(is_opt),
+            tie_word_embeddings: get_bool(&raw, "tie_word_embeddings").unwrap_or(is_opt || gemma),
             word_embed_proj_dim: get_usize(&raw, "word_embed_proj_dim").unwrap_or(hidden_size),
             do_layer_norm_before: get_bool(&raw, "do_layer_norm_before").unwrap_or(true),
             remove_final_layer_norm: get_bool(&raw, "_remove_final_layer_norm").unwrap_or(false),
@@ -190,11 +198,80 @@ impl ModelConfig {
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
-            rope_theta,
+            rope,
             attention_bias: get_bool(&raw, "attention_bias").unwrap_or(arch == Architecture::Qwen2),
             mlp_bias: get_bool(&raw, "mlp_bias").unwrap_or(false),
             sliding_window,
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            norm_weight_offset: gemma,
+            fused_projections: arch == Architecture::Phi3,
             raw,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig, ModelError> {
+        ModelConfig::from_value(v, Path::new("config.json"))
+    }
+
+    fn llama_like(arch: &str) -> Value {
+        json!({"architectures": [arch], "vocab_size": 10, "hidden_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 8})
+    }
+
+    #[test]
+    fn gemma_defaults_follow_transformers() {
+        let c = parse(llama_like("GemmaForCausalLM")).unwrap();
+        assert_eq!(c.arch, Architecture::Gemma);
+        assert!(c.tie_word_embeddings && c.norm_weight_offset && !c.fused_projections);
+        assert_eq!(c.embed_scale, Some(8.0));
+        assert_eq!(c.activation, Activation::GeluTanh);
+        // Gemma's released configs say `gelu` and mean the tanh approximation.
+        let mut v = llama_like("GemmaForCausalLM");
+        v["hidden_act"] = json!("gelu");
+        assert_eq!(parse(v).unwrap().activation, Activation::GeluTanh);
+        let mut v = llama_like("LlamaForCausalLM");
+        v["hidden_act"] = json!("gelu");
+        assert_eq!(parse(v).unwrap().activation, Activation::Gelu);
+    }
+
+    #[test]
+    fn phi3_fuses_projections_rotates_part_of_each_head_and_slides() {
+        let mut v = llama_like("Phi3ForCausalLM");
+        v["sliding_window"] = json!(2047);
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e4,
+                                      "partial_rotary_factor": 0.75});
+        let c = parse(v).unwrap();
+        assert!(c.fused_projections && !c.tie_word_embeddings && !c.norm_weight_offset);
+        assert_eq!((c.head_dim, c.rope.dim), (16, 12));
+        assert_eq!(c.sliding_window, Some(2047));
+        assert_eq!(c.embed_scale, None);
+    }
+
+    #[test]
+    fn unsupported_settings_are_named() {
+        let mut v = llama_like("Phi3ForCausalLM");
+        v["rope_scaling"] = json!({"type": "longrope"});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("rope_type `longrope`"),
+            "{e}"
+        );
+        let mut v = llama_like("GemmaForCausalLM");
+        v["hidden_act"] = json!("relu");
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("activation `relu`"), "{e}");
+        let e = parse(llama_like("Gemma2ForCausalLM"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unsupported architecture `Gemma2ForCausalLM`"),
+            "{e}"
+        );
     }
 }

@@ -171,30 +171,14 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()
 }
 
-/// Rotary tables `[len, d]` for positions 0..len, computed as transformers does in f32.
-pub fn rope_tables(len: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = d / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
-        .collect();
-    let mut cos = Vec::with_capacity(len * d);
-    let mut sin = Vec::with_capacity(len * d);
-    for p in 0..len {
-        for k in 0..d {
-            let f = (p as f32) * inv[k % half];
-            cos.push(f.cos());
-            sin.push(f.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (len, d), device)?,
-        Tensor::from_vec(sin, (len, d), device)?,
-    ))
-}
-
 /// `x * cos + rotate_half(x) * sin` for `x: [n, h, len, d]` (transformers' rotate_half layout).
+/// Tables narrower than `d` rotate only the leading dimensions (partial rotary, Phi-3/4).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+    let (d, r) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    if r < d {
+        let rotated = apply_rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
+        return Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1);
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;

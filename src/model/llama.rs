@@ -1,9 +1,11 @@
-//! The Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, SwiGLU MLP,
-//! grouped-query attention, optional q/k/v biases, tied or untied head.
+//! The Llama family (Llama, Mistral, Qwen2, Gemma, Phi-3): RMSNorm, rotary positions, gated
+//! MLP, grouped-query attention, optional q/k/v biases, tied or untied head. The members'
+//! differences are `ModelConfig` switches: Gemma's embedding scale, `1 + w` norms and GeGLU;
+//! Phi-3's fused projections and partial rotary; Mistral's and Phi-3's sliding windows.
 
-use super::arch::{Architecture, ModelConfig};
+use super::arch::{Activation, Architecture, ModelConfig};
 use super::layers::{
-    apply_rope, attention, attention_bias, mask_rows, rms_norm, rope_tables, split_heads, Attention,
+    apply_rope, attention, attention_bias, mask_rows, rms_norm, split_heads, Attention,
 };
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
@@ -11,20 +13,94 @@ use super::opt::trainable;
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{Block, RowsBlock, SideGrads};
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var, D};
 use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
+
+const PREFIX: &str = "model";
+
+/// Projections of one input: separate linear layers, or one fused layer whose output columns
+/// are split in order (Phi-3's `qkv_proj` and `gate_up_proj`).
+#[derive(Clone)]
+enum Projections {
+    Separate(Vec<Linear>),
+    Fused(Linear, Vec<usize>),
+}
+
+impl Projections {
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(linears) => linears.iter().map(|l| l.forward(x)).collect(),
+            Projections::Fused(linear, widths) => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        start += w;
+                        // Row gathers (packed attention off the CPU kernels) need contiguous.
+                        y.narrow(D::Minus1, start - w, w)?.contiguous()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Projections::Separate(linears) => linears.iter().collect(),
+            Projections::Fused(linear, _) => vec![linear],
+        }
+    }
+
+    fn detached(&self) -> Projections {
+        match self {
+            Projections::Separate(linears) => {
+                Projections::Separate(linears.iter().map(Linear::detached).collect())
+            }
+            Projections::Fused(linear, widths) => {
+                Projections::Fused(linear.detached(), widths.clone())
+            }
+        }
+    }
+}
+
+/// The layer-level switches of the family members.
+#[derive(Clone, Copy)]
+struct Style {
+    eps: f64,
+    norm_weight_offset: bool,
+    activation: Activation,
+}
+
+impl Style {
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.norm_weight_offset {
+            rms_norm(x, &(w + 1.0)?, self.eps)
+        } else {
+            rms_norm(x, w, self.eps)
+        }
+    }
+
+    fn activate(&self, x: &Tensor) -> Result<Tensor> {
+        match self.activation {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: Projections,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -32,40 +108,36 @@ struct Layer {
 struct Ctx {
     /// Rotary positions, masks and attention of a padded or a packed batch.
     attention: Attention,
-    eps: f64,
+    style: Style,
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, eps: f64, attend: &AttendFn) -> Result<Tensor> {
-        let hs = rms_norm(x, &self.input_norm, eps)?;
-        let a = attend(
-            &self.q.forward(&hs)?,
-            &self.k.forward(&hs)?,
-            &self.v.forward(&hs)?,
-        )?;
+    fn forward(&self, x: &Tensor, style: Style, attend: &AttendFn) -> Result<Tensor> {
+        let hs = style.norm(x, &self.input_norm)?;
+        let qkv = self.qkv.forward(&hs)?;
+        let a = attend(&qkv[0], &qkv[1], &qkv[2])?;
         let x = (x + self.o.forward(&a)?)?;
-        let hs = rms_norm(&x, &self.post_norm, eps)?;
-        let g = self.gate.forward(&hs)?.silu()?;
-        let u = self.up.forward(&hs)?;
-        x + self.down.forward(&(g * u)?)?
+        let hs = style.norm(&x, &self.post_norm)?;
+        let gate_up = self.gate_up.forward(&hs)?;
+        let g = style.activate(&gate_up[0])?;
+        x + self.down.forward(&(g * &gate_up[1])?)?
     }
 
-    fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.qkv.linears();
+        out.push(&self.o);
+        out.extend(self.gate_up.linears());
+        out.push(&self.down);
+        out
     }
 
     fn detached(&self) -> Layer {
         Layer {
             input_norm: self.input_norm.detach(),
-            q: self.q.detached(),
-            k: self.k.detached(),
-            v: self.v.detached(),
+            qkv: self.qkv.detached(),
             o: self.o.detached(),
             post_norm: self.post_norm.detach(),
-            gate: self.gate.detached(),
-            up: self.up.detached(),
+            gate_up: self.gate_up.detached(),
             down: self.down.detached(),
         }
     }
@@ -89,10 +161,10 @@ struct LayerBlock {
 impl LayerBlock {
     fn run(&self, x: &Tensor, live: bool) -> Result<Tensor> {
         let layer = if live { &self.live } else { &self.frozen };
-        let eps = self.ctx.eps;
+        let style = self.ctx.style;
         self.ctx
             .attention
-            .layer(x, layer, &self.frozen, |l, x, a| l.forward(x, eps, a))
+            .layer(x, layer, &self.frozen, |l, x, a| l.forward(x, style, a))
     }
 }
 
@@ -114,10 +186,12 @@ impl RowsBlock for LayerBlock {
         live: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let layer = if live { &self.live } else { &self.frozen };
-        let eps = self.ctx.eps;
+        let style = self.ctx.style;
         self.ctx
             .attention
-            .layer_rows(x, pad, layer, &self.frozen, |l, x, a| l.forward(x, eps, a))
+            .layer_rows(x, pad, layer, &self.frozen, |l, x, a| {
+                l.forward(x, style, a)
+            })
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -146,30 +220,48 @@ impl Llama {
         let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let qd = cfg.num_heads * cfg.head_dim;
         let kvd = cfg.num_kv_heads * cfg.head_dim;
-        let embed_tokens = src.embedding("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = src.embedding(&format!("{PREFIX}.embed_tokens.weight"), &[v, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{PREFIX}.layers.{l}");
             let ab = cfg.attention_bias;
+            let (attn, mlp) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+            let (qkv, gate_up) = if cfg.fused_projections {
+                (
+                    Projections::Fused(
+                        src.linear(&format!("{attn}.qkv_proj"), qd + 2 * kvd, h, ab)?,
+                        vec![qd, kvd, kvd],
+                    ),
+                    Projections::Fused(
+                        src.linear(&format!("{mlp}.gate_up_proj"), 2 * i, h, cfg.mlp_bias)?,
+                        vec![i, i],
+                    ),
+                )
+            } else {
+                (
+                    Projections::Separate(vec![
+                        src.linear(&format!("{attn}.q_proj"), qd, h, ab)?,
+                        src.linear(&format!("{attn}.k_proj"), kvd, h, ab)?,
+                        src.linear(&format!("{attn}.v_proj"), kvd, h, ab)?,
+                    ]),
+                    Projections::Separate(vec![
+                        src.linear(&format!("{mlp}.gate_proj"), i, h, cfg.mlp_bias)?,
+                        src.linear(&format!("{mlp}.up_proj"), i, h, cfg.mlp_bias)?,
+                    ]),
+                )
+            };
+            // Llama's and Gemma's o_proj follow attention_bias; the others never bias it.
+            let o_bias = ab && matches!(cfg.arch, Architecture::Llama | Architecture::Gemma);
             layers.push(Layer {
-                q: src.linear(&format!("{p}.self_attn.q_proj"), qd, h, ab)?,
-                k: src.linear(&format!("{p}.self_attn.k_proj"), kvd, h, ab)?,
-                v: src.linear(&format!("{p}.self_attn.v_proj"), kvd, h, ab)?,
-                // Llama's o_proj follows attention_bias; Mistral and Qwen2 never bias it.
-                o: src.linear(
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    qd,
-                    ab && cfg.arch == Architecture::Llama,
-                )?,
-                gate: src.linear(&format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias)?,
-                up: src.linear(&format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias)?,
-                down: src.linear(&format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias)?,
+                qkv,
+                o: src.linear(&format!("{attn}.o_proj"), h, qd, o_bias)?,
+                gate_up,
+                down: src.linear(&format!("{mlp}.down_proj"), h, i, cfg.mlp_bias)?,
                 input_norm: src.param(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: src.param(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             });
         }
-        let norm = src.param("model.norm.weight", &[h])?;
+        let norm = src.param(&format!("{PREFIX}.norm.weight"), &[h])?;
         // Some tied checkpoints still ship an lm_head copy; the tie wins, as in transformers.
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -215,17 +307,33 @@ impl Llama {
 
     /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
     fn decode(&self, x: Tensor, attention: Attention) -> Result<Tensor> {
-        let ctx = Arc::new(Ctx {
-            attention,
-            eps: self.config.rms_norm_eps,
-        });
+        let cfg = &self.config;
+        let style = Style {
+            eps: cfg.rms_norm_eps,
+            norm_weight_offset: cfg.norm_weight_offset,
+            activation: cfg.activation,
+        };
+        let ctx = Arc::new(Ctx { attention, style });
         let layers = self.layers.iter().map(|layer| LayerBlock {
             live: layer.clone(),
             frozen: layer.detached(),
             ctx: ctx.clone(),
         });
         let x = ctx.attention.stack(x, layers, self.recompute.as_ref())?;
-        rms_norm(&x, &self.norm, ctx.eps)
+        style.norm(&x, &self.norm)
+    }
+
+    /// Token embeddings as f32 rows (`ids` flat), with Gemma's scale.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self
+            .embed_tokens
+            .index_select(ids, 0)?
+            .to_dtype(DType::F32)?;
+        match self.config.embed_scale {
+            // transformers multiplies by the scale rounded to the weights' dtype (f32 here).
+            Some(scale) => x * (scale as f32) as f64,
+            None => Ok(x),
+        }
     }
 
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -234,12 +342,10 @@ impl Llama {
         let rows = mask_rows(mask)?;
         let dev = ids.device();
         let x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?
+            .embed(&ids.flatten_all()?)?
             .reshape((n, l, cfg.hidden_size))?;
         // transformers uses positions 0..len for every row, padding or not.
-        let (cos, sin) = rope_tables(l, cfg.head_dim, cfg.rope_theta, dev)?;
+        let (cos, sin) = cfg.rope.tables(l, dev)?;
         let bias = attention_bias(&rows, cfg.sliding_window, dev)?;
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
@@ -269,15 +375,12 @@ impl Llama {
     /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
         let cfg = &self.config;
-        let x = self
-            .embed_tokens
-            .index_select(&packed.ids, 0)?
-            .to_dtype(DType::F32)?;
+        let x = self.embed(&packed.ids)?;
         let attention = PackedAttention::new(
             packed,
             (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
             cfg.sliding_window,
-            Some(cfg.rope_theta),
+            Some(&cfg.rope),
             self.compute,
         )?;
         self.decode(x, Attention::Packed(Arc::new(attention)))

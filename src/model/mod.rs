@@ -15,6 +15,7 @@ mod opt;
 mod packed;
 mod params;
 pub mod recompute;
+pub mod rope;
 
 pub use arch::{Architecture, ModelConfig};
 pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
@@ -46,9 +47,11 @@ impl CausalLm {
         let mut source = load::WeightSource::new(dir, tensors, opts);
         let model = match config.arch {
             Architecture::Opt => CausalLm::Opt(opt::Opt::new(&config, &mut source)?),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
-                CausalLm::Llama(llama::Llama::new(&config, &mut source)?)
-            }
+            Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Gemma
+            | Architecture::Phi3 => CausalLm::Llama(llama::Llama::new(&config, &mut source)?),
         };
         Ok(model)
     }

@@ -4,7 +4,8 @@
 //! `Opt::forward_packed`, `Llama::forward_packed`).
 
 use super::gathered::Gathered;
-use super::layers::{apply_rope, attention, rope_tables, split_heads};
+use super::layers::{apply_rope, attention, split_heads};
+use super::rope::Rope;
 use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
 use std::ops::Range;
@@ -176,13 +177,13 @@ pub struct PackedAttention {
 }
 
 impl PackedAttention {
-    /// `rope_theta`: rotary positions (each row's position in its sequence); `None` where the
-    /// model embeds positions itself.
+    /// `rope`: rotary positions (each row's position in its sequence); `None` where the model
+    /// embeds positions itself.
     pub fn new(
         packed: &Packed,
         (heads, kv_heads, head_dim): (usize, usize, usize),
         window: Option<usize>,
-        rope_theta: Option<f64>,
+        rope: Option<&Rope>,
         compute: DType,
     ) -> Result<Self> {
         let dev = packed.ids.device();
@@ -215,10 +216,10 @@ impl PackedAttention {
         }
         let real_rows = packed.real_rows;
         let pad_rows = packed.total - real_rows;
-        let rope = match rope_theta {
-            Some(theta) => {
+        let rope = match rope {
+            Some(rope) => {
                 let longest = real_pos.iter().chain(&pad_pos).max().map_or(0, |&p| p + 1);
-                let (cos, sin) = rope_tables(longest as usize, head_dim, theta, dev)?;
+                let (cos, sin) = rope.tables(longest as usize, dev)?;
                 let pick = |t: &Tensor, pos: Vec<u32>| -> Result<Tensor> {
                     let n = pos.len();
                     t.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?

@@ -25,12 +25,15 @@ pub fn golden(model: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-pub const MODELS: [&str; 5] = [
+pub const MODELS: [&str; 8] = [
     "tiny-opt",
     "tiny-opt-legacy",
     "tiny-opt-350m-layout",
     "tiny-mistral",
     "tiny-qwen2",
+    "tiny-gemma",
+    "tiny-phi3",
+    "tiny-llama3",
 ];
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -1,0 +1,283 @@
+//! Rotary position embeddings: `config.json`'s RoPE settings and the cos/sin tables, with the
+//! frequency scalings of transformers' `ROPE_INIT_FUNCTIONS` that fine-tuning meets.
+
+use candle_core::{Device, Result, Tensor};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Every frequency divided by `factor` (`linear`).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Phi-3.5's and Phi-4-mini's: a divisor per frequency, `long` for batches longer than the
+    /// original context and `short` otherwise (transformers picks by the padded batch length).
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    /// Leading dimensions of each head that rotate (all of them unless `partial_rotary_factor`).
+    pub dim: usize,
+    pub scaling: RopeScaling,
+    /// Multiplies cos and sin (`longrope`'s attention factor; 1 otherwise).
+    pub attention_factor: f64,
+}
+
+impl Rope {
+    /// Reads `rope_theta`, `partial_rotary_factor` and the scaling from either spelling: the
+    /// top level with a `rope_scaling` dict (most hub configs) or transformers 5's
+    /// `rope_parameters`. Errors are messages for the config's error.
+    pub fn from_config(raw: &Value, head_dim: usize) -> std::result::Result<Rope, String> {
+        let params = raw.get("rope_parameters").filter(|v| v.is_object());
+        let scaling = raw.get("rope_scaling").filter(|v| v.is_object()).or(params);
+        let number = |key: &str| {
+            raw.get(key)
+                .or_else(|| params.and_then(|p| p.get(key)))
+                .and_then(Value::as_f64)
+        };
+        let theta = number("rope_theta").unwrap_or(10000.0);
+        let partial = number("partial_rotary_factor").unwrap_or(1.0);
+        // transformers: int(head_dim * factor), which must stay even to rotate in pairs.
+        let dim = (head_dim as f64 * partial) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
+            return Err(format!(
+                "partial_rotary_factor {partial} gives {dim} rotary dimensions of head_dim \
+                 {head_dim}; expected an even number in 2..={head_dim}"
+            ));
+        }
+        let kind = scaling
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let field = |key: &str| -> std::result::Result<f64, String> {
+            scaling
+                .and_then(|s| s.get(key))
+                .and_then(Value::as_f64)
+                .ok_or_else(|| format!("rope_type `{kind}` needs a number `{key}`"))
+        };
+        let factors = |key: &str| -> std::result::Result<Vec<f64>, String> {
+            let list = scaling
+                .and_then(|s| s.get(key))
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>());
+            match list {
+                Some(v) if v.len() == dim / 2 => Ok(v),
+                _ => Err(format!(
+                    "rope_type `{kind}` needs `{key}`: a list of {} numbers",
+                    dim / 2
+                )),
+            }
+        };
+        let mut attention_factor = 1.0;
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: field("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: field("factor")?,
+                low_freq_factor: field("low_freq_factor")?,
+                high_freq_factor: field("high_freq_factor")?,
+                original_max_position_embeddings: field("original_max_position_embeddings")
+                    .or_else(|e| number("max_position_embeddings").ok_or(e))?,
+            },
+            "longrope" => {
+                let original = field("original_max_position_embeddings")
+                    .or_else(|e| number("original_max_position_embeddings").ok_or(e))?;
+                // Phi-3 configs give no factor: the context extension is the ratio.
+                let factor = field("factor").or_else(|e| {
+                    number("max_position_embeddings")
+                        .map(|m| m / original)
+                        .ok_or(e)
+                })?;
+                attention_factor = match field("attention_factor") {
+                    Ok(f) => f,
+                    Err(_) if factor <= 1.0 => 1.0,
+                    Err(_) => (1.0 + factor.ln() / original.ln()).sqrt(),
+                };
+                RopeScaling::LongRope {
+                    short: factors("short_factor")?,
+                    long: factors("long_factor")?,
+                    original_max_position_embeddings: original as usize,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "rope_type `{other}` is not supported yet (default, linear, llama3, longrope)"
+                ))
+            }
+        };
+        Ok(Rope {
+            theta,
+            dim,
+            scaling,
+            attention_factor,
+        })
+    }
+
+    /// The inverse frequencies, one per rotated pair, as transformers computes them for a
+    /// batch padded to `len` positions.
+    pub fn inv_freq(&self, len: usize) -> Vec<f32> {
+        let d = self.dim as f64;
+        (0..self.dim / 2)
+            .map(|i| {
+                let f = 1.0 / self.theta.powf((2 * i) as f64 / d);
+                (match &self.scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor,
+                    RopeScaling::LongRope {
+                        short,
+                        long,
+                        original_max_position_embeddings,
+                    } => {
+                        let ext = if len > *original_max_position_embeddings {
+                            long
+                        } else {
+                            short
+                        };
+                        f / ext[i]
+                    }
+                    &RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_position_embeddings: old,
+                    } => {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < old / high {
+                            f
+                        } else if wavelen > old / low {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }) as f32
+            })
+            .collect()
+    }
+
+    /// cos/sin tables `[len, dim]` for positions 0..len of a batch padded to `len`, in f32 as
+    /// transformers computes them.
+    pub fn tables(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let inv = self.inv_freq(len);
+        let half = inv.len();
+        let scale = self.attention_factor as f32;
+        let mut cos = Vec::with_capacity(len * self.dim);
+        let mut sin = Vec::with_capacity(len * self.dim);
+        for p in 0..len {
+            for k in 0..self.dim {
+                let f = (p as f32) * inv[k % half];
+                cos.push(f.cos() * scale);
+                sin.push(f.sin() * scale);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, self.dim), device)?,
+            Tensor::from_vec(sin, (len, self.dim), device)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn llama3_scaling_keeps_high_divides_low_and_blends_between() {
+        let raw = json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}});
+        let rope = Rope::from_config(&raw, 64).unwrap();
+        let plain = Rope {
+            scaling: RopeScaling::None,
+            ..rope.clone()
+        };
+        let (scaled, base) = (rope.inv_freq(1), plain.inv_freq(1));
+        // Values from transformers 5.24's _compute_llama3_parameters (head_dim 64): 14 kept,
+        // 15-17 blended, 18 on divided by 8.
+        let want = [
+            (0, 1.0),
+            (14, 3.211_446e-3),
+            (15, 1.371_893_7e-3),
+            (16, 5.248_46e-4),
+            (17, 1.785_077_9e-4),
+            (18, 7.784_655_5e-5),
+            (31, 3.767_322_6e-7),
+        ];
+        for (i, w) in want {
+            assert!(
+                (scaled[i] - w).abs() <= 1e-6 * w,
+                "{i}: {} vs {w}",
+                scaled[i]
+            );
+        }
+        assert_eq!(scaled[0], base[0]);
+        assert!((scaled[31] - base[31] / 8.0).abs() <= 1e-6 * scaled[31]);
+    }
+
+    #[test]
+    fn longrope_picks_factors_by_batch_length_and_scales_cos_and_sin() {
+        // Phi-3's spelling: no `factor`, the context extension is max / original (512 / 64).
+        let raw = json!({"max_position_embeddings": 512, "original_max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.5, 2.0, 4.0],
+            "long_factor": [2.0, 3.0, 5.0, 9.0]}});
+        let rope = Rope::from_config(&raw, 16).unwrap();
+        // transformers 5.24's _compute_longrope_parameters, seq_len 64 and 65.
+        let close = |got: Vec<f32>, want: [f32; 4]| {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6 * w, "{g} vs {w}");
+            }
+        };
+        close(rope.inv_freq(64), [1.0, 6.666_667e-2, 5.0e-3, 2.5e-4]);
+        close(
+            rope.inv_freq(65),
+            [0.5, 3.333_333_4e-2, 2.0e-3, 1.111_111_1e-4],
+        );
+        assert!((rope.attention_factor - 1.224_744_871_391_589).abs() < 1e-12);
+        let (cos, _) = rope.tables(2, &Device::Cpu).unwrap();
+        let first: Vec<f32> = cos.get(0).unwrap().to_vec1().unwrap();
+        assert!(first.iter().all(|&c| (c - 1.224_744_9).abs() < 1e-6));
+    }
+
+    #[test]
+    fn both_spellings_and_errors() {
+        let new = json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6,
+                                             "factor": 2.0, "partial_rotary_factor": 0.5}});
+        let rope = Rope::from_config(&new, 32).unwrap();
+        assert_eq!(rope.theta, 1e6);
+        assert_eq!(rope.dim, 16);
+        assert_eq!(rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        let e = Rope::from_config(&json!({"rope_scaling": {"type": "yarn"}}), 32).unwrap_err();
+        assert!(e.contains("rope_type `yarn`"), "{e}");
+        let e = Rope::from_config(
+            &json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "factor": 2.0,
+                    "long_factor": [1.0, 2.0], "original_max_position_embeddings": 64}}),
+            4,
+        )
+        .unwrap_err();
+        assert!(e.contains("`short_factor`: a list of 2 numbers"), "{e}");
+        let e =
+            Rope::from_config(&json!({"rope_scaling": {"rope_type": "llama3"}}), 32).unwrap_err();
+        assert!(e.contains("`factor`"), "{e}");
+        let e = Rope::from_config(&json!({"partial_rotary_factor": 0.1}), 32).unwrap_err();
+        assert!(e.contains("partial_rotary_factor 0.1"), "{e}");
+    }
+}
