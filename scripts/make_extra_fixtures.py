@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the project's own tiny fixtures for the families the shared ones do not cover
-(tests/fixtures/tiny-gemma, tiny-phi3, tiny-llama3), the same way as the shared
+(tests/fixtures/tiny-gemma, tiny-phi3, tiny-llama3, tiny-qwen3), the same way as the shared
 tools/make_fixtures.py builds its own: real Hugging Face layout, the shared 1000-token
 byte-level BPE plus each family's special tokens, random weights from a fixed seed.
 
@@ -21,6 +21,11 @@ byte-level BPE plus each family's special tokens, random weights from a fixed se
   so the 8 frequencies of a 16-wide head fall in all three of its bands), theta 5e5, written as
   hub configs carry it (top-level `rope_theta`, a `rope_scaling` dict), tied head (Llama 3.2),
   no pad token, `<|begin_of_text|>` BOS and Llama 3's header template.
+- tiny-qwen3: Qwen3ForCausalLM: per-head RMSNorm of q and k, no biases, head_dim 32 != hidden /
+  heads (as Qwen3-0.6B's 128 != 1024 / 16), tied head, no BOS, `<think>`/`</think>` as plain
+  (non-special) added tokens, and a ChatML template written here in Qwen3's manner: assistant
+  turns carry a `<think>` block (empty when the message has none), so each rendered answer starts
+  with an empty think block, as TRL's answers do with Qwen3's own template.
 
 Needs: torch, transformers, tokenizers (pip) and the shared tools/ folder.
 Usage: python3 scripts/make_extra_fixtures.py SHARED_TOOLS_DIR OUT_DIR
@@ -51,6 +56,22 @@ LLAMA3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
 PHI3_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
@@ -66,7 +87,7 @@ def main():
     sys.path.insert(0, tools)
     import make_fixtures as mf
     from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM,
-                              Phi3Config, Phi3ForCausalLM)
+                              Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     enc = os.path.join(tools, "small-bpe", "vocab.json")
     bpe = os.path.join(tools, "small-bpe", "merges.txt")
@@ -135,6 +156,25 @@ def main():
         c["rope_theta"] = params.pop("rope_theta")
         c["rope_scaling"] = params
     mf.edit_json(os.path.join(out, "config.json"), hub_spelling)
+
+    out = os.path.join(root, "tiny-qwen3")
+    bpe_tok = mf.byte_level_bpe(enc, bpe)
+    bpe_tok.add_tokens(["<think>", "</think>"])
+    tk = mf.finish(bpe_tok, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, out,
+                   dict(eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        chat_template=QWEN3_STYLE_TEMPLATE, model_max_length=512))
+    cfg = Qwen3Config(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=512, rms_norm_eps=1e-6,
+                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+                      tie_word_embeddings=True, use_sliding_window=False, bos_token_id=None,
+                      eos_token_id=tk.eos_token_id, pad_token_id=tk.pad_token_id)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                p.uniform_(0.5, 1.5)
+    mf.save_model(model, tk, out, torch.bfloat16)
 
 
 if __name__ == "__main__":

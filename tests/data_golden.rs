@@ -166,6 +166,41 @@ fn golden_tiny_llama3() {
 }
 
 #[test]
+fn golden_tiny_qwen3() {
+    check_model("tiny-qwen3", "tiny-qwen3");
+}
+
+/// transformers 5.24 (checked with AutoTokenizer): qwen2 folders always get `Qwen2Tokenizer`'s
+/// pre-tokenizer (digits one by one); qwen3 folders only when they declare that class, as the
+/// hub's do, not when they declare a generic one (the tiny-qwen3 fixture, whose golden pins it).
+#[test]
+fn qwen_pretokenizer_follows_the_declared_tokenizer_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let digits = |dir: &Path| Tokenizer::from_dir(dir).unwrap().encode(" 400").unwrap();
+    let (split, merged) = (vec![220, 19, 15, 15], vec![220, 19, 843]);
+    assert_eq!(digits(&fixtures().join("tiny-qwen2")), split);
+    assert_eq!(digits(&fixtures().join("tiny-qwen3")), merged);
+    for (model, class, want) in [
+        ("tiny-qwen3", "Qwen2Tokenizer", &split),
+        ("tiny-qwen3", "Qwen2TokenizerFast", &split),
+        ("tiny-qwen2", "PreTrainedTokenizerFast", &split),
+    ] {
+        let dir = tmp.path().join(format!("{model}-{class}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+        let path = dir.join("tokenizer_config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["tokenizer_class"] = Value::from(class);
+        std::fs::write(&path, config.to_string()).unwrap();
+        assert_eq!(&digits(&dir), want, "{model} declaring {class}");
+    }
+}
+
+#[test]
 fn special_tokens() {
     let opt = Tokenizer::from_dir(&fixtures().join("tiny-opt")).unwrap();
     assert_eq!(

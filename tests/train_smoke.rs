@@ -43,6 +43,7 @@ fn every_trainable_tensor_changes_after_one_step() {
         "tiny-gemma",
         "tiny-phi3",
         "tiny-llama3",
+        "tiny-qwen3",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let config = tiny_config(name, tmp.path(), &["train.log_every=1"]);

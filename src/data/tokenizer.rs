@@ -58,6 +58,22 @@ const QWEN2_TOKENIZER_MODEL_TYPES: [&str; 13] = [
     "ovis2",
 ];
 
+/// Whether transformers 5.24's `AutoTokenizer` loads this folder as `Qwen2Tokenizer`: for the
+/// model types above when the tokenizer's declared class (tokenizer_config.json, else
+/// config.json) is that class or absent; for another declared class only for `qwen2`, which
+/// transformers lists among the models whose hub class it overrides
+/// (`MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`). Otherwise the declared generic class keeps
+/// `tokenizer.json` as it is.
+fn uses_qwen2_tokenizer(model_type: &str, declared_class: Option<&str>) -> bool {
+    if !QWEN2_TOKENIZER_MODEL_TYPES.contains(&model_type) {
+        return false;
+    }
+    match declared_class.map(|c| c.trim_end_matches("Fast")) {
+        None | Some("Qwen2Tokenizer") => true,
+        Some(_) => model_type == "qwen2",
+    }
+}
+
 /// `Qwen2Tokenizer`'s pre-tokenization pattern (transformers).
 const QWEN2_PRETOKENIZE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -177,7 +193,11 @@ impl Tokenizer {
             .and_then(|c| c.get("model_type"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        if QWEN2_TOKENIZER_MODEL_TYPES.contains(&model_type) {
+        let declared_class = config
+            .get("tokenizer_class")
+            .or_else(|| model_config.as_ref().and_then(|c| c.get("tokenizer_class")))
+            .and_then(Value::as_str);
+        if uses_qwen2_tokenizer(model_type, declared_class) {
             apply_qwen2_pipeline(&mut inner)
                 .map_err(|e| err(format!("Qwen2 pre-tokenizer: {e}")))?;
         }

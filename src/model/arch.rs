@@ -13,10 +13,11 @@ pub enum Architecture {
     Qwen2,
     Gemma,
     Phi3,
+    Qwen3,
 }
 
 pub const SUPPORTED: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
-     Qwen2ForCausalLM, GemmaForCausalLM, Phi3ForCausalLM";
+     Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Phi3ForCausalLM";
 
 /// The MLP's gate activation (`hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,8 @@ pub struct ModelConfig {
     pub norm_weight_offset: bool,
     /// Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
     pub fused_projections: bool,
+    /// Qwen3 RMS-normalises each head of q and k (`q_norm`, `k_norm`) before rotary positions.
+    pub qk_norm: bool,
 }
 
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
@@ -114,6 +117,7 @@ impl ModelConfig {
             (Some("Qwen2ForCausalLM"), _) | (None, "qwen2") => Architecture::Qwen2,
             (Some("GemmaForCausalLM"), _) | (None, "gemma") => Architecture::Gemma,
             (Some("Phi3ForCausalLM"), _) | (None, "phi3") => Architecture::Phi3,
+            (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => Architecture::Qwen3,
             (Some(other), _) => {
                 return Err(err(format!(
                     "unsupported architecture `{other}`; supported: {SUPPORTED}"
@@ -173,7 +177,11 @@ impl ModelConfig {
             ("gelu_pytorch_tanh" | "gelu_new", a) if a != Architecture::Opt => Activation::GeluTanh,
             (other, _) => return Err(err(format!("activation `{other}` is not supported"))),
         };
-        let head_dim = get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_heads);
+        let head_dim = get_usize(&raw, "head_dim").unwrap_or(if arch == Architecture::Qwen3 {
+            128 // Qwen3Config's default, not hidden / heads
+        } else {
+            hidden_size / num_heads
+        });
         let rope = Rope::from_config(&raw, head_dim).map_err(err)?;
         let gemma = arch == Architecture::Gemma;
         Ok(ModelConfig {
@@ -205,6 +213,7 @@ impl ModelConfig {
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
             norm_weight_offset: gemma,
             fused_projections: arch == Architecture::Phi3,
+            qk_norm: arch == Architecture::Qwen3,
             raw,
         })
     }

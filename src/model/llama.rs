@@ -1,7 +1,8 @@
-//! The Llama family (Llama, Mistral, Qwen2, Gemma, Phi-3): RMSNorm, rotary positions, gated
-//! MLP, grouped-query attention, optional q/k/v biases, tied or untied head. The members'
-//! differences are `ModelConfig` switches: Gemma's embedding scale, `1 + w` norms and GeGLU;
-//! Phi-3's fused projections and partial rotary; Mistral's and Phi-3's sliding windows.
+//! The Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3): RMSNorm, rotary positions,
+//! gated MLP, grouped-query attention, optional q/k/v biases, tied or untied head. The
+//! members' differences are `ModelConfig` switches: Gemma's embedding scale, `1 + w` norms and
+//! GeGLU; Phi-3's fused projections and partial rotary; Qwen3's per-head q/k norms; Mistral's
+//! and Phi-3's sliding windows.
 
 use super::arch::{Activation, Architecture, ModelConfig};
 use super::layers::{
@@ -69,6 +70,7 @@ impl Projections {
 #[derive(Clone, Copy)]
 struct Style {
     eps: f64,
+    head_dim: usize,
     norm_weight_offset: bool,
     activation: Activation,
 }
@@ -80,6 +82,13 @@ impl Style {
         } else {
             rms_norm(x, w, self.eps)
         }
+    }
+
+    /// RMSNorm of each head of `x` (`[.., heads * head_dim]`), Qwen3's q/k norm.
+    fn head_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let d = self.head_dim;
+        let heads = x.flatten_all()?.reshape(((), d))?;
+        self.norm(&heads, w)?.reshape(x.shape())
     }
 
     fn activate(&self, x: &Tensor) -> Result<Tensor> {
@@ -97,6 +106,8 @@ struct Layer {
     input_norm: Tensor,
     /// q, k, v.
     qkv: Projections,
+    /// Qwen3's per-head norms of q and k.
+    qk_norm: Option<[Tensor; 2]>,
     o: Linear,
     post_norm: Tensor,
     /// gate, up.
@@ -114,7 +125,11 @@ struct Ctx {
 impl Layer {
     fn forward(&self, x: &Tensor, style: Style, attend: &AttendFn) -> Result<Tensor> {
         let hs = style.norm(x, &self.input_norm)?;
-        let qkv = self.qkv.forward(&hs)?;
+        let mut qkv = self.qkv.forward(&hs)?;
+        if let Some([qn, kn]) = &self.qk_norm {
+            qkv[0] = style.head_norm(&qkv[0], qn)?;
+            qkv[1] = style.head_norm(&qkv[1], kn)?;
+        }
         let a = attend(&qkv[0], &qkv[1], &qkv[2])?;
         let x = (x + self.o.forward(&a)?)?;
         let hs = style.norm(&x, &self.post_norm)?;
@@ -135,6 +150,10 @@ impl Layer {
         Layer {
             input_norm: self.input_norm.detach(),
             qkv: self.qkv.detached(),
+            qk_norm: self
+                .qk_norm
+                .as_ref()
+                .map(|ns| ns.each_ref().map(Tensor::detach)),
             o: self.o.detached(),
             post_norm: self.post_norm.detach(),
             gate_up: self.gate_up.detached(),
@@ -144,6 +163,7 @@ impl Layer {
 
     fn tensors(&self) -> Vec<&Tensor> {
         let mut out = vec![&self.input_norm, &self.post_norm];
+        out.extend(self.qk_norm.iter().flatten());
         for l in self.linears() {
             out.extend(l.tensors());
         }
@@ -250,10 +270,24 @@ impl Llama {
                     ]),
                 )
             };
-            // Llama's and Gemma's o_proj follow attention_bias; the others never bias it.
-            let o_bias = ab && matches!(cfg.arch, Architecture::Llama | Architecture::Gemma);
+            // Llama's, Gemma's and Qwen3's o_proj follow attention_bias; the others never bias it.
+            let o_bias = ab
+                && matches!(
+                    cfg.arch,
+                    Architecture::Llama | Architecture::Gemma | Architecture::Qwen3
+                );
+            let qk_norm = if cfg.qk_norm {
+                let d = cfg.head_dim;
+                Some([
+                    src.param(&format!("{attn}.q_norm.weight"), &[d])?,
+                    src.param(&format!("{attn}.k_norm.weight"), &[d])?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
                 qkv,
+                qk_norm,
                 o: src.linear(&format!("{attn}.o_proj"), h, qd, o_bias)?,
                 gate_up,
                 down: src.linear(&format!("{mlp}.down_proj"), h, i, cfg.mlp_bias)?,
@@ -310,6 +344,7 @@ impl Llama {
         let cfg = &self.config;
         let style = Style {
             eps: cfg.rms_norm_eps,
+            head_dim: cfg.head_dim,
             norm_weight_offset: cfg.norm_weight_offset,
             activation: cfg.activation,
         };

@@ -47,11 +47,8 @@ impl CausalLm {
         let mut source = load::WeightSource::new(dir, tensors, opts);
         let model = match config.arch {
             Architecture::Opt => CausalLm::Opt(opt::Opt::new(&config, &mut source)?),
-            Architecture::Llama
-            | Architecture::Mistral
-            | Architecture::Qwen2
-            | Architecture::Gemma
-            | Architecture::Phi3 => CausalLm::Llama(llama::Llama::new(&config, &mut source)?),
+            // Every other architecture is a member of the Llama family.
+            _ => CausalLm::Llama(llama::Llama::new(&config, &mut source)?),
         };
         Ok(model)
     }
