@@ -6,11 +6,12 @@
 #                                            | bench (= the three workloads) | all
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
-#             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-phi3, tiny-llama3), f32 and bf16:
-#             `orpo train` 3 steps (file order, log_every 1) on the CPU and on CUDA with the same binary, then
-#             examples/compare_runs on the two run folders (every metric of every step, eval
-#             metrics, every saved tensor); plus LoRA + gradient checkpointing + bf16 on
-#             tiny-opt, tiny-mistral and tiny-phi3, and tiny-mistral
+#             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-phi3, tiny-llama3), f32
+#             and bf16: `orpo train` 3 steps (file order, log_every 1) on the CPU and on CUDA
+#             with the same binary, then examples/compare_runs on the two run folders (every
+#             metric of every step, eval metrics, every saved tensor); plus LoRA + gradient
+#             checkpointing + bf16 on tiny-opt, tiny-mistral, tiny-phi3 and tiny-gemma2, and
+#             tiny-mistral
 #             with a sliding window of 3 (f32; bf16 + checkpointing). Each case also
 #             runs a gradient probe (one AdamW step with lr = eps = 1e4, so the weight update
 #             is the gradient) and compares every parameter's gradient and gradient norm
@@ -321,13 +322,13 @@ run_parity() {
   mkdir -p "$W/parity"
   log "== parity ($DEV vs cpu)"
   for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
-    tiny-gemma tiny-phi3 tiny-llama3; do
+    tiny-gemma tiny-gemma2 tiny-phi3 tiny-llama3; do
     train_tiny "$fx-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30
     parity_case "$fx-f32" "$fx" f32 F32_TOL "$fx-init"
     parity_case "$fx-bf16" "$fx" bf16 BF16_TOL "$fx-init"
   done
   local lora=(--set lora.enabled=true --set train.gradient_checkpointing=true)
-  for fx in tiny-opt tiny-mistral tiny-phi3; do
+  for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do
     train_tiny "$fx-lora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${lora[@]}"
     parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
   done

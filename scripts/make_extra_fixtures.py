@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the project's own tiny fixtures for the families the shared ones do not cover
-(tests/fixtures/tiny-gemma, tiny-phi3, tiny-llama3, tiny-qwen3), the same way as the shared
+(tests/fixtures/tiny-gemma, tiny-gemma2, tiny-phi3, tiny-llama3, tiny-qwen3), the same way as the shared
 tools/make_fixtures.py builds its own: real Hugging Face layout, the shared 1000-token
 byte-level BPE plus each family's special tokens, random weights from a fixed seed.
 
@@ -21,6 +21,10 @@ byte-level BPE plus each family's special tokens, random weights from a fixed se
   so the 8 frequencies of a 16-wide head fall in all three of its bands), theta 5e5, written as
   hub configs carry it (top-level `rope_theta`, a `rope_scaling` dict), tied head (Llama 3.2),
   no pad token, `<|begin_of_text|>` BOS and Llama 3's header template.
+- tiny-gemma2: Gemma2ForCausalLM: Gemma's pieces plus norms after attention and around the
+  MLP, `query_pre_attn_scalar` 24 != head_dim 32, a sliding window of 24 on layer 0 only
+  (`layer_types`' default alternation), and soft caps small enough to bend (attention 1.5, final
+  logits 2.0, with weights drawn at std 0.1 so scores and logits reach them).
 - tiny-qwen3: Qwen3ForCausalLM: per-head RMSNorm of q and k, no biases, head_dim 32 != hidden /
   heads (as Qwen3-0.6B's 128 != 1024 / 16), tied head, no BOS, `<think>`/`</think>` as plain
   (non-special) added tokens, and a ChatML template written here in Qwen3's manner: assistant
@@ -86,7 +90,8 @@ def main():
     tools, root = sys.argv[1], sys.argv[2]
     sys.path.insert(0, tools)
     import make_fixtures as mf
-    from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM,
+                              LlamaConfig, LlamaForCausalLM,
                               Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     enc = os.path.join(tools, "small-bpe", "vocab.json")
@@ -176,6 +181,26 @@ def main():
                 p.uniform_(0.5, 1.5)
     mf.save_model(model, tk, out, torch.bfloat16)
 
+
+    out = os.path.join(root, "tiny-gemma2")
+    tk = mf.finish(mf.byte_level_bpe(enc, bpe),
+                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
+                   dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                        chat_template=GEMMA_TEMPLATE, model_max_length=512))
+    cfg = Gemma2Config(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                       hidden_activation="gelu_pytorch_tanh", max_position_embeddings=512,
+                       rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=24,
+                       attn_logit_softcapping=1.5, final_logit_softcapping=2.0, initializer_range=0.1,
+                       tie_word_embeddings=True, pad_token_id=tk.pad_token_id,
+                       bos_token_id=tk.bos_token_id, eos_token_id=tk.eos_token_id)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    mf.save_model(model, tk, out, torch.bfloat16)
+    mf.template_into_tokenizer_config(out)
 
 if __name__ == "__main__":
     main()

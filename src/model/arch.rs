@@ -14,10 +14,11 @@ pub enum Architecture {
     Gemma,
     Phi3,
     Qwen3,
+    Gemma2,
 }
 
 pub const SUPPORTED: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
-     Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Phi3ForCausalLM";
+     Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Phi3ForCausalLM";
 
 /// The MLP's gate activation (`hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,16 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Qwen3 RMS-normalises each head of q and k (`q_norm`, `k_norm`) before rotary positions.
     pub qk_norm: bool,
+    /// The attention scores' scale (Gemma 2: `query_pre_attn_scalar`^-1/2, else head_dim^-1/2).
+    pub attention_scale: f64,
+    /// Gemma 2: scores become `cap * tanh(scores / cap)` before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits become `cap * tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
+    /// Gemma 2: norms after attention and around the MLP (`pre_`/`post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Gemma 2: which layers use `sliding_window` (`layer_types`); `None`: all of them do.
+    pub sliding_layers: Option<Vec<bool>>,
 }
 
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
@@ -118,6 +129,7 @@ impl ModelConfig {
             (Some("GemmaForCausalLM"), _) | (None, "gemma") => Architecture::Gemma,
             (Some("Phi3ForCausalLM"), _) | (None, "phi3") => Architecture::Phi3,
             (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => Architecture::Qwen3,
+            (Some("Gemma2ForCausalLM"), _) | (None, "gemma2") => Architecture::Gemma2,
             (Some(other), _) => {
                 return Err(err(format!(
                     "unsupported architecture `{other}`; supported: {SUPPORTED}"
@@ -149,23 +161,27 @@ impl ModelConfig {
         } else {
             need("intermediate_size")?
         };
-        let use_sliding = get_bool(&raw, "use_sliding_window")
-            .unwrap_or(matches!(arch, Architecture::Mistral | Architecture::Phi3));
-        let sliding_window = if use_sliding {
-            get_usize(&raw, "sliding_window")
-        } else {
-            None
+        let use_sliding = get_bool(&raw, "use_sliding_window").unwrap_or(matches!(
+            arch,
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2
+        ));
+        let sliding_window = match (use_sliding, raw.get("sliding_window")) {
+            (false, _) => None,
+            (true, None) if arch == Architecture::Gemma2 => Some(4096),
+            (true, v) => v.and_then(Value::as_u64).map(|w| w as usize),
         };
+        let gemma2 = arch == Architecture::Gemma2;
         let act_name = raw
-            .get(if is_opt {
-                "activation_function"
-            } else {
-                "hidden_act"
+            .get(match arch {
+                Architecture::Opt => "activation_function",
+                // Gemma2's MLP reads `hidden_activation`; its `hidden_act` is unused.
+                Architecture::Gemma2 => "hidden_activation",
+                _ => "hidden_act",
             })
             .and_then(Value::as_str)
             .unwrap_or(match arch {
                 Architecture::Opt => "relu",
-                Architecture::Gemma => "gelu_pytorch_tanh",
+                Architecture::Gemma | Architecture::Gemma2 => "gelu_pytorch_tanh",
                 _ => "silu",
             });
         let activation = match (act_name, arch) {
@@ -177,18 +193,56 @@ impl ModelConfig {
             ("gelu_pytorch_tanh" | "gelu_new", a) if a != Architecture::Opt => Activation::GeluTanh,
             (other, _) => return Err(err(format!("activation `{other}` is not supported"))),
         };
-        let head_dim = get_usize(&raw, "head_dim").unwrap_or(if arch == Architecture::Qwen3 {
-            128 // Qwen3Config's default, not hidden / heads
-        } else {
-            hidden_size / num_heads
+        let head_dim = get_usize(&raw, "head_dim").unwrap_or(match arch {
+            // The configs' own defaults, not hidden / heads.
+            Architecture::Qwen3 => 128,
+            Architecture::Gemma2 => 256,
+            _ => hidden_size / num_heads,
         });
         let rope = Rope::from_config(&raw, head_dim).map_err(err)?;
-        let gemma = arch == Architecture::Gemma;
+        let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2);
+        // A key present as null switches a feature off; an absent one takes the default.
+        let optional_f64 = |key: &str, default: f64| match raw.get(key) {
+            Some(Value::Null) => None,
+            Some(v) => v.as_f64(),
+            None => Some(default),
+        };
+        let attention_scale = if gemma2 {
+            1.0 / optional_f64("query_pre_attn_scalar", 256.0)
+                .unwrap_or(head_dim as f64)
+                .sqrt()
+        } else {
+            1.0 / (head_dim as f64).sqrt()
+        };
+        let num_layers = need("num_hidden_layers")?;
+        let sliding_layers = if gemma2 {
+            let types: Vec<bool> = match raw.get("layer_types").and_then(Value::as_array) {
+                Some(list) => list
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(err(format!("layer_types: unknown entry {t}"))),
+                    })
+                    .collect::<Result<_, _>>()?,
+                // transformers' default: sliding, full, sliding, ...
+                None => (0..num_layers).map(|i| i % 2 == 0).collect(),
+            };
+            if types.len() != num_layers {
+                return Err(err(format!(
+                    "layer_types has {} entries for {num_layers} layers",
+                    types.len()
+                )));
+            }
+            Some(types)
+        } else {
+            None
+        };
         Ok(ModelConfig {
             arch,
             vocab_size: need("vocab_size")?,
             hidden_size,
-            num_layers: need("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -214,6 +268,19 @@ impl ModelConfig {
             norm_weight_offset: gemma,
             fused_projections: arch == Architecture::Phi3,
             qk_norm: arch == Architecture::Qwen3,
+            attention_scale,
+            attn_softcap: if gemma2 {
+                optional_f64("attn_logit_softcapping", 50.0)
+            } else {
+                None
+            },
+            final_softcap: if gemma2 {
+                optional_f64("final_logit_softcapping", 30.0)
+            } else {
+                None
+            },
+            sandwich_norms: gemma2,
+            sliding_layers,
             raw,
         })
     }
@@ -250,6 +317,25 @@ mod tests {
     }
 
     #[test]
+    fn gemma2_defaults_follow_transformers() {
+        let mut v = llama_like("Gemma2ForCausalLM");
+        v["num_hidden_layers"] = json!(3);
+        v["hidden_act"] = json!("silu"); // unused by Gemma 2, whose MLP reads hidden_activation
+        let c = parse(v).unwrap();
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!((c.head_dim, c.attention_scale), (256, 1.0 / 16.0));
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.sliding_layers, Some(vec![true, false, true]));
+        assert!(c.sandwich_norms && c.norm_weight_offset && c.tie_word_embeddings);
+        let mut v = llama_like("Gemma2ForCausalLM");
+        v["final_logit_softcapping"] = Value::Null;
+        v["query_pre_attn_scalar"] = json!(64);
+        let c = parse(v).unwrap();
+        assert_eq!((c.final_softcap, c.attention_scale), (None, 0.125));
+    }
+
+    #[test]
     fn phi3_fuses_projections_rotates_part_of_each_head_and_slides() {
         let mut v = llama_like("Phi3ForCausalLM");
         v["sliding_window"] = json!(2047);
@@ -275,12 +361,16 @@ mod tests {
         v["hidden_act"] = json!("relu");
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("activation `relu`"), "{e}");
-        let e = parse(llama_like("Gemma2ForCausalLM"))
+        let e = parse(llama_like("Gemma3ForCausalLM"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("unsupported architecture `Gemma2ForCausalLM`"),
+            e.contains("unsupported architecture `Gemma3ForCausalLM`"),
             "{e}"
         );
+        let mut v = llama_like("Gemma2ForCausalLM");
+        v["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("layer_types has 2 entries for 1 layers"), "{e}");
     }
 }

@@ -101,6 +101,7 @@ impl Gathered {
             &gather(v, &self.kv_index, self.lk, kv_heads)?,
             &self.bias,
             scale,
+            None,
             compute,
         )?; // [segs, lq, heads*d]
         let width = out.dim(2)?;

@@ -22,19 +22,34 @@ pub fn head_product(h: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
     }
 }
 
+/// `cap * tanh(logits / cap)` (Gemma 2's final soft-capping), or the logits unchanged.
+pub fn soft_cap(logits: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(cap) => (logits / cap)?.tanh()? * cap,
+        None => Ok(logits),
+    }
+}
+
 /// `[m, 2]`: each row's log-prob of its target, and (for metrics, no gradient) the sum of its
 /// logits.
-fn scores(h: &Tensor, w: &Tensor, targets: &Tensor, compute: DType) -> Result<Tensor> {
-    let logits = head_product(h, w, compute)?;
+fn scores(h: &Tensor, w: &Tensor, head: HeadOptions, targets: &Tensor) -> Result<Tensor> {
+    let logits = soft_cap(head_product(h, w, head.compute)?, head.softcap)?;
     let logp = crate::ops::token_logprobs(&logits, targets)?;
     let sums = logits.detach().sum(1)?;
     Tensor::stack(&[&logp, &sums], 1)
 }
 
+/// How the head computes: the products' dtype and the logits' soft cap.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadOptions {
+    pub compute: DType,
+    pub softcap: Option<f64>,
+}
+
 struct HeadChunk {
     w: Tensor,
     targets: Tensor,
-    compute: DType,
+    head: HeadOptions,
 }
 
 impl Block for HeadChunk {
@@ -44,7 +59,7 @@ impl Block for HeadChunk {
         } else {
             self.w.detach()
         };
-        scores(h, &w, &self.targets, self.compute)
+        scores(h, &w, self.head, &self.targets)
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -62,22 +77,22 @@ pub fn head_scores(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
-    compute: DType,
+    head: HeadOptions,
     side: Option<&SideGrads>,
 ) -> Result<(Tensor, Tensor)> {
-    chunked_scores(h, w, targets, compute, side, HEAD_CHUNK)
+    chunked_scores(h, w, targets, head, side, HEAD_CHUNK)
 }
 
 fn chunked_scores(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
-    compute: DType,
+    head: HeadOptions,
     side: Option<&SideGrads>,
     chunk: usize,
 ) -> Result<(Tensor, Tensor)> {
     let out = match side {
-        None => scores(h, w, targets, compute)?,
+        None => scores(h, w, head, targets)?,
         Some(side) => {
             let m = h.dim(0)?;
             let mut parts = Vec::with_capacity(m.div_ceil(chunk));
@@ -86,7 +101,7 @@ fn chunked_scores(
                 let block = HeadChunk {
                     w: w.clone(),
                     targets: targets.narrow(0, start, len)?.contiguous()?,
-                    compute,
+                    head,
                 };
                 parts.push(checkpoint(
                     &h.narrow(0, start, len)?,
@@ -108,7 +123,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Chunks of 7 rows, recomputed in backward, give the unchunked values and gradients.
+    /// Chunks of 7 rows, recomputed in backward, give the unchunked values and gradients, with
+    /// and without a soft cap.
     #[test]
     fn chunked_recomputed_head_matches_the_plain_head() -> Result<()> {
         let dev = Device::Cpu;
@@ -118,37 +134,46 @@ mod tests {
         let targets =
             Tensor::from_vec((0..m as u32).map(|i| (i * 7) % v as u32).collect(), m, &dev)?;
         let weights = Tensor::randn(0f32, 1.0, m, &dev)?;
-        let run = |side: Option<&SideGrads>, chunk| -> Result<(Vec<f32>, Tensor, Tensor)> {
-            let (lp, sums) = chunked_scores(
-                h.as_tensor(),
-                w.as_tensor(),
-                &targets,
-                DType::F32,
-                side,
-                chunk,
-            )?;
-            let mut g = (&lp * &weights)?.sum_all()?.backward()?;
-            if let Some(side) = side {
-                side.merge_into(&mut g)?;
+        for softcap in [None, Some(1.5)] {
+            let head = HeadOptions {
+                compute: DType::F32,
+                softcap,
+            };
+            let run = |side: Option<&SideGrads>, chunk| -> Result<(Vec<f32>, Tensor, Tensor)> {
+                let (lp, sums) =
+                    chunked_scores(h.as_tensor(), w.as_tensor(), &targets, head, side, chunk)?;
+                let mut g = (&lp * &weights)?.sum_all()?.backward()?;
+                if let Some(side) = side {
+                    side.merge_into(&mut g)?;
+                }
+                let mut vals = lp.to_vec1::<f32>()?;
+                vals.extend(sums.to_vec1::<f32>()?);
+                Ok((
+                    vals,
+                    g.get(h.as_tensor()).unwrap().clone(),
+                    g.get(w.as_tensor()).unwrap().clone(),
+                ))
+            };
+            let (a, ha, wa) = run(None, 0)?;
+            let side = SideGrads::default();
+            let (b, hb, wb) = run(Some(&side), 7)?;
+            // Equal up to the rounding of differently blocked products.
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
             }
-            let mut vals = lp.to_vec1::<f32>()?;
-            vals.extend(sums.to_vec1::<f32>()?);
-            Ok((
-                vals,
-                g.get(h.as_tensor()).unwrap().clone(),
-                g.get(w.as_tensor()).unwrap().clone(),
-            ))
-        };
-        let (a, ha, wa) = run(None, 0)?;
-        let side = SideGrads::default();
-        let (b, hb, wb) = run(Some(&side), 7)?;
-        // Equal up to the rounding of differently blocked products.
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
-        }
-        for (x, y) in [(ha, hb), (wa, wb)] {
-            let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "gradient differs by {diff}");
+            for (x, y) in [(ha, hb), (wa, wb)] {
+                let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "gradient differs by {diff}");
+            }
+            // The capped log-probs are those of the capped logits.
+            let logits = soft_cap(h.as_tensor().matmul(&w.as_tensor().t()?)?, softcap)?;
+            let want = crate::ops::token_logprobs_chain(&logits, &targets)?.to_vec1::<f32>()?;
+            for (x, y) in a.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+            }
+            if softcap.is_some() {
+                assert!(logits.abs()?.max_all()?.to_scalar::<f32>()? < 1.5);
+            }
         }
         Ok(())
     }

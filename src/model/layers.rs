@@ -111,11 +111,19 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Additive attention bias `[n, 1, len, len]`: 0 where query i may see key j (causal, key not
-/// padding, within the sliding window), -inf elsewhere.
-pub fn attention_bias(mask: &[Vec<u32>], window: Option<usize>, device: &Device) -> Result<Tensor> {
+/// padding, within the sliding window), `masked` elsewhere: -inf, as torch's sdpa treats a
+/// query with no visible key (a padding position past a sliding window): it attends to nothing;
+/// or f32::MIN, as eager attention's finite mask does: such a query attends to every key
+/// equally (the same weights for every other query).
+pub fn attention_bias(
+    mask: &[Vec<u32>],
+    window: Option<usize>,
+    masked: f32,
+    device: &Device,
+) -> Result<Tensor> {
     let n = mask.len();
     let l = mask.first().map_or(0, Vec::len);
-    let mut data = vec![f32::NEG_INFINITY; n * l * l];
+    let mut data = vec![masked; n * l * l];
     for (b, row) in mask.iter().enumerate() {
         for i in 0..l {
             let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
@@ -131,13 +139,15 @@ pub fn attention_bias(mask: &[Vec<u32>], window: Option<usize>, device: &Device)
 
 /// Scaled dot-product attention with an additive bias. q: `[n, h, l, d]`, k/v: `[n, kvh, l, d]`.
 /// With `compute` BF16 both products take bf16 inputs (as under torch autocast) while the
-/// scores, bias and softmax stay f32.
+/// scores, bias and softmax stay f32. `softcap` (Gemma 2) maps the scaled scores to
+/// `cap * tanh(scores / cap)` before the bias.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
     compute: DType,
 ) -> Result<Tensor> {
     let (n, h, l, d) = q.dims4()?;
@@ -149,7 +159,11 @@ pub fn attention(
     };
     let low = |t: &Tensor| t.to_dtype(compute);
     let scores = low(q)?.matmul(&low(&k)?.t()?)?.to_dtype(DType::F32)?;
-    let scores = (scores * scale)?.broadcast_add(bias)?;
+    let mut scores = (scores * scale)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let scores = scores.broadcast_add(bias)?;
     let probs = crate::ops::softmax_last(&scores)?;
     let out = low(&probs)?.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
     out.transpose(1, 2)?.reshape((n, l, h * d))

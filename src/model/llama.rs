@@ -110,6 +110,8 @@ struct Layer {
     qk_norm: Option<[Tensor; 2]>,
     o: Linear,
     post_norm: Tensor,
+    /// Gemma 2's norms before and after the MLP (`post_norm` then follows attention).
+    sandwich: Option<[Tensor; 2]>,
     /// gate, up.
     gate_up: Projections,
     down: Linear,
@@ -130,12 +132,24 @@ impl Layer {
             qkv[0] = style.head_norm(&qkv[0], qn)?;
             qkv[1] = style.head_norm(&qkv[1], kn)?;
         }
-        let a = attend(&qkv[0], &qkv[1], &qkv[2])?;
-        let x = (x + self.o.forward(&a)?)?;
-        let hs = style.norm(&x, &self.post_norm)?;
-        let gate_up = self.gate_up.forward(&hs)?;
-        let g = style.activate(&gate_up[0])?;
-        x + self.down.forward(&(g * &gate_up[1])?)?
+        let a = self.o.forward(&attend(&qkv[0], &qkv[1], &qkv[2])?)?;
+        let mlp = |hs: &Tensor| -> Result<Tensor> {
+            let gate_up = self.gate_up.forward(hs)?;
+            let g = style.activate(&gate_up[0])?;
+            self.down.forward(&(g * &gate_up[1])?)
+        };
+        match &self.sandwich {
+            None => {
+                let x = (x + a)?;
+                let hs = style.norm(&x, &self.post_norm)?;
+                x + mlp(&hs)?
+            }
+            Some([pre, post]) => {
+                let x = (x + style.norm(&a, &self.post_norm)?)?;
+                let out = mlp(&style.norm(&x, pre)?)?;
+                x + style.norm(&out, post)?
+            }
+        }
     }
 
     fn linears(&self) -> Vec<&Linear> {
@@ -156,6 +170,10 @@ impl Layer {
                 .map(|ns| ns.each_ref().map(Tensor::detach)),
             o: self.o.detached(),
             post_norm: self.post_norm.detach(),
+            sandwich: self
+                .sandwich
+                .as_ref()
+                .map(|ns| ns.each_ref().map(Tensor::detach)),
             gate_up: self.gate_up.detached(),
             down: self.down.detached(),
         }
@@ -164,6 +182,7 @@ impl Layer {
     fn tensors(&self) -> Vec<&Tensor> {
         let mut out = vec![&self.input_norm, &self.post_norm];
         out.extend(self.qk_norm.iter().flatten());
+        out.extend(self.sandwich.iter().flatten());
         for l in self.linears() {
             out.extend(l.tensors());
         }
@@ -270,12 +289,23 @@ impl Llama {
                     ]),
                 )
             };
-            // Llama's, Gemma's and Qwen3's o_proj follow attention_bias; the others never bias it.
+            // Llama's, the Gemmas' and Qwen3's o_proj follow attention_bias; others never bias it.
             let o_bias = ab
                 && matches!(
                     cfg.arch,
-                    Architecture::Llama | Architecture::Gemma | Architecture::Qwen3
+                    Architecture::Llama
+                        | Architecture::Gemma
+                        | Architecture::Gemma2
+                        | Architecture::Qwen3
                 );
+            let sandwich = if cfg.sandwich_norms {
+                Some([
+                    src.param(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+                    src.param(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+                ])
+            } else {
+                None
+            };
             let qk_norm = if cfg.qk_norm {
                 let d = cfg.head_dim;
                 Some([
@@ -288,6 +318,7 @@ impl Llama {
             layers.push(Layer {
                 qkv,
                 qk_norm,
+                sandwich,
                 o: src.linear(&format!("{attn}.o_proj"), h, qd, o_bias)?,
                 gate_up,
                 down: src.linear(&format!("{mlp}.down_proj"), h, i, cfg.mlp_bias)?,
@@ -339,8 +370,14 @@ impl Llama {
         }
     }
 
-    /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
-    fn decode(&self, x: Tensor, attention: Attention) -> Result<Tensor> {
+    /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`);
+    /// layers that `sliding_layers` marks attend through `sliding` when it is given.
+    fn decode(
+        &self,
+        x: Tensor,
+        attention: Attention,
+        sliding: Option<Attention>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let style = Style {
             eps: cfg.rms_norm_eps,
@@ -349,13 +386,25 @@ impl Llama {
             activation: cfg.activation,
         };
         let ctx = Arc::new(Ctx { attention, style });
-        let layers = self.layers.iter().map(|layer| LayerBlock {
+        let sliding = sliding.map(|attention| Arc::new(Ctx { attention, style }));
+        let layers = self.layers.iter().enumerate().map(|(i, layer)| LayerBlock {
             live: layer.clone(),
             frozen: layer.detached(),
-            ctx: ctx.clone(),
+            ctx: match (&sliding, &cfg.sliding_layers) {
+                (Some(s), Some(marks)) if marks[i] => s.clone(),
+                _ => ctx.clone(),
+            },
         });
         let x = ctx.attention.stack(x, layers, self.recompute.as_ref())?;
         style.norm(&x, &self.norm)
+    }
+
+    /// Whether `forward_packed` computes this model: Gemma 2's per-layer windows and soft-capped
+    /// logits (whose vocabulary sums the packed metrics cannot take from the head's column
+    /// sums) run padded.
+    pub fn supports_packing(&self) -> bool {
+        let cfg = &self.config;
+        cfg.sliding_layers.is_none() && cfg.final_softcap.is_none() && cfg.attn_softcap.is_none()
     }
 
     /// Token embeddings as f32 rows (`ids` flat), with Gemma's scale.
@@ -381,19 +430,29 @@ impl Llama {
             .reshape((n, l, cfg.hidden_size))?;
         // transformers uses positions 0..len for every row, padding or not.
         let (cos, sin) = cfg.rope.tables(l, dev)?;
-        let bias = attention_bias(&rows, cfg.sliding_window, dev)?;
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let compute = self.compute;
-        self.decode(
-            x,
-            Attention::Padded(Arc::new(move |q, k, v| {
+        let (scale, softcap, compute) = (cfg.attention_scale, cfg.attn_softcap, self.compute);
+        // transformers runs Gemma 2 with eager attention (sdpa cannot soft-cap), the others sdpa.
+        let masked = if cfg.arch == Architecture::Gemma2 {
+            f32::MIN
+        } else {
+            f32::NEG_INFINITY
+        };
+        let attend = |window: Option<usize>| -> Result<Attention> {
+            let bias = attention_bias(&rows, window, masked, dev)?;
+            let (cos, sin) = (cos.clone(), sin.clone());
+            Ok(Attention::Padded(Arc::new(move |q, k, v| {
                 let q = apply_rope(&split_heads(q, heads)?, &cos, &sin)?;
                 let k = apply_rope(&split_heads(k, kv_heads)?, &cos, &sin)?;
                 let v = split_heads(v, kv_heads)?;
-                attention(&q, &k, &v, &bias, scale, compute)
-            })),
-        )
+                attention(&q, &k, &v, &bias, scale, softcap, compute)
+            })))
+        };
+        match cfg.sliding_layers {
+            // Gemma 2: full attention, and the window on the layers marked for it.
+            Some(_) => self.decode(x, attend(None)?, Some(attend(cfg.sliding_window)?)),
+            None => self.decode(x, attend(cfg.sliding_window)?, None),
+        }
     }
 
     /// Hidden states `[total, h]` of a packed batch laid out with `Padding::Explicit`: each
@@ -418,6 +477,9 @@ impl Llama {
             Some(&cfg.rope),
             self.compute,
         )?;
-        self.decode(x, Attention::Packed(Arc::new(attention)))
+        if !self.supports_packing() {
+            candle_core::bail!("{:?} runs padded batches only", cfg.arch);
+        }
+        self.decode(x, Attention::Packed(Arc::new(attention)), None)
     }
 }

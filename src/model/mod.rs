@@ -138,9 +138,13 @@ impl CausalLm {
         }
     }
 
-    /// Whether `hidden_packed` is available (every architecture has an exact packed path).
+    /// Whether `hidden_packed` is available (an exact packed path: every architecture but
+    /// Gemma 2, see `Llama::supports_packing`).
     pub fn supports_packing(&self) -> bool {
-        true
+        match self {
+            CausalLm::Opt(_) => true,
+            CausalLm::Llama(m) => m.supports_packing(),
+        }
     }
 
     /// The padding layout `hidden_packed` is exact for (pass it to `collate`): OPT's padding
@@ -188,7 +192,15 @@ impl CausalLm {
     /// Logits `[m, vocab]` (f32) of hidden states `[m, e]` through the LM head, the product in
     /// the compute dtype as torch autocast runs the head.
     pub fn head_logits(&self, h: &Tensor) -> CResult<Tensor> {
-        head::head_product(h, &self.lm_head(), self.compute_dtype())
+        let logits = head::head_product(h, &self.lm_head(), self.compute_dtype())?;
+        head::soft_cap(logits, self.head_options().softcap)
+    }
+
+    fn head_options(&self) -> head::HeadOptions {
+        head::HeadOptions {
+            compute: self.compute_dtype(),
+            softcap: self.config().final_softcap,
+        }
     }
 
     /// Per-row log-probs of `targets` `[m]` and logit sums `[m]` (detached, for metrics) of
@@ -199,7 +211,7 @@ impl CausalLm {
             CausalLm::Opt(m) => m.recompute.as_ref(),
             CausalLm::Llama(m) => m.recompute.as_ref(),
         };
-        head::head_scores(h, &self.lm_head(), targets, self.compute_dtype(), side)
+        head::head_scores(h, &self.lm_head(), targets, self.head_options(), side)
     }
 
     /// Full logits `[n, len, vocab]`; for inference checks and tests.

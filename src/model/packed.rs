@@ -296,6 +296,7 @@ impl PackedAttention {
                     &split(seg.key_rows(v)?, self.kv_heads)?,
                     bias,
                     self.scale,
+                    None,
                     self.compute,
                 )?
                 .squeeze(0)?,

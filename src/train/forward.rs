@@ -78,7 +78,7 @@ fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
 }
 
 /// The ORPO objective and metrics of one micro-batch: packed where the model allows it exactly
-/// (every architecture today), else on the padded batch.
+/// (every architecture but Gemma 2), else on the padded batch.
 pub fn forward(model: &CausalLm, batch: &Batch, beta: f64) -> Result<ForwardOutput> {
     forward_with(model, batch, beta, model.supports_packing())
 }
