@@ -6,7 +6,8 @@
 #                                            | bench (= the three workloads) | all
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
-#             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-phi3, tiny-llama3), f32
+#             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
+#             tiny-llama3), f32
 #             and bf16: `orpo train` 3 steps (file order, log_every 1) on the CPU and on CUDA
 #             with the same binary, then examples/compare_runs on the two run folders (every
 #             metric of every step, eval metrics, every saved tensor); plus LoRA + gradient
@@ -322,7 +323,7 @@ run_parity() {
   mkdir -p "$W/parity"
   log "== parity ($DEV vs cpu)"
   for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
-    tiny-gemma tiny-gemma2 tiny-phi3 tiny-llama3; do
+    tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
     train_tiny "$fx-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30
     parity_case "$fx-f32" "$fx" f32 F32_TOL "$fx-init"
     parity_case "$fx-bf16" "$fx" bf16 BF16_TOL "$fx-init"

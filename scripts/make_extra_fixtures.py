@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Build the project's own tiny fixtures for the families the shared ones do not cover
-(tests/fixtures/tiny-gemma, tiny-gemma2, tiny-phi3, tiny-llama3, tiny-qwen3), the same way as the shared
+(tests/fixtures/tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3, tiny-llama3, tiny-qwen3),
+the same way as the shared
 tools/make_fixtures.py builds its own: real Hugging Face layout, the shared 1000-token
 byte-level BPE plus each family's special tokens, random weights from a fixed seed.
 
@@ -25,6 +26,11 @@ byte-level BPE plus each family's special tokens, random weights from a fixed se
   MLP, `query_pre_attn_scalar` 24 != head_dim 32, a sliding window of 24 on layer 0 only
   (`layer_types`' default alternation), and soft caps small enough to bend (attention 1.5, final
   logits 2.0, with weights drawn at std 0.1 so scores and logits reach them).
+- tiny-gemma3: Gemma3ForCausalLM (the text model, `gemma3_text`): Gemma 2's layout without soft
+  caps, plus q/k norms with `1 + w`, a sliding window of 24 on layers 0 and 1 of 3
+  (`sliding_window_pattern` 3), and two rotary settings written as the hub writes them:
+  `rope_theta` 1e6 with `linear` scaling (factor 8, as Gemma 3 4B+) for the full layer,
+  `rope_local_base_freq` 1e4 for the sliding ones.
 - tiny-qwen3: Qwen3ForCausalLM: per-head RMSNorm of q and k, no biases, head_dim 32 != hidden /
   heads (as Qwen3-0.6B's 128 != 1024 / 16), tied head, no BOS, `<think>`/`</think>` as plain
   (non-special) added tokens, and a ChatML template written here in Qwen3's manner: assistant
@@ -90,7 +96,8 @@ def main():
     tools, root = sys.argv[1], sys.argv[2]
     sys.path.insert(0, tools)
     import make_fixtures as mf
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                              GemmaConfig, GemmaForCausalLM,
                               LlamaConfig, LlamaForCausalLM,
                               Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -201,6 +208,36 @@ def main():
                 p.normal_(0.0, 0.3)
     mf.save_model(model, tk, out, torch.bfloat16)
     mf.template_into_tokenizer_config(out)
+
+    out = os.path.join(root, "tiny-gemma3")
+    tk = mf.finish(mf.byte_level_bpe(enc, bpe),
+                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
+                   dict(bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>", unk_token="<unk>",
+                        chat_template=GEMMA_TEMPLATE, model_max_length=512))
+    cfg = Gemma3TextConfig(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
+                           hidden_activation="gelu_pytorch_tanh", max_position_embeddings=512,
+                           rms_norm_eps=1e-6, sliding_window=24, sliding_window_pattern=3,
+                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                               "rope_theta": 1000000.0},
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 10000.0}},
+                           initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tk.pad_token_id,
+                           bos_token_id=tk.bos_token_id, eos_token_id=tk.eos_token_id)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    mf.save_model(model, tk, out, torch.bfloat16)
+
+    def gemma3_hub_spelling(c):
+        params = c.pop("rope_parameters")
+        full = dict(params["full_attention"])
+        c["rope_theta"] = full.pop("rope_theta")
+        c["rope_scaling"] = full
+        c["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+    mf.edit_json(os.path.join(out, "config.json"), gemma3_hub_spelling)
 
 if __name__ == "__main__":
     main()

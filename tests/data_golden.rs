@@ -175,6 +175,11 @@ fn golden_tiny_gemma2() {
     check_model("tiny-gemma2", "tiny-gemma2");
 }
 
+#[test]
+fn golden_tiny_gemma3() {
+    check_model("tiny-gemma3", "tiny-gemma3");
+}
+
 /// transformers 5.24 (checked with AutoTokenizer): qwen2 folders always get `Qwen2Tokenizer`'s
 /// pre-tokenizer (digits one by one); qwen3 folders only when they declare that class, as the
 /// hub's do, not when they declare a generic one (the tiny-qwen3 fixture, whose golden pins it).

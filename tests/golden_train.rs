@@ -218,6 +218,11 @@ fn tiny_gemma2_training_matches_trl() {
 }
 
 #[test]
+fn tiny_gemma3_training_matches_trl() {
+    check_run("tiny-gemma3");
+}
+
+#[test]
 fn partial_accumulation_step_cosine_warmup_and_clipping_match_trl() {
     check_extra("tiny-opt", "tiny-opt.accum-cosine.trl.json");
 }

@@ -45,6 +45,7 @@ fn every_trainable_tensor_changes_after_one_step() {
         "tiny-llama3",
         "tiny-qwen3",
         "tiny-gemma2",
+        "tiny-gemma3",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let config = tiny_config(name, tmp.path(), &["train.log_every=1"]);

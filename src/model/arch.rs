@@ -15,10 +15,13 @@ pub enum Architecture {
     Phi3,
     Qwen3,
     Gemma2,
+    /// Gemma 3's text model (`Gemma3ForCausalLM`, model_type `gemma3_text`).
+    Gemma3,
 }
 
 pub const SUPPORTED: &str = "OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, \
-     Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Phi3ForCausalLM";
+     Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, \
+     Phi3ForCausalLM";
 
 /// The MLP's gate activation (`hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +78,10 @@ pub struct ModelConfig {
     pub final_softcap: Option<f64>,
     /// Gemma 2: norms after attention and around the MLP (`pre_`/`post_feedforward_layernorm`).
     pub sandwich_norms: bool,
-    /// Gemma 2: which layers use `sliding_window` (`layer_types`); `None`: all of them do.
+    /// Gemma 2/3: which layers use `sliding_window` (`layer_types`); `None`: all of them do.
     pub sliding_layers: Option<Vec<bool>>,
+    /// Gemma 3: the sliding layers' own rotary settings (`rope_local_base_freq`).
+    pub rope_local: Option<Rope>,
 }
 
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
@@ -130,6 +135,7 @@ impl ModelConfig {
             (Some("Phi3ForCausalLM"), _) | (None, "phi3") => Architecture::Phi3,
             (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => Architecture::Qwen3,
             (Some("Gemma2ForCausalLM"), _) | (None, "gemma2") => Architecture::Gemma2,
+            (Some("Gemma3ForCausalLM"), _) | (None, "gemma3_text") => Architecture::Gemma3,
             (Some(other), _) => {
                 return Err(err(format!(
                     "unsupported architecture `{other}`; supported: {SUPPORTED}"
@@ -163,25 +169,31 @@ impl ModelConfig {
         };
         let use_sliding = get_bool(&raw, "use_sliding_window").unwrap_or(matches!(
             arch,
-            Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2
+            Architecture::Mistral
+                | Architecture::Phi3
+                | Architecture::Gemma2
+                | Architecture::Gemma3
         ));
+        // Gemma 2 and 3: layer types, sandwich norms, query_pre_attn_scalar.
+        let gemma23 = matches!(arch, Architecture::Gemma2 | Architecture::Gemma3);
         let sliding_window = match (use_sliding, raw.get("sliding_window")) {
             (false, _) => None,
-            (true, None) if arch == Architecture::Gemma2 => Some(4096),
+            (true, None) if gemma23 => Some(4096),
             (true, v) => v.and_then(Value::as_u64).map(|w| w as usize),
         };
-        let gemma2 = arch == Architecture::Gemma2;
         let act_name = raw
             .get(match arch {
                 Architecture::Opt => "activation_function",
-                // Gemma2's MLP reads `hidden_activation`; its `hidden_act` is unused.
-                Architecture::Gemma2 => "hidden_activation",
+                // Gemma 2's and 3's MLPs read `hidden_activation`; `hidden_act` is unused.
+                Architecture::Gemma2 | Architecture::Gemma3 => "hidden_activation",
                 _ => "hidden_act",
             })
             .and_then(Value::as_str)
             .unwrap_or(match arch {
                 Architecture::Opt => "relu",
-                Architecture::Gemma | Architecture::Gemma2 => "gelu_pytorch_tanh",
+                Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3 => {
+                    "gelu_pytorch_tanh"
+                }
                 _ => "silu",
             });
         let activation = match (act_name, arch) {
@@ -196,18 +208,23 @@ impl ModelConfig {
         let head_dim = get_usize(&raw, "head_dim").unwrap_or(match arch {
             // The configs' own defaults, not hidden / heads.
             Architecture::Qwen3 => 128,
-            Architecture::Gemma2 => 256,
+            Architecture::Gemma2 | Architecture::Gemma3 => 256,
             _ => hidden_size / num_heads,
         });
-        let rope = Rope::from_config(&raw, head_dim).map_err(err)?;
-        let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2);
+        let (rope, rope_local) = if arch == Architecture::Gemma3 {
+            let (global, local) = Rope::gemma3(&raw, head_dim).map_err(err)?;
+            (global, Some(local))
+        } else {
+            (Rope::from_config(&raw, head_dim).map_err(err)?, None)
+        };
+        let gemma = arch == Architecture::Gemma || gemma23;
         // A key present as null switches a feature off; an absent one takes the default.
         let optional_f64 = |key: &str, default: f64| match raw.get(key) {
             Some(Value::Null) => None,
             Some(v) => v.as_f64(),
             None => Some(default),
         };
-        let attention_scale = if gemma2 {
+        let attention_scale = if gemma23 {
             1.0 / optional_f64("query_pre_attn_scalar", 256.0)
                 .unwrap_or(head_dim as f64)
                 .sqrt()
@@ -215,7 +232,7 @@ impl ModelConfig {
             1.0 / (head_dim as f64).sqrt()
         };
         let num_layers = need("num_hidden_layers")?;
-        let sliding_layers = if gemma2 {
+        let sliding_layers = if gemma23 {
             let types: Vec<bool> = match raw.get("layer_types").and_then(Value::as_array) {
                 Some(list) => list
                     .iter()
@@ -225,8 +242,15 @@ impl ModelConfig {
                         _ => Err(err(format!("layer_types: unknown entry {t}"))),
                     })
                     .collect::<Result<_, _>>()?,
-                // transformers' default: sliding, full, sliding, ...
-                None => (0..num_layers).map(|i| i % 2 == 0).collect(),
+                // transformers' defaults: Gemma 2 alternates from sliding; Gemma 3 makes every
+                // `sliding_window_pattern`-th layer (6th by default) full.
+                None => {
+                    let pattern = match arch {
+                        Architecture::Gemma2 => 2,
+                        _ => get_usize(&raw, "sliding_window_pattern").unwrap_or(6),
+                    };
+                    (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
+                }
             };
             if types.len() != num_layers {
                 return Err(err(format!(
@@ -267,20 +291,22 @@ impl ModelConfig {
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
             norm_weight_offset: gemma,
             fused_projections: arch == Architecture::Phi3,
-            qk_norm: arch == Architecture::Qwen3,
+            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
             attention_scale,
-            attn_softcap: if gemma2 {
-                optional_f64("attn_logit_softcapping", 50.0)
-            } else {
-                None
+            // Gemma 2 caps by default, Gemma 3 only where its config sets a cap.
+            attn_softcap: match arch {
+                Architecture::Gemma2 => optional_f64("attn_logit_softcapping", 50.0),
+                Architecture::Gemma3 => raw.get("attn_logit_softcapping").and_then(Value::as_f64),
+                _ => None,
             },
-            final_softcap: if gemma2 {
-                optional_f64("final_logit_softcapping", 30.0)
-            } else {
-                None
+            final_softcap: match arch {
+                Architecture::Gemma2 => optional_f64("final_logit_softcapping", 30.0),
+                Architecture::Gemma3 => raw.get("final_logit_softcapping").and_then(Value::as_f64),
+                _ => None,
             },
-            sandwich_norms: gemma2,
+            sandwich_norms: gemma23,
             sliding_layers,
+            rope_local,
             raw,
         })
     }
@@ -336,6 +362,35 @@ mod tests {
     }
 
     #[test]
+    fn gemma3_reads_both_rope_spellings_and_its_layer_pattern() {
+        use crate::model::rope::RopeScaling;
+        let mut v = llama_like("Gemma3ForCausalLM");
+        v["num_hidden_layers"] = json!(7);
+        v["rope_theta"] = json!(1e6);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        v["rope_local_base_freq"] = json!(1e4);
+        v["final_logit_softcapping"] = Value::Null;
+        let c = parse(v).unwrap();
+        let full = [true, true, true, true, true, false, true];
+        assert_eq!(c.sliding_layers.as_deref(), Some(&full[..]));
+        assert_eq!(
+            (c.rope.theta, &c.rope.scaling),
+            (1e6, &RopeScaling::Linear { factor: 8.0 })
+        );
+        let local = c.rope_local.unwrap();
+        assert_eq!((local.theta, local.scaling), (1e4, RopeScaling::None));
+        assert!(c.qk_norm && c.sandwich_norms && c.norm_weight_offset);
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+        let mut v = llama_like("Gemma3ForCausalLM");
+        v["rope_parameters"] = json!({"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}});
+        v["sliding_window_pattern"] = json!(2);
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope.theta, c.rope_local.unwrap().theta), (5e5, 2e4));
+        assert_eq!(c.sliding_layers, Some(vec![true]));
+    }
+
+    #[test]
     fn phi3_fuses_projections_rotates_part_of_each_head_and_slides() {
         let mut v = llama_like("Phi3ForCausalLM");
         v["sliding_window"] = json!(2047);
@@ -361,11 +416,11 @@ mod tests {
         v["hidden_act"] = json!("relu");
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("activation `relu`"), "{e}");
-        let e = parse(llama_like("Gemma3ForCausalLM"))
+        let e = parse(llama_like("Gemma3ForConditionalGeneration"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("unsupported architecture `Gemma3ForCausalLM`"),
+            e.contains("unsupported architecture `Gemma3ForConditionalGeneration`"),
             "{e}"
         );
         let mut v = llama_like("Gemma2ForCausalLM");

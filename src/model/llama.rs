@@ -1,8 +1,9 @@
-//! The Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3): RMSNorm, rotary positions,
+//! The Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3): RMSNorm, rotary positions,
 //! gated MLP, grouped-query attention, optional q/k/v biases, tied or untied head. The
 //! members' differences are `ModelConfig` switches: Gemma's embedding scale, `1 + w` norms and
-//! GeGLU; Phi-3's fused projections and partial rotary; Qwen3's per-head q/k norms; Mistral's
-//! and Phi-3's sliding windows.
+//! GeGLU; Gemma 2's and 3's sandwich norms, soft caps and per-layer windows (with Gemma 3's
+//! local rotary settings); Phi-3's fused projections and partial rotary; Qwen3's and Gemma 3's
+//! per-head q/k norms; Mistral's and Phi-3's sliding windows.
 
 use super::arch::{Activation, Architecture, ModelConfig};
 use super::layers::{
@@ -14,6 +15,7 @@ use super::opt::trainable;
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{Block, RowsBlock, SideGrads};
+use super::rope::Rope;
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -296,6 +298,7 @@ impl Llama {
                     Architecture::Llama
                         | Architecture::Gemma
                         | Architecture::Gemma2
+                        | Architecture::Gemma3
                         | Architecture::Qwen3
                 );
             let sandwich = if cfg.sandwich_norms {
@@ -428,8 +431,6 @@ impl Llama {
         let x = self
             .embed(&ids.flatten_all()?)?
             .reshape((n, l, cfg.hidden_size))?;
-        // transformers uses positions 0..len for every row, padding or not.
-        let (cos, sin) = cfg.rope.tables(l, dev)?;
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let (scale, softcap, compute) = (cfg.attention_scale, cfg.attn_softcap, self.compute);
         // transformers runs Gemma 2 with eager attention (sdpa cannot soft-cap), the others sdpa.
@@ -438,9 +439,10 @@ impl Llama {
         } else {
             f32::NEG_INFINITY
         };
-        let attend = |window: Option<usize>| -> Result<Attention> {
+        let attend = |window: Option<usize>, rope: &Rope| -> Result<Attention> {
             let bias = attention_bias(&rows, window, masked, dev)?;
-            let (cos, sin) = (cos.clone(), sin.clone());
+            // transformers uses positions 0..len for every row, padding or not.
+            let (cos, sin) = rope.tables(l, dev)?;
             Ok(Attention::Padded(Arc::new(move |q, k, v| {
                 let q = apply_rope(&split_heads(q, heads)?, &cos, &sin)?;
                 let k = apply_rope(&split_heads(k, kv_heads)?, &cos, &sin)?;
@@ -449,9 +451,14 @@ impl Llama {
             })))
         };
         match cfg.sliding_layers {
-            // Gemma 2: full attention, and the window on the layers marked for it.
-            Some(_) => self.decode(x, attend(None)?, Some(attend(cfg.sliding_window)?)),
-            None => self.decode(x, attend(cfg.sliding_window)?, None),
+            // Gemma 2/3: full attention, and the window (with Gemma 3's local rotary settings)
+            // on the layers marked for it.
+            Some(_) => {
+                let local = cfg.rope_local.as_ref().unwrap_or(&cfg.rope);
+                let sliding = attend(cfg.sliding_window, local)?;
+                self.decode(x, attend(None, &cfg.rope)?, Some(sliding))
+            }
+            None => self.decode(x, attend(cfg.sliding_window, &cfg.rope)?, None),
         }
     }
 

@@ -129,6 +129,47 @@ impl Rope {
         })
     }
 
+    /// Gemma 3's two rotary settings, (full-attention layers, sliding layers): transformers 5's
+    /// `rope_parameters` keyed by layer type, or the hub's spelling (`rope_theta` and
+    /// `rope_scaling` for the full layers, `rope_local_base_freq` for the sliding ones), with
+    /// `Gemma3TextConfig`'s defaults 1e6 and 1e4.
+    pub fn gemma3(raw: &Value, head_dim: usize) -> std::result::Result<(Rope, Rope), String> {
+        let by_type = raw
+            .get("rope_parameters")
+            .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        let part = |layer_type: &str, theta_key: &str, default_theta: f64| -> Value {
+            let mut part = serde_json::Map::new();
+            if let Some(m) = raw.get("max_position_embeddings") {
+                part.insert("max_position_embeddings".into(), m.clone());
+            }
+            let mut params = match by_type.and_then(|p| p.get(layer_type)) {
+                Some(Value::Object(p)) => p.clone(),
+                _ => serde_json::Map::new(),
+            };
+            if by_type.is_none() {
+                if let Some(theta) = raw.get(theta_key) {
+                    params.insert("rope_theta".into(), theta.clone());
+                }
+                if layer_type == "full_attention" {
+                    if let Some(Value::Object(scaling)) = raw.get("rope_scaling") {
+                        params.extend(scaling.clone());
+                    }
+                }
+            }
+            params
+                .entry("rope_theta")
+                .or_insert_with(|| default_theta.into());
+            part.insert("rope_parameters".into(), Value::Object(params));
+            Value::Object(part)
+        };
+        let global = Rope::from_config(&part("full_attention", "rope_theta", 1e6), head_dim)?;
+        let local = Rope::from_config(
+            &part("sliding_attention", "rope_local_base_freq", 1e4),
+            head_dim,
+        )?;
+        Ok((global, local))
+    }
+
     /// The inverse frequencies, one per rotated pair, as transformers computes them for a
     /// batch padded to `len` positions.
     pub fn inv_freq(&self, len: usize) -> Vec<f32> {

@@ -25,7 +25,7 @@ pub fn golden(model: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-pub const MODELS: [&str; 10] = [
+pub const MODELS: [&str; 11] = [
     "tiny-opt",
     "tiny-opt-legacy",
     "tiny-opt-350m-layout",
@@ -36,6 +36,7 @@ pub const MODELS: [&str; 10] = [
     "tiny-llama3",
     "tiny-qwen3",
     "tiny-gemma2",
+    "tiny-gemma3",
 ];
 
 fn ids(v: &Value) -> Vec<u32> {
