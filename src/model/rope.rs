@@ -18,6 +18,13 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (Qwen2.5/Qwen3 long-context configs): frequencies of pair index below `low` kept,
+    /// above `high` divided by `factor`, a linear ramp between; cos/sin scaled.
+    Yarn {
+        factor: f64,
+        low: f64,
+        high: f64,
+    },
     /// Phi-3.5's and Phi-4-mini's: a divisor per frequency, `long` for batches longer than the
     /// original context and `short` otherwise (transformers picks by the padded batch length).
     LongRope {
@@ -82,6 +89,17 @@ impl Rope {
                 )),
             }
         };
+        // transformers: a top-level `original_max_position_embeddings` (Phi-3's spelling) wins
+        // over the scaling dict's; without either, `max_position_embeddings`.
+        let original_context = || -> std::result::Result<f64, String> {
+            raw.get("original_max_position_embeddings")
+                .and_then(Value::as_f64)
+                .or_else(|| field("original_max_position_embeddings").ok())
+                .or_else(|| number("max_position_embeddings"))
+                .ok_or_else(|| {
+                    format!("rope_type `{kind}` needs `original_max_position_embeddings`")
+                })
+        };
         let mut attention_factor = 1.0;
         let scaling = match kind {
             "default" => RopeScaling::None,
@@ -92,12 +110,58 @@ impl Rope {
                 factor: field("factor")?,
                 low_freq_factor: field("low_freq_factor")?,
                 high_freq_factor: field("high_freq_factor")?,
-                original_max_position_embeddings: field("original_max_position_embeddings")
-                    .or_else(|e| number("max_position_embeddings").ok_or(e))?,
+                original_max_position_embeddings: original_context()?,
             },
+            "yarn" => {
+                let original = original_context()?;
+                let factor = field("factor").or_else(|e| {
+                    number("max_position_embeddings")
+                        .map(|m| m / original)
+                        .ok_or(e)
+                })?;
+                let optional = |key: &str| field(key).ok();
+                // transformers' get_mscale.
+                let mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                attention_factor = match (
+                    optional("attention_factor"),
+                    optional("mscale").filter(|&m| m != 0.0),
+                    optional("mscale_all_dim").filter(|&m| m != 0.0),
+                ) {
+                    (Some(f), _, _) => f,
+                    (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                    _ => mscale(factor, 1.0),
+                };
+                let beta_fast = optional("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0);
+                let beta_slow = optional("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0);
+                let truncate = scaling
+                    .and_then(|s| s.get("truncate"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                // The pair index at which a frequency turns `rotations` times over the original
+                // context (transformers' find_correction_range).
+                let d = dim as f64;
+                let at = |rotations: f64| {
+                    d * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (at(beta_fast), at(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+                if low == high {
+                    high += 0.001; // as transformers, against a zero-width ramp
+                }
+                RopeScaling::Yarn { factor, low, high }
+            }
             "longrope" => {
-                let original = field("original_max_position_embeddings")
-                    .or_else(|e| number("original_max_position_embeddings").ok_or(e))?;
+                let original = original_context()?;
                 // Phi-3 configs give no factor: the context extension is the ratio.
                 let factor = field("factor").or_else(|e| {
                     number("max_position_embeddings")
@@ -117,7 +181,8 @@ impl Rope {
             }
             other => {
                 return Err(format!(
-                    "rope_type `{other}` is not supported yet (default, linear, llama3, longrope)"
+                    "rope_type `{other}` is not supported yet (default, linear, llama3, yarn, \
+                     longrope)"
                 ))
             }
         };
@@ -180,6 +245,10 @@ impl Rope {
                 (match &self.scaling {
                     RopeScaling::None => f,
                     RopeScaling::Linear { factor } => f / factor,
+                    &RopeScaling::Yarn { factor, low, high } => {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        f / factor * ramp + f * (1.0 - ramp)
+                    }
                     RopeScaling::LongRope {
                         short,
                         long,
@@ -299,6 +368,57 @@ mod tests {
     }
 
     #[test]
+    fn yarn_matches_transformers() {
+        // transformers 5.24's _compute_yarn_parameters, head_dim 64: a Qwen-style config, and a
+        // DeepSeek-style one with mscale / mscale_all_dim and factor from the context ratio.
+        let qwen = json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 32768}, "rope_theta": 1e6});
+        let deepseek = json!({"max_position_embeddings": 163840, "rope_theta": 1e4,
+            "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096,
+            "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}});
+        let cases = [
+            (
+                qwen,
+                1.138_629_436_111_989,
+                [
+                    (0, 1.0),
+                    (5, 0.115_478_2),
+                    (8, 0.031_622_78),
+                    (10, 0.013_335_215),
+                    (12, 0.005_154_795_5),
+                    (14, 0.001_778_530_3),
+                    (16, 5.833_333_7e-4),
+                    (20, 4.445_698_5e-5),
+                    (31, 3.849_816_3e-7),
+                ],
+            ),
+            (
+                deepseek,
+                1.085_726_399_256_135_5,
+                [
+                    (0, 1.0),
+                    (5, 0.237_137_36),
+                    (8, 0.1),
+                    (10, 0.056_234_13),
+                    (12, 0.026_879_36),
+                    (14, 0.012_447_956),
+                    (16, 5.500_000_4e-3),
+                    (20, 7.905_694e-4),
+                    (31, 3.333_803_5e-6),
+                ],
+            ),
+        ];
+        for (raw, factor, want) in cases {
+            let rope = Rope::from_config(&raw, 64).unwrap();
+            assert!((rope.attention_factor - factor).abs() < 1e-12, "{rope:?}");
+            let inv = rope.inv_freq(1);
+            for (i, w) in want {
+                assert!((inv[i] - w).abs() <= 2e-6 * w, "{i}: {} vs {w}", inv[i]);
+            }
+        }
+    }
+
+    #[test]
     fn both_spellings_and_errors() {
         let new = json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6,
                                              "factor": 2.0, "partial_rotary_factor": 0.5}});
@@ -306,8 +426,8 @@ mod tests {
         assert_eq!(rope.theta, 1e6);
         assert_eq!(rope.dim, 16);
         assert_eq!(rope.scaling, RopeScaling::Linear { factor: 2.0 });
-        let e = Rope::from_config(&json!({"rope_scaling": {"type": "yarn"}}), 32).unwrap_err();
-        assert!(e.contains("rope_type `yarn`"), "{e}");
+        let e = Rope::from_config(&json!({"rope_scaling": {"type": "dynamic"}}), 32).unwrap_err();
+        assert!(e.contains("rope_type `dynamic`"), "{e}");
         let e = Rope::from_config(
             &json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "factor": 2.0,
                     "long_factor": [1.0, 2.0], "original_max_position_embeddings": 64}}),
