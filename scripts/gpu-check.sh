@@ -20,7 +20,8 @@
 #             f32 tolerance: metrics 1e-4 relative (1e-6 absolute), final weights 1e-2 (AdamW
 #             turns near-zero gradients into ±lr steps whatever their rounding);
 #             bf16: loss/logps/nll 1e-3, grad_norm 3e-2 (tests/bf16.rs), small differences
-#             (margins, log_odds_chosen, mean logits) 1e-2 or 5e-4 absolute, tensors 1e-1.
+#             (margins, mean logits) 1e-2 or 5e-4 absolute (log_odds_chosen, log_odds_ratio
+#             2e-3), tensors 1e-1.
 #             k_proj.bias is left out of the tensor verdict (zero gradient in exact
 #             arithmetic: its AdamW updates are rounding noise on either device).
 # opt-125m    OPT-125M shape, f32 weights + bf16 compute, 8 pairs/step, max_length 512, 20 steps
@@ -234,9 +235,14 @@ log "set-up done"
 
 # --- parity -----------------------------------------------------------------------------
 F32_TOL=(--rtol 1e-4 --atol 1e-6 --tensor-rtol 1e-2 --skip-tensor k_proj.bias)
+# log_odds_chosen (z) is a difference of two mean log-probs (~ -7, each held to 1e-3
+# relative), so its bf16 noise reaches 1e-3 absolute, and log_odds_ratio = logsigmoid(z) follows
+# (tiny-gemma3, std-0.1 weights: 8.9e-4 and 8.5e-4 between the CPU's fused and plain paths);
+# margins carry beta = 0.1 and stay at 5e-4.
 BF16_TOL=(--rtol 1e-3 --atol 1e-5 --key-tol grad_norm=3e-2
-  --key-tol rewards/margins=1e-2,5e-4 --key-tol log_odds_chosen=1e-2,5e-4 --key-tol 'logits/*=1e-2,5e-4'
-  --key-tol eval_rewards/margins=1e-2,5e-4 --key-tol eval_log_odds_chosen=1e-2,5e-4
+  --key-tol rewards/margins=1e-2,5e-4 --key-tol log_odds_chosen=1e-2,2e-3 --key-tol 'logits/*=1e-2,5e-4'
+  --key-tol log_odds_ratio=1e-3,2e-3 --key-tol eval_log_odds_ratio=1e-3,2e-3
+  --key-tol eval_rewards/margins=1e-2,5e-4 --key-tol eval_log_odds_chosen=1e-2,2e-3
   --key-tol 'eval_logits/*=1e-2,5e-4' --tensor-rtol 1e-1 --skip-tensor k_proj.bias)
 
 train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...

@@ -85,7 +85,7 @@ impl Gathered {
         k: &Tensor,
         v: &Tensor,
         (heads, kv_heads): (usize, usize),
-        scale: f64,
+        (scale, softcap): (f64, Option<f64>),
         compute: DType,
     ) -> Result<Tensor> {
         let gather = |t: &Tensor, index: &Tensor, len: usize, h: usize| {
@@ -101,7 +101,7 @@ impl Gathered {
             &gather(v, &self.kv_index, self.lk, kv_heads)?,
             &self.bias,
             scale,
-            None,
+            softcap,
             compute,
         )?; // [segs, lq, heads*d]
         let width = out.dim(2)?;

@@ -402,12 +402,12 @@ impl Llama {
         style.norm(&x, &self.norm)
     }
 
-    /// Whether `forward_packed` computes this model: Gemma 2's per-layer windows and soft-capped
-    /// logits (whose vocabulary sums the packed metrics cannot take from the head's column
-    /// sums) run padded.
+    /// Whether `forward_packed` computes this model exactly: not with soft-capped logits (the
+    /// packed metrics take the logits' vocabulary sums from the head's column sums, which a
+    /// cap breaks), nor for Gemma 2, whose eager attention gives a padding position with no
+    /// visible key uniform weights (the packed plans give it none).
     pub fn supports_packing(&self) -> bool {
-        let cfg = &self.config;
-        cfg.sliding_layers.is_none() && cfg.final_softcap.is_none() && cfg.attn_softcap.is_none()
+        self.config.final_softcap.is_none() && self.config.arch != Architecture::Gemma2
     }
 
     /// Token embeddings as f32 rows (`ids` flat), with Gemma's scale.
@@ -476,17 +476,29 @@ impl Llama {
     /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
         let cfg = &self.config;
-        let x = self.embed(&packed.ids)?;
-        let attention = PackedAttention::new(
-            packed,
-            (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-            cfg.sliding_window,
-            Some(&cfg.rope),
-            self.compute,
-        )?;
         if !self.supports_packing() {
             candle_core::bail!("{:?} runs padded batches only", cfg.arch);
         }
-        self.decode(x, Attention::Packed(Arc::new(attention)), None)
+        let x = self.embed(&packed.ids)?;
+        let attend = |window: Option<usize>, rope: &Rope| -> Result<Attention> {
+            let attention = PackedAttention::new(
+                packed,
+                (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+                window,
+                Some(rope),
+                self.compute,
+            )?
+            .with_scores(cfg.attention_scale, cfg.attn_softcap);
+            Ok(Attention::Packed(Arc::new(attention)))
+        };
+        match cfg.sliding_layers {
+            // Gemma 3: as in `forward`, the sliding layers attend through their own plan.
+            Some(_) => {
+                let local = cfg.rope_local.as_ref().unwrap_or(&cfg.rope);
+                let sliding = attend(cfg.sliding_window, local)?;
+                self.decode(x, attend(None, &cfg.rope)?, Some(sliding))
+            }
+            None => self.decode(x, attend(cfg.sliding_window, &cfg.rope)?, None),
+        }
     }
 }

@@ -173,6 +173,8 @@ pub struct PackedAttention {
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// Gemma's attention soft cap (see `layers::attention`).
+    softcap: Option<f64>,
     compute: DType,
 }
 
@@ -244,8 +246,16 @@ impl PackedAttention {
             kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
             compute,
         })
+    }
+
+    /// The scores' scale (head_dim^-1/2 unless set) and soft cap.
+    pub fn with_scores(mut self, scale: f64, softcap: Option<f64>) -> Self {
+        self.scale = scale;
+        self.softcap = softcap;
+        self
     }
 
     /// Rotary positions of q or k `[rows, h*d]` (the real rows, or the padding rows).
@@ -276,7 +286,7 @@ impl PackedAttention {
                     candle_core::bail!("packed attention: no rows to attend");
                 };
                 let heads = (self.heads, self.kv_heads);
-                return g.attend(q, k, v, heads, self.scale, self.compute);
+                return g.attend(q, k, v, heads, (self.scale, self.softcap), self.compute);
             }
         };
         let split = |t: Tensor, h: usize| split_heads(&t.unsqueeze(0)?, h);
@@ -296,7 +306,7 @@ impl PackedAttention {
                     &split(seg.key_rows(v)?, self.kv_heads)?,
                     bias,
                     self.scale,
-                    None,
+                    self.softcap,
                     self.compute,
                 )?
                 .squeeze(0)?,
