@@ -19,9 +19,9 @@
 #             against the CPU's (norms: f32 1e-4, bf16 3e-2 as tests/bf16.rs).
 #             f32 tolerance: metrics 1e-4 relative (1e-6 absolute), final weights 1e-2 (AdamW
 #             turns near-zero gradients into ±lr steps whatever their rounding);
-#             bf16: loss/logps/nll 1e-3, grad_norm 3e-2 (tests/bf16.rs), small differences
-#             (margins, mean logits) 1e-2 or 5e-4 absolute (log_odds_chosen, log_odds_ratio
-#             2e-3), tensors 1e-1.
+#             bf16: loss/logps/nll 1e-3, grad_norm 3e-2 (tests/bf16.rs), the log-prob
+#             differences what that allows (log_odds_* 1.5e-2, margins 1.5e-3 absolute), mean
+#             logits 1e-2 or 5e-4 absolute, tensors 1e-1.
 #             k_proj.bias is left out of the tensor verdict (zero gradient in exact
 #             arithmetic: its AdamW updates are rounding noise on either device).
 # opt-125m    OPT-125M shape, f32 weights + bf16 compute, 8 pairs/step, max_length 512, 20 steps
@@ -235,14 +235,16 @@ log "set-up done"
 
 # --- parity -----------------------------------------------------------------------------
 F32_TOL=(--rtol 1e-4 --atol 1e-6 --tensor-rtol 1e-2 --skip-tensor k_proj.bias)
-# log_odds_chosen (z) is a difference of two mean log-probs (~ -7, each held to 1e-3
-# relative), so its bf16 noise reaches 1e-3 absolute, and log_odds_ratio = logsigmoid(z) follows
-# (tiny-gemma3, std-0.1 weights: 8.9e-4 and 8.5e-4 between the CPU's fused and plain paths);
-# margins carry beta = 0.1 and stay at 5e-4.
+# The differences of the two mean log-probs inherit their bf16 tolerance: each log-prob (~ -7)
+# may move by 1e-3 relative, so z = log_odds_chosen by up to ~1.5e-2 absolute, log_odds_ratio
+# = logsigmoid(z) by as much (slope < 1), margins (beta = 0.1) by 1.5e-3. tiny-gemma3 (std-0.1
+# weights) reaches 3.3e-3, 1.5e-3 and 3.3e-4 between the CPU's fused and plain paths; the
+# other fixtures stay under 5e-4. f32 holds all of them to 1e-4 relative.
 BF16_TOL=(--rtol 1e-3 --atol 1e-5 --key-tol grad_norm=3e-2
-  --key-tol rewards/margins=1e-2,5e-4 --key-tol log_odds_chosen=1e-2,2e-3 --key-tol 'logits/*=1e-2,5e-4'
-  --key-tol log_odds_ratio=1e-3,2e-3 --key-tol eval_log_odds_ratio=1e-3,2e-3
-  --key-tol eval_rewards/margins=1e-2,5e-4 --key-tol eval_log_odds_chosen=1e-2,2e-3
+  --key-tol rewards/margins=1e-2,1.5e-3 --key-tol log_odds_chosen=1e-2,1.5e-2
+  --key-tol log_odds_ratio=1e-3,1.5e-2 --key-tol 'logits/*=1e-2,5e-4'
+  --key-tol eval_rewards/margins=1e-2,1.5e-3 --key-tol eval_log_odds_chosen=1e-2,1.5e-2
+  --key-tol eval_log_odds_ratio=1e-3,1.5e-2
   --key-tol 'eval_logits/*=1e-2,5e-4' --tensor-rtol 1e-1 --skip-tensor k_proj.bias)
 
 train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...

@@ -86,7 +86,7 @@ impl Style {
         }
     }
 
-    /// RMSNorm of each head of `x` (`[.., heads * head_dim]`), Qwen3's q/k norm.
+    /// RMSNorm of each head of `x` (`[.., heads * head_dim]`): Qwen3's and Gemma 3's q/k norms.
     fn head_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let d = self.head_dim;
         let heads = x.flatten_all()?.reshape(((), d))?;
@@ -108,11 +108,11 @@ struct Layer {
     input_norm: Tensor,
     /// q, k, v.
     qkv: Projections,
-    /// Qwen3's per-head norms of q and k.
+    /// Qwen3's and Gemma 3's per-head norms of q and k.
     qk_norm: Option<[Tensor; 2]>,
     o: Linear,
     post_norm: Tensor,
-    /// Gemma 2's norms before and after the MLP (`post_norm` then follows attention).
+    /// Gemma 2's and 3's norms before and after the MLP (`post_norm` then follows attention).
     sandwich: Option<[Tensor; 2]>,
     /// gate, up.
     gate_up: Projections,
