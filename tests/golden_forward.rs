@@ -236,6 +236,61 @@ fn packed_batches_match_the_padded_computation_under_a_sliding_window() {
     }
 }
 
+/// Qwen2 with `use_sliding_window`: only the layers from `max_window_layers` on slide (here
+/// layer 1 of 2, window 3), packed as padded. (The same config's eval metrics equal
+/// transformers' `ORPOTrainer.evaluate()` to 6 digits.)
+#[test]
+fn packed_batches_match_the_padded_computation_with_per_layer_windows() {
+    let g = golden("tiny-qwen2");
+    let pairs = golden_pairs(&g, "tokenized");
+    let refs: Vec<_> = pairs.iter().take(4).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir("tiny-qwen2")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["use_sliding_window"] = true.into();
+    cfg["sliding_window"] = 3.into();
+    cfg["max_window_layers"] = 1.into();
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let model = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(model.config().sliding_layers, Some(vec![false, true]));
+    let plain = CausalLm::load(&model_dir("tiny-qwen2"), &Device::Cpu).unwrap();
+    let batch = collate(
+        &refs,
+        pad_id(&g),
+        true,
+        model.packed_padding(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (windowed, full) = (
+        forward(&model, &batch, 0.1).unwrap().metrics.loss,
+        forward(&plain, &batch, 0.1).unwrap().metrics.loss,
+    );
+    assert!((windowed - full).abs() > 1e-4, "the window changes nothing");
+    assert_packed_matches_padded(
+        "tiny-qwen2 (layer 1 windowed)",
+        &model,
+        &model,
+        pad_id(&g),
+        &refs,
+    );
+    let mut ckpt = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+    ckpt.enable_recompute();
+    assert_packed_matches_padded(
+        "tiny-qwen2 (layer 1 windowed, checkpointed)",
+        &ckpt,
+        &model,
+        pad_id(&g),
+        &refs,
+    );
+}
+
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     for name in MODELS {

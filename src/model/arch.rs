@@ -232,7 +232,9 @@ impl ModelConfig {
             1.0 / (head_dim as f64).sqrt()
         };
         let num_layers = need("num_hidden_layers")?;
-        let sliding_layers = if gemma23 {
+        // Qwen2/Qwen3 with `use_sliding_window` slide only some layers too.
+        let qwen = matches!(arch, Architecture::Qwen2 | Architecture::Qwen3);
+        let sliding_layers = if gemma23 || (qwen && sliding_window.is_some()) {
             let types: Vec<bool> = match raw.get("layer_types").and_then(Value::as_array) {
                 Some(list) => list
                     .iter()
@@ -243,7 +245,12 @@ impl ModelConfig {
                     })
                     .collect::<Result<_, _>>()?,
                 // transformers' defaults: Gemma 2 alternates from sliding; Gemma 3 makes every
-                // `sliding_window_pattern`-th layer (6th by default) full.
+                // `sliding_window_pattern`-th layer (6th by default) full; Qwen slides the
+                // layers from `max_window_layers` (28) on.
+                None if qwen => {
+                    let first = get_usize(&raw, "max_window_layers").unwrap_or(28);
+                    (0..num_layers).map(|i| i >= first).collect()
+                }
                 None => {
                     let pattern = match arch {
                         Architecture::Gemma2 => 2,
@@ -388,6 +395,30 @@ mod tests {
         let c = parse(v).unwrap();
         assert_eq!((c.rope.theta, c.rope_local.unwrap().theta), (5e5, 2e4));
         assert_eq!(c.sliding_layers, Some(vec![true]));
+    }
+
+    #[test]
+    fn qwen_slides_the_layers_from_max_window_layers_when_asked() {
+        let mut v = llama_like("Qwen2ForCausalLM");
+        v["num_hidden_layers"] = json!(4);
+        v["sliding_window"] = json!(16);
+        v["max_window_layers"] = json!(2);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!((c.sliding_window, c.sliding_layers), (None, None));
+        v["use_sliding_window"] = json!(true);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.sliding_window, Some(16));
+        assert_eq!(c.sliding_layers, Some(vec![false, false, true, true]));
+        v["layer_types"] = json!([
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "full_attention"
+        ]);
+        assert_eq!(
+            parse(v).unwrap().sliding_layers,
+            Some(vec![true, false, false, false])
+        );
     }
 
     #[test]
