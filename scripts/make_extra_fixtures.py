@@ -92,6 +92,14 @@ PHI3_TEMPLATE = (
 )
 
 
+def gemma_tokenizer(mf, enc, bpe, out, eos):
+    """The Gemma family's special tokens and turn template on the shared BPE, BOS prepended."""
+    return mf.finish(mf.byte_level_bpe(enc, bpe),
+                     ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
+                     dict(bos_token="<bos>", eos_token=eos, pad_token="<pad>", unk_token="<unk>",
+                          chat_template=GEMMA_TEMPLATE, model_max_length=512))
+
+
 def main():
     tools, root = sys.argv[1], sys.argv[2]
     sys.path.insert(0, tools)
@@ -106,10 +114,7 @@ def main():
     torch.manual_seed(2024)
 
     out = os.path.join(root, "tiny-gemma")
-    tk = mf.finish(mf.byte_level_bpe(enc, bpe),
-                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
-                   dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-                        chat_template=GEMMA_TEMPLATE, model_max_length=512))
+    tk = gemma_tokenizer(mf, enc, bpe, out, eos="<eos>")
     cfg = GemmaConfig(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                       hidden_act="gelu_pytorch_tanh", max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -190,10 +195,7 @@ def main():
 
 
     out = os.path.join(root, "tiny-gemma2")
-    tk = mf.finish(mf.byte_level_bpe(enc, bpe),
-                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
-                   dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-                        chat_template=GEMMA_TEMPLATE, model_max_length=512))
+    tk = gemma_tokenizer(mf, enc, bpe, out, eos="<eos>")
     cfg = Gemma2Config(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
                        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=512,
@@ -210,10 +212,7 @@ def main():
     mf.template_into_tokenizer_config(out)
 
     out = os.path.join(root, "tiny-gemma3")
-    tk = mf.finish(mf.byte_level_bpe(enc, bpe),
-                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", out,
-                   dict(bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>", unk_token="<unk>",
-                        chat_template=GEMMA_TEMPLATE, model_max_length=512))
+    tk = gemma_tokenizer(mf, enc, bpe, out, eos="<end_of_turn>")
     cfg = Gemma3TextConfig(vocab_size=len(tk), hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=512,

@@ -8,6 +8,8 @@ use orpo::data::{
 };
 use serde_json::Value;
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -196,16 +198,9 @@ fn qwen_pretokenizer_follows_the_declared_tokenizer_class() {
         ("tiny-qwen2", "PreTrainedTokenizerFast", &split),
     ] {
         let dir = tmp.path().join(format!("{model}-{class}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-        let path = dir.join("tokenizer_config.json");
-        let mut config: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        config["tokenizer_class"] = Value::from(class);
-        std::fs::write(&path, config.to_string()).unwrap();
+        common::edited_copy(model, &dir, "tokenizer_config.json", |c| {
+            c["tokenizer_class"] = Value::from(class)
+        });
         assert_eq!(&digits(&dir), want, "{model} declaring {class}");
     }
 }

@@ -207,18 +207,13 @@ fn packed_batches_match_the_padded_computation_under_a_sliding_window() {
     let g = golden("tiny-mistral");
     let pairs = golden_pairs(&g, "tokenized");
     let refs: Vec<_> = pairs.iter().take(4).collect();
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(model_dir("tiny-mistral")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
     for window in [3usize, 7] {
-        cfg["sliding_window"] = window.into();
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let model = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+        let dir = tmp.path().join(format!("w{window}"));
+        edited_copy("tiny-mistral", &dir, "config.json", |c| {
+            c["sliding_window"] = window.into()
+        });
+        let model = CausalLm::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(model.config().sliding_window, Some(window));
         let shortest = refs
             .iter()
@@ -229,7 +224,7 @@ fn packed_batches_match_the_padded_computation_under_a_sliding_window() {
         let name = format!("tiny-mistral (window {window})");
         assert_packed_matches_padded(&name, &model, &model, pad_id(&g), &refs);
         // Checkpointed: the padding rows stay out of the checkpoints.
-        let mut ckpt = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
+        let mut ckpt = CausalLm::load(&dir, &Device::Cpu).unwrap();
         ckpt.enable_recompute();
         let name = format!("{name} (checkpointed)");
         assert_packed_matches_padded(&name, &ckpt, &model, pad_id(&g), &refs);
@@ -245,18 +240,12 @@ fn packed_batches_match_the_padded_computation_with_per_layer_windows() {
     let pairs = golden_pairs(&g, "tokenized");
     let refs: Vec<_> = pairs.iter().take(4).collect();
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(model_dir("tiny-qwen2")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["use_sliding_window"] = true.into();
-    cfg["sliding_window"] = 3.into();
-    cfg["max_window_layers"] = 1.into();
-    cfg.as_object_mut().unwrap().remove("layer_types");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edited_copy("tiny-qwen2", dir.path(), "config.json", |c| {
+        c["use_sliding_window"] = true.into();
+        c["sliding_window"] = 3.into();
+        c["max_window_layers"] = 1.into();
+        c.as_object_mut().unwrap().remove("layer_types");
+    });
     let model = CausalLm::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(model.config().sliding_layers, Some(vec![false, true]));
     let plain = CausalLm::load(&model_dir("tiny-qwen2"), &Device::Cpu).unwrap();

@@ -373,13 +373,14 @@ impl Llama {
         }
     }
 
-    /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`);
-    /// layers that `sliding_layers` marks attend through `sliding` when it is given.
+    /// The decoder stack and final norm on embeddings `x` (`[n, len, h]` or `[total, h]`).
+    /// `attend(window, rope)` builds one way of attending; with per-layer windows (Gemma 2/3,
+    /// Qwen's `use_sliding_window`) the marked layers get the window and the sliding rotary
+    /// settings (Gemma 3's local ones), the others full attention.
     fn decode(
         &self,
         x: Tensor,
-        attention: Attention,
-        sliding: Option<Attention>,
+        attend: impl Fn(Option<usize>, &Rope) -> Result<Attention>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let style = Style {
@@ -388,17 +389,24 @@ impl Llama {
             norm_weight_offset: cfg.norm_weight_offset,
             activation: cfg.activation,
         };
-        let ctx = Arc::new(Ctx { attention, style });
-        let sliding = sliding.map(|attention| Arc::new(Ctx { attention, style }));
+        let ctx = |attention| Arc::new(Ctx { attention, style });
+        let (full, sliding) = match &cfg.sliding_layers {
+            Some(_) => {
+                let local = cfg.rope_local.as_ref().unwrap_or(&cfg.rope);
+                let sliding = attend(cfg.sliding_window, local)?;
+                (ctx(attend(None, &cfg.rope)?), Some(ctx(sliding)))
+            }
+            None => (ctx(attend(cfg.sliding_window, &cfg.rope)?), None),
+        };
         let layers = self.layers.iter().enumerate().map(|(i, layer)| LayerBlock {
             live: layer.clone(),
             frozen: layer.detached(),
             ctx: match (&sliding, &cfg.sliding_layers) {
                 (Some(s), Some(marks)) if marks[i] => s.clone(),
-                _ => ctx.clone(),
+                _ => full.clone(),
             },
         });
-        let x = ctx.attention.stack(x, layers, self.recompute.as_ref())?;
+        let x = full.attention.stack(x, layers, self.recompute.as_ref())?;
         style.norm(&x, &self.norm)
     }
 
@@ -450,16 +458,7 @@ impl Llama {
                 attention(&q, &k, &v, &bias, scale, softcap, compute)
             })))
         };
-        match cfg.sliding_layers {
-            // Gemma 2/3: full attention, and the window (with Gemma 3's local rotary settings)
-            // on the layers marked for it.
-            Some(_) => {
-                let local = cfg.rope_local.as_ref().unwrap_or(&cfg.rope);
-                let sliding = attend(cfg.sliding_window, local)?;
-                self.decode(x, attend(None, &cfg.rope)?, Some(sliding))
-            }
-            None => self.decode(x, attend(cfg.sliding_window, &cfg.rope)?, None),
-        }
+        self.decode(x, attend)
     }
 
     /// Hidden states `[total, h]` of a packed batch laid out with `Padding::Explicit`: each
@@ -491,14 +490,6 @@ impl Llama {
             .with_scores(cfg.attention_scale, cfg.attn_softcap);
             Ok(Attention::Packed(Arc::new(attention)))
         };
-        match cfg.sliding_layers {
-            // Gemma 3: as in `forward`, the sliding layers attend through their own plan.
-            Some(_) => {
-                let local = cfg.rope_local.as_ref().unwrap_or(&cfg.rope);
-                let sliding = attend(cfg.sliding_window, local)?;
-                self.decode(x, attend(None, &cfg.rope)?, Some(sliding))
-            }
-            None => self.decode(x, attend(cfg.sliding_window, &cfg.rope)?, None),
-        }
+        self.decode(x, attend)
     }
 }

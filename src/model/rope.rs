@@ -100,6 +100,14 @@ impl Rope {
                     format!("rope_type `{kind}` needs `original_max_position_embeddings`")
                 })
         };
+        // Phi-3 and DeepSeek configs give no factor: the context extension is the ratio.
+        let factor_or_ratio = |original: f64| {
+            field("factor").or_else(|e| {
+                number("max_position_embeddings")
+                    .map(|m| m / original)
+                    .ok_or(e)
+            })
+        };
         let mut attention_factor = 1.0;
         let scaling = match kind {
             "default" => RopeScaling::None,
@@ -114,11 +122,7 @@ impl Rope {
             },
             "yarn" => {
                 let original = original_context()?;
-                let factor = field("factor").or_else(|e| {
-                    number("max_position_embeddings")
-                        .map(|m| m / original)
-                        .ok_or(e)
-                })?;
+                let factor = factor_or_ratio(original)?;
                 let optional = |key: &str| field(key).ok();
                 // transformers' get_mscale.
                 let mscale = |scale: f64, m: f64| {
@@ -162,12 +166,7 @@ impl Rope {
             }
             "longrope" => {
                 let original = original_context()?;
-                // Phi-3 configs give no factor: the context extension is the ratio.
-                let factor = field("factor").or_else(|e| {
-                    number("max_position_embeddings")
-                        .map(|m| m / original)
-                        .ok_or(e)
-                })?;
+                let factor = factor_or_ratio(original)?;
                 attention_factor = match field("attention_factor") {
                     Ok(f) => f,
                     Err(_) if factor <= 1.0 => 1.0,

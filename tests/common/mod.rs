@@ -14,6 +14,20 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// A copy of fixture `model` in `dir` with one of its JSON files (`config.json`,
+/// `tokenizer_config.json`) edited, for tests of settings no fixture carries.
+pub fn edited_copy(model: &str, dir: &std::path::Path, file: &str, edit: impl FnOnce(&mut Value)) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(model_dir(model)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let path = dir.join(file);
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&path, json.to_string()).unwrap();
+}
+
 /// The golden file for a fixture model (tiny-opt-legacy shares tiny-opt's).
 pub fn golden(model: &str) -> Value {
     let name = if model == "tiny-opt-legacy" {
