@@ -62,6 +62,7 @@
 #   GPU_CHECK_PKG     the package folder (default target/gpu-package).
 #   GPU_CHECK_WORK    scratch folder (default /tmp/gpu-check; the 7B model needs 15 GB).
 #   GPU_CHECK_TRL     0 skips TRL.
+#   GPU_CHECK_PAR     parity cases run at once (default 4).
 #   OUT               where results go (set on the device; default target/gpu-check-out):
 #                     gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz
 #                     (every run's metrics.jsonl, logs and comparison outputs).
@@ -77,6 +78,7 @@ OUT=${OUT:-target/gpu-check-out}
 DRY=${GPU_CHECK_DRY:-0}
 [ "$DEV" = cpu ] && DRY=1
 TRL=${GPU_CHECK_TRL:-1}
+PAR=${GPU_CHECK_PAR:-4}
 RESERVE=15
 mkdir -p "$OUT" "$W"
 OUT=$(cd "$OUT" && pwd)
@@ -327,22 +329,33 @@ parity_case() {
   fi
 }
 
-run_parity() {
-  mkdir -p "$W/parity"
-  log "== parity ($DEV vs cpu)"
-  for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
-    tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
-    train_tiny "$fx-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30
-    parity_case "$fx-f32" "$fx" f32 F32_TOL "$fx-init"
-    parity_case "$fx-bf16" "$fx" bf16 BF16_TOL "$fx-init"
-  done
-  local lora=(--set lora.enabled=true --set train.gradient_checkpointing=true)
-  for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do
-    train_tiny "$fx-lora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${lora[@]}"
-    parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
-  done
-  # A sliding window (3) shorter than every sequence: padding positions past it have no key
-  # at all (the fully masked rows that gave NaN on the plain-op path until fixed).
+# Parity's cases are independent (own folders): up to PAR of them run at once, each a device
+# run beside its CPU reference, so the GPU's idle gaps (process start, CUDA set-up, the CPU
+# side's tiny steps) overlap. The CPU references get a share of the cores each.
+# (A bare `wait` would also wait for the log's tee, a process substitution, forever.)
+PAR_PIDS=()
+parallel() { # CMD...: run in the background once fewer than PAR jobs are running
+  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do sleep 0.2; done
+  "$@" &
+  PAR_PIDS+=($!)
+}
+
+fixture_block() { # FIXTURE: the base run, then the f32 and bf16 cases
+  local fx=$1
+  train_tiny "$fx-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30
+  parity_case "$fx-f32" "$fx" f32 F32_TOL "$fx-init"
+  parity_case "$fx-bf16" "$fx" bf16 BF16_TOL "$fx-init"
+}
+
+lora_block() { # FIXTURE: LoRA + gradient checkpointing + bf16
+  local fx=$1 lora=(--set lora.enabled=true --set train.gradient_checkpointing=true)
+  train_tiny "$fx-lora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${lora[@]}"
+  parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
+}
+
+# A sliding window (3) shorter than every sequence: padding positions past it have no key at
+# all (the fully masked rows that gave NaN on the plain-op path until fixed).
+window_block() {
   local w3=$W/models/tiny-mistral-w3
   rm -rf "$w3" && mkdir -p "$W/models" && cp -r tests/fixtures/tiny-mistral "$w3"
   python3 - "$w3/config.json" <<'PY'
@@ -354,6 +367,22 @@ PY
   parity_case tiny-mistral-w3-f32 tiny-mistral f32 F32_TOL tiny-mistral-w3-init "${win[@]}"
   parity_case tiny-mistral-w3-ckpt-bf16 tiny-mistral bf16 BF16_TOL tiny-mistral-w3-init "${win[@]}" \
     --set train.gradient_checkpointing=true
+}
+
+run_parity() {
+  mkdir -p "$W/parity"
+  log "== parity ($DEV vs cpu, $PAR cases at a time)"
+  local ncpu
+  ncpu=$(nproc)
+  export RAYON_NUM_THREADS=$(( ncpu / (2 * PAR) > 1 ? ncpu / (2 * PAR) : 1 ))
+  parallel window_block
+  for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do parallel lora_block "$fx"; done
+  for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
+    tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
+    parallel fixture_block "$fx"
+  done
+  wait "${PAR_PIDS[@]}"
+  unset RAYON_NUM_THREADS
 }
 
 # --- benchmarks -------------------------------------------------------------------------
@@ -577,6 +606,7 @@ for r in (r for r in recs if r.get("kind") == "parity"):
         row.update(pass_=False, error=r.get("error", "no comparison"))
     row["pass"] = row.pop("pass_")
     parity.append(row)
+parity.sort(key=lambda p: p["name"])  # the cases ran interleaved
 bench = {}
 for r in (r for r in recs if r.get("kind") == "bench"):
     bench.setdefault(r["workload"], {})[r["tool"]] = r
