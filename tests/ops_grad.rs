@@ -111,6 +111,43 @@ fn softmax_matches_chain_values_and_grads() -> Result<()> {
     Ok(())
 }
 
+/// The backward CUDA takes (`softmax_last_bwd_ops`: candle ops, row sums as products) equals
+/// the CPU kernel's, on rows masked with `f32::MIN` as `AttnBias` masks them: a row with one
+/// key, a row with none (uniform weights, as eager attention), partly masked rows.
+#[test]
+fn softmax_backward_of_the_cuda_path_matches_the_kernel() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (rows, cols) = (7, 13);
+    let mut data = randn(&mut rng, rows * cols, 3.0);
+    data[cols + 1..2 * cols].fill(f32::MIN); // row 1: one key
+    data[2 * cols..3 * cols].fill(f32::MIN); // row 2: none
+    for r in 3..rows {
+        for c in (r..cols).step_by(3) {
+            data[r * cols + c] = f32::MIN;
+        }
+    }
+    let x = Tensor::from_vec(data, (1, rows, cols), &Device::Cpu)?;
+    let y = softmax_last(&x)?;
+    let g = Tensor::from_vec(
+        randn(&mut rng, rows * cols, 1.0),
+        (1, rows, cols),
+        &Device::Cpu,
+    )?;
+    let want = {
+        let var = Var::from_tensor(&x)?;
+        let grads = (softmax_last(var.as_tensor())? * &g)?
+            .sum_all()?
+            .backward()?;
+        grads.get(var.as_tensor()).expect("gradient").clone()
+    };
+    let got = orpo::ops::softmax_last_bwd_ops(&y, &g)?;
+    assert_close("softmax backward (ops)", &got, &want, 1e-5, 1e-6)?;
+    let y = y.squeeze(0)?.to_vec2::<f32>()?;
+    assert_eq!(y[1][0], 1.0);
+    assert!(y[2].iter().all(|&p| (p - 1.0 / cols as f32).abs() < 1e-7));
+    Ok(())
+}
+
 #[test]
 fn softmax_on_strided_input_and_fully_masked_rows() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(2);

@@ -5,20 +5,21 @@
 //! are masked to probability 0, so they add exact zeros); the gathers' backward sums the
 //! gradients of rows read twice (a shared prompt's keys).
 
-use super::layers::{attention, split_heads};
+use super::layers::{attention, split_heads, AttnBias};
 use super::packed::Segment;
+use crate::ops::RowGather;
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
 
 pub struct Gathered {
-    /// `[segs * lq]` u32: the row of `q` at each padded query slot.
-    q_index: Tensor,
-    /// `[segs * lk]` u32: the row of `k`/`v` at each padded key slot.
-    kv_index: Tensor,
-    /// `[rows]` u32: the padded slot of each output row, in stream order.
-    out_index: Tensor,
-    /// `[segs, 1, lq, lk]`: each segment's bias, -inf in the padded slots.
-    bias: Tensor,
+    /// The row of `q` at each padded query slot (`segs * lq`).
+    q_gather: RowGather,
+    /// The row of `k`/`v` at each padded key slot (`segs * lk`).
+    kv_gather: RowGather,
+    /// The padded slot of each output row, in stream order.
+    out_gather: RowGather,
+    /// `[segs, 1 or heads, lq, lk]`: each segment's bias, masked in the padded slots.
+    bias: AttnBias,
     segs: usize,
     lq: usize,
     lk: usize,
@@ -29,10 +30,13 @@ impl Gathered {
     /// some; `None` when no segment has such rows. Query rows are numbered as the tensor the
     /// attention gets (real rows from `offset`, padding rows from `pad_offset`); keys are
     /// always real rows.
+    /// `rows`: the rows of the query tensor and of the key/value tensor the attention gets.
     pub fn new(
         segments: &[Segment],
         pad: bool,
         window: Option<usize>,
+        (q_rows, kv_rows): (usize, usize),
+        heads: usize,
         device: &Device,
     ) -> Result<Option<Self>> {
         let picked: Vec<(&Segment, usize, Range<usize>)> = segments
@@ -51,7 +55,9 @@ impl Gathered {
         let mut q_index = Vec::with_capacity(segs * lq);
         let mut kv_index = Vec::with_capacity(segs * lk);
         let mut out_index = Vec::new();
-        let mut bias = vec![f32::NEG_INFINITY; segs * lq * lk];
+        let mut q_live = vec![false; segs * lq];
+        let mut k_live = vec![false; segs * lk];
+        let mut bias = vec![f32::MIN; segs * lq * lk];
         for (i, (seg, first, rows)) in picked.into_iter().enumerate() {
             let (n, keys) = (rows.len(), seg.keys());
             // Padded slots repeat a valid row; their bias rows are fully masked and their
@@ -60,18 +66,24 @@ impl Gathered {
             let key_rows: Vec<u32> = seg.key_row_indices().map(|r| r as u32).collect();
             kv_index.extend((0..lk).map(|j| key_rows[j.min(keys - 1)]));
             out_index.extend((0..n).map(|t| (i * lq + t) as u32));
+            q_live[i * lq..i * lq + n].fill(true);
+            k_live[i * lk..i * lk + keys].fill(true);
             let b = seg.bias_data(rows, window);
             for t in 0..n {
                 let at = (i * lq + t) * lk;
                 bias[at..at + keys].copy_from_slice(&b[t * keys..(t + 1) * keys]);
             }
         }
-        let rows = out_index.len();
+        // Padded slots get no gradient (masked keys, outputs never gathered back): the
+        // backward passes leave them out.
+        let out_slots = segs * lq;
         Ok(Some(Gathered {
-            q_index: Tensor::from_vec(q_index, segs * lq, device)?,
-            kv_index: Tensor::from_vec(kv_index, segs * lk, device)?,
-            out_index: Tensor::from_vec(out_index, rows, device)?,
-            bias: Tensor::from_vec(bias, (segs, 1, lq, lk), device)?,
+            q_gather: RowGather::new(q_index, |j| q_live[j], q_rows, device)?,
+            kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows, device)?,
+            out_gather: RowGather::new(out_index, |_| true, out_slots, device)?,
+            // A padded slot sees no key: its (discarded) output is zeroed with the rows sdpa
+            // zeroes (a padding row past a sliding window).
+            bias: AttnBias::new(bias, (segs, lq, lk), true, heads, device)?,
             segs,
             lq,
             lk,
@@ -88,24 +100,21 @@ impl Gathered {
         (scale, softcap): (f64, Option<f64>),
         compute: DType,
     ) -> Result<Tensor> {
-        let gather = |t: &Tensor, index: &Tensor, len: usize, h: usize| {
+        let gather = |t: &Tensor, g: &RowGather, len: usize, h: usize| {
             let width = t.dim(1)?;
-            split_heads(
-                &t.index_select(index, 0)?.reshape((self.segs, len, width))?,
-                h,
-            )
+            split_heads(&g.apply(t)?.reshape((self.segs, len, width))?, h)
         };
         let out = attention(
-            &gather(q, &self.q_index, self.lq, heads)?,
-            &gather(k, &self.kv_index, self.lk, kv_heads)?,
-            &gather(v, &self.kv_index, self.lk, kv_heads)?,
+            &gather(q, &self.q_gather, self.lq, heads)?,
+            &gather(k, &self.kv_gather, self.lk, kv_heads)?,
+            &gather(v, &self.kv_gather, self.lk, kv_heads)?,
             &self.bias,
             scale,
             softcap,
             compute,
         )?; // [segs, lq, heads*d]
         let width = out.dim(2)?;
-        out.reshape((self.segs * self.lq, width))?
-            .index_select(&self.out_index, 0)
+        self.out_gather
+            .apply(&out.reshape((self.segs * self.lq, width))?)
     }
 }

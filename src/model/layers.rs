@@ -110,20 +110,71 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     crate::ops::rms_norm(x, w, eps)
 }
 
-/// Additive attention bias `[n, 1, len, len]`: 0 where query i may see key j (causal, key not
-/// padding, within the sliding window), `masked` elsewhere: -inf, as torch's sdpa treats a
-/// query with no visible key (a padding position past a sliding window): it attends to nothing;
-/// or f32::MIN, as eager attention's finite mask does: such a query attends to every key
-/// equally (the same weights for every other query).
+/// An additive attention bias, finite, and the query rows it leaves without a key.
+pub struct AttnBias {
+    /// `[n, 1 or heads, rows, keys]`: 0 where a query may see a key, `f32::MIN` elsewhere.
+    /// Finite, as eager attention's mask: a row with no visible key then gets uniform weights
+    /// on every device (all `-inf` would give NaN in candle's CUDA softmax kernel).
+    pub bias: Tensor,
+    /// `[n, 1, rows, 1]`, 0 on rows that see no key (1 elsewhere), where torch's sdpa gives
+    /// such a row a zero output; `None` when every row sees a key, or for eager semantics.
+    pub keep: Option<Tensor>,
+}
+
+impl AttnBias {
+    /// From row-major values `[n, rows, keys]` with masked entries `-inf` or `f32::MIN`.
+    /// `zero_empty`: a row with no visible key outputs zeros (sdpa), else its uniform weights
+    /// stand (eager). `heads`: off the CPU the bias is laid out for every head once, so each
+    /// layer's addition is a contiguous one (candle's broadcasting kernels are several times
+    /// slower on a GPU).
+    pub fn new(
+        mut data: Vec<f32>,
+        (n, rows, keys): (usize, usize, usize),
+        zero_empty: bool,
+        heads: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut keep = vec![1f32; n * rows];
+        let mut any_empty = false;
+        for (r, row) in data.chunks_exact_mut(keys.max(1)).enumerate() {
+            let mut empty = true;
+            for v in row.iter_mut() {
+                if *v == f32::NEG_INFINITY || *v == f32::MIN {
+                    *v = f32::MIN;
+                } else {
+                    empty = false;
+                }
+            }
+            if empty {
+                keep[r] = 0.0;
+                any_empty = true;
+            }
+        }
+        let mut bias = Tensor::from_vec(data, (n, 1, rows, keys), device)?;
+        if heads > 1 && !device.is_cpu() {
+            bias = bias.broadcast_as((n, heads, rows, keys))?.contiguous()?;
+        }
+        let keep = (zero_empty && any_empty)
+            .then(|| Tensor::from_vec(keep, (n, 1, rows, 1), device))
+            .transpose()?;
+        Ok(AttnBias { bias, keep })
+    }
+}
+
+/// Attention bias of a padded batch `[n, len]` (mask rows): query i may see key j when j is
+/// causal, not padding and within the sliding window. A query with no visible key (a padding
+/// position past a sliding window) attends to nothing, as torch's sdpa treats it, or with
+/// `eager` to every key equally, as eager attention's finite mask does.
 pub fn attention_bias(
     mask: &[Vec<u32>],
     window: Option<usize>,
-    masked: f32,
+    eager: bool,
+    heads: usize,
     device: &Device,
-) -> Result<Tensor> {
+) -> Result<AttnBias> {
     let n = mask.len();
     let l = mask.first().map_or(0, Vec::len);
-    let mut data = vec![masked; n * l * l];
+    let mut data = vec![f32::MIN; n * l * l];
     for (b, row) in mask.iter().enumerate() {
         for i in 0..l {
             let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
@@ -134,7 +185,7 @@ pub fn attention_bias(
             }
         }
     }
-    Tensor::from_vec(data, (n, 1, l, l), device)
+    AttnBias::new(data, (n, l, l), !eager, heads, device)
 }
 
 /// Scaled dot-product attention with an additive bias. q: `[n, h, l, d]`, k/v: `[n, kvh, l, d]`.
@@ -145,7 +196,7 @@ pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    bias: &AttnBias,
     scale: f64,
     softcap: Option<f64>,
     compute: DType,
@@ -163,9 +214,12 @@ pub fn attention(
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    let scores = scores.broadcast_add(bias)?;
+    let scores = scores.broadcast_add(&bias.bias)?;
     let probs = crate::ops::softmax_last(&scores)?;
-    let out = low(&probs)?.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
+    let mut out = low(&probs)?.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
+    if let Some(keep) = &bias.keep {
+        out = out.broadcast_mul(keep)?;
+    }
     out.transpose(1, 2)?.reshape((n, l, h * d))
 }
 
@@ -202,4 +256,28 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Host copy of a `[n, len]` u32 mask.
 pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
     mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A padding position past a sliding window sees no key: finite bias, and a zero output
+    /// under sdpa semantics (none for eager); every other row's bias is the plain mask.
+    #[test]
+    fn attention_bias_marks_rows_without_keys() -> Result<()> {
+        let mask = vec![vec![1u32, 1, 0, 0, 0]];
+        let dev = Device::Cpu;
+        let sdpa = attention_bias(&mask, Some(2), false, 4, &dev)?;
+        let bias = sdpa.bias.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        assert!(bias.iter().flatten().all(|v| v.is_finite()));
+        assert_eq!(bias[1], vec![0.0, 0.0, f32::MIN, f32::MIN, f32::MIN]);
+        assert_eq!(bias[2], vec![f32::MIN, 0.0, f32::MIN, f32::MIN, f32::MIN]);
+        assert!(bias[3].iter().all(|&v| v == f32::MIN)); // sees positions 2..=3: padding
+        let keep = sdpa.keep.expect("rows without keys").flatten_all()?;
+        assert_eq!(keep.to_vec1::<f32>()?, vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert!(attention_bias(&mask, Some(2), true, 4, &dev)?.keep.is_none());
+        assert!(attention_bias(&mask, None, false, 4, &dev)?.keep.is_none());
+        Ok(())
+    }
 }

@@ -442,13 +442,9 @@ impl Llama {
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let (scale, softcap, compute) = (cfg.attention_scale, cfg.attn_softcap, self.compute);
         // transformers runs Gemma 2 with eager attention (sdpa cannot soft-cap), the others sdpa.
-        let masked = if cfg.arch == Architecture::Gemma2 {
-            f32::MIN
-        } else {
-            f32::NEG_INFINITY
-        };
+        let eager = cfg.arch == Architecture::Gemma2;
         let attend = |window: Option<usize>, rope: &Rope| -> Result<Attention> {
-            let bias = attention_bias(&rows, window, masked, dev)?;
+            let bias = attention_bias(&rows, window, eager, heads, dev)?;
             // transformers uses positions 0..len for every row, padding or not.
             let (cos, sin) = rope.tables(l, dev)?;
             Ok(Attention::Padded(Arc::new(move |q, k, v| {

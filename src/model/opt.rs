@@ -318,8 +318,8 @@ impl Opt {
         }
         let pos = Tensor::from_vec(pos, n * l, ids.device())?;
         let x = self.embed(&ids.flatten_all()?, &pos, &[n, l])?;
-        let bias = attention_bias(&rows, None, f32::NEG_INFINITY, ids.device())?;
         let heads = self.config.num_heads;
+        let bias = attention_bias(&rows, None, false, heads, ids.device())?;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
         let compute = self.compute;
         self.decode(

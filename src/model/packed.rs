@@ -4,7 +4,7 @@
 //! `Opt::forward_packed`, `Llama::forward_packed`).
 
 use super::gathered::Gathered;
-use super::layers::{apply_rope, attention, split_heads};
+use super::layers::{apply_rope, attention, split_heads, AttnBias};
 use super::rope::Rope;
 use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
@@ -102,9 +102,9 @@ impl Segment {
         rows: Range<usize>,
         window: Option<usize>,
         device: &Device,
-    ) -> Result<Tensor> {
+    ) -> Result<AttnBias> {
         let (n, cols) = (rows.len(), self.keys());
-        Tensor::from_vec(self.bias_data(rows, window), (1, 1, n, cols), device)
+        AttnBias::new(self.bias_data(rows, window), (1, n, cols), true, 1, device)
     }
 
     /// `attention_bias`'s values, row-major `[rows, keys]`.
@@ -150,13 +150,13 @@ enum Plan {
     /// One attention call per segment, each on exactly its rows (the CPU: no padding work,
     /// and a call costs nothing extra): the biases of the real rows and of the padding rows.
     PerSegment {
-        real_bias: Vec<Tensor>,
-        pad_bias: Vec<Option<Tensor>>,
+        real_bias: Vec<AttnBias>,
+        pad_bias: Vec<Option<AttnBias>>,
     },
     /// One call for all segments (see [`Gathered`]): where each op is a kernel launch.
     Gathered {
-        real: Option<Gathered>,
-        pad: Option<Gathered>,
+        real: Option<Box<Gathered>>,
+        pad: Option<Box<Gathered>>,
     },
 }
 
@@ -205,9 +205,12 @@ impl PackedAttention {
                 pad_bias,
             }
         } else {
+            let (real, padding) = (packed.real_rows, packed.total - packed.real_rows);
             Plan::Gathered {
-                real: Gathered::new(&packed.segments, false, window, dev)?,
-                pad: Gathered::new(&packed.segments, true, window, dev)?,
+                real: Gathered::new(&packed.segments, false, window, (real, real), heads, dev)?
+                    .map(Box::new),
+                pad: Gathered::new(&packed.segments, true, window, (padding, real), heads, dev)?
+                    .map(Box::new),
             }
         };
         let (mut real_pos, mut pad_pos) = (Vec::new(), Vec::new());
@@ -388,7 +391,8 @@ mod tests {
     fn bias(seg: &Segment, window: Option<usize>) -> Vec<Vec<bool>> {
         let t = seg
             .attention_bias(0..seg.len(), window, &Device::Cpu)
-            .unwrap();
+            .unwrap()
+            .bias;
         t.squeeze(0)
             .unwrap()
             .squeeze(0)

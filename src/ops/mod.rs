@@ -5,16 +5,18 @@
 //! only; the public functions fall back to the equivalent plain-op chain on any other dtype or
 //! device, so callers need not special-case CUDA or half precision.
 
+mod gather;
 mod linear;
 mod norm;
 mod relu;
 mod softmax;
 mod token_logprob;
 
+pub use gather::RowGather;
 pub use linear::{column_sums, linear, linear_chain};
 pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
 pub use relu::relu;
-pub use softmax::{softmax_last, softmax_last_chain};
+pub use softmax::{softmax_last, softmax_last_bwd_ops, softmax_last_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 
 use candle_core::backend::BackendStorage;

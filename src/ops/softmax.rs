@@ -1,7 +1,7 @@
 //! Softmax over the last dim as one fused op with a fused backward.
 
 use super::{dot, exp_nonpos, f32_slice, par_items, row_max, simd_fn};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape};
 use candle_core::{Tensor, D};
 
 /// Softmax over the last dim, numerically stable (row max shift).
@@ -9,16 +9,36 @@ use candle_core::{Tensor, D};
 /// Rows may contain `-inf` (masked) entries; they get probability 0 and gradient 0. A row that
 /// is entirely `-inf` yields all zeros (and zero gradient) rather than NaN.
 ///
-/// f32 tensors on the CPU use the fused kernel (any layout: a non-contiguous input is copied
-/// first); other dtypes/devices fall back to [`softmax_last_chain`].
+/// f32 tensors on the CPU and on CUDA run one fused op (any layout: a non-contiguous input
+/// is copied first): forward, the CPU kernel here or candle's CUDA softmax kernel; backward,
+/// the CPU kernel with the CPU kernels on, else [`softmax_last_bwd_ops`] (so with the CPU
+/// kernels off the CPU takes CUDA's backward). candle's CUDA kernel gives NaN on a row that is
+/// entirely `-inf`: callers mask with finite values (see `layers::AttnBias`). Other dtypes
+/// and devices fall back to [`softmax_last_chain`].
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last: expected at least one dim, got a scalar");
     }
-    if !super::fusable_f32(x) {
+    let device_op = x.dtype() == DType::F32 && (x.device().is_cpu() || x.device().is_cuda());
+    if !device_op {
         return softmax_last_chain(x);
     }
     x.contiguous()?.apply_op1(SoftmaxLast)
+}
+
+/// Softmax's backward `dx = y * (g - rowsum(y * g))` in candle ops, for any device. The row
+/// sums and their broadcast back are matrix products with a ones vector: on a GPU candle's
+/// row reduction and broadcasting kernels run these shapes several times slower than cuBLAS.
+pub fn softmax_last_bwd_ops(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let shape = y.shape().clone();
+    let cols = y.dim(D::Minus1)?;
+    let rows = shape.elem_count() / cols.max(1);
+    let y = y.contiguous()?.reshape((rows, cols))?;
+    let yg = (&y * g.contiguous()?.reshape((rows, cols))?)?;
+    let column = Tensor::ones((cols, 1), y.dtype(), y.device())?;
+    let row = Tensor::ones((1, cols), y.dtype(), y.device())?;
+    let sums = yg.matmul(&column)?.matmul(&row)?; // [rows, cols]: each row's sum
+    (yg - (y * sums)?)?.reshape(shape)
 }
 
 /// The plain candle-op formulation: reference and fallback (CUDA, other dtypes). A fully
@@ -64,10 +84,59 @@ impl CustomOp1 for SoftmaxLast {
         Ok((CpuStorage::F32(y), shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_last(storage, layout)
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !super::fusable_f32(res) {
+            return Ok(Some(softmax_last_bwd_ops(res, grad_res)?));
+        }
         // res is our own (contiguous) output; the incoming gradient may be strided.
         let g = grad_res.contiguous()?;
         Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxLastBwd)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{kernels, WrapErr};
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+
+    /// candle's f32 softmax kernel (candle-nn's `softmax_last_dim`): one warp per row.
+    pub fn softmax_last(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = storage.device();
+        let src = storage.as_cuda_slice::<f32>()?;
+        let src = match layout.contiguous_offsets() {
+            Some((a, b)) => src.slice(a..b),
+            None => bail!("softmax-last-fused: the input must be contiguous"),
+        };
+        let shape = layout.shape().clone();
+        let el = shape.elem_count();
+        let cols = shape.dims().last().copied().unwrap_or(1).max(1);
+        let cfg = LaunchConfig {
+            grid_dim: ((el / cols) as u32, 1, 1),
+            block_dim: (1, 32, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_func("softmax_f32", &kernels::REDUCE)?;
+        // SAFETY: every element is written by the kernel.
+        let dst = unsafe { dev.alloc::<f32>(el)? };
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&dst);
+        let cols = cols as i32;
+        builder.arg(&cols);
+        // SAFETY: arguments as the kernel's signature (src, dst, ncols).
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), shape))
     }
 }
 

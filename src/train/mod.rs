@@ -1,5 +1,7 @@
 //! Training: batching plan, collation, forward + ORPO loss, AdamW, schedules, checkpoints.
 
+#[cfg(feature = "cuda")]
+mod adamw_cuda;
 pub mod batch;
 pub mod checkpoint;
 pub mod forward;

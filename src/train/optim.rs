@@ -47,14 +47,14 @@ pub struct AdamW {
 
 /// The per-step constants of one update.
 #[derive(Clone, Copy)]
-struct Coefs {
-    beta1: f32,
-    beta2: f32,
-    decay: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    grad_scale: f32,
+pub(super) struct Coefs {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub decay: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub grad_scale: f32,
 }
 
 /// In-place AdamW over one parameter (dst) with its gradient (src); moments live in the op.
@@ -168,13 +168,25 @@ impl AdamW {
                         v: vec![0.0; p.elem_count()],
                     }
                 } else {
-                    let z = p.zeros_like()?;
-                    Moments::Device { m: z.clone(), v: z }
+                    // Two buffers: the CUDA update writes them in place.
+                    Moments::Device {
+                        m: p.zeros_like()?,
+                        v: p.zeros_like()?,
+                    }
                 };
                 self.state.insert(name.to_string(), fresh);
             }
             let Some(st) = self.state.get_mut(name) else {
                 continue;
+            };
+            let coefs = Coefs {
+                beta1: s.beta1 as f32,
+                beta2: s.beta2 as f32,
+                decay: decay as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2_sqrt as f32,
+                eps: s.eps as f32,
+                grad_scale: grad_scale as f32,
             };
             match st {
                 Moments::Host { m, v } => {
@@ -182,17 +194,17 @@ impl AdamW {
                     let op = HostUpdate {
                         m: Mutex::new(m.as_mut_slice()),
                         v: Mutex::new(v.as_mut_slice()),
-                        c: Coefs {
-                            beta1: s.beta1 as f32,
-                            beta2: s.beta2 as f32,
-                            decay: decay as f32,
-                            step_size: (lr / bc1) as f32,
-                            bc2_sqrt: bc2_sqrt as f32,
-                            eps: s.eps as f32,
-                            grad_scale: grad_scale as f32,
-                        },
+                        c: coefs,
                     };
                     p.inplace_op2(&g, &op)?;
+                }
+                #[cfg(feature = "cuda")]
+                Moments::Device { m, v }
+                    if p.device().is_cuda()
+                        && [p, g, &*m, &*v].iter().all(|t| t.dtype() == DType::F32)
+                        && p.is_contiguous() =>
+                {
+                    super::adamw_cuda::update(p, g, m, v, coefs)?;
                 }
                 Moments::Device { m, v } => {
                     let g = (g * grad_scale)?;
@@ -322,7 +334,7 @@ pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
         let g = &grads[name];
         match host_sum_sq(g) {
             Some(s) => total += s,
-            None => on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+            None => on_device.push(device_sum_sq(g)?),
         }
     }
     if !on_device.is_empty() {
@@ -332,6 +344,17 @@ pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
         total += sums.iter().sum::<f64>();
     }
     Ok(total.sqrt())
+}
+
+/// A tensor's sum of squares, left on its device. In two stages: a reduction to one value
+/// runs as one GPU block, ~0.8 ms for a 16M-element weight on an H200; per row first, every
+/// row is a block of its own.
+fn device_sum_sq(g: &Tensor) -> Result<Tensor> {
+    let sq = g.to_dtype(DType::F32)?.sqr()?;
+    if g.rank() < 2 {
+        return sq.sum_all();
+    }
+    sq.flatten_to(g.rank() - 2)?.sum(1)?.sum_all()
 }
 
 /// torch's clip_grad_norm_ coefficient: gradients are scaled by this (at most 1).
