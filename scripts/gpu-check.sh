@@ -35,21 +35,19 @@
 #             workload (shape:NAME, built in memory) the same way. tokens/s: non-padding chosen
 #             + rejected tokens of the steps after the first over their wall time.
 #
-# Estimated durations on an H100 (not yet measured; each step has its own timeout):
-#   setup: unpack binaries, pip install the TRL wheels, import check  ~15-25 s
+# Durations measured on an H200 (2026-11-28; a machine's start took ~30 s more):
+#   setup: unpack binaries, pip install the TRL wheels, import check  ~23 s
 #   CUDA smoke test (tiny-opt, 1 step; the first CUDA process JIT-compiles
-#           candle's PTX, later ones reuse the driver's cache)       ~10-40 s   (timeout 120 s)
-#   parity: 30 CUDA runs ~2-5 s each, the 38 CPU runs beside them
-#           in the background                                        ~60-150 s  (timeout 60 s/run)
-#   opt-125m: model ~3 s, orpo ~30-60 s, TRL ~45 s                   ~80-120 s  (timeouts 150/150)
-#   llama-1b: model ~5 s, orpo ~30-60 s, TRL ~40 s                   ~80-120 s  (timeouts 180/150)
-#   mistral-7b: model (14.5 GB bf16; 1.26 GB took 4 s on 2 cores here) ~10-30 s, orpo ~60-150 s
-#           (load 14.5 GB, 8 steps), TRL ~60-90 s (7B init on the GPU)  ~150-270 s (timeouts 120/300/200)
-# Device time is 15 minutes a session, start-up included. One call, `all` (budget ~560 s,
-# timeout_s 600), is the cheapest; phases run in the order given and what no longer fits the
-# budget is skipped and listed, so a follow-up call on the still-warm machine (30 s) can run
-# just the skipped workload. Two calls: `parity opt-125m llama-1b` (~250-400 s), then
-# `mistral-7b` (~150-270 s) with budgets that add up to what is left.
+#           candle's PTX, later ones reuse the driver's cache)       ~20 s (1 s warm)
+#   parity: ~65 CUDA runs of ~0.6-1.2 s, 4 cases at a time, the CPU
+#           runs beside them                                          ~45 s
+#   opt-125m: model 4 s, orpo 4 s, TRL 29 s                           ~40 s
+#   llama-1b: model 1 s, orpo 16 s, TRL 25-32 s                       ~45 s
+#   mistral-7b: model 6-11 s, orpo 20 s, TRL 32-35 s                  ~60 s
+#   profile:llama-1b (Nsight Compute over 2 steps, ~7,800 kernels each) ~120 s
+# So `all` takes ~220 s of a call: one call (budget ~430 s, timeout_s 460) leaves room for a
+# second on the still-warm machine (30 s); phases run in the order given and what no longer
+# fits the budget is skipped and listed.
 #
 # Environment:
 #   GPU_CHECK_BUDGET  seconds for the whole call (default 540): a step starts only if its

@@ -81,14 +81,13 @@ awk -v p="$pkg_bytes" -v t="$tree_bytes" -v d="$PKG" 'BEGIN{m=1048576; printf "p
 cat "$PKG/MANIFEST.txt"
 cat <<EOF
 
-Device call (the run tool; 15 minutes of device time a session, start-up included):
-  run(command="GPU_CHECK_BUDGET=560 bash scripts/gpu-check.sh all", carry=["$PKG"], timeout_s=600)
+Device call (the run tool; 15 minutes of device time a session, start-up included; `all` took
+~220 s on an H200, parity ~45 s of it):
+  run(command="GPU_CHECK_BUDGET=430 bash scripts/gpu-check.sh all", carry=["$PKG"], timeout_s=460)
 Phases run in the order given (all = parity opt-125m llama-1b mistral-7b); what no longer fits
-the budget is skipped and listed in gpu-results.md. If something was skipped and enough device
-time is left, follow up at once (the machine stays warm 30 s), e.g.
-  run(command="GPU_CHECK_BUDGET=300 bash scripts/gpu-check.sh mistral-7b", carry=["$PKG"], timeout_s=340)
-Or split from the start: "GPU_CHECK_BUDGET=400 bash scripts/gpu-check.sh parity opt-125m llama-1b"
-(timeout_s 440), then "GPU_CHECK_BUDGET=300 bash scripts/gpu-check.sh mistral-7b" (timeout_s 340).
+the budget is skipped and listed in gpu-results.md. With device time left, follow up at once
+(the machine stays warm 30 s), e.g. a second reading of a workload or where its time goes:
+  run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh profile:llama-1b", carry=["$PKG"], timeout_s=220)
 Each call's results come back under files_at: gpu-results.md, gpu-results.json, gpu-check.log,
 gpu-runs.tar.xz (copy them out before the next call: \$OUT is emptied).
 EOF
