@@ -1,5 +1,5 @@
-//! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`) to
-//! PTX with nvcc, as candle-kernels does for candle's; the driver compiles the PTX for the card
+//! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
+//! `src/ops/attn_softmax.cu`) to PTX with nvcc, as candle-kernels does for candle's; the driver compiles the PTX for the card
 //! when the module is first loaded. Without the feature nothing runs here.
 
 use std::env;
@@ -11,28 +11,32 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "src/train/adamw.cu";
-    println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("adamw.ptx");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args([
-            "--ptx",
-            "-O3",
-            &format!("--gpu-architecture=compute_{cap}"),
-            "-o",
-        ])
-        .arg(&out)
-        .arg(src)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("{nvcc} failed on {src}: {s}"),
-        Err(e) => panic!(
-            "cannot run {nvcc} ({e}): the cuda feature needs the CUDA toolkit (scripts/build-cuda.sh)"
-        ),
+    for (src, ptx) in [
+        ("src/train/adamw.cu", "adamw.ptx"),
+        ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
+    ] {
+        println!("cargo:rerun-if-changed={src}");
+        let status = Command::new(&nvcc)
+            .args([
+                "--ptx",
+                "-O3",
+                &format!("--gpu-architecture=compute_{cap}"),
+                "-o",
+            ])
+            .arg(out_dir.join(ptx))
+            .arg(src)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("{nvcc} failed on {src}: {s}"),
+            Err(e) => panic!(
+                "cannot run {nvcc} ({e}): the cuda feature needs the CUDA toolkit (scripts/build-cuda.sh)"
+            ),
+        }
     }
 }

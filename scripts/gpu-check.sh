@@ -5,6 +5,8 @@
 #   scripts/gpu-check.sh PHASE...     PHASE: parity | opt-125m | llama-1b | mistral-7b
 #                                            | bench (= the three workloads) | all
 #                                            | profile:WORKLOAD (kernel times, Nsight Compute)
+#                                            | parity-fused | fused:WORKLOAD (the same with
+#                                              ORPO_FUSED_ATTENTION=1 on the device; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -78,6 +80,10 @@ DRY=${GPU_CHECK_DRY:-0}
 [ "$DEV" = cpu ] && DRY=1
 TRL=${GPU_CHECK_TRL:-1}
 PAR=${GPU_CHECK_PAR:-4}
+# Parity's folder, case-name tag and the device runs' extra environment (parity-fused sets them).
+PDIR=$W/parity PTAG= DEV_ENV=()
+# A benchmark variant's tag and orpo's extra environment (fused:WORKLOAD sets them).
+BTAG= BENCH_ENV=()
 RESERVE=15
 mkdir -p "$OUT" "$W"
 OUT=$(cd "$OUT" && pwd)
@@ -86,7 +92,7 @@ LOG=$OUT/gpu-check.log
 RES=$W/results.jsonl
 : >"$RES"
 : >"$LOG"
-rm -rf "$W/parity" "$W/bench" "$W/trl"
+rm -rf "$W/parity" "$W/parity-fused" "$W/bench" "$W/trl"
 exec > >(tee -a "$LOG") 2>&1
 
 phases=()
@@ -94,7 +100,7 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | opt-125m | llama-1b | mistral-7b | profile:*) phases+=("$a") ;;
+    parity | parity-fused | opt-125m | llama-1b | mistral-7b | profile:* | fused:*) phases+=("$a") ;;
     *) echo "unknown phase '$a' (parity, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD)"; exit 2 ;;
   esac
 done
@@ -254,7 +260,7 @@ BF16_TOL=(--rtol 1e-3 --atol 1e-5 --key-tol grad_norm=3e-2
 train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
   local name=$1 fx=$2 role=$3 dev=$4 dt=$5
   shift 5
-  local dir=$W/parity/$name-$role
+  local dir=$PDIR/$name-$role
   rm -rf "$dir"
   if [ "$role" = dev ] && [ $DEV_OK = 0 ]; then
     record kind=step name="train $name $role:$dev" rc=201 secs=0 skipped=device-smoke-failed
@@ -262,9 +268,10 @@ train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
   fi
   # The dry run's "device" side is the CPU with its kernels off: the plain candle-op path that
   # CUDA takes, so the comparison and its tolerances meet real rounding differences.
-  local envs=()
-  [ "$role" = dev ] && [ "$dev" = cpu ] && envs=(env ORPO_FUSED_KERNELS=0)
-  STEP_LOG=$dir.log step "train $name $role:$dev" 20 60 "${envs[@]}" "$ORPO" train \
+  local envs=(env)
+  [ "$role" = dev ] && [ "$dev" = cpu ] && envs+=(ORPO_FUSED_KERNELS=0)
+  [ "$role" = dev ] && envs+=("${DEV_ENV[@]}")
+  STEP_LOG=$dir.log step "train $name$PTAG $role:$dev" 20 60 "${envs[@]}" "$ORPO" train \
     --config "configs/$fx.toml" --set model.device="$dev" --set model.dtype="$dt" \
     --set train.max_steps=3 --set train.shuffle=false --set train.log_every=1 \
     --set train.save_every=0 --set train.output_dir="$dir" --overwrite "$@"
@@ -282,20 +289,20 @@ PROBE=(--set train.max_steps=1 --set optim.scheduler=constant --set optim.weight
 compare_case() { # NAME FIXTURE DTYPE KIND RC_REF RC_DEV COMPARE_ARGS...
   local name=$1 fx=$2 dt=$3 kind=$4 rc_cpu=$5 rc_dev=$6
   shift 6
-  local cmp=$W/parity/$name.compare.json
+  local cmp=$PDIR/$name.compare.json
   if [ "$rc_cpu" = 0 ] && [ "$rc_dev" = 0 ]; then
-    "$BIN/compare_runs" "$W/parity/$name-ref" "$W/parity/$name-dev" "$@" --json "$cmp" \
-      >"$W/parity/$name.compare.txt" 2>&1
+    "$BIN/compare_runs" "$PDIR/$name-ref" "$PDIR/$name-dev" "$@" --json "$cmp" \
+      >"$PDIR/$name.compare.txt" 2>&1
     local rc=$?
-    grep -E '^(PASS|FAIL)|^tensors|^problem|^grad_norm |^loss |^compare_runs' "$W/parity/$name.compare.txt"
+    grep -E '^(PASS|FAIL)|^tensors|^problem|^grad_norm |^loss |^compare_runs' "$PDIR/$name.compare.txt"
     if [ $rc -le 1 ]; then
-      record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=$rc compare="$cmp"
+      record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=$rc compare="$cmp"
     else
-      record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=$rc \
-        error="compare_runs rc $rc: $(grep -v '^ *$' "$W/parity/$name.compare.txt" | tail -n 3 | tr '\n' ' ')"
+      record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=$rc \
+        error="compare_runs rc $rc: $(grep -v '^ *$' "$PDIR/$name.compare.txt" | tail -n 3 | tr '\n' ' ')"
     fi
   else
-    record kind=parity name="$name" fixture="$fx" dtype="$dt" check="$kind" rc=-1 \
+    record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=-1 \
       error="a run failed: cpu rc=$rc_cpu, $DEV rc=$rc_dev"
   fi
 }
@@ -322,11 +329,11 @@ parity_case() {
   b=$?
   wait $pid
   a=$?
-  if [ -d "$W/parity/$base-ref" ]; then
+  if [ -d "$PDIR/$base-ref" ]; then
     compare_case "$name-grad" "$fx" "$dt" grad $a $b "${tols[@]}" --skip-eval \
-      --base "$W/parity/$base-ref" --tensor-rtol $vec_rtol --norm-rtol $norm_rtol
+      --base "$PDIR/$base-ref" --tensor-rtol $vec_rtol --norm-rtol $norm_rtol
   else
-    record kind=parity name="$name-grad" fixture="$fx" dtype="$dt" check=grad rc=-1 \
+    record kind=parity name="$name-grad$PTAG" fixture="$fx" dtype="$dt" check=grad rc=-1 \
       error="no base run $base"
   fi
 }
@@ -372,8 +379,8 @@ PY
 }
 
 run_parity() {
-  mkdir -p "$W/parity"
-  log "== parity ($DEV vs cpu, $PAR cases at a time)"
+  mkdir -p "$PDIR"
+  log "== parity$PTAG ($DEV vs cpu, $PAR cases at a time; device env: ${DEV_ENV[*]:-none})"
   local ncpu
   ncpu=$(nproc)
   export RAYON_NUM_THREADS=$(( ncpu / (2 * PAR) > 1 ? ncpu / (2 * PAR) : 1 ))
@@ -472,10 +479,10 @@ targets = "all-linear"
 TOML
 }
 
-bench_workload() { # NAME
-  local wl=$1 d=$W/bench/$1
+bench_workload() { # NAME (BTAG/BENCH_ENV: a variant of orpo's run, without TRL)
+  local wl=$1 d=$W/bench/$1$BTAG
   mkdir -p "$d"
-  log "== bench $wl"
+  log "== bench $wl$BTAG ${BENCH_ENV[*]:-}"
   local batch maxlen prompt steps pairs wdtype lora ckpt gen_tmo orpo_tmo trl_tmo orpo_min trl_min
   local layers gen_s
   workload_vars "$wl"
@@ -484,19 +491,19 @@ bench_workload() { # NAME
   bench_toml "$toml" "$model" "$run"
   local base
   if [ $DEV_OK = 0 ]; then
-    record kind=bench workload=$wl tool=orpo rc=-1 error="skipped: the device smoke test failed"
+    record kind=bench workload=$wl$BTAG tool=orpo rc=-1 error="skipped: the device smoke test failed"
   elif [ -f "$model/model.safetensors" ]; then
     base=$(idle_mib)
     mem_start "$d/orpo-mem.log"
     # Debug logs time each micro-batch's forward (ends in a host read: the GPU's forward time)
     # and backward (kernel launches), the gradient norm (waits for the backward's kernels) and
     # the optimizer step; their medians go into the results.
-    STEP_LOG=$d/orpo.log step "orpo $wl" $orpo_min $orpo_tmo env ORPO_LOG=orpo=debug "$ORPO" \
+    STEP_LOG=$d/orpo.log step "orpo $wl$BTAG" $orpo_min $orpo_tmo env ORPO_LOG=orpo=debug "${BENCH_ENV[@]}" "$ORPO" \
       train --config "$toml" --overwrite
     local rc=$STEP_RC secs=$STEP_S
     mem_stop
     [ $rc = 0 ] || tail -n 8 "$d/orpo.log"
-    python3 - "$RES" "$wl" "$run" "$d/orpo-mem.log" "$base" "$rc" "$secs" "$gen_s" <<'PY'
+    python3 - "$RES" "$wl$BTAG" "$run" "$d/orpo-mem.log" "$base" "$rc" "$secs" "$gen_s" <<'PY'
 import json, sys
 res, wl, run, memlog, base, rc, secs, gen_s = sys.argv[1:]
 out = dict(kind="bench", workload=wl, tool="orpo", rc=int(rc), secs=float(secs), model_gen_s=float(gen_s))
@@ -531,10 +538,10 @@ open(res, "a").write(json.dumps(out) + "\n")
 print("orpo", json.dumps(out))
 PY
   else
-    record kind=bench workload=$wl tool=orpo rc=-1 error="no model (make_bench_model failed or skipped)"
+    record kind=bench workload=$wl$BTAG tool=orpo rc=-1 error="no model (make_bench_model failed or skipped)"
   fi
   # TRL.
-  if [ $TRL_OK = 1 ] && { [ "$DRY" = 0 ] || [ $wl = opt-125m ]; }; then
+  if [ $TRL_OK = 1 ] && [ -z "$BTAG" ] && { [ "$DRY" = 0 ] || [ $wl = opt-125m ]; }; then
     local tools=$W/trl/tools
     mkdir -p "$tools" "$W/trl/fixtures"
     cp "$PKG"/tools/*.py "$tools/"
@@ -654,11 +661,26 @@ PY
   xz -c "$d/ncu.csv" >"$OUT/ncu-$wl.csv.xz" 2>/dev/null
 }
 
+# Bash arrays cannot be passed as `VAR=(..) cmd` prefixes: set, run, restore.
+run_parity_fused() {
+  local pdir=$PDIR ptag=$PTAG
+  PDIR=$W/parity-fused PTAG=+fused-attention DEV_ENV=(ORPO_FUSED_ATTENTION=1)
+  run_parity
+  PDIR=$pdir PTAG=$ptag DEV_ENV=()
+}
+bench_fused() { # WL
+  BTAG=+fused-attention BENCH_ENV=(ORPO_FUSED_ATTENTION=1)
+  bench_workload "$1"
+  BTAG= BENCH_ENV=()
+}
+
 # --- main -------------------------------------------------------------------------------
 for p in "${phases[@]}"; do
   case $p in
     parity) run_parity ;;
+    parity-fused) run_parity_fused ;;
     profile:*) profile_workload "${p#profile:}" ;;
+    fused:*) bench_fused "${p#fused:}" ;;
     *) bench_workload "$p" ;;
   esac
 done
@@ -771,7 +793,7 @@ open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
 # Every run's metrics, logs, configs and comparisons (small files only), for later study.
-(cd "$W" && find parity bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
+(cd "$W" && find parity parity-fused bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
   -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2M 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
   results.jsonl 2>/dev/null)
 log "results: $OUT/gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz"

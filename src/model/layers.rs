@@ -209,6 +209,16 @@ pub fn attention(
         (k.clone(), v.clone())
     };
     let low = |t: &Tensor| t.to_dtype(compute);
+    if crate::ops::fused_attention() && (q.device().is_cpu() || q.device().is_cuda()) {
+        // One op from the raw product to the probabilities (see `ops::attn_softmax`).
+        let scores = low(q)?.matmul(&low(&k)?.t()?)?;
+        let probs = crate::ops::attn_softmax(&scores, &bias.bias, scale, softcap)?;
+        let mut out = probs.matmul(&low(&v)?)?.to_dtype(DType::F32)?;
+        if let Some(keep) = &bias.keep {
+            out = out.broadcast_mul(keep)?;
+        }
+        return out.transpose(1, 2)?.reshape((n, l, h * d));
+    }
     let scores = low(q)?.matmul(&low(&k)?.t()?)?.to_dtype(DType::F32)?;
     let mut scores = (scores * scale)?;
     if let Some(cap) = softcap {
@@ -276,7 +286,9 @@ mod tests {
         assert!(bias[3].iter().all(|&v| v == f32::MIN)); // sees positions 2..=3: padding
         let keep = sdpa.keep.expect("rows without keys").flatten_all()?;
         assert_eq!(keep.to_vec1::<f32>()?, vec![1.0, 1.0, 1.0, 0.0, 0.0]);
-        assert!(attention_bias(&mask, Some(2), true, 4, &dev)?.keep.is_none());
+        assert!(attention_bias(&mask, Some(2), true, 4, &dev)?
+            .keep
+            .is_none());
         assert!(attention_bias(&mask, None, false, 4, &dev)?.keep.is_none());
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! only; the public functions fall back to the equivalent plain-op chain on any other dtype or
 //! device, so callers need not special-case CUDA or half precision.
 
+mod attn_softmax;
 mod gather;
 mod linear;
 mod norm;
@@ -12,6 +13,7 @@ mod relu;
 mod softmax;
 mod token_logprob;
 
+pub use attn_softmax::{attn_softmax, fused_attention, set_fused_attention};
 pub use gather::RowGather;
 pub use linear::{column_sums, linear, linear_chain};
 pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
