@@ -209,24 +209,20 @@ pub fn attention(
         (k.clone(), v.clone())
     };
     let low = |t: &Tensor| t.to_dtype(compute);
-    if crate::ops::fused_attention() && (q.device().is_cpu() || q.device().is_cuda()) {
+    let scores = low(q)?.matmul(&low(&k)?.t()?)?;
+    let probs = if crate::ops::fused_attention() && (q.device().is_cpu() || q.device().is_cuda()) {
         // One op from the raw product to the probabilities (see `ops::attn_softmax`).
-        let scores = low(q)?.matmul(&low(&k)?.t()?)?;
-        let probs = crate::ops::attn_softmax(&scores, &bias.bias, scale, softcap)?;
-        let mut out = probs.matmul(&low(&v)?)?.to_dtype(DType::F32)?;
-        if let Some(keep) = &bias.keep {
-            out = out.broadcast_mul(keep)?;
+        crate::ops::attn_softmax(&scores, &bias.bias, scale, softcap)?
+    } else {
+        let mut scores = (scores.to_dtype(DType::F32)? * scale)?;
+        if let Some(cap) = softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
         }
-        return out.transpose(1, 2)?.reshape((n, l, h * d));
-    }
-    let scores = low(q)?.matmul(&low(&k)?.t()?)?.to_dtype(DType::F32)?;
-    let mut scores = (scores * scale)?;
-    if let Some(cap) = softcap {
-        scores = ((scores / cap)?.tanh()? * cap)?;
-    }
-    let scores = scores.broadcast_add(&bias.bias)?;
-    let probs = crate::ops::softmax_last(&scores)?;
-    let mut out = low(&probs)?.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
+        low(&crate::ops::softmax_last(
+            &scores.broadcast_add(&bias.bias)?,
+        )?)?
+    };
+    let mut out = probs.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
     if let Some(keep) = &bias.keep {
         out = out.broadcast_mul(keep)?;
     }
