@@ -38,6 +38,18 @@ __device__ __forceinline__ float value(float s, float b, float scale, float cap)
   return v + b;
 }
 
+// The row's max value and 1 / its sum of exponentials (as `row_stats` in attn_softmax.rs).
+template <typename T>
+__device__ void row_stats(const T *x, const float *b, int cols, float scale, float cap, float &m,
+                          float &inv) {
+  m = -INFINITY;
+  for (int c = threadIdx.x; c < cols; c += 32) m = fmaxf(m, value(to_f(x[c]), b[c], scale, cap));
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int c = threadIdx.x; c < cols; c += 32) sum += expf(value(to_f(x[c]), b[c], scale, cap) - m);
+  inv = 1.0f / warp_sum(sum);
+}
+
 template <typename T>
 __device__ void fwd(const T *s, const float *bias, T *out, int cols, int heads, int lq,
                     int per_head, float scale, float cap) {
@@ -45,13 +57,8 @@ __device__ void fwd(const T *s, const float *bias, T *out, int cols, int heads, 
   const T *x = s + row * cols;
   const float *b = bias + bias_row(row, heads, lq, per_head) * cols;
   T *y = out + row * cols;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < cols; c += 32) m = fmaxf(m, value(to_f(x[c]), b[c], scale, cap));
-  m = warp_max(m);
-  float sum = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += 32) sum += expf(value(to_f(x[c]), b[c], scale, cap) - m);
-  sum = warp_sum(sum);
-  const float inv = 1.0f / sum;
+  float m, inv;
+  row_stats(x, b, cols, scale, cap, m, inv);
   for (int c = threadIdx.x; c < cols; c += 32)
     y[c] = from_f<T>(expf(value(to_f(x[c]), b[c], scale, cap) - m) * inv);
 }
@@ -65,13 +72,8 @@ __device__ void bwd(const T *s, const float *bias, const T *g, T *dx, int cols, 
   const float *b = bias + bias_row(row, heads, lq, per_head) * cols;
   const T *gr = g + row * cols;
   T *d = dx + row * cols;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < cols; c += 32) m = fmaxf(m, value(to_f(x[c]), b[c], scale, cap));
-  m = warp_max(m);
-  float sum = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += 32) sum += expf(value(to_f(x[c]), b[c], scale, cap) - m);
-  sum = warp_sum(sum);
-  const float inv = 1.0f / sum;
+  float m, inv;
+  row_stats(x, b, cols, scale, cap, m, inv);
   float dot = 0.0f;
   for (int c = threadIdx.x; c < cols; c += 32)
     dot += expf(value(to_f(x[c]), b[c], scale, cap) - m) * inv * to_f(gr[c]);
