@@ -5,7 +5,7 @@
 //! Timings: `cargo test --release --test ops_norm -- --ignored --nocapture`.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use orpo::ops::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
+use orpo::ops::{layer_norm, layer_norm_chain, rms_norm, rms_norm_bwd_ops, rms_norm_chain};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -158,6 +158,34 @@ fn rms_norm_matches_chain_values_and_grads() -> Result<()> {
             &fused_rms,
             &chain_rms,
         )?;
+    }
+    Ok(())
+}
+
+/// RMS norm's backward in candle ops (what CUDA runs, and the CPU with its kernels off): the
+/// chain's autograd gradients for x and a `[d]` or `[1, d]` weight, and no `dw` when not asked.
+#[test]
+fn rms_norm_ops_backward_matches_chain_grads() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    for (shape, w_shape) in [
+        (&[3usize, 5][..], &[5usize][..]),
+        (&[2, 7, 64], &[1, 64]),
+        (&[900, 768], &[768]),
+    ] {
+        let inp = Inputs {
+            x: tensor(&mut rng, shape, 2.0, 0.3)?,
+            w: Some(tensor(&mut rng, w_shape, 0.3, 1.0)?),
+            b: None,
+        };
+        let r = tensor(&mut rng, shape, 1.0, 0.0)?;
+        let w = inp.w.as_ref().unwrap();
+        let (_, gx0, gw0, _) = value_and_grads(&inp, &r, &chain_rms)?;
+        let (gx, gw) = rms_norm_bwd_ops(&inp.x, w, &r, EPS, true)?;
+        let gw = gw.expect("dw");
+        assert_eq!(gw.dims(), w.dims());
+        assert_close(&format!("ops dx {shape:?}"), &gx, &gx0, 1e-5, 1e-5)?;
+        assert_close(&format!("ops dw {shape:?}"), &gw, &gw0.unwrap(), 1e-5, 1e-5)?;
+        assert!(rms_norm_bwd_ops(&inp.x, w, &r, EPS, false)?.1.is_none());
     }
     Ok(())
 }

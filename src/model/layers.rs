@@ -3,7 +3,7 @@
 
 use super::packed::{AttendFn, PackedAttention};
 use super::recompute::{checkpoint, checkpoint_rows, Block, RowsBlock, SideGrads};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
 /// Maps a layer's q/k/v projections of a padded batch (shaped like the layer input, heads not
@@ -188,10 +188,10 @@ pub fn attention_bias(
     AttnBias::new(data, (n, l, l), !eager, heads, device)
 }
 
-/// Scaled dot-product attention with an additive bias. q: `[n, h, l, d]`, k/v: `[n, kvh, l, d]`.
-/// With `compute` BF16 both products take bf16 inputs (as under torch autocast) while the
-/// scores, bias and softmax stay f32. `softcap` (Gemma 2) maps the scaled scores to
-/// `cap * tanh(scores / cap)` before the bias.
+/// Scaled dot-product attention with an additive bias. q: `[n, h, lq, d]`, k/v:
+/// `[n, kvh, lk, d]`. With `compute` BF16 both products take bf16 inputs (as under torch
+/// autocast) while the scores, bias and softmax stay f32. `softcap` (Gemma 2) maps the scaled
+/// scores to `cap * tanh(scores / cap)` before the bias.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -201,15 +201,19 @@ pub fn attention(
     softcap: Option<f64>,
     compute: DType,
 ) -> Result<Tensor> {
-    let (n, h, l, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let (k, v) = if kvh != h {
-        (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?)
-    } else {
-        (k.clone(), v.clone())
-    };
+    let (n, h, lq, d) = q.dims4()?;
+    let (kvh, lk) = (k.dim(1)?, k.dim(2)?);
+    if kvh == 0 || h % kvh != 0 {
+        candle_core::bail!("attention: {h} query heads for {kvh} key/value heads");
+    }
+    // Grouped-query attention without repeating k and v: the query heads of one k/v head are
+    // consecutive (transformers' `repeat_kv` order), so q viewed as `[n, kvh, rep * lq, d]`
+    // multiplies each k/v head once, and the products' backward sums the group's gradients.
+    let grouped = |t: &Tensor, cols: usize| t.reshape((n, kvh, h / kvh * lq, cols));
     let low = |t: &Tensor| t.to_dtype(compute);
-    let scores = low(q)?.matmul(&low(&k)?.t()?)?;
+    let scores = low(&grouped(q, d)?)?
+        .matmul(&low(k)?.t()?)?
+        .reshape((n, h, lq, lk))?;
     let probs = if crate::ops::fused_attention() && (q.device().is_cpu() || q.device().is_cuda()) {
         // One op from the raw product to the probabilities (see `ops::attn_softmax`).
         crate::ops::attn_softmax(&scores, &bias.bias, scale, softcap)?
@@ -222,19 +226,14 @@ pub fn attention(
             &scores.broadcast_add(&bias.bias)?,
         )?)?
     };
-    let mut out = probs.matmul(&low(&v)?)?.to_dtype(DType::F32)?; // [n, h, l, d]
+    let mut out = grouped(&probs, lk)?
+        .matmul(&low(v)?)?
+        .reshape((n, h, lq, d))?
+        .to_dtype(DType::F32)?;
     if let Some(keep) = &bias.keep {
         out = out.broadcast_mul(keep)?;
     }
-    out.transpose(1, 2)?.reshape((n, l, h * d))
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    let (n, kvh, l, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((n, kvh, rep, l, d))?
-        .contiguous()?
-        .reshape((n, kvh * rep, l, d))
+    out.transpose(1, 2)?.reshape((n, lq, h * d))
 }
 
 /// `[n, len, h*d]` -> `[n, h, len, d]`, contiguous for the batched matmuls.
@@ -245,18 +244,12 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x: [n, h, len, d]` (transformers' rotate_half layout).
-/// Tables narrower than `d` rotate only the leading dimensions (partial rotary, Phi-3/4).
+/// Rotary positions for `x: [n, len, h, d]` from half tables `[len, r/2]` (see
+/// `Rope::tables`): `x * cos + rotate_half(x) * sin` in transformers' layout. Tables narrower
+/// than `d` rotate only the leading `r` dimensions (partial rotary, Phi-3/4).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (d, r) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
-    if r < d {
-        let rotated = apply_rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
-        return Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1);
-    }
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    // One op with a written backward (the inverse rotation), on every device.
+    crate::ops::rotary(x, cos, sin)
 }
 
 /// Host copy of a `[n, len]` u32 mask.

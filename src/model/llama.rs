@@ -448,8 +448,14 @@ impl Llama {
             // transformers uses positions 0..len for every row, padding or not.
             let (cos, sin) = rope.tables(l, dev)?;
             Ok(Attention::Padded(Arc::new(move |q, k, v| {
-                let q = apply_rope(&split_heads(q, heads)?, &cos, &sin)?;
-                let k = apply_rope(&split_heads(k, kv_heads)?, &cos, &sin)?;
+                // Rotated as [n, len, heads, d] (a free view), then split into heads.
+                let turn = |x: &Tensor, h: usize| -> Result<Tensor> {
+                    let (n, l, hd) = x.dims3()?;
+                    let x = apply_rope(&x.reshape((n, l, h, hd / h))?, &cos, &sin)?;
+                    split_heads(&x.reshape((n, l, hd))?, h)
+                };
+                let q = turn(q, heads)?;
+                let k = turn(k, kv_heads)?;
                 let v = split_heads(v, kv_heads)?;
                 attention(&q, &k, &v, &bias, scale, softcap, compute)
             })))

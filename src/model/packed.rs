@@ -167,7 +167,7 @@ pub struct PackedAttention {
     real_rows: usize,
     pad_rows: usize,
     plan: Plan,
-    /// cos/sin `[rows, 1, d]` of the real rows and of the padding rows.
+    /// Half cos/sin tables `[rows, r/2]` of the real rows and of the padding rows.
     rope: Option<[Tensor; 4]>,
     heads: usize,
     kv_heads: usize,
@@ -227,8 +227,7 @@ impl PackedAttention {
                 let (cos, sin) = rope.tables(longest as usize, dev)?;
                 let pick = |t: &Tensor, pos: Vec<u32>| -> Result<Tensor> {
                     let n = pos.len();
-                    t.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?
-                        .unsqueeze(1)
+                    t.index_select(&Tensor::from_vec(pos, n, dev)?, 0)
                 };
                 Some([
                     pick(&cos, real_pos.clone())?,
@@ -273,7 +272,7 @@ impl PackedAttention {
         };
         let (rows, hd) = t.dims2()?;
         let d = self.head_dim;
-        apply_rope(&t.reshape((rows, hd / d, d))?, cos, sin)?.reshape((rows, hd))
+        apply_rope(&t.reshape((1, rows, hd / d, d))?, cos, sin)?.reshape((rows, hd))
     }
 
     /// Each segment's queries (its real rows of `q`, or with `pad` its padding rows) against

@@ -281,24 +281,24 @@ impl Rope {
             .collect()
     }
 
-    /// cos/sin tables `[len, dim]` for positions 0..len of a batch padded to `len`, in f32 as
-    /// transformers computes them.
+    /// cos/sin tables `[len, dim/2]` for positions 0..len of a batch padded to `len`, in f32 as
+    /// transformers computes them (its tables repeat these halves: `cat(freqs, freqs)`).
     pub fn tables(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let inv = self.inv_freq(len);
         let half = inv.len();
         let scale = self.attention_factor as f32;
-        let mut cos = Vec::with_capacity(len * self.dim);
-        let mut sin = Vec::with_capacity(len * self.dim);
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
         for p in 0..len {
-            for k in 0..self.dim {
-                let f = (p as f32) * inv[k % half];
+            for &f in &inv {
+                let f = (p as f32) * f;
                 cos.push(f.cos() * scale);
                 sin.push(f.sin() * scale);
             }
         }
         Ok((
-            Tensor::from_vec(cos, (len, self.dim), device)?,
-            Tensor::from_vec(sin, (len, self.dim), device)?,
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
         ))
     }
 }

@@ -10,14 +10,16 @@ mod gather;
 mod linear;
 mod norm;
 mod relu;
+mod rope;
 mod softmax;
 mod token_logprob;
 
 pub use attn_softmax::{attn_softmax, fused_attention, set_fused_attention};
 pub use gather::RowGather;
 pub use linear::{column_sums, linear, linear_chain};
-pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_chain};
+pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_bwd_ops, rms_norm_chain};
 pub use relu::relu;
+pub use rope::{rotary, rotary_chain};
 pub use softmax::{softmax_last, softmax_last_bwd_ops, softmax_last_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 

@@ -45,13 +45,21 @@ pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) 
 /// RMS norm over the last dim: `x / sqrt(mean(x^2) + eps) * w`, `w` of shape `[d]` (or
 /// `[1, .., 1, d]`).
 ///
-/// f32 tensors on the CPU use the fused kernel (a non-contiguous input is copied first); other
-/// dtypes/devices, or a `w` of another shape, fall back to [`rms_norm_chain`].
+/// f32 tensors on the CPU or on CUDA run one op (a non-contiguous input is copied first):
+/// forward, the CPU kernel here or candle's CUDA `rmsnorm` kernel (what candle-nn's `rms_norm`
+/// runs, which records no backward); backward, the CPU kernel with the CPU kernels on, else
+/// [`rms_norm_bwd_ops`] (so with the CPU kernels off the CPU takes CUDA's backward). Other
+/// dtypes and devices, or a `w` of another shape, fall back to [`rms_norm_chain`].
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("rms_norm: expected at least one dim, got a scalar");
     }
-    if !fusable(x, &[Some(w)]) {
+    let device_f32 = |t: &Tensor| {
+        t.dtype() == DType::F32
+            && (t.device().is_cpu() || t.device().is_cuda())
+            && t.device().same_device(x.device())
+    };
+    if !fits(x, &[Some(w)], device_f32) {
         return rms_norm_chain(x, w, eps);
     }
     x.contiguous()?.apply_op2(
@@ -61,6 +69,42 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             stats: OnceLock::new(),
         },
     )
+}
+
+/// RMS norm's backward in candle ops, for any device: `(dx, dw)` of `y = x * rstd * w` for
+/// the gradient `g` of `y` (`dw` only `with_w`), with `xhat = x * rstd`, `gy = g * w`:
+/// `dx = rstd * (gy - xhat * mean(gy * xhat))`, `dw = sum over rows of g * xhat`.
+///
+/// Row sums, column sums and the broadcasts of per-row and per-column values are matrix
+/// products with ones vectors: on a GPU candle's reductions and broadcasting kernels run these
+/// shapes several times slower than cuBLAS (see `softmax_last_bwd_ops`).
+pub fn rms_norm_bwd_ops(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    with_w: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let cols = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / cols.max(1);
+    let (dt, dev) = (x.dtype(), x.device());
+    let x2 = x.contiguous()?.reshape((rows, cols))?;
+    let g2 = g.contiguous()?.reshape((rows, cols))?;
+    let sum_cols = Tensor::ones((cols, 1), dt, dev)?;
+    let spread_cols = Tensor::ones((1, cols), dt, dev)?;
+    let ones_rows = Tensor::ones((1, rows), dt, dev)?;
+    let mean_sq = (x2.sqr()?.matmul(&sum_cols)? / cols as f64)?;
+    // [rows, cols]: each row's 1 / sqrt(mean(x^2) + eps), laid out contiguous.
+    let rstd = (mean_sq + eps)?.sqrt()?.recip()?.matmul(&spread_cols)?;
+    let xhat = (&x2 * &rstd)?;
+    let w_rows = ones_rows.t()?.matmul(&w.reshape((1, cols))?)?;
+    let gy = (&g2 * w_rows)?;
+    let c = ((&gy * &xhat)?.matmul(&sum_cols)? / cols as f64)?.matmul(&spread_cols)?;
+    let dx = ((gy - (&xhat * c)?)? * rstd)?.reshape(x.shape())?;
+    let dw = with_w
+        .then(|| ones_rows.matmul(&(g2 * xhat)?)?.reshape(w.shape()))
+        .transpose()?;
+    Ok((dx, dw))
 }
 
 /// The plain candle-op formulation (as in `model::layers::layer_norm`): reference and fallback.
@@ -92,13 +136,18 @@ pub fn rms_norm_chain(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Whether the fused kernel applies: non-empty f32 `x` on the CPU and f32 CPU parameters of
 /// `d` elements whose shape broadcasts to `[.., d]` without growing `x`'s rank.
 fn fusable(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
-    let cpu_f32 = super::fusable_f32;
+    fits(x, params, super::fusable_f32)
+}
+
+/// Whether `x` and its parameters pass `ok` and the parameters have `d` elements in a shape
+/// that broadcasts to `x`'s `[.., d]` without growing its rank.
+fn fits(x: &Tensor, params: &[Option<&Tensor>], ok: impl Fn(&Tensor) -> bool) -> bool {
     let cols = x.dims().last().copied().unwrap_or(0);
     cols > 0
         && x.elem_count() > 0
-        && cpu_f32(x)
+        && ok(x)
         && params.iter().flatten().all(|p| {
-            cpu_f32(p)
+            ok(p)
                 && p.rank() <= x.rank()
                 && p.elem_count() == cols
                 && p.dims().last() == Some(&cols)
@@ -183,6 +232,17 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm((s1, l1), (s2, l2), self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -190,6 +250,10 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !super::fusable_f32(x) {
+            let (dx, dw) = rms_norm_bwd_ops(x, w, grad_res, self.eps, w.track_op())?;
+            return Ok((Some(dx), dw));
+        }
         let op = NormBwd {
             center: false,
             eps: self.eps,
@@ -198,6 +262,60 @@ impl CustomOp2 for RmsNorm {
         };
         let [dx, dw, _] = norm_bwd(&op, x, w, None, grad_res)?;
         Ok((dx, dw))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{kernels, WrapErr};
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+
+    fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+            None => bail!("rms-norm (CUDA): inputs must be contiguous"),
+        }
+    }
+
+    /// candle's `rmsnorm_f32` kernel (candle-nn's `rms_norm`): one block per row, f32 sums.
+    pub fn rms_norm(
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        eps: f64,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let shape = xl.shape().clone();
+        let el = shape.elem_count();
+        let cols = shape.dims().last().copied().unwrap_or(1).max(1);
+        if el > i32::MAX as usize || wl.shape().elem_count() != cols {
+            bail!(
+                "rms-norm (CUDA): {shape:?} with a weight of {:?}",
+                wl.shape()
+            );
+        }
+        let (src, alpha) = (view(x, xl)?, view(w, wl)?);
+        let block = if cols < 1024 { 32 } else { 1024 };
+        let cfg = LaunchConfig {
+            grid_dim: ((el / cols) as u32, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_func("rmsnorm_f32", &kernels::REDUCE)?;
+        // SAFETY: every element is written by the kernel.
+        let dst = unsafe { dev.alloc::<f32>(el)? };
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&dst);
+        builder.arg(&alpha);
+        let (cols, block, eps) = (cols as i32, block as i32, eps as f32);
+        builder.arg(&cols);
+        builder.arg(&block);
+        builder.arg(&eps);
+        // SAFETY: arguments as the kernel's signature (src, dst, alpha, ncols, block_size, eps).
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
     }
 }
 
