@@ -1,6 +1,8 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
-//! `src/ops/attn_softmax.cu`) to PTX with nvcc, as candle-kernels does for candle's; the driver compiles the PTX for the card
-//! when the module is first loaded. Without the feature nothing runs here.
+//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`) to PTX with nvcc, as candle-kernels does
+//! for candle's; the driver compiles the PTX for the card when the module is first loaded.
+//! Without the feature nothing runs here. (`scripts/cuda-emu/check.sh` runs the kernels on a
+//! CPU for sessions without a GPU.)
 
 use std::env;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ fn main() {
     for (src, ptx) in [
         ("src/train/adamw.cu", "adamw.ptx"),
         ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
+        ("src/ops/swiglu.cu", "swiglu.ptx"),
     ] {
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)

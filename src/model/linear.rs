@@ -53,6 +53,16 @@ impl Linear {
         Ok(y)
     }
 
+    /// `forward` in the compute dtype where that is free: under bf16 products a layer without
+    /// bias or LoRA pair gives the product's own bf16 output (the same values `forward` widens
+    /// to f32), for a consumer that takes bf16 (`ops::swiglu`); otherwise `forward`'s f32.
+    pub fn forward_compute(&self, x: &Tensor) -> Result<Tensor> {
+        if self.compute != DType::BF16 || self.b.is_some() || self.lora.is_some() {
+            return self.forward(x);
+        }
+        linear(&x.to_dtype(DType::BF16)?, &bf16_weight(&self.w)?, None)
+    }
+
     /// Every tensor of the layer (trainable or not).
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut out = vec![&self.w];
@@ -80,10 +90,13 @@ impl Linear {
 
 /// `x @ w^T` with `x` already bf16 and `w` cast if needed; the result in f32.
 fn matmul_bf16(xb: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let wb = if w.dtype() == DType::BF16 {
-        w.clone()
+    linear(xb, &bf16_weight(w)?, None)?.to_dtype(DType::F32)
+}
+
+fn bf16_weight(w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 {
+        Ok(w.clone())
     } else {
-        w.to_dtype(DType::BF16)?
-    };
-    linear(xb, &wb, None)?.to_dtype(DType::F32)
+        w.to_dtype(DType::BF16)
+    }
 }

@@ -32,10 +32,23 @@ enum Projections {
 
 impl Projections {
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.run(x, Linear::forward)
+    }
+
+    /// As `forward`, in the compute dtype where that is free (see `Linear::forward_compute`).
+    fn forward_compute(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.run(x, Linear::forward_compute)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         match self {
-            Projections::Separate(linears) => linears.iter().map(|l| l.forward(x)).collect(),
+            Projections::Separate(linears) => linears.iter().map(|l| f(l, x)).collect(),
             Projections::Fused(linear, widths) => {
-                let y = linear.forward(x)?;
+                let y = f(linear, x)?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -136,9 +149,18 @@ impl Layer {
         }
         let a = self.o.forward(&attend(&qkv[0], &qkv[1], &qkv[2])?)?;
         let mlp = |hs: &Tensor| -> Result<Tensor> {
-            let gate_up = self.gate_up.forward(hs)?;
-            let g = style.activate(&gate_up[0])?;
-            self.down.forward(&(g * &gate_up[1])?)
+            let product = match style.activation {
+                // One op, on the bf16 projections under bf16 products (see `ops::swiglu`).
+                Activation::Silu => {
+                    let gate_up = self.gate_up.forward_compute(hs)?;
+                    crate::ops::swiglu(&gate_up[0], &gate_up[1])?
+                }
+                _ => {
+                    let gate_up = self.gate_up.forward(hs)?;
+                    (style.activate(&gate_up[0])? * &gate_up[1])?
+                }
+            };
+            self.down.forward(&product)
         };
         match &self.sandwich {
             None => {

@@ -12,6 +12,7 @@ mod norm;
 mod relu;
 mod rope;
 mod softmax;
+mod swiglu;
 mod token_logprob;
 
 pub use attn_softmax::{attn_softmax, fused_attention, set_fused_attention};
@@ -21,6 +22,7 @@ pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_bwd_ops, rms_nor
 pub use relu::relu;
 pub use rope::{rotary, rotary_chain};
 pub use softmax::{softmax_last, softmax_last_bwd_ops, softmax_last_chain};
+pub use swiglu::{swiglu, swiglu_chain};
 pub use token_logprob::{token_logprobs, token_logprobs_chain};
 
 use candle_core::backend::BackendStorage;
