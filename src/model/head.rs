@@ -12,13 +12,10 @@ const HEAD_CHUNK: usize = 1024;
 
 /// `h @ w^T` (f32 result), the product in `compute` (bf16 rounds its inputs, as autocast).
 pub fn head_product(h: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
+    // The linear op hands the (tied) weight its gradient contiguous, in [vocab, e].
     match compute {
-        // The fused linear hands the tied embedding its gradient contiguous, in [vocab, e].
         DType::F32 => linear(h, w, None),
-        dt => h
-            .to_dtype(dt)?
-            .matmul(&w.to_dtype(dt)?.t()?)?
-            .to_dtype(DType::F32),
+        dt => linear(&h.to_dtype(dt)?, &w.to_dtype(dt)?, None)?.to_dtype(DType::F32),
     }
 }
 

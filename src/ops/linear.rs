@@ -15,15 +15,26 @@ use candle_core::{Result, Shape, Tensor};
 
 /// `x @ w^T + b` for `x: [..., in]`, `w: [out, in]`, `b: [out]`.
 ///
-/// f32 tensors on the CPU use the fused op (non-contiguous inputs are copied first); other
-/// dtypes/devices fall back to [`linear_chain`].
+/// One op (non-contiguous inputs are copied first) for f32 or bf16 on the CPU or CUDA
+/// without a bias, and for f32 with a bias on the CPU with its kernels on: its backward
+/// writes the weight's gradient in the weight's layout, where the chain's reaches it as a
+/// transposed view that is copied before the gradient's cast to f32 and every later use.
+/// Anything else falls back to [`linear_chain`].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let cpu_f32 = super::fusable_f32;
+    let device_op = |t: &Tensor| {
+        t.dtype() == x.dtype()
+            && matches!(t.dtype(), DType::F32 | DType::BF16)
+            && (t.device().is_cpu() || t.device().is_cuda())
+            && t.device().same_device(x.device())
+    };
     let fusable = x.rank() >= 1
         && w.rank() == 2
-        && cpu_f32(x)
-        && cpu_f32(w)
-        && b.is_none_or(|b| cpu_f32(b) && b.dims() == [w.dims()[0]]);
+        && match b {
+            // The bias is added inside the CPU f32 kernel only.
+            Some(b) => cpu_f32(x) && cpu_f32(w) && cpu_f32(b) && b.dims() == [w.dims()[0]],
+            None => device_op(x) && device_op(w),
+        };
     if !fusable {
         return linear_chain(x, w, b);
     }
@@ -137,6 +148,23 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    /// cuBLAS through candle's storage matmul, the call `x.matmul(&w.t())` makes.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((rows, in_f), (out_f, w_in)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if in_f != w_in {
+            bail!("linear-fused: input has {in_f} features, weight expects {w_in}");
+        }
+        let y = s1.matmul(s2, (1, rows, out_f, in_f), l1, &l2.transpose(0, 1)?)?;
+        Ok((y, Shape::from((rows, out_f))))
     }
 
     fn bwd(
