@@ -90,7 +90,8 @@ impl Gathered {
         }))
     }
 
-    /// Attention output `[rows, heads*d]` of q `[.., heads*d]` against k/v `[.., kv_heads*d]`.
+    /// Attention output `[rows, heads*d]` (in `compute`) of q `[.., heads*d]` against k/v
+    /// `[.., kv_heads*d]`.
     pub fn attend(
         &self,
         q: &Tensor,
@@ -100,9 +101,11 @@ impl Gathered {
         (scale, softcap): (f64, Option<f64>),
         compute: DType,
     ) -> Result<Tensor> {
+        // Gathered in the products' dtype: half the bytes to copy under bf16.
         let gather = |t: &Tensor, g: &RowGather, len: usize, h: usize| {
             let width = t.dim(1)?;
-            split_heads(&g.apply(t)?.reshape((self.segs, len, width))?, h)
+            let t = g.apply(&t.to_dtype(compute)?)?;
+            split_heads(&t.reshape((self.segs, len, width))?, h)
         };
         let out = attention(
             &gather(q, &self.q_gather, self.lq, heads)?,

@@ -189,9 +189,12 @@ pub fn attention_bias(
 }
 
 /// Scaled dot-product attention with an additive bias. q: `[n, h, lq, d]`, k/v:
-/// `[n, kvh, lk, d]`. With `compute` BF16 both products take bf16 inputs (as under torch
-/// autocast) while the scores, bias and softmax stay f32. `softcap` (Gemma 2) maps the scaled
-/// scores to `cap * tanh(scores / cap)` before the bias.
+/// `[n, kvh, lk, d]`, in f32 or already in `compute`. With `compute` BF16 both products take
+/// bf16 inputs (as under torch autocast) while the scores, bias and softmax stay f32 (inside
+/// `ops::attn_softmax`, or as f32 tensors). `softcap` (Gemma 2) maps the scaled scores to
+/// `cap * tanh(scores / cap)` before the bias. The output `[n, lq, h * d]` is in `compute`:
+/// the product's own dtype, which the output projection takes (a cast to f32 and back would
+/// change no value).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -228,10 +231,9 @@ pub fn attention(
     };
     let mut out = grouped(&probs, lk)?
         .matmul(&low(v)?)?
-        .reshape((n, h, lq, d))?
-        .to_dtype(DType::F32)?;
+        .reshape((n, h, lq, d))?;
     if let Some(keep) = &bias.keep {
-        out = out.broadcast_mul(keep)?;
+        out = out.broadcast_mul(&keep.to_dtype(out.dtype())?)?;
     }
     out.transpose(1, 2)?.reshape((n, lq, h * d))
 }

@@ -470,15 +470,16 @@ impl Llama {
             // transformers uses positions 0..len for every row, padding or not.
             let (cos, sin) = rope.tables(l, dev)?;
             Ok(Attention::Padded(Arc::new(move |q, k, v| {
-                // Rotated as [n, len, heads, d] (a free view), then split into heads.
+                // Rotated as [n, len, heads, d] (a free view) in f32, then split into heads
+                // in the products' dtype (half the bytes to copy under bf16).
                 let turn = |x: &Tensor, h: usize| -> Result<Tensor> {
                     let (n, l, hd) = x.dims3()?;
                     let x = apply_rope(&x.reshape((n, l, h, hd / h))?, &cos, &sin)?;
-                    split_heads(&x.reshape((n, l, hd))?, h)
+                    split_heads(&x.reshape((n, l, hd))?.to_dtype(compute)?, h)
                 };
                 let q = turn(q, heads)?;
                 let k = turn(k, kv_heads)?;
-                let v = split_heads(v, kv_heads)?;
+                let v = split_heads(&v.to_dtype(compute)?, kv_heads)?;
                 attention(&q, &k, &v, &bias, scale, softcap, compute)
             })))
         };

@@ -325,10 +325,12 @@ impl Opt {
         self.decode(
             x,
             Attention::Padded(Arc::new(move |q, k, v| {
+                // Split in the products' dtype: half the bytes to copy under bf16.
+                let split = |t: &Tensor| split_heads(&t.to_dtype(compute)?, heads);
                 attention(
-                    &split_heads(q, heads)?,
-                    &split_heads(k, heads)?,
-                    &split_heads(v, heads)?,
+                    &split(q)?,
+                    &split(k)?,
+                    &split(v)?,
                     &bias,
                     scale,
                     None,
