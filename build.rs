@@ -1,6 +1,7 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
-//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`) to PTX with nvcc, as candle-kernels does
-//! for candle's; the driver compiles the PTX for the card when the module is first loaded.
+//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`, `src/ops/rms_norm.cu`) to PTX with nvcc,
+//! as candle-kernels does for candle's; the driver compiles the PTX for the card when the
+//! module is first loaded.
 //! Without the feature nothing runs here. (`scripts/cuda-emu/check.sh` runs the kernels on a
 //! CPU for sessions without a GPU.)
 
@@ -22,6 +23,7 @@ fn main() {
         ("src/train/adamw.cu", "adamw.ptx"),
         ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
         ("src/ops/swiglu.cu", "swiglu.ptx"),
+        ("src/ops/rms_norm.cu", "rms_norm.ptx"),
     ] {
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)

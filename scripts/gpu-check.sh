@@ -7,6 +7,8 @@
 #                                            | profile:WORKLOAD (kernel times, Nsight Compute)
 #                                            | parity-fused | fused:WORKLOAD (the same with
 #                                              ORPO_FUSED_ATTENTION=1 on the device; no TRL)
+#                                            | parity-nokernels (parity with ORPO_CUDA_KERNELS=0:
+#                                              the project's own CUDA kernels off, to bisect)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -92,7 +94,7 @@ LOG=$OUT/gpu-check.log
 RES=$W/results.jsonl
 : >"$RES"
 : >"$LOG"
-rm -rf "$W/parity" "$W/parity-fused" "$W/bench" "$W/trl"
+rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl"
 exec > >(tee -a "$LOG") 2>&1
 
 phases=()
@@ -100,8 +102,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | opt-125m | llama-1b | mistral-7b | profile:* | fused:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | fused:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, fused:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -668,6 +670,12 @@ run_parity_fused() {
   run_parity
   PDIR=$pdir PTAG=$ptag DEV_ENV=()
 }
+run_parity_nokernels() {
+  local pdir=$PDIR ptag=$PTAG
+  PDIR=$W/parity-nokernels PTAG=+no-cuda-kernels DEV_ENV=(ORPO_CUDA_KERNELS=0)
+  run_parity
+  PDIR=$pdir PTAG=$ptag DEV_ENV=()
+}
 bench_fused() { # WL
   BTAG=+fused-attention BENCH_ENV=(ORPO_FUSED_ATTENTION=1)
   bench_workload "$1"
@@ -679,6 +687,7 @@ for p in "${phases[@]}"; do
   case $p in
     parity) run_parity ;;
     parity-fused) run_parity_fused ;;
+    parity-nokernels) run_parity_nokernels ;;
     profile:*) profile_workload "${p#profile:}" ;;
     fused:*) bench_fused "${p#fused:}" ;;
     *) bench_workload "$p" ;;
@@ -793,7 +802,7 @@ open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
 # Every run's metrics, logs, configs and comparisons (small files only), for later study.
-(cd "$W" && find parity parity-fused bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
+(cd "$W" && find parity parity-fused parity-nokernels bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
   -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2M 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
   results.jsonl 2>/dev/null)
 log "results: $OUT/gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz"

@@ -321,6 +321,10 @@ fn main() -> ExitCode {
         orpo::ops::set_fused_kernels(false);
         tracing::info!("ORPO_FUSED_KERNELS=0: CPU kernels off, plain candle ops throughout");
     }
+    if std::env::var_os("ORPO_CUDA_KERNELS").is_some_and(|v| v == "0") {
+        orpo::ops::set_cuda_kernels(false);
+        tracing::info!("ORPO_CUDA_KERNELS=0: the project's CUDA kernels off, candle ops instead");
+    }
     if std::env::var_os("ORPO_FUSED_ATTENTION").is_some_and(|v| v == "1") {
         orpo::ops::set_fused_attention(true);
         tracing::info!("ORPO_FUSED_ATTENTION=1: attention's probabilities as one fused op");

@@ -44,6 +44,21 @@ pub fn fused_kernels() -> bool {
     FUSED_KERNELS.load(Ordering::Relaxed)
 }
 
+static CUDA_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the project's own CUDA kernels of this module (`swiglu.cu`, `rms_norm.cu`'s
+/// backward) on or off for the whole process: off, those ops take candle ops on CUDA (the
+/// path the CPU tests with its kernels off), to tell a kernel's fault from the rest when a
+/// device result looks wrong (`ORPO_CUDA_KERNELS=0`). candle's own kernels stay.
+pub fn set_cuda_kernels(on: bool) {
+    CUDA_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the project's own CUDA kernels are on (see [`set_cuda_kernels`]).
+pub fn cuda_kernels() -> bool {
+    CUDA_KERNELS.load(Ordering::Relaxed)
+}
+
 /// Whether a fused CPU kernel may take `t`: kernels on, f32, on the CPU.
 pub(crate) fn fusable_f32(t: &Tensor) -> bool {
     fused_kernels() && t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)

@@ -47,9 +47,10 @@ pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) 
 ///
 /// f32 tensors on the CPU or on CUDA run one op (a non-contiguous input is copied first):
 /// forward, the CPU kernel here or candle's CUDA `rmsnorm` kernel (what candle-nn's `rms_norm`
-/// runs, which records no backward); backward, the CPU kernel with the CPU kernels on, else
-/// [`rms_norm_bwd_ops`] (so with the CPU kernels off the CPU takes CUDA's backward). Other
-/// dtypes and devices, or a `w` of another shape, fall back to [`rms_norm_chain`].
+/// runs, which records no backward); backward, the CPU kernel with the CPU kernels on,
+/// `rms_norm.cu`'s kernel on CUDA, else [`rms_norm_bwd_ops`] (the same arithmetic in candle
+/// ops, which the CPU takes with its kernels off). Other dtypes and devices, or a `w` of
+/// another shape, fall back to [`rms_norm_chain`].
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("rms_norm: expected at least one dim, got a scalar");
@@ -251,6 +252,11 @@ impl CustomOp2 for RmsNorm {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if !super::fusable_f32(x) {
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() && super::cuda_kernels() {
+                let (dx, dw) = cuda::rms_norm_bwd(x, w, grad_res, self.eps, w.track_op())?;
+                return Ok((Some(dx), dw));
+            }
             let (dx, dw) = rms_norm_bwd_ops(x, w, grad_res, self.eps, w.track_op())?;
             return Ok((Some(dx), dw));
         }
@@ -270,12 +276,125 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{kernels, WrapErr};
-    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape};
+    use candle_core::{Tensor, D};
 
     fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
         match l.contiguous_offsets() {
             Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
             None => bail!("rms-norm (CUDA): inputs must be contiguous"),
+        }
+    }
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+    const MODULE: &str = "orpo_rms_norm";
+
+    /// One block per row of `cols`: 32 threads below 1024 columns, else 1024 (as candle's
+    /// `rmsnorm` kernel is launched).
+    fn row_blocks(rows: usize, cols: usize) -> (LaunchConfig, u32) {
+        let block = if cols < 1024 { 32 } else { 1024 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, block)
+    }
+
+    /// `(dx, dw)` with `rms_norm.cu`'s kernel: `dx` and the rows of `g * xhat` in one pass,
+    /// then `dw` as their column sums, a product with ones (`with_w` only).
+    pub fn rms_norm_bwd(
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        eps: f64,
+        with_w: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let cols = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / cols.max(1);
+        let g = g.contiguous()?;
+        let both = x.apply_op3_no_bwd(w, &g, &Bwd { eps, with_w })?;
+        let n = x.elem_count();
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = with_w
+            .then(|| {
+                let ones = Tensor::ones((1, rows), DType::F32, x.device())?;
+                ones.matmul(&both.narrow(0, n, n)?.reshape((rows, cols))?)?
+                    .reshape(w.shape())
+            })
+            .transpose()?;
+        Ok((dx, dw))
+    }
+
+    /// `(x, w, g) -> [dx, g * xhat (with_w only)]`, flat.
+    struct Bwd {
+        eps: f64,
+        with_w: bool,
+    }
+
+    impl CustomOp3 for Bwd {
+        fn name(&self) -> &'static str {
+            "rms-norm-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("rms-norm-bwd runs on CUDA only (the CPU has its own kernel)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let n = xl.shape().elem_count();
+            let cols = xl.shape().dims().last().copied().unwrap_or(1).max(1);
+            if n > i32::MAX as usize || gl.shape().elem_count() != n {
+                bail!(
+                    "rms-norm-bwd (CUDA): {:?} with a gradient of {:?}",
+                    xl.shape(),
+                    gl.shape()
+                );
+            }
+            let (xv, wv, gv) = (view(x, xl)?, view(w, wl)?, view(g, gl)?);
+            let outputs = if self.with_w { 2 * n } else { n };
+            // SAFETY: every element is written by the kernel.
+            let mut out = unsafe { dev.alloc::<f32>(outputs)? };
+            let func = dev.get_or_load_custom_func("rms_norm_bwd_f32", MODULE, PTX)?;
+            let (cfg, _) = row_blocks(n / cols, cols);
+            let (cols, eps) = (cols as i32, self.eps as f32);
+            // The kernel skips `g * xhat` given a null pointer.
+            let null = 0u64;
+            {
+                let (mut dx, mut gxhat) = out.split_at_mut(n);
+                let mut b = func.builder();
+                b.arg(&xv);
+                b.arg(&wv);
+                b.arg(&gv);
+                b.arg(&mut dx);
+                if self.with_w {
+                    b.arg(&mut gxhat);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&cols);
+                b.arg(&eps);
+                // SAFETY: arguments as the kernel's signature (x, w, g, dx, gxhat, cols, eps).
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(outputs)))
         }
     }
 
@@ -296,12 +415,7 @@ mod cuda {
             );
         }
         let (src, alpha) = (view(x, xl)?, view(w, wl)?);
-        let block = if cols < 1024 { 32 } else { 1024 };
-        let cfg = LaunchConfig {
-            grid_dim: ((el / cols) as u32, 1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (cfg, block) = row_blocks(el / cols, cols);
         let func = dev.get_or_load_func("rmsnorm_f32", &kernels::REDUCE)?;
         // SAFETY: every element is written by the kernel.
         let dst = unsafe { dev.alloc::<f32>(el)? };

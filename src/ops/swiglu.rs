@@ -18,7 +18,7 @@ use half::bf16;
 
 /// `silu(gate) * up`, element-wise, in the inputs' dtype (f32 or bf16, both the same shape).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let device_op = (gate.device().is_cpu() || gate.device().is_cuda())
+    let device_op = (gate.device().is_cpu() || (gate.device().is_cuda() && super::cuda_kernels()))
         && gate.device().same_device(up.device())
         && matches!(gate.dtype(), DType::F32 | DType::BF16)
         && gate.dtype() == up.dtype()

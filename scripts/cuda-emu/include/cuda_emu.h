@@ -94,3 +94,6 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fff + ((u >> 16) & 1);
   return {(uint16_t)(u >> 16)};
 }
+
+// Block-shared memory: blocks run one after another, so one static copy per variable serves.
+#define __shared__ static
