@@ -81,7 +81,7 @@ awk -v p="$pkg_bytes" -v t="$tree_bytes" -v d="$PKG" 'BEGIN{m=1048576; printf "p
 cat "$PKG/MANIFEST.txt"
 cat <<EOF
 
-Device call (the run tool; 15 minutes of device time a session, start-up included; `all` took
+Device call (the run tool; 15 minutes of device time a session, start-up included; "all" took
 ~220 s on an H200, parity ~45 s of it):
   run(command="GPU_CHECK_BUDGET=430 bash scripts/gpu-check.sh all", carry=["$PKG"], timeout_s=460)
 Phases run in the order given (all = parity opt-125m llama-1b mistral-7b); what no longer fits
@@ -90,6 +90,9 @@ the budget is skipped and listed in gpu-results.md. With device time left, follo
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh profile:llama-1b", carry=["$PKG"], timeout_s=220)
 The fused attention op (ORPO_FUSED_ATTENTION=1, off by default until it has run on a GPU):
   run(command="GPU_CHECK_BUDGET=430 bash scripts/gpu-check.sh parity parity-fused llama-1b fused:llama-1b fused:opt-125m mistral-7b fused:mistral-7b", carry=["$PKG"], timeout_s=460)
+If a parity case fails, parity-nokernels (ORPO_CUDA_KERNELS=0: the project's own CUDA kernels
+off, candle ops instead) tells their faults from the rest:
+  run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh parity-nokernels", carry=["$PKG"], timeout_s=220)
 Each call's results come back under files_at: gpu-results.md, gpu-results.json, gpu-check.log,
 gpu-runs.tar.xz (copy them out before the next call: \$OUT is emptied).
 EOF

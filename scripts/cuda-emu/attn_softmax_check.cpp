@@ -3,17 +3,14 @@
 // takes each value v = cap(s * scale) + bias in f32, as the kernels do, and the rest in double.
 #include "../../src/ops/attn_softmax.cu"
 
+#include "check.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <random>
 
 static int failures = 0;
 
-template <typename T> T store(float x);
-template <> float store<float>(float x) { return x; }
-template <> __nv_bfloat16 store<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-static float load(float x) { return x; }
-static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 struct Case {
   int n, h, lq, lk;

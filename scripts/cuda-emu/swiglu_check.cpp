@@ -3,17 +3,14 @@
 // loop strides), against candle's formulas in double.
 #include "../../src/ops/swiglu.cu"
 
+#include "check.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <random>
 
 static int failures = 0;
 
-template <typename T> T store(float x);
-template <> float store<float>(float x) { return x; }
-template <> __nv_bfloat16 store<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-static float load(float x) { return x; }
-static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T, typename F, typename B>
 void run(const char *dtype, size_t n, unsigned blocks, F fwd, B bwd, double tol) {

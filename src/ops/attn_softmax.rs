@@ -10,10 +10,9 @@
 //! arithmetic. Off unless [`set_fused_attention`] (`ORPO_FUSED_ATTENTION=1`) turns it on: its
 //! CUDA kernels have not yet run on a GPU.
 
-use super::par_items;
+use super::{par_items, stored_as, widened_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::bf16;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FUSED_ATTENTION: AtomicBool = AtomicBool::new(false);
@@ -105,26 +104,6 @@ impl AttnSoftmax {
     }
 }
 
-/// Contiguous rows of a CPU storage as f32 (bf16 widened exactly).
-fn rows_f32(op: &str, s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("{op}: inputs must be contiguous");
-    };
-    Ok(match s {
-        CpuStorage::F32(d) => d[a..b].to_vec(),
-        CpuStorage::BF16(d) => d[a..b].iter().map(|v| v.to_f32()).collect(),
-        other => bail!("{op}: f32 or bf16 expected, got {:?}", other.dtype()),
-    })
-}
-
-/// f32 results stored in `dtype` (bf16 rounds to nearest even, as CUDA's __float2bfloat16).
-fn store(values: Vec<f32>, dtype: DType) -> CpuStorage {
-    match dtype {
-        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
-        _ => CpuStorage::F32(values),
-    }
-}
-
 impl CustomOp2 for AttnSoftmax {
     fn name(&self) -> &'static str {
         "attn-softmax"
@@ -137,8 +116,8 @@ impl CustomOp2 for AttnSoftmax {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let scores = rows_f32(self.name(), s, sl)?;
-        let bias = rows_f32(self.name(), b, bl)?;
+        let scores = widened_f32(self.name(), s, sl)?;
+        let bias = widened_f32(self.name(), b, bl)?;
         let cols = sl.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; scores.len()];
         par_items(&mut out, cols, scores.len(), |row0, chunk| {
@@ -153,7 +132,7 @@ impl CustomOp2 for AttnSoftmax {
                 }
             }
         });
-        Ok((store(out, s.dtype()), sl.shape().clone()))
+        Ok((stored_as(out, s.dtype()), sl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -198,9 +177,9 @@ impl CustomOp3 for AttnSoftmaxBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let scores = rows_f32(self.name(), s, sl)?;
-        let bias = rows_f32(self.name(), b, bl)?;
-        let grad = rows_f32(self.name(), g, gl)?;
+        let scores = widened_f32(self.name(), s, sl)?;
+        let bias = widened_f32(self.name(), b, bl)?;
+        let grad = widened_f32(self.name(), g, gl)?;
         let cols = sl.dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; scores.len()];
         par_items(&mut dx, cols, scores.len(), |row0, chunk| {
@@ -229,7 +208,7 @@ impl CustomOp3 for AttnSoftmaxBwd {
                 }
             }
         });
-        Ok((store(dx, s.dtype()), sl.shape().clone()))
+        Ok((stored_as(dx, s.dtype()), sl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -261,10 +240,7 @@ mod cuda {
     const MODULE: &str = "orpo_attn_softmax";
 
     fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => bail!("attn-softmax (CUDA): inputs must be contiguous"),
-        }
+        crate::ops::cuda_view("attn-softmax", s, l)
     }
 
     fn config(l: &Layout) -> (LaunchConfig, i32) {

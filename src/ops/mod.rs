@@ -84,6 +84,39 @@ fn f32_slice<'a>(
     }
 }
 
+/// Contiguous elements of a CPU storage as f32 (bf16 widened exactly), or an error naming `op`.
+pub(crate) fn widened_f32(op: &str, s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: inputs must be contiguous");
+    };
+    Ok(match s {
+        CpuStorage::F32(d) => d[a..b].to_vec(),
+        CpuStorage::BF16(d) => d[a..b].iter().map(|v| v.to_f32()).collect(),
+        other => bail!("{op}: f32 or bf16 expected, got {:?}", other.dtype()),
+    })
+}
+
+/// f32 results stored in `dtype` (bf16 rounds to nearest even, as CUDA's __float2bfloat16).
+pub(crate) fn stored_as(values: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(values),
+    }
+}
+
+/// The contiguous `T` elements behind a CUDA storage and layout, or an error naming `op`.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    op: &str,
+    s: &'a candle_core::CudaStorage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("{op} (CUDA): inputs must be contiguous"),
+    }
+}
+
 /// Splits `out` (items of `item_len` elements) into contiguous runs of whole items and calls
 /// `f(first_item, run)` on each, over up to `candle_core::utils::get_num_threads()` scoped
 /// threads when there is enough work (`work` elements touched in total).

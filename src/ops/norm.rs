@@ -280,10 +280,7 @@ mod cuda {
     use candle_core::{Tensor, D};
 
     fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-            None => bail!("rms-norm (CUDA): inputs must be contiguous"),
-        }
+        crate::ops::cuda_view("rms-norm", s, l)
     }
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));

@@ -144,10 +144,7 @@ mod cuda {
     use candle_core::{bail, CudaStorage, Layout, Result, Shape};
 
     fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-            None => bail!("rotary (CUDA): inputs must be contiguous"),
-        }
+        crate::ops::cuda_view("rotary", s, l)
     }
 
     /// candle's `rope_thd_f32` kernel: one thread per rotated pair, tables `[t, d/2]` shared

@@ -11,10 +11,9 @@
 //! CPU: the loop here; CUDA: `swiglu.cu` (compiled by `build.rs`), the same arithmetic. f32 or
 //! bf16; anything else takes [`swiglu_chain`].
 
-use super::par_items;
+use super::{par_items, stored_as, widened_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::bf16;
 
 /// `silu(gate) * up`, element-wise, in the inputs' dtype (f32 or bf16, both the same shape).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -42,26 +41,6 @@ fn silu(g: f32) -> f32 {
     g / (1.0 + (-g).exp())
 }
 
-/// Contiguous elements of a CPU storage as f32 (bf16 widened exactly).
-fn values(op: &str, s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("{op}: inputs must be contiguous");
-    };
-    Ok(match s {
-        CpuStorage::F32(d) => d[a..b].to_vec(),
-        CpuStorage::BF16(d) => d[a..b].iter().map(|v| v.to_f32()).collect(),
-        other => bail!("{op}: f32 or bf16 expected, got {:?}", other.dtype()),
-    })
-}
-
-/// f32 results stored in `dtype` (bf16 rounds to nearest even, as CUDA's __float2bfloat16).
-fn store(values: Vec<f32>, dtype: DType) -> CpuStorage {
-    match dtype {
-        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
-        _ => CpuStorage::F32(values),
-    }
-}
-
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -76,7 +55,10 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (values(self.name(), s1, l1)?, values(self.name(), s2, l2)?);
+        let (gate, up) = (
+            widened_f32(self.name(), s1, l1)?,
+            widened_f32(self.name(), s2, l2)?,
+        );
         if gate.len() != up.len() {
             bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
         }
@@ -87,7 +69,7 @@ impl CustomOp2 for SwiGlu {
                 *y = silu(gate[at + k]) * up[at + k];
             }
         });
-        Ok((store(y, s1.dtype()), l1.shape().clone()))
+        Ok((stored_as(y, s1.dtype()), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -137,9 +119,9 @@ impl CustomOp3 for SwiGluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (gate, up, grad) = (
-            values(name, s1, l1)?,
-            values(name, s2, l2)?,
-            values(name, s3, l3)?,
+            widened_f32(name, s1, l1)?,
+            widened_f32(name, s2, l2)?,
+            widened_f32(name, s3, l3)?,
         );
         let n = gate.len();
         if up.len() != n || grad.len() != n {
@@ -166,7 +148,7 @@ impl CustomOp3 for SwiGluBwd {
                 *d = grad[at + k] * silu(gate[at + k]);
             }
         });
-        Ok((store(d, s1.dtype()), Shape::from(2 * n)))
+        Ok((stored_as(d, s1.dtype()), Shape::from(2 * n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -218,12 +200,12 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dev = inputs[0].0.device().clone();
         let n = inputs[0].1.shape().elem_count();
+        if inputs.iter().any(|(_, l)| l.shape().elem_count() != n) {
+            bail!("swiglu (CUDA): inputs of different sizes");
+        }
         let views = inputs
             .iter()
-            .map(|(s, l)| match l.contiguous_offsets() {
-                Some((a, b)) if b - a == n => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-                _ => bail!("swiglu (CUDA): inputs must be contiguous and of one size"),
-            })
+            .map(|(s, l)| crate::ops::cuda_view("swiglu", s, l))
             .collect::<Result<Vec<CudaView<'_, T>>>>()?;
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         // SAFETY: every element is written by the kernel.
