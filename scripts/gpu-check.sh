@@ -9,6 +9,8 @@
 #                                              ORPO_FUSED_ATTENTION=1 on the device; no TRL)
 #                                            | parity-nokernels (parity with ORPO_CUDA_KERNELS=0:
 #                                              the project's own CUDA kernels off, to bisect)
+#                                            | profile-fused:WORKLOAD (profile with
+#                                              ORPO_FUSED_ATTENTION=1)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -86,6 +88,7 @@ PAR=${GPU_CHECK_PAR:-4}
 PDIR=$W/parity PTAG= DEV_ENV=()
 # A benchmark variant's tag and orpo's extra environment (fused:WORKLOAD sets them).
 BTAG= BENCH_ENV=()
+PROF_TAG= PROF_ENV=()
 RESERVE=15
 mkdir -p "$OUT" "$W"
 OUT=$(cd "$OUT" && pwd)
@@ -102,8 +105,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | fused:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, fused:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -596,10 +599,10 @@ PY
 # GPU_CHECK_PROFILE_STEPS (default 2) steps (at most GPU_CHECK_PROFILE_KERNELS kernels, 30000), summed by kernel name and by name + grid, against
 # the steps' wall time; in $OUT/profile-WL.txt. (ncu serialises kernels and adds ~ms each,
 # so the run is much slower than the benchmark; the durations themselves are the GPU's.)
-profile_workload() { # WL
-  local wl=$1 d=$W/profile/$1
+profile_workload() { # WL (PROF_TAG/PROF_ENV: a variant of orpo's run)
+  local wl=$1 d=$W/profile/$1$PROF_TAG
   mkdir -p "$d"
-  log "== profile $wl"
+  log "== profile $wl$PROF_TAG ${PROF_ENV[*]:-}"
   local batch maxlen prompt steps pairs wdtype lora ckpt gen_tmo orpo_tmo trl_tmo orpo_min trl_min
   local layers gen_s
   workload_vars "$wl"
@@ -613,13 +616,13 @@ profile_workload() { # WL
     log "no ncu on this machine: no profile"
     return 0
   fi
-  STEP_LOG=$d/orpo.log step "ncu $wl" 40 300 env ORPO_LOG=orpo=debug "$ncu" \
+  STEP_LOG=$d/orpo.log step "ncu $wl$PROF_TAG" 40 300 env ORPO_LOG=orpo=debug "${PROF_ENV[@]}" "$ncu" \
     --metrics gpu__time_duration.sum --csv --page raw --print-units base \
     --clock-control none --cache-control none --launch-count "${GPU_CHECK_PROFILE_KERNELS:-30000}" \
     --log-file "$d/ncu.csv" \
     "$ORPO" train --config "$d/orpo.toml" --overwrite
   tail -n 3 "$d/orpo.log"
-  python3 - "$d/ncu.csv" "$d/orpo-run/metrics.jsonl" "$wl" "$steps" >"$OUT/profile-$wl.txt" <<'PY'
+  python3 - "$d/ncu.csv" "$d/orpo-run/metrics.jsonl" "$wl$PROF_TAG" "$steps" >"$OUT/profile-$wl$PROF_TAG.txt" <<'PY'
 import collections, csv, json, sys
 path, metrics, wl, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 lines = [l for l in open(path, errors="replace") if l.startswith('"')]
@@ -659,8 +662,8 @@ for (name, grid), t in by_grid.most_common(45):
     c = count_grid[(name, grid)]
     print(f"{t / 1e6:9.2f} {t / total:6.1%} {c:7d} {t / c / 1e3:9.1f}  {name} [{grid}]")
 PY
-  cat "$OUT/profile-$wl.txt"
-  xz -c "$d/ncu.csv" >"$OUT/ncu-$wl.csv.xz" 2>/dev/null
+  cat "$OUT/profile-$wl$PROF_TAG.txt"
+  xz -c "$d/ncu.csv" >"$OUT/ncu-$wl$PROF_TAG.csv.xz" 2>/dev/null
 }
 
 # Bash arrays cannot be passed as `VAR=(..) cmd` prefixes: set, run, restore.
@@ -676,6 +679,11 @@ run_parity_nokernels() {
   run_parity
   PDIR=$pdir PTAG=$ptag DEV_ENV=()
 }
+profile_fused() { # WL
+  PROF_TAG=+fused-attention PROF_ENV=(ORPO_FUSED_ATTENTION=1)
+  profile_workload "$1"
+  PROF_TAG= PROF_ENV=()
+}
 bench_fused() { # WL
   BTAG=+fused-attention BENCH_ENV=(ORPO_FUSED_ATTENTION=1)
   bench_workload "$1"
@@ -689,6 +697,7 @@ for p in "${phases[@]}"; do
     parity-fused) run_parity_fused ;;
     parity-nokernels) run_parity_nokernels ;;
     profile:*) profile_workload "${p#profile:}" ;;
+    profile-fused:*) profile_fused "${p#profile-fused:}" ;;
     fused:*) bench_fused "${p#fused:}" ;;
     *) bench_workload "$p" ;;
   esac
