@@ -1,9 +1,9 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
-//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`, `src/ops/rms_norm.cu`) to PTX with nvcc,
-//! as candle-kernels does for candle's; the driver compiles the PTX for the card when the
-//! module is first loaded.
-//! Without the feature nothing runs here. (`scripts/cuda-emu/check.sh` runs the kernels on a
-//! CPU for sessions without a GPU.)
+//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`, `src/ops/rms_norm.cu`,
+//! `src/ops/logprob_sum.cu`) to PTX with nvcc, as candle-kernels does for candle's; the driver
+//! compiles the PTX for the card when the module is first loaded. Without the feature nothing
+//! runs here. (`scripts/cuda-emu/check.sh` runs the kernels on a CPU for sessions without a
+//! GPU.)
 
 use std::env;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-changed=src/ops/block_reduce.cuh");
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
@@ -24,6 +25,7 @@ fn main() {
         ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
         ("src/ops/swiglu.cu", "swiglu.ptx"),
         ("src/ops/rms_norm.cu", "rms_norm.ptx"),
+        ("src/ops/logprob_sum.cu", "logprob_sum.ptx"),
     ] {
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)

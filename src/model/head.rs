@@ -30,6 +30,14 @@ pub fn soft_cap(logits: Tensor, cap: Option<f64>) -> Result<Tensor> {
 /// `[m, 2]`: each row's log-prob of its target, and (for metrics, no gradient) the sum of its
 /// logits.
 fn scores(h: &Tensor, w: &Tensor, head: HeadOptions, targets: &Tensor) -> Result<Tensor> {
+    if head.softcap.is_none() && crate::ops::logprob_sum_serves(h.device()) {
+        // One op on the product's own output (bf16 under bf16 products): no f32 copies.
+        let logits = match head.compute {
+            DType::F32 => linear(h, w, None)?,
+            dt => linear(&h.to_dtype(dt)?, &w.to_dtype(dt)?, None)?,
+        };
+        return crate::ops::logprob_and_sum(&logits, targets);
+    }
     let logits = soft_cap(head_product(h, w, head.compute)?, head.softcap)?;
     let logp = crate::ops::token_logprobs(&logits, targets)?;
     let sums = logits.detach().sum(1)?;

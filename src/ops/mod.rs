@@ -8,6 +8,7 @@
 mod attn_softmax;
 mod gather;
 mod linear;
+mod logprob_sum;
 mod norm;
 mod relu;
 mod rope;
@@ -18,6 +19,7 @@ mod token_logprob;
 pub use attn_softmax::{attn_softmax, fused_attention, set_fused_attention};
 pub use gather::RowGather;
 pub use linear::{column_sums, linear, linear_chain};
+pub use logprob_sum::{logprob_and_sum, logprob_sum_serves};
 pub use norm::{layer_norm, layer_norm_chain, rms_norm, rms_norm_bwd_ops, rms_norm_chain};
 pub use relu::relu;
 pub use rope::{rotary, rotary_chain};

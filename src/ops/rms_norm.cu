@@ -3,27 +3,7 @@
 // dx = rstd * (gy - xhat * mean(gy * xhat)), and, when asked, g * xhat for the weight's
 // gradient (its column sums, a matrix product with ones, follow). f32; one block per row.
 
-#define WARP 32
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o, WARP);
-  return v;
-}
-
-// The sum of every thread's `v` in the block (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float *scratch) {
-  v = warp_sum(v);
-  if (blockDim.x > WARP) {
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x / WARP) ? scratch[lane] : 0.0f;
-    v = warp_sum(v);
-    __syncthreads();  // scratch is reused by the next call
-  }
-  return v;
-}
+#include "block_reduce.cuh"
 
 extern "C" __global__ void rms_norm_bwd_f32(const float *x, const float *w, const float *g,
                                             float *dx, float *gxhat, const int cols,
