@@ -349,3 +349,31 @@ fn head_column_sums_follow_a_trainable_head_and_are_kept_for_a_frozen_one() {
     assert_eq!(sums(frozen), want);
     assert_eq!(sums(frozen), want);
 }
+
+/// bf16 products with a LoRA pair on one MLP projection only: that projection's output is f32,
+/// the other's bf16 (`Linear::forward_compute`), and SwiGLU takes the two in f32; the run
+/// trains, and matches the same run with the pair on both projections in its first step's
+/// loss (the adapters start at zero, so the first forward is the base model's).
+#[test]
+fn bf16_lora_on_one_mlp_projection_trains() {
+    let run = |targets: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let extra = [
+            "model.dtype=bf16",
+            "train.max_steps=2",
+            "train.log_every=1",
+            &format!("lora.targets={targets}"),
+        ];
+        let mut trainer = load_trainer(&lora_config("tiny-mistral", out.path(), &extra)).unwrap();
+        let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
+        assert_eq!(summary.log.len(), 2, "{targets}");
+        assert!(
+            summary.log.iter().all(|s| s.metrics.loss.is_finite()),
+            "{targets}"
+        );
+        summary.log[0].metrics.loss
+    };
+    let one = run("[\"gate_proj\"]");
+    let both = run("[\"gate_proj\", \"up_proj\"]");
+    assert!((one - both).abs() <= 1e-6 * both.abs(), "{one} vs {both}");
+}

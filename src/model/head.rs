@@ -1,6 +1,8 @@
 //! The LM head with its log-softmax: logits `[m, vocab]` are the largest tensors of a step, so
-//! under gradient checkpointing (or where no fused kernel exists, off CPU) the head runs in row
-//! chunks that keep only their outputs and recompute their logits in backward.
+//! under gradient checkpointing the head runs in row chunks that keep only their outputs and
+//! recompute their logits in backward. The log-softmax is one op with a written backward: the
+//! CPU kernel (`ops::token_logprobs`), or on CUDA `ops::logprob_and_sum` on the product's own
+//! (bf16) logits.
 
 use super::layers::linear;
 use super::recompute::{checkpoint, Block, SideGrads};

@@ -15,8 +15,12 @@ use super::{par_items, stored_as, widened_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// `silu(gate) * up`, element-wise, in the inputs' dtype (f32 or bf16, both the same shape).
+/// `silu(gate) * up`, element-wise, in the inputs' dtype (f32 or bf16, both the same shape);
+/// inputs of two dtypes (a LoRA pair on one projection only) are taken in f32.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dtype() != up.dtype() {
+        return swiglu(&gate.to_dtype(DType::F32)?, &up.to_dtype(DType::F32)?);
+    }
     let device_op = (gate.device().is_cpu() || (gate.device().is_cuda() && super::cuda_kernels()))
         && gate.device().same_device(up.device())
         && matches!(gate.dtype(), DType::F32 | DType::BF16)
@@ -281,6 +285,11 @@ mod tests {
                     assert_eq!(dy, 0.0, "f32 values must be the chain's");
                 }
             }
+            // One projection in f32, the other bf16 (LoRA on one of them): taken in f32.
+            let mixed = swiglu(&gate.to_dtype(DType::F32)?, &up)?;
+            assert_eq!(mixed.dtype(), DType::F32);
+            let want = swiglu_chain(&gate.to_dtype(DType::F32)?, &up.to_dtype(DType::F32)?)?;
+            assert_eq!(mixed.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
         }
         Ok(())
     }
