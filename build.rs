@@ -17,6 +17,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-changed=src/ops/block_reduce.cuh");
+    println!("cargo:rerun-if-changed=src/ops/dtype.cuh");
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());

@@ -3,15 +3,7 @@
 // inside, stored in the scores' dtype. The backward recomputes p from the scores (flash
 // attention's way), so only the scores and the output are kept between the passes. The
 // arithmetic is the CPU kernel's in attn_softmax.rs, term by term. One warp per row.
-#include <cuda_bf16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
+#include "dtype.cuh"
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -2,17 +2,8 @@
 // (logits[t] - logsumexp(logits), sum(logits)) per row; backward
 // dx = g * (onehot(t) - softmax(logits)) in the logits' dtype (the second score, a metric,
 // takes no gradient). The arithmetic is logprob_sum.rs's CPU version. One block per row.
-#include <cuda_bf16.h>
-
 #include "block_reduce.cuh"
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
+#include "dtype.cuh"
 
 // The row's logsumexp (every thread gets it), and the sum of its logits when `total` is given.
 template <typename T>

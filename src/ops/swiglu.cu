@@ -1,15 +1,7 @@
 // SwiGLU's product silu(gate) * up in one pass each way, f32 inside, stored in the inputs'
 // dtype. The arithmetic is the CPU kernel's in swiglu.rs (and candle's silu and its backward):
 // silu(g) = g / (1 + exp(-g)), dsilu = sigmoid(g) * (1 - silu(g)) + silu(g).
-#include <cuda_bf16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
+#include "dtype.cuh"
 
 template <typename T>
 __device__ void fwd(const T *gate, const T *up, T *out, size_t n) {
