@@ -537,6 +537,19 @@ try:
             times.setdefault(k, []).append(float(v))
     # The first step (warm-up, PTX compilation) is left out, as in tokens/s.
     out.update({f"median_{k}": round(statistics.median(v[1:] or v), 4) for k, v in times.items()})
+    # Bytes the tensors held (CUDA's memory pool, the CPU's counting allocator): torch's
+    # max_memory_allocated is TRL's counterpart (peak_gpu_mib_torch).
+    mem = {}
+    for line in open(run.rsplit("/", 1)[0] + "/orpo.log", errors="replace"):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        for k, v in re.findall(r"\b(\w+_gib)=([0-9.e+-]+)", line):
+            mem.setdefault(k, []).append(float(v))
+    peaks = [max(v) for k, v in mem.items() if "peak" in k and k != "pool_peak_gib"]
+    if peaks:
+        out["peak_alloc_gib"] = max(peaks)
+    for k in ("after_forward_gib", "between_steps_gib", "pool_peak_gib"):
+        if k in mem:
+            out[f"max_{k}"] = max(mem[k])
 except (FileNotFoundError, ValueError) as e:
     out["timing_error"] = f"{type(e).__name__}: {e}"
 open(res, "a").write(json.dumps(out) + "\n")
@@ -782,13 +795,14 @@ if parity:
     md.append("")
 if bench:
     md += ["## Throughput and peak GPU memory", "",
-           "| workload | orpo tokens/s | TRL tokens/s | ratio | orpo peak GiB (smi) | TRL peak GiB (smi / torch) | orpo step s (first) | rc orpo/TRL |",
+           "| workload | orpo tokens/s | TRL tokens/s | ratio | orpo peak GiB (smi / tensors) | TRL peak GiB (smi / torch) | orpo step s (first) | rc orpo/TRL |",
            "|---|---|---|---|---|---|---|---|"]
     gib = lambda m: None if m is None else m / 1024
     for wl, b in bench.items():
         o, t = b.get("orpo", {}), b.get("trl", {})
         md.append(f"| {wl} | {f(o.get('tokens_per_s'), '{:.0f}')} | {f(t.get('tokens_per_s'), '{:.0f}')} | "
-                  f"{f(b.get('ratio_tokens_per_s'), '{:.2f}x')} | {f(gib(o.get('peak_gpu_mib')), '{:.1f}')} | "
+                  f"{f(b.get('ratio_tokens_per_s'), '{:.2f}x')} | {f(gib(o.get('peak_gpu_mib')), '{:.1f}')} / "
+                  f"{f(o.get('peak_alloc_gib'), '{:.1f}')} | "
                   f"{f(gib(t.get('peak_gpu_mib')), '{:.1f}')} / {f(gib(t.get('peak_gpu_mib_torch')), '{:.1f}')} | "
                   f"{f(o.get('step_s'), '{:.3f}')} ({f(o.get('first_step_s'), '{:.1f}')}) | "
                   f"{o.get('rc', '-')}/{t.get('rc', '-')} |")
@@ -800,6 +814,14 @@ if bench:
         o = b.get("orpo", {})
         md.append(f"| {wl} | " + " | ".join(f(o.get(f"median_{k}_s"), "{:.4f}")
                                              for k in ("forward", "backward", "norm", "optimizer")) + " |")
+    md += ["", "orpo's memory (GiB; the memory pool's counters): tensors at their peak, after a "
+           "forward (activations kept for backward), between steps (weights, moments), and the "
+           "most the pool held (in use or kept for reuse).", "",
+           "| workload | peak | after forward | between steps | pool |", "|---|---|---|---|---|"]
+    for wl, b in bench.items():
+        o = b.get("orpo", {})
+        md.append(f"| {wl} | " + " | ".join(f(o.get(k), "{:.2f}") for k in (
+            "peak_alloc_gib", "max_after_forward_gib", "max_between_steps_gib", "max_pool_peak_gib")) + " |")
     md.append("")
 bad = summary["failed_steps"]
 if bad:

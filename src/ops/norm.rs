@@ -89,6 +89,10 @@ pub fn rms_norm_bwd_ops(
     let cols = x.dim(D::Minus1)?;
     let rows = x.elem_count() / cols.max(1);
     let (dt, dev) = (x.dtype(), x.device());
+    // Detached operands: the results are gradients, not nodes of a graph. A `dw` computed
+    // from the tracked `x` would hold the whole forward graph alive for as long as the
+    // weight's gradient lives (and, through an optimizer built of candle ops, beyond).
+    let (x, w) = (&x.detach(), &w.detach());
     let x2 = x.contiguous()?.reshape((rows, cols))?;
     let g2 = g.contiguous()?.reshape((rows, cols))?;
     let sum_cols = Tensor::ones((cols, 1), dt, dev)?;

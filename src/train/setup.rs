@@ -168,6 +168,7 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         tokenizer,
         train,
         eval,
+        memory: crate::memory::MemoryMeter::new(&device),
         device,
     })
 }

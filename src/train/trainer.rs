@@ -11,6 +11,7 @@ use super::schedule::lr_factor;
 use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
 use crate::eval::{evaluate, EvalMetrics};
+use crate::memory::{MemoryMeter, Usage};
 use crate::model::CausalLm;
 use crate::Error;
 use candle_core::{Device, Tensor};
@@ -79,6 +80,8 @@ pub struct Trainer {
     pub train: Dataset,
     pub eval: Option<Dataset>,
     pub device: Device,
+    /// Memory in use, for the debug logs and the run's peak (`None` where nothing counts).
+    pub memory: Option<MemoryMeter>,
 }
 
 pub struct TrainSummary {
@@ -94,6 +97,11 @@ pub struct StepGradients {
     pub tokens: usize,
 }
 
+/// GiB to two decimals, for logs.
+fn gib2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// Gradients of `objective` for every parameter, added into `acc`.
 fn accumulate(
     model: &CausalLm,
@@ -103,9 +111,12 @@ fn accumulate(
     let grads = model.gradients(objective)?;
     for (name, var) in model.params().iter() {
         if let Some(g) = grads.get(var.as_tensor()) {
+            // A gradient is data: should an op's backward have built it from tracked tensors,
+            // its graph (the step's activations) must not live on with it.
+            let g = g.detach();
             let g = match acc.remove(name) {
                 Some(prev) => (prev + g)?,
-                None => g.clone(),
+                None => g,
             };
             acc.insert(name.to_string(), g);
         }
@@ -114,6 +125,11 @@ fn accumulate(
 }
 
 impl Trainer {
+    /// Memory now and its peak since the previous reading.
+    fn memory_read(&self) -> Option<Usage> {
+        self.memory.as_ref().map(MemoryMeter::read)
+    }
+
     pub fn plan(&self) -> Plan {
         let t = &self.config.train;
         Plan::new(
@@ -149,16 +165,29 @@ impl Trainer {
                 &self.device,
             )?;
             tokens += batch.tokens;
+            self.memory_read();
             let t0 = Instant::now();
             let out = forward(&self.model, &batch, cfg.orpo.beta)?;
             let t1 = Instant::now();
+            // Kept for backward: activations, the bf16 weight copies, the batch.
+            let fwd_mem = self.memory_read();
             let objective = (out.objective / n_micro)?;
             accumulate(&self.model, &objective, &mut grads)?;
+            let bwd_mem = self.memory_read();
             tracing::debug!(
                 forward_s = (t1 - t0).as_secs_f64(),
                 backward_s = t1.elapsed().as_secs_f64(),
                 len = batch.len,
                 tokens = batch.tokens,
+                forward_peak_gib = fwd_mem.map(|u| gib2(u.peak_gib())),
+                after_forward_gib = fwd_mem.map(|u| gib2(u.now_gib())),
+                backward_peak_gib = bwd_mem.map(|u| gib2(u.peak_gib())),
+                after_backward_gib = bwd_mem.map(|u| gib2(u.now_gib())),
+                pool_peak_gib = [fwd_mem, bwd_mem]
+                    .iter()
+                    .filter_map(|u| u.and_then(|u| u.reserved_peak_gib()))
+                    .reduce(f64::max)
+                    .map(gib2),
                 "micro-batch"
             );
             let mut m = out.metrics;
@@ -247,12 +276,17 @@ impl Trainer {
             let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
             let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
+            let optimizer_s = t_opt.elapsed().as_secs_f64();
+            drop(grads);
+            // What stays between steps: weights, optimizer moments, caches.
+            let opt_mem = self.memory_read();
             tracing::debug!(
                 norm_s,
-                optimizer_s = t_opt.elapsed().as_secs_f64(),
+                optimizer_s,
+                optimizer_peak_gib = opt_mem.map(|u| gib2(u.peak_gib())),
+                between_steps_gib = opt_mem.map(|u| gib2(u.now_gib())),
                 "optimizer step"
             );
-            drop(grads);
             st.pending.extend(micro_metrics);
             st.pending_tokens += tokens;
             st.total_tokens += tokens;
@@ -303,10 +337,12 @@ impl Trainer {
         }
         bar.finish_and_clear();
         let elapsed = st.elapsed_s;
+        self.memory_read();
         tracing::info!(
             steps = total,
             seconds = format!("{elapsed:.1}"),
             tokens_per_s = format!("{:.1}", st.total_tokens as f64 / elapsed.max(1e-9)),
+            peak_memory_gib = self.memory.as_ref().map(|m| gib2(m.run_peak_gib())),
             "done"
         );
         save_model(&out_dir, &self.model, &self.tokenizer, &self.base)?;
