@@ -806,22 +806,23 @@ if bench:
                   f"{f(gib(t.get('peak_gpu_mib')), '{:.1f}')} / {f(gib(t.get('peak_gpu_mib_torch')), '{:.1f}')} | "
                   f"{f(o.get('step_s'), '{:.3f}')} ({f(o.get('first_step_s'), '{:.1f}')}) | "
                   f"{o.get('rc', '-')}/{t.get('rc', '-')} |")
-    md += ["", "orpo's step, medians after the first step (seconds; ORPO_LOG=orpo=debug): forward "
-           "(ends in a host read, so GPU time), backward (kernel launches), gradient norm (waits "
-           "for the backward's kernels), optimizer.", "",
-           "| workload | forward | backward | norm | optimizer |", "|---|---|---|---|---|"]
-    for wl, b in bench.items():
-        o = b.get("orpo", {})
-        md.append(f"| {wl} | " + " | ".join(f(o.get(f"median_{k}_s"), "{:.4f}")
-                                             for k in ("forward", "backward", "norm", "optimizer")) + " |")
-    md += ["", "orpo's memory (GiB; the memory pool's counters): tensors at their peak, after a "
-           "forward (activations kept for backward), between steps (weights, moments), and the "
-           "most the pool held (in use or kept for reuse).", "",
-           "| workload | peak | after forward | between steps | pool |", "|---|---|---|---|---|"]
-    for wl, b in bench.items():
-        o = b.get("orpo", {})
-        md.append(f"| {wl} | " + " | ".join(f(o.get(k), "{:.2f}") for k in (
-            "peak_alloc_gib", "max_after_forward_gib", "max_between_steps_gib", "max_pool_peak_gib")) + " |")
+    def orpo_table(caption, columns, keys, fmt):  # one row of orpo's figures per workload
+        md.extend(["", caption, "", f"| workload | {' | '.join(columns)} |",
+                   "|---" * (len(columns) + 1) + "|"])
+        for wl, b in bench.items():
+            o = b.get("orpo", {})
+            md.append(f"| {wl} | " + " | ".join(f(o.get(k), fmt) for k in keys) + " |")
+    orpo_table("orpo's step, medians after the first step (seconds; ORPO_LOG=orpo=debug): forward "
+               "(ends in a host read, so GPU time), backward (kernel launches), gradient norm (waits "
+               "for the backward's kernels), optimizer.",
+               ["forward", "backward", "norm", "optimizer"],
+               [f"median_{k}_s" for k in ("forward", "backward", "norm", "optimizer")], "{:.4f}")
+    orpo_table("orpo's memory (GiB; the memory pool's counters): tensors at their peak, after a "
+               "forward (activations kept for backward), between steps (weights, moments), and the "
+               "most the pool held (in use or kept for reuse).",
+               ["peak", "after forward", "between steps", "pool"],
+               ["peak_alloc_gib", "max_after_forward_gib", "max_between_steps_gib",
+                "max_pool_peak_gib"], "{:.2f}")
     md.append("")
 bad = summary["failed_steps"]
 if bad:
