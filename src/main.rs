@@ -294,14 +294,14 @@ fn data(args: ConfigArgs, as_json: bool, show: usize, ids: bool) -> Result<(), E
     Ok(())
 }
 
-/// Training frees and reallocates the same activation-sized buffers every step. glibc returns
-/// blocks over its dynamic mmap threshold to the OS and faults fresh zeroed pages back in on
-/// the next step; raising the threshold to its maximum (32 MiB) and not trimming the heap keeps
-/// them for reuse (about 5% faster on the CPU benchmark, same peak RSS).
 /// Counts the bytes tensors hold on the CPU, for the memory figures in the logs.
 #[global_allocator]
 static ALLOC: orpo::memory::CountingAlloc = orpo::memory::CountingAlloc;
 
+/// Training frees and reallocates the same activation-sized buffers every step. glibc returns
+/// blocks over its dynamic mmap threshold to the OS and faults fresh zeroed pages back in on
+/// the next step; raising the threshold to its maximum (32 MiB) and not trimming the heap keeps
+/// them for reuse (about 5% faster on the CPU benchmark, same peak RSS).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator tunables; called before any other thread exists.
