@@ -22,21 +22,31 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn the_cpu_meter_counts_a_tensor_and_its_peak() {
     let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let meter = MemoryMeter::new(&Device::Cpu).expect("the counting allocator is installed");
+    // 64 MiB against a 4 MiB margin: the harness's own threads allocate and free a little
+    // beside this test (the counters are process-wide).
+    let (size, margin) = (64u64 << 20, 4u64 << 20);
     let before = meter.read();
-    let t = Tensor::zeros(1 << 22, DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::zeros(1 << 24, DType::F32, &Device::Cpu).unwrap();
     let held = meter.read();
     assert!(
-        held.now >= before.now + (16 << 20),
+        held.now + margin >= before.now + size,
         "{before:?} -> {held:?}"
     );
     drop(t);
     let after = meter.read();
-    assert!(after.now + (16 << 20) <= held.now, "{held:?} -> {after:?}");
+    assert!(
+        after.now + size <= held.now + margin,
+        "{held:?} -> {after:?}"
+    );
     assert!(
         after.peak >= held.now,
         "the window's peak holds the freed tensor: {after:?}"
     );
-    assert!(meter.read().peak < held.now, "a new window starts below it");
+    let next = meter.read();
+    assert!(
+        next.peak + size <= held.now + margin,
+        "a new window starts below it: {next:?}"
+    );
 }
 
 /// Steps 2..5 of a Llama-family model on the plain-op path (the ops and optimizer that CUDA
@@ -96,9 +106,11 @@ fn steps_leave_nothing_behind(model: &str) {
         drop(g);
         live.push(meter.read().now);
     }
-    // Step 1 creates the moments; later steps allocate and free the same.
+    // Step 1 creates the moments; later steps allocate and free the same. A 1 MiB margin for
+    // the harness's own threads (a leak here grew ~5 MB a step).
+    let (lo, hi) = (live[1..].iter().min(), live[1..].iter().max());
     assert!(
-        live[1..].iter().all(|&b| b == live[1]),
+        hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 1 << 20),
         "{model}: bytes in use after each step {live:?}"
     );
 }
