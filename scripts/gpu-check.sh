@@ -500,8 +500,8 @@ bench_workload() { # NAME (BTAG/BENCH_ENV: a variant of orpo's run, without TRL)
   elif [ -f "$model/model.safetensors" ]; then
     base=$(idle_mib)
     mem_start "$d/orpo-mem.log"
-    # Debug logs time each micro-batch's forward (ends in a host read: the GPU's forward time)
-    # and backward (kernel launches), the gradient norm (waits for the backward's kernels) and
+    # Debug logs time each micro-batch's forward and backward (the host queuing kernels; no host
+    # read inside a step), the gradient norm (waits for the GPU to finish the step's kernels) and
     # the optimizer step; their medians go into the results.
     STEP_LOG=$d/orpo.log step "orpo $wl$BTAG" $orpo_min $orpo_tmo env ORPO_LOG=orpo=debug "${BENCH_ENV[@]}" "$ORPO" \
       train --config "$toml" --overwrite
@@ -813,8 +813,8 @@ if bench:
             o = b.get("orpo", {})
             md.append(f"| {wl} | " + " | ".join(f(o.get(k), fmt) for k in keys) + " |")
     orpo_table("orpo's step, medians after the first step (seconds; ORPO_LOG=orpo=debug): forward "
-               "(ends in a host read, so GPU time), backward (kernel launches), gradient norm (waits "
-               "for the backward's kernels), optimizer.",
+               "and backward (the host queuing kernels), gradient norm (waits for the GPU to finish "
+               "them: a norm near 0 means launches are the limit), optimizer.",
                ["forward", "backward", "norm", "optimizer"],
                [f"median_{k}_s" for k in ("forward", "backward", "norm", "optimizer")], "{:.4f}")
     orpo_table("orpo's memory (GiB; the memory pool's counters): tensors at their peak, after a "

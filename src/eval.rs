@@ -39,9 +39,9 @@ pub fn evaluate(
             model.packed_padding(),
             &device,
         )?;
-        let out = forward(model, &batch, beta)?;
-        weighted_loss += out.metrics.loss * chunk.len() as f64;
-        per_batch.push(out.metrics);
+        let metrics = forward(model, &batch, beta)?.readout.metrics(None)?;
+        weighted_loss += metrics.loss * chunk.len() as f64;
+        per_batch.push(metrics);
     }
     let n = pairs.len();
     Ok(EvalMetrics {

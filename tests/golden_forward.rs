@@ -39,14 +39,14 @@ fn per_pair_loss_and_metrics_match_trl() {
             let out = forward(&model, &batch, beta).unwrap();
             assert_close(
                 &format!("{name} pair {i} loss"),
-                out.metrics.loss,
+                out.readout.metrics(None).unwrap().loss,
                 want["loss"].as_f64().unwrap(),
                 1e-4,
                 1e-6,
             );
             for key in METRIC_NAMES {
                 let w = want[key].as_f64().unwrap();
-                let got = out.metrics.get(key).unwrap();
+                let got = out.readout.metrics(None).unwrap().get(key).unwrap();
                 assert_close(&format!("{name} pair {i} {key}"), got, w, 1e-4, 2e-6);
             }
         }
@@ -74,7 +74,7 @@ fn first_batch_gradient_norms_match_trl() {
         let want = &g["initial_first_batch"];
         assert_close(
             &format!("{name} batch loss"),
-            out.metrics.loss,
+            out.readout.metrics(None).unwrap().loss,
             want["loss"].as_f64().unwrap(),
             1e-4,
             1e-6,
@@ -141,8 +141,8 @@ fn assert_packed_matches_padded(
         let p = forward_padded(reference, &batch, 0.3).unwrap();
         assert_close(
             &format!("{name} loss"),
-            a.metrics.loss,
-            p.metrics.loss,
+            a.readout.metrics(None).unwrap().loss,
+            p.readout.metrics(None).unwrap().loss,
             1e-5,
             1e-9,
         );
@@ -150,7 +150,10 @@ fn assert_packed_matches_padded(
         // near 0 sit at f32 resolution once the plain ops round packed and padded shapes
         // differently (tests/plain_ops.rs); a layout error shows at 1e-3 and up.
         for key in METRIC_NAMES {
-            let (x, y) = (a.metrics.get(key).unwrap(), p.metrics.get(key).unwrap());
+            let (x, y) = (
+                a.readout.metrics(None).unwrap().get(key).unwrap(),
+                p.readout.metrics(None).unwrap().get(key).unwrap(),
+            );
             assert_close(&format!("{name} {key}"), x, y, 1e-5, 1e-6);
         }
         let (ga, gp) = (
@@ -258,8 +261,18 @@ fn packed_batches_match_the_padded_computation_with_per_layer_windows() {
     )
     .unwrap();
     let (windowed, full) = (
-        forward(&model, &batch, 0.1).unwrap().metrics.loss,
-        forward(&plain, &batch, 0.1).unwrap().metrics.loss,
+        forward(&model, &batch, 0.1)
+            .unwrap()
+            .readout
+            .metrics(None)
+            .unwrap()
+            .loss,
+        forward(&plain, &batch, 0.1)
+            .unwrap()
+            .readout
+            .metrics(None)
+            .unwrap()
+            .loss,
     );
     assert!((windowed - full).abs() > 1e-4, "the window changes nothing");
     assert_packed_matches_padded(
@@ -299,7 +312,11 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         .unwrap();
         let a = forward(&plain, &batch, 0.1).unwrap();
         let b = forward(&ckpt, &batch, 0.1).unwrap();
-        assert_eq!(a.metrics.loss, b.metrics.loss, "{name}: forward differs");
+        assert_eq!(
+            a.readout.metrics(None).unwrap().loss,
+            b.readout.metrics(None).unwrap().loss,
+            "{name}: forward differs"
+        );
         let ga = plain.gradients(&a.objective).unwrap();
         let gb = ckpt.gradients(&b.objective).unwrap();
         let name = format!("{name} (checkpointed)");
@@ -332,8 +349,16 @@ fn a_detached_model_gives_the_same_numbers_without_a_graph() {
             let out = forward(&detached, &batch, 0.1).unwrap();
             assert!(live.objective.track_op(), "{name}");
             assert!(!out.objective.track_op(), "{name}: a graph was recorded");
-            assert_eq!(live.metrics.values, out.metrics.values, "{name}");
-            assert_eq!(live.metrics.loss, out.metrics.loss, "{name}");
+            assert_eq!(
+                live.readout.metrics(None).unwrap().values,
+                out.readout.metrics(None).unwrap().values,
+                "{name}"
+            );
+            assert_eq!(
+                live.readout.metrics(None).unwrap().loss,
+                out.readout.metrics(None).unwrap().loss,
+                "{name}"
+            );
         }
     }
 }

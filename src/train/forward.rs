@@ -1,8 +1,13 @@
 //! One micro-batch through the model: per-token log-probs of the next token, the pooled NLL of
 //! the chosen sequences, the odds-ratio term, and a scalar whose gradient is the loss's.
+//!
+//! Nothing here reads the device: the objective's coefficients come from an op on the
+//! log-probs' device, and what the metrics need stays there in one small tensor
+//! ([`Readout`]) until the caller has queued the backward pass.
 
 use super::batch::Batch;
 use super::loss::Metrics;
+use super::odds_coefs::odds_coefficients;
 use crate::model::CausalLm;
 use candle_core::{DType, Result, Tensor};
 
@@ -10,23 +15,57 @@ pub struct ForwardOutput {
     /// Differentiable scalar with the gradient of the ORPO loss (its value is not the loss:
     /// the odds-ratio term enters linearised around the current log-probs).
     pub objective: Tensor,
-    pub metrics: Metrics,
-    /// Mean answer log-prob of each chosen and each rejected sequence.
-    pub lp_chosen: Vec<f64>,
-    pub lp_rejected: Vec<f64>,
+    /// The loss and metrics, still on the device.
+    pub readout: Readout,
+}
+
+/// What the metrics need, on the device: `[2B]` mean answer log-probs (chosen, then
+/// rejected), the NLL, and the chosen and rejected halves' logit sums, in one f32 tensor (one
+/// transfer).
+pub struct Readout {
+    values: Tensor,
+    n_pairs: usize,
+    beta: f64,
+    /// Logits per half (sequences x positions x vocabulary): the logit means' denominator.
+    logit_count: f64,
+}
+
+impl Readout {
+    /// Copies the values to the host and computes the metrics (in f64, as TRL logs them); with
+    /// `first_pairs`, the per-pair metrics count only that many pairs (see
+    /// `Metrics::restrict_pair_metrics`). On a GPU this waits for the kernels queued so far.
+    pub fn metrics(&self, first_pairs: Option<usize>) -> Result<Metrics> {
+        let b = self.n_pairs;
+        let v: Vec<f32> = self.values.to_vec1()?;
+        let v: Vec<f64> = v.into_iter().map(f64::from).collect();
+        let (lp_w, rest) = v.split_at(b);
+        let (lp_l, rest) = rest.split_at(b);
+        let [nll, sum_chosen, sum_rejected] = rest else {
+            candle_core::bail!("readout: {} values for {b} pairs", v.len());
+        };
+        let (mut metrics, _) = Metrics::from_parts(
+            lp_w,
+            lp_l,
+            self.beta,
+            *nll,
+            sum_chosen / self.logit_count,
+            sum_rejected / self.logit_count,
+        );
+        if let Some(k) = first_pairs {
+            let k = k.min(b);
+            metrics.restrict_pair_metrics(&lp_w[..k], &lp_l[..k], self.beta);
+        }
+        Ok(metrics)
+    }
 }
 
 /// What the loss needs from the model: per-sequence sums of answer log-probs `[2B]`, the sum
-/// of NLL-target log-probs (a scalar), and the mean logit of each half (metrics only).
+/// of NLL-target log-probs (a scalar), and the logit sums of the chosen and the rejected half
+/// (`[2]`, metrics only).
 struct Scores {
     answer_sums: Tensor,
     nll_sum: Tensor,
-    logits_chosen: f64,
-    logits_rejected: f64,
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+    logit_sums: Tensor,
 }
 
 /// The padded batch as TRL runs it: `[2B, len]` through the model, positions [0, len-1).
@@ -39,16 +78,14 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     // Log-softmax + gather without more than one [rows, vocab] buffer (fused, or chunked and
     // recomputed under gradient checkpointing).
     let (logp, row_sums) = model.head_scores(&h, &batch.targets.flatten_all()?)?;
-    let half = (n / 2) * t;
-    let count = (half * model.lm_head().dim(0)?) as f64;
-    let logits_chosen = scalar(&row_sums.narrow(0, 0, half)?.sum_all()?)? / count;
-    let logits_rejected = scalar(&row_sums.narrow(0, half, half)?.sum_all()?)? / count;
     let logp = logp.reshape((n, t))?;
     Ok(Scores {
         answer_sums: (&logp * &batch.answer_mask)?.sum(1)?,
         nll_sum: (logp.narrow(0, 0, n / 2)? * &batch.nll_mask)?.sum_all()?,
-        logits_chosen,
-        logits_rejected,
+        logit_sums: row_sums
+            .to_dtype(DType::F32)?
+            .reshape((2, (n / 2) * t))?
+            .sum(1)?,
     })
 }
 
@@ -60,20 +97,14 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
 fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let p = &batch.packed;
     let hidden = model.hidden_packed(&p.layout)?; // [total, e]
-    let w = model.lm_head();
     let h = hidden.index_select(&p.rows, 0)?;
     let (logp, _) = model.head_scores(&h, &p.targets)?; // [m]
-    let n = batch.n_pairs * 2;
-    let vocab = w.dim(0)?;
     let w_sum = model.head_column_sums()?.unsqueeze(1)?; // [e, 1]
     let halves = p.logit_weights.matmul(&hidden.detach())?.matmul(&w_sum)?; // [2, 1]
-    let halves: Vec<f64> = halves.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-    let count = ((n / 2) * (batch.len - 1) * vocab) as f64;
     Ok(Scores {
         answer_sums: p.answer_select.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?,
         nll_sum: (&logp * &p.nll_weight)?.sum_all()?,
-        logits_chosen: halves[0] / count,
-        logits_rejected: halves[1] / count,
+        logit_sums: halves.flatten_all()?.to_dtype(DType::F32)?,
     })
 }
 
@@ -95,7 +126,6 @@ fn forward_with(model: &CausalLm, batch: &Batch, beta: f64, packed: bool) -> Res
     } else {
         scores_padded(model, batch)?
     };
-    let (logits_chosen, logits_rejected) = (sc.logits_chosen, sc.logits_rejected);
     let dev = &sc.answer_sums.device().clone();
     let counts = Tensor::from_vec(
         batch
@@ -108,25 +138,24 @@ fn forward_with(model: &CausalLm, batch: &Batch, beta: f64, packed: bool) -> Res
     )?;
     let mean_lp = (sc.answer_sums / counts)?;
     let nll = (sc.nll_sum / (-batch.nll_count))?;
-
-    let lp_host: Vec<f64> = mean_lp.detach().to_dtype(DType::F64)?.to_vec1()?;
-    let nll_host = nll.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let (lp_w, lp_l) = lp_host.split_at(b);
-    let (metrics, odds) =
-        Metrics::from_parts(lp_w, lp_l, beta, nll_host, logits_chosen, logits_rejected);
     // Linearise the odds term: sum_i d_i * lp_i has exactly the odds term's gradient.
-    let coeffs: Vec<f32> = odds
-        .d_chosen
-        .iter()
-        .chain(&odds.d_rejected)
-        .map(|&d| d as f32)
-        .collect();
-    let coeffs = Tensor::from_vec(coeffs, 2 * b, dev)?;
-    let surrogate = (mean_lp * coeffs)?.sum_all()?;
+    let surrogate = (&mean_lp * odds_coefficients(&mean_lp, beta)?)?.sum_all()?;
+    let values = Tensor::cat(
+        &[
+            &mean_lp.detach(),
+            &nll.detach().reshape(1)?,
+            &sc.logit_sums.detach(),
+        ],
+        0,
+    )?;
+    let vocab = model.lm_head().dim(0)?;
     Ok(ForwardOutput {
         objective: (nll + surrogate)?,
-        metrics,
-        lp_chosen: lp_w.to_vec(),
-        lp_rejected: lp_l.to_vec(),
+        readout: Readout {
+            values,
+            n_pairs: b,
+            beta,
+            logit_count: (b * (batch.len - 1) * vocab) as f64,
+        },
     })
 }

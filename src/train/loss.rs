@@ -1,7 +1,9 @@
 //! The ORPO odds-ratio term and the metrics TRL reports, on per-pair mean answer log-probs.
 //!
-//! This part works on B scalars per micro-batch, so it runs on the host in f64 with written
-//! derivatives: stable `log1mexp`, and no need for `log1p`/`expm1`, which candle lacks.
+//! This part works on B scalars per micro-batch, so it runs in f64 with written derivatives:
+//! stable `log1mexp`, and no need for `log1p`/`expm1`, which candle lacks. The metrics are
+//! computed here on the host; the derivatives that enter the objective also come from an op on
+//! the log-probs' device (`odds_coefs.rs`, this arithmetic), so a step reads the device once.
 
 /// `log(1 - e^a)` for `a <= 0`, stable near 0 and for very negative `a`.
 pub fn log1mexp(a: f64) -> f64 {

@@ -2,7 +2,7 @@
 
 use super::batch::collate;
 use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic, BaseModel};
-use super::forward::forward;
+use super::forward::{forward, Readout};
 use super::loss::{Metrics, METRIC_NAMES};
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
@@ -93,8 +93,22 @@ pub struct TrainSummary {
 /// One optimizer step's summed gradients, its micro-batches' metrics and its token count.
 pub struct StepGradients {
     pub grads: HashMap<String, Tensor>,
-    pub metrics: Vec<Metrics>,
+    /// Each micro-batch's metrics, still on the device, with how many of its pairs the pair
+    /// metrics count (all when `None`).
+    readouts: Vec<(Readout, Option<usize>)>,
     pub tokens: usize,
+}
+
+impl StepGradients {
+    /// The micro-batches' metrics. This reads the device, so on a GPU it waits for the
+    /// backward passes: call it once whatever follows them has been queued.
+    pub fn metrics(&self) -> Result<Vec<Metrics>, Error> {
+        Ok(self
+            .readouts
+            .iter()
+            .map(|(r, k)| r.metrics(*k))
+            .collect::<candle_core::Result<_>>()?)
+    }
 }
 
 /// GiB to two decimals, for logs.
@@ -144,7 +158,8 @@ impl Trainer {
     }
 
     /// Runs one optimizer step's forward and backward passes; returns the summed gradients
-    /// (already divided by the number of micro-batches), the micro-batch metrics and tokens.
+    /// (already divided by the number of micro-batches), the micro-batch metrics (still on the
+    /// device) and tokens.
     pub fn step_gradients(
         &self,
         micro_batches: &[Vec<usize>],
@@ -153,7 +168,7 @@ impl Trainer {
         let cfg = &self.config;
         let n_micro = micro_batches.len() as f64;
         let mut grads = HashMap::new();
-        let mut metrics = Vec::with_capacity(micro_batches.len());
+        let mut readouts = Vec::with_capacity(micro_batches.len());
         let mut tokens = 0;
         for idx in micro_batches {
             let pairs: Vec<_> = idx.iter().map(|&i| &self.train.pairs[i]).collect();
@@ -174,6 +189,7 @@ impl Trainer {
             let objective = (out.objective / n_micro)?;
             accumulate(&self.model, &objective, &mut grads)?;
             let bwd_mem = self.memory_read();
+            // On a GPU both times are the host's (queuing kernels): nothing here reads the device.
             tracing::debug!(
                 forward_s = (t1 - t0).as_secs_f64(),
                 backward_s = t1.elapsed().as_secs_f64(),
@@ -190,16 +206,11 @@ impl Trainer {
                     .map(gib2),
                 "micro-batch"
             );
-            let mut m = out.metrics;
-            if let Some(k) = metric_pairs {
-                let k = k.min(idx.len());
-                m.restrict_pair_metrics(&out.lp_chosen[..k], &out.lp_rejected[..k], cfg.orpo.beta);
-            }
-            metrics.push(m);
+            readouts.push((out.readout, metric_pairs));
         }
         Ok(StepGradients {
             grads,
-            metrics,
+            readouts,
             tokens,
         })
     }
@@ -250,15 +261,14 @@ impl Trainer {
         let mut epoch = st.epoch;
         for step in st.step..total {
             let sb = plan.step(step);
-            let StepGradients {
-                grads,
-                metrics: micro_metrics,
-                tokens,
-            } = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
-            // On a GPU this waits for the backward pass's kernels (its first host read).
+            let step_grads = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
+            // On a GPU this waits for the backward pass's kernels (the step's first host read);
+            // the norm's own kernels are queued behind them first.
             let t_norm = Instant::now();
-            let norm = global_norm(&grads)?;
+            let norm = global_norm(&step_grads.grads)?;
             let norm_s = t_norm.elapsed().as_secs_f64();
+            let micro_metrics = step_grads.metrics()?;
+            let StepGradients { grads, tokens, .. } = step_grads;
             let step_metrics = Metrics::mean(&micro_metrics);
             if !norm.is_finite() || !step_metrics.loss.is_finite() {
                 let what = if norm.is_finite() {
