@@ -28,9 +28,10 @@ pub fn evaluate(
     let device = model.lm_head().device().clone();
     // No graph: nothing is differentiated here.
     let model = &model.detached();
-    let mut per_batch = Vec::new();
-    let mut weighted_loss = 0.0;
     let pairs: Vec<_> = data.pairs.iter().collect();
+    // Every batch is queued before any is read: on a GPU the host prepares the next batch
+    // while the device runs the last.
+    let mut readouts = Vec::new();
     for chunk in pairs.chunks(batch_size.max(1)) {
         let batch = collate(
             chunk,
@@ -39,8 +40,13 @@ pub fn evaluate(
             model.packed_padding(),
             &device,
         )?;
-        let metrics = forward(model, &batch, beta)?.readout.metrics(None)?;
-        weighted_loss += metrics.loss * chunk.len() as f64;
+        readouts.push((forward(model, &batch, beta)?.readout, chunk.len()));
+    }
+    let mut per_batch = Vec::with_capacity(readouts.len());
+    let mut weighted_loss = 0.0;
+    for (readout, n_pairs) in &readouts {
+        let metrics = readout.metrics(None)?;
+        weighted_loss += metrics.loss * *n_pairs as f64;
         per_batch.push(metrics);
     }
     let n = pairs.len();

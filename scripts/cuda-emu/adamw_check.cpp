@@ -12,8 +12,10 @@
 static int failures = 0;
 
 static void run(size_t n, unsigned blocks, int steps, double grad_scale) {
-  // The betas as the kernel gets them (f32); the reference then works in double.
+  // The betas and 1 - beta as the kernel gets them (f32, each rounded from double, as torch's
+  // scalars); the reference then works in double.
   const double lr = 1e-3, wd = 0.01, b1 = (float)0.9, b2 = (float)0.999, eps = 1e-8;
+  const double c1 = (float)(1 - 0.9), c2 = (float)(1 - 0.999);
   std::mt19937 rng(n);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> p(n), m(n, 0.0f), v(n, 0.0f), g(n);
@@ -25,15 +27,15 @@ static void run(size_t n, unsigned blocks, int steps, double grad_scale) {
     // The Rust side's per-step constants (optim.rs: Coefs), rounded to f32 as it passes them.
     const float decay = 1 - lr * wd, step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
     emu::launch({blocks}, {64}, adamw_moment1, m.data(), (const float *)g.data(), n, (float)b1,
-                (float)grad_scale);
+                (float)c1, (float)grad_scale);
     emu::launch({blocks}, {64}, adamw_moment2, v.data(), (const float *)g.data(), n, (float)b2,
-                (float)grad_scale);
+                (float)c2, (float)grad_scale);
     emu::launch({blocks}, {64}, adamw_param, p.data(), (const float *)m.data(),
                 (const float *)v.data(), n, decay, step_size, bc2_sqrt, (float)eps);
     for (size_t i = 0; i < n; ++i) {
       const double gi = g[i] * grad_scale;
-      mr[i] = b1 * mr[i] + (1 - b1) * gi;
-      vr[i] = b2 * vr[i] + (1 - b2) * gi * gi;
+      mr[i] = b1 * mr[i] + c1 * gi;
+      vr[i] = b2 * vr[i] + c2 * gi * gi;
       pr[i] = pr[i] * (1 - lr * wd) - lr / bc1 * mr[i] / (std::sqrt(vr[i]) / std::sqrt(bc2) + eps);
     }
   }

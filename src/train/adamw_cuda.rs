@@ -17,6 +17,7 @@ pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Resul
         &Moment {
             kernel: "adamw_moment1",
             beta: c.beta1,
+            one_minus_beta: c.one_minus_beta1,
             grad_scale: c.grad_scale,
         },
     )?;
@@ -25,6 +26,7 @@ pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Resul
         &Moment {
             kernel: "adamw_moment2",
             beta: c.beta2,
+            one_minus_beta: c.one_minus_beta2,
             grad_scale: c.grad_scale,
         },
     )?;
@@ -42,6 +44,7 @@ fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
 struct Moment {
     kernel: &'static str,
     beta: f32,
+    one_minus_beta: f32,
     grad_scale: f32,
 }
 
@@ -77,6 +80,7 @@ impl InplaceOp2 for Moment {
         b.arg(&g);
         b.arg(&n);
         b.arg(&self.beta);
+        b.arg(&self.one_minus_beta);
         b.arg(&self.grad_scale);
         // SAFETY: arguments as the kernel's signature; n elements in each buffer.
         unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;

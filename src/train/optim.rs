@@ -50,6 +50,10 @@ pub struct AdamW {
 pub(super) struct Coefs {
     pub beta1: f32,
     pub beta2: f32,
+    /// `1 - beta` rounded from f64, as torch's scalar is (`1.0f32 - beta` differs: for beta2
+    /// 0.999 by 1.3e-5 relative).
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
     pub decay: f32,
     pub step_size: f32,
     pub bc2_sqrt: f32,
@@ -67,8 +71,8 @@ struct HostUpdate<'a> {
 fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: Coefs) {
     for i in 0..p.len() {
         let gi = g[i] * c.grad_scale;
-        let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
-        let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+        let mi = c.beta1 * m[i] + c.one_minus_beta1 * gi;
+        let vi = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         let denom = vi.sqrt() / c.bc2_sqrt + c.eps;
@@ -182,6 +186,8 @@ impl AdamW {
             let coefs = Coefs {
                 beta1: s.beta1 as f32,
                 beta2: s.beta2 as f32,
+                one_minus_beta1: (1.0 - s.beta1) as f32,
+                one_minus_beta2: (1.0 - s.beta2) as f32,
                 decay: decay as f32,
                 step_size: (lr / bc1) as f32,
                 bc2_sqrt: bc2_sqrt as f32,
