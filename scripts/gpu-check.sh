@@ -11,6 +11,8 @@
 #                                              the project's own CUDA kernels off, to bisect)
 #                                            | profile-fused:WORKLOAD (profile with
 #                                              ORPO_FUSED_ATTENTION=1)
+#                                            | trim:WORKLOAD (ORPO_KEEP_GPU_MEMORY=0: the memory
+#                                              pool trimmed at every sync, CUDA's default; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -105,8 +107,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:* | trim:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -697,9 +699,9 @@ profile_fused() { # WL
   profile_workload "$1"
   PROF_TAG= PROF_ENV=()
 }
-bench_fused() { # WL
-  BTAG=+fused-attention BENCH_ENV=(ORPO_FUSED_ATTENTION=1)
-  bench_workload "$1"
+bench_variant() { # TAG ENV WL
+  BTAG=$1 BENCH_ENV=("$2")
+  bench_workload "$3"
   BTAG= BENCH_ENV=()
 }
 
@@ -711,7 +713,8 @@ for p in "${phases[@]}"; do
     parity-nokernels) run_parity_nokernels ;;
     profile:*) profile_workload "${p#profile:}" ;;
     profile-fused:*) profile_fused "${p#profile-fused:}" ;;
-    fused:*) bench_fused "${p#fused:}" ;;
+    fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
+    trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
     *) bench_workload "$p" ;;
   esac
 done

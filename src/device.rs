@@ -4,6 +4,18 @@ use crate::Error;
 use candle_core::Device;
 
 pub fn select_device(spec: &str) -> Result<Device, Error> {
+    let device = open_device(spec)?;
+    if device.is_cuda() {
+        let kept = crate::memory::keep_freed_device_memory(&device);
+        tracing::debug!(
+            kept,
+            "GPU memory pool: keep freed memory across synchronisations"
+        );
+    }
+    Ok(device)
+}
+
+fn open_device(spec: &str) -> Result<Device, Error> {
     let bad = || {
         Error::Input(format!(
             "model.device: `{spec}` is not one of cpu, cuda, cuda:N, auto"

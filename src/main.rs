@@ -333,6 +333,12 @@ fn main() -> ExitCode {
         orpo::ops::set_fused_attention(true);
         tracing::info!("ORPO_FUSED_ATTENTION=1: attention's probabilities as one fused op");
     }
+    if std::env::var_os("ORPO_KEEP_GPU_MEMORY").is_some_and(|v| v == "0") {
+        orpo::memory::set_keep_freed_device_memory(false);
+        tracing::info!(
+            "ORPO_KEEP_GPU_MEMORY=0: the GPU's memory pool returns freed memory at each sync"
+        );
+    }
     let result = match cli.command {
         Command::Train {
             config,

@@ -8,7 +8,7 @@
 
 use candle_core::Device;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -55,6 +55,31 @@ unsafe impl GlobalAlloc for CountingAlloc {
             grow(new_size);
         }
         p
+    }
+}
+
+static KEEP_FREED: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`keep_freed_device_memory`] acts (on unless turned off: the binary reads
+/// `ORPO_KEEP_GPU_MEMORY=0`, to measure what keeping saves).
+pub fn set_keep_freed_device_memory(on: bool) {
+    KEEP_FREED.store(on, Relaxed);
+}
+
+/// Lets a GPU's memory pool keep what tensors free, as torch's caching allocator does. CUDA's
+/// default pool has a release threshold of 0: at every synchronisation (each training step has
+/// one, reading the gradient norm) it hands all its unused memory back to the driver, and the
+/// next step maps the same tens of GB afresh; RMM, CCCL and cuda-python raise the threshold to
+/// the maximum for that reason. Returns whether the pool now keeps its memory (false on the
+/// CPU, where allocations bypass the pool, or when turned off).
+pub fn keep_freed_device_memory(device: &Device) -> bool {
+    if !KEEP_FREED.load(Relaxed) {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::Pool::of(d).is_some_and(|p| p.keep_freed_memory()),
+        _ => false,
     }
 }
 
@@ -157,6 +182,7 @@ mod cuda {
     use std::sync::Arc;
 
     use sys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD as RELEASE_THRESHOLD,
         CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED_HIGH,
         CU_MEMPOOL_ATTR_USED_MEM_CURRENT as CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH as HIGH,
     };
@@ -192,12 +218,24 @@ mod cuda {
             }
         }
 
+        fn set(&self, attr: sys::CUmemPool_attribute, mut value: u64) -> bool {
+            // SAFETY: as in `attribute`.
+            self.ctx.bind_to_thread().is_ok()
+                && unsafe {
+                    mem_pool::set_attribute(self.pool, attr, (&mut value as *mut u64).cast())
+                }
+                .is_ok()
+        }
+
         /// Setting a high-water mark to 0 resets it to the current value.
         fn reset(&self, attr: sys::CUmemPool_attribute) {
-            let mut zero: u64 = 0;
-            // SAFETY: as in `attribute`.
-            let _ =
-                unsafe { mem_pool::set_attribute(self.pool, attr, (&mut zero as *mut u64).cast()) };
+            self.set(attr, 0);
+        }
+
+        /// Whether the pool now keeps freed memory across synchronisations (see
+        /// [`super::keep_freed_device_memory`]).
+        pub fn keep_freed_memory(&self) -> bool {
+            self.set(RELEASE_THRESHOLD, u64::MAX) && self.attribute(RELEASE_THRESHOLD) == u64::MAX
         }
 
         pub fn read(&self) -> Usage {
@@ -223,5 +261,11 @@ mod tests {
     fn a_cpu_meter_needs_the_counting_allocator() {
         // The test harness runs on the system allocator: nothing is counted.
         assert!(LIVE.load(Relaxed) == 0 && MemoryMeter::new(&Device::Cpu).is_none());
+    }
+
+    #[test]
+    fn only_a_gpu_pool_is_told_to_keep_freed_memory() {
+        // The CPU's counterpart is the binary's allocator tuning (main.rs, keep_freed_memory).
+        assert!(!keep_freed_device_memory(&Device::Cpu));
     }
 }
