@@ -13,6 +13,8 @@
 #                                              ORPO_FUSED_ATTENTION=1)
 #                                            | trim:WORKLOAD (ORPO_KEEP_GPU_MEMORY=0: the memory
 #                                              pool trimmed at every sync, CUDA's default; no TRL)
+#                                            | chain:WORKLOAD (ORPO_RECOMPUTE_ATTENTION=0: the
+#                                              attention chain kept for backward; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -107,8 +109,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:* | trim:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:* | trim:* | chain:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -715,6 +717,7 @@ for p in "${phases[@]}"; do
     profile-fused:*) profile_fused "${p#profile-fused:}" ;;
     fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
     trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
+    chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
     *) bench_workload "$p" ;;
   esac
 done

@@ -88,10 +88,11 @@ Phases run in the order given (all = parity opt-125m llama-1b mistral-7b); what 
 the budget is skipped and listed in gpu-results.md. With device time left, follow up at once
 (the machine stays warm 30 s), e.g. a second reading of a workload or where its time goes:
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh profile:llama-1b", carry=["$PKG"], timeout_s=220)
-The fused attention op (ORPO_FUSED_ATTENTION=1, off by default until it has run on a GPU) and
-CUDA's default memory pool (trim: ORPO_KEEP_GPU_MEMORY=0) beside the default path, and then
-where the fused path's time goes:
-  run(command="GPU_CHECK_BUDGET=430 bash scripts/gpu-check.sh parity parity-fused llama-1b trim:llama-1b fused:llama-1b mistral-7b fused:mistral-7b fused:opt-125m", carry=["$PKG"], timeout_s=460)
+The fused attention op (ORPO_FUSED_ATTENTION=1, off by default until it has run on a GPU), the
+attention chain kept for backward (chain: ORPO_RECOMPUTE_ATTENTION=0) and CUDA's default
+memory pool (trim: ORPO_KEEP_GPU_MEMORY=0) beside the default path, then where the fused
+path's time goes:
+  run(command="GPU_CHECK_BUDGET=430 bash scripts/gpu-check.sh parity parity-fused llama-1b fused:llama-1b chain:llama-1b trim:llama-1b mistral-7b fused:mistral-7b", carry=["$PKG"], timeout_s=460)
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh profile-fused:llama-1b", carry=["$PKG"], timeout_s=220)
 If a parity case fails, parity-nokernels (ORPO_CUDA_KERNELS=0: the project's own CUDA kernels
 off, candle ops instead) tells their faults from the rest:

@@ -333,6 +333,12 @@ fn main() -> ExitCode {
         orpo::ops::set_fused_attention(true);
         tracing::info!("ORPO_FUSED_ATTENTION=1: attention's probabilities as one fused op");
     }
+    if std::env::var_os("ORPO_RECOMPUTE_ATTENTION").is_some_and(|v| v == "0") {
+        orpo::model::set_recompute_attention_probs(false);
+        tracing::info!(
+            "ORPO_RECOMPUTE_ATTENTION=0: attention's probabilities keep their chain for backward"
+        );
+    }
     if std::env::var_os("ORPO_KEEP_GPU_MEMORY").is_some_and(|v| v == "0") {
         orpo::memory::set_keep_freed_device_memory(false);
         tracing::info!(

@@ -4,6 +4,7 @@
 use super::packed::{AttendFn, PackedAttention};
 use super::recompute::{checkpoint, checkpoint_rows, Block, RowsBlock, SideGrads};
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Maps a layer's q/k/v projections of a padded batch (shaped like the layer input, heads not
@@ -220,14 +221,19 @@ pub fn attention(
     let probs = if crate::ops::fused_attention() && (q.device().is_cpu() || q.device().is_cuda()) {
         // One op from the raw product to the probabilities (see `ops::attn_softmax`).
         crate::ops::attn_softmax(&scores, &bias.bias, scale, softcap)?
+    } else if scores.track_op()
+        && RECOMPUTE_PROBS.load(Ordering::Relaxed)
+        && !super::recompute::recomputing()
+    {
+        let block = ProbsBlock {
+            bias: bias.bias.clone(),
+            scale,
+            softcap,
+            compute,
+        };
+        checkpoint(&scores, Arc::new(block), &SideGrads::default())?
     } else {
-        let mut scores = (scores.to_dtype(DType::F32)? * scale)?;
-        if let Some(cap) = softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        low(&crate::ops::softmax_last(
-            &scores.broadcast_add(&bias.bias)?,
-        )?)?
+        probs_chain(&scores, &bias.bias, scale, softcap, compute)?
     };
     let mut out = grouped(&probs, lk)?
         .matmul(&low(v)?)?
@@ -236,6 +242,54 @@ pub fn attention(
         out = out.broadcast_mul(&keep.to_dtype(out.dtype())?)?;
     }
     out.transpose(1, 2)?.reshape((n, lq, h * d))
+}
+
+/// Attention's probabilities from the raw product `q k^T` as candle ops: to f32, scaled,
+/// soft-capped (Gemma 2), biased, softmax, back to the products' dtype.
+fn probs_chain(
+    scores: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    compute: DType,
+) -> Result<Tensor> {
+    let mut s = (scores.to_dtype(DType::F32)? * scale)?;
+    if let Some(cap) = softcap {
+        s = ((s / cap)?.tanh()? * cap)?;
+    }
+    crate::ops::softmax_last(&s.broadcast_add(bias)?)?.to_dtype(compute)
+}
+
+static RECOMPUTE_PROBS: AtomicBool = AtomicBool::new(true);
+
+/// Whether attention's probabilities are checkpointed (see [`ProbsBlock`]); on unless turned off
+/// (the binary reads `ORPO_RECOMPUTE_ATTENTION=0`, to measure what it costs and saves).
+pub fn set_recompute_attention_probs(on: bool) {
+    RECOMPUTE_PROBS.store(on, Ordering::Relaxed);
+}
+
+/// [`probs_chain`] as a checkpointed block. The chain's graph keeps every intermediate for
+/// backward, ~20 bytes a score element under bf16 products (the scores, their f32 copy, the
+/// scaled and biased copies, f32 and bf16 probabilities: ~1.4 GB a layer for Llama-1B at 8
+/// pairs of ~370 tokens); checkpointed it keeps the scores and the probabilities (the next
+/// product holds those anyway), and backward reruns the chain: the same ops, so the same
+/// gradients bit for bit, for one more pass of the chain. Not inside a checkpointed layer's
+/// recomputation, where one layer's intermediates live at a time anyway.
+struct ProbsBlock {
+    bias: Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    compute: DType,
+}
+
+impl Block for ProbsBlock {
+    fn forward(&self, scores: &Tensor, _live: bool) -> Result<Tensor> {
+        probs_chain(scores, &self.bias, self.scale, self.softcap, self.compute)
+    }
+
+    fn vars(&self) -> Vec<candle_core::Var> {
+        Vec::new()
+    }
 }
 
 /// `[n, len, h*d]` -> `[n, h, len, d]`, contiguous for the batched matmuls.
@@ -262,6 +316,42 @@ pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpointed_probabilities_match_the_chain_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            (DType::F32, None),
+            (DType::BF16, None),
+            (DType::F32, Some(1.5)),
+        ];
+        for (compute, softcap) in cases {
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 5, 7), &dev)?)?;
+            let scores = x.as_tensor().to_dtype(compute)?;
+            // Finite masks, as `AttnBias` builds them: the last two keys hidden from row 0.
+            let mut b = vec![0f32; 2 * 5 * 7];
+            b[5] = f32::MIN;
+            b[6] = f32::MIN;
+            let bias = Tensor::from_vec(b, (2, 1, 5, 7), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev)?;
+            let chain = probs_chain(&scores, &bias, 0.3, softcap, compute)?;
+            let block = ProbsBlock {
+                bias: bias.clone(),
+                scale: 0.3,
+                softcap,
+                compute,
+            };
+            let kept = checkpoint(&scores, Arc::new(block), &SideGrads::default())?;
+            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(&chain)?, flat(&kept)?, "{compute:?} {softcap:?}");
+            let grad = |p: &Tensor| -> Result<Vec<f32>> {
+                let g = (p.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                flat(g.get(x.as_tensor()).expect("a gradient for the scores"))
+            };
+            assert_eq!(grad(&chain)?, grad(&kept)?, "{compute:?} {softcap:?}");
+        }
+        Ok(())
+    }
 
     /// A padding position past a sliding window sees no key: finite bias, and a zero output
     /// under sdpa semantics (none for eager); every other row's bias is the plain mask.

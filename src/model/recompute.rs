@@ -16,8 +16,35 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
     TensorId, Var,
 };
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+thread_local! {
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is rerunning a checkpointed block (inside its backward). Blocks rerun
+/// there one at a time, so a finer checkpoint inside one (see `layers::attention`) only adds
+/// work.
+pub fn recomputing() -> bool {
+    RECOMPUTING.with(Cell::get)
+}
+
+/// Marks this thread as recomputing until dropped (then restores the previous state).
+struct Recomputing(bool);
+
+impl Recomputing {
+    fn enter() -> Self {
+        Recomputing(RECOMPUTING.with(|r| r.replace(true)))
+    }
+}
+
+impl Drop for Recomputing {
+    fn drop(&mut self) {
+        RECOMPUTING.with(|r| r.set(self.0));
+    }
+}
 
 /// What a checkpointed block needs: run itself on an input, either with live parameters (graph
 /// recorded) or with detached copies (no graph), and name its trainable `Var`s.
@@ -247,6 +274,7 @@ impl CustomOp2 for CheckpointOp {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _recomputing = Recomputing::enter();
         // A fresh Var copy of x is the leaf for d/dx; a constant x needs no gradient.
         let xv = if self.x_tracks {
             Some(Var::from_tensor(&x.detach())?)
