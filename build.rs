@@ -18,7 +18,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-changed=src/ops/block_reduce.cuh");
     println!("cargo:rerun-if-changed=src/ops/dtype.cuh");
-    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = compute_cap();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     for (src, ptx) in [
@@ -48,4 +48,28 @@ fn main() {
             ),
         }
     }
+}
+
+/// The PTX's target, as candle-kernels picks its own: `CUDA_COMPUTE_CAP`, else the first GPU's
+/// capability from `nvidia-smi`, else 8.0 (PTX runs on that capability and newer ones, and
+/// the kernels need nothing past Ampere's bf16).
+fn compute_cap() -> String {
+    if let Ok(cap) = env::var("CUDA_COMPUTE_CAP") {
+        return cap.trim().replace('.', "");
+    }
+    let smi = Command::new("nvidia-smi")
+        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+        .output();
+    if let Ok(out) = smi {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(cap) = text.lines().next().map(|l| l.trim().replace('.', "")) {
+            if out.status.success() && !cap.is_empty() && cap.chars().all(|c| c.is_ascii_digit()) {
+                return cap;
+            }
+        }
+    }
+    println!(
+        "cargo:warning=no CUDA_COMPUTE_CAP and no GPU seen: the kernels' PTX targets compute_80"
+    );
+    "80".into()
 }

@@ -176,7 +176,7 @@ impl Source {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Usage;
-    use candle_core::cuda_backend::cudarc::driver::result::{device, mem_pool};
+    use candle_core::cuda_backend::cudarc::driver::result::{ctx as context, device, mem_pool};
     use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext};
     use candle_core::CudaDevice;
     use std::sync::Arc;
@@ -194,10 +194,18 @@ mod cuda {
         pool: sys::CUmemoryPool,
     }
 
+    /// Makes the context current on this thread without `bind_to_thread`, whose first act is
+    /// to take (and clear) the error cudarc parks for its next call, from a drop's
+    /// asynchronous free for instance: a meter reading must not swallow that error.
+    fn make_current(ctx: &CudaContext) -> bool {
+        // SAFETY: the context is alive (held by the device) and is not released here.
+        unsafe { context::set_current(ctx.cu_ctx()) }.is_ok()
+    }
+
     impl Pool {
         pub fn of(dev: &CudaDevice) -> Option<Self> {
             let ctx = dev.cuda_stream().context().clone();
-            if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+            if !ctx.has_async_alloc() || !make_current(&ctx) {
                 return None;
             }
             // SAFETY: the device handle comes from a live context.
@@ -208,7 +216,7 @@ mod cuda {
         fn attribute(&self, attr: sys::CUmemPool_attribute) -> u64 {
             let mut v: u64 = 0;
             // SAFETY: both attributes are cuuint64_t; the pool belongs to a live context.
-            let ok = self.ctx.bind_to_thread().is_ok()
+            let ok = make_current(&self.ctx)
                 && unsafe { mem_pool::get_attribute(self.pool, attr, (&mut v as *mut u64).cast()) }
                     .is_ok();
             if ok {
@@ -220,7 +228,7 @@ mod cuda {
 
         fn set(&self, attr: sys::CUmemPool_attribute, mut value: u64) -> bool {
             // SAFETY: as in `attribute`.
-            self.ctx.bind_to_thread().is_ok()
+            make_current(&self.ctx)
                 && unsafe {
                     mem_pool::set_attribute(self.pool, attr, (&mut value as *mut u64).cast())
                 }

@@ -48,8 +48,9 @@ pub fn fused_kernels() -> bool {
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(true);
 
-/// Turns the project's own CUDA kernels of this module (`swiglu.cu`, `rms_norm.cu`'s
-/// backward) on or off for the whole process: off, those ops take candle ops on CUDA (the
+/// Turns the project's own CUDA kernels (`swiglu.cu`, `rms_norm.cu`'s backward,
+/// `logprob_sum.cu`, the odds term's `odds.cu`, AdamW's `adamw.cu`; not the opt-in
+/// `attn_softmax.cu`) on or off for the whole process: off, those take candle ops on CUDA (the
 /// path the CPU tests with its kernels off), to tell a kernel's fault from the rest when a
 /// device result looks wrong (`ORPO_CUDA_KERNELS=0`). candle's own kernels stay.
 pub fn set_cuda_kernels(on: bool) {
@@ -116,6 +117,22 @@ pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
         None => bail!("{op} (CUDA): inputs must be contiguous"),
+    }
+}
+
+/// Launch shape for a grid-stride kernel over `n` elements (`n > 0`): `threads` a block, at
+/// most 2^20 blocks (the loop covers the rest). cudarc's `for_num_elems` takes a `u32` count
+/// and gives no block at all for a multiple of 2^32.
+#[cfg(feature = "cuda")]
+pub(crate) fn grid_stride(
+    n: usize,
+    threads: u32,
+) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).clamp(1, 1 << 20) as u32;
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

@@ -110,7 +110,10 @@ mod cuda {
     use candle_core::cuda_backend::{kernels, WrapErr};
     use candle_core::{bail, CudaStorage, Layout, Result, Shape};
 
-    /// candle's f32 softmax kernel (candle-nn's `softmax_last_dim`): one warp per row.
+    /// candle's f32 softmax kernel (candle-nn's `softmax_last_dim`): one warp per row. The
+    /// kernel indexes with a 32-bit `int` (`row * ncols + col`), so it runs over chunks of at
+    /// most `i32::MAX` elements: long-context scores (`[n, h, l, l]` past 2^31 elements at
+    /// 8 pairs of 2,048+ tokens) would otherwise read and write outside the buffers.
     pub fn softmax_last(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = storage.device();
         let src = storage.as_cuda_slice::<f32>()?;
@@ -121,21 +124,35 @@ mod cuda {
         let shape = layout.shape().clone();
         let el = shape.elem_count();
         let cols = shape.dims().last().copied().unwrap_or(1).max(1);
-        let cfg = LaunchConfig {
-            grid_dim: ((el / cols) as u32, 1, 1),
-            block_dim: (1, 32, 1),
-            shared_mem_bytes: 0,
-        };
+        let rows = el / cols;
+        if cols > i32::MAX as usize {
+            bail!("softmax-last-fused: rows of {cols} elements are past the kernel's 32-bit index");
+        }
         let func = dev.get_or_load_func("softmax_f32", &kernels::REDUCE)?;
-        // SAFETY: every element is written by the kernel.
-        let dst = unsafe { dev.alloc::<f32>(el)? };
-        let mut builder = func.builder();
-        builder.arg(&src);
-        builder.arg(&dst);
-        let cols = cols as i32;
-        builder.arg(&cols);
-        // SAFETY: arguments as the kernel's signature (src, dst, ncols).
-        unsafe { builder.launch(cfg) }.w()?;
+        // SAFETY: every element is written by the kernel (no launch only when el == 0).
+        let mut dst = unsafe { dev.alloc::<f32>(el)? };
+        let chunk_rows = (i32::MAX as usize / cols).max(1);
+        let ncols = cols as i32;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = rows.min(r0 + chunk_rows);
+            let (a, b) = (r0 * cols, r1 * cols);
+            let cfg = LaunchConfig {
+                grid_dim: ((r1 - r0) as u32, 1, 1),
+                block_dim: (1, 32, 1),
+                shared_mem_bytes: 0,
+            };
+            let src_chunk = src.slice(a..b);
+            let mut dst_chunk = dst.slice_mut(a..b);
+            let mut builder = func.builder();
+            builder.arg(&src_chunk);
+            builder.arg(&mut dst_chunk);
+            builder.arg(&ncols);
+            // SAFETY: arguments as the kernel's signature (src, dst, ncols); each chunk holds
+            // at most i32::MAX elements.
+            unsafe { builder.launch(cfg) }.w()?;
+            r0 = r1;
+        }
         Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), shape))
     }
 }

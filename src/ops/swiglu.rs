@@ -173,9 +173,7 @@ impl CustomOp3 for SwiGluBwd {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{bail, CudaStorage, DType, Layout, Result};
     use half::bf16;
@@ -220,14 +218,8 @@ mod cuda {
         }
         b.arg(&out);
         b.arg(&n);
-        let blocks = n.div_ceil(256).clamp(1, 65_535 * 16) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments as the kernel's signature (inputs, out, n); a grid-stride loop.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(crate::ops::grid_stride(n, 256)) }.w()?;
         Ok(T::wrap_cuda_slice(out, dev))
     }
 }

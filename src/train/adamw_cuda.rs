@@ -2,7 +2,7 @@
 //! passes over the flat f32 parameter, moments and gradient, in place.
 
 use super::optim::Coefs;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CpuStorage, CudaStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
@@ -69,6 +69,9 @@ impl InplaceOp2 for Moment {
             bail!("adamw (CUDA): moment and gradient sizes differ");
         }
         let n = d1 - d0;
+        if n == 0 {
+            return Ok(()); // a launch of no block is an error
+        }
         let func = dst
             .device
             .clone()
@@ -83,7 +86,7 @@ impl InplaceOp2 for Moment {
         b.arg(&self.one_minus_beta);
         b.arg(&self.grad_scale);
         // SAFETY: arguments as the kernel's signature; n elements in each buffer.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        unsafe { b.launch(crate::ops::grid_stride(n, 1024)) }.w()?;
         Ok(())
     }
 }
@@ -123,6 +126,9 @@ impl InplaceOp3 for Param {
         if m1 - m0 != n || v1 - v0 != n {
             bail!("adamw (CUDA): parameter and moment sizes differ");
         }
+        if n == 0 {
+            return Ok(());
+        }
         let c = self.0;
         let func = dst
             .device
@@ -141,7 +147,7 @@ impl InplaceOp3 for Param {
         b.arg(&c.bc2_sqrt);
         b.arg(&c.eps);
         // SAFETY: arguments as the kernel's signature; n elements in each buffer.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        unsafe { b.launch(crate::ops::grid_stride(n, 1024)) }.w()?;
         Ok(())
     }
 }

@@ -207,6 +207,7 @@ impl AdamW {
                 #[cfg(feature = "cuda")]
                 Moments::Device { m, v }
                     if p.device().is_cuda()
+                        && crate::ops::cuda_kernels()
                         && [p, g, &*m, &*v].iter().all(|t| t.dtype() == DType::F32)
                         && p.is_contiguous() =>
                 {
