@@ -7,7 +7,7 @@
 
 use super::arch::{Activation, Architecture, ModelConfig};
 use super::layers::{
-    apply_rope, attention, attention_bias, mask_rows, rms_norm, split_heads, Attention,
+    apply_rope, attention, attention_bias, rms_norm, split_heads, Attention,
 };
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
@@ -453,10 +453,11 @@ impl Llama {
         }
     }
 
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `rows`: each sequence's 0/1 attention mask, right-padded (host values: reading a
+    /// device mask here would wait for the GPU at every micro-batch).
+    pub fn forward(&self, ids: &Tensor, rows: &[Vec<u32>]) -> Result<Tensor> {
         let cfg = &self.config;
         let (n, l) = ids.dims2()?;
-        let rows = mask_rows(mask)?;
         let dev = ids.device();
         let x = self
             .embed(&ids.flatten_all()?)?
@@ -466,7 +467,7 @@ impl Llama {
         // transformers runs Gemma 2 with eager attention (sdpa cannot soft-cap), the others sdpa.
         let eager = cfg.arch == Architecture::Gemma2;
         let attend = |window: Option<usize>, rope: &Rope| -> Result<Attention> {
-            let bias = attention_bias(&rows, window, eager, heads, dev)?;
+            let bias = attention_bias(rows, window, eager, heads, dev)?;
             // transformers uses positions 0..len for every row, padding or not.
             let (cos, sin) = rope.tables(l, dev)?;
             Ok(Attention::Padded(Arc::new(move |q, k, v| {

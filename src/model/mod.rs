@@ -133,9 +133,14 @@ impl CausalLm {
     /// Final hidden states `[n, len, e]` for token ids `[n, len]` (u32) and a 0/1 attention
     /// mask `[n, len]` (u32), right-padded.
     pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor) -> CResult<Tensor> {
+        self.hidden_states_rows(ids, &layers::mask_rows(mask)?)
+    }
+
+    /// [`Self::hidden_states`] with the mask as host rows (the trainer's: no device read).
+    pub fn hidden_states_rows(&self, ids: &Tensor, rows: &[Vec<u32>]) -> CResult<Tensor> {
         match self {
-            CausalLm::Opt(m) => m.forward(ids, mask),
-            CausalLm::Llama(m) => m.forward(ids, mask),
+            CausalLm::Opt(m) => m.forward(ids, rows),
+            CausalLm::Llama(m) => m.forward(ids, rows),
         }
     }
 

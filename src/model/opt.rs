@@ -2,7 +2,7 @@
 //! the pre-norm layout (125M, 1.3B, ...) and 350M's post-norm layout with project_in/out.
 
 use super::arch::ModelConfig;
-use super::layers::{attention, attention_bias, layer_norm, mask_rows, split_heads, Attention};
+use super::layers::{attention, attention_bias, layer_norm, split_heads, Attention};
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::packed::{AttendFn, Packed, PackedAttention};
@@ -304,12 +304,13 @@ impl Opt {
         Ok(x)
     }
 
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `rows`: each sequence's 0/1 attention mask, right-padded (host values: reading a
+    /// device mask here would wait for the GPU at every micro-batch).
+    pub fn forward(&self, ids: &Tensor, rows: &[Vec<u32>]) -> Result<Tensor> {
         let (n, l) = ids.dims2()?;
-        let rows = mask_rows(mask)?;
         // transformers: position = cumsum(mask) * mask - 1, plus the offset of 2.
         let mut pos = Vec::with_capacity(n * l);
-        for row in &rows {
+        for row in rows {
             let mut c = 0i64;
             for &m in row {
                 c += m as i64;
@@ -319,7 +320,7 @@ impl Opt {
         let pos = Tensor::from_vec(pos, n * l, ids.device())?;
         let x = self.embed(&ids.flatten_all()?, &pos, &[n, l])?;
         let heads = self.config.num_heads;
-        let bias = attention_bias(&rows, None, false, heads, ids.device())?;
+        let bias = attention_bias(rows, None, false, heads, ids.device())?;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
         let compute = self.compute;
         self.decode(

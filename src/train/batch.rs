@@ -11,8 +11,8 @@ pub struct Batch {
     pub len: usize,
     /// `[2B, len]` u32 token ids (padding = the tokenizer's pad id).
     pub ids: Tensor,
-    /// `[2B, len]` u32, 1 for real tokens.
-    pub mask: Tensor,
+    /// `[2B][len]`, 1 for real tokens (host values: the padded forward's attention biases).
+    pub mask: Vec<Vec<u32>>,
     /// `[2B * (len-1)]` u32: the next token at each position.
     pub targets: Tensor,
     /// `[2B, len-1]` f32: 1 where the next token is an answer label (not -100).
@@ -107,7 +107,7 @@ pub fn collate(
         n_pairs: b,
         len,
         ids: Tensor::from_vec(ids, (n, len), device)?,
-        mask: Tensor::from_vec(mask, (n, len), device)?,
+        mask: mask.chunks_exact(len).map(<[u32]>::to_vec).collect(),
         targets: Tensor::from_vec(targets, n * t, device)?,
         answer_mask: Tensor::from_vec(answer_mask, (n, t), device)?,
         nll_mask: Tensor::from_vec(nll_mask, (b, t), device)?,

@@ -70,7 +70,7 @@ struct Scores {
 
 /// The padded batch as TRL runs it: `[2B, len]` through the model, positions [0, len-1).
 fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
-    let hidden = model.hidden_states(&batch.ids, &batch.mask)?;
+    let hidden = model.hidden_states_rows(&batch.ids, &batch.mask)?;
     let (n, l, e) = hidden.dims3()?;
     let t = l - 1;
     // Only positions [0, len-1) predict a token; the last one is never needed.
