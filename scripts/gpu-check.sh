@@ -11,6 +11,8 @@
 #                                              the project's own CUDA kernels off, to bisect)
 #                                            | profile-fused:WORKLOAD (profile with
 #                                              ORPO_FUSED_ATTENTION=1)
+#                                            | profile-auto:WORKLOAD (profile-fused if this
+#                                              call's parity-fused passed, else profile)
 #                                            | trim:WORKLOAD (ORPO_KEEP_GPU_MEMORY=0: the memory
 #                                              pool trimmed at every sync, CUDA's default; no TRL)
 #                                            | chain:WORKLOAD (ORPO_RECOMPUTE_ATTENTION=0: the
@@ -109,8 +111,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | fused:* | trim:* | chain:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -701,6 +703,28 @@ profile_fused() { # WL
   profile_workload "$1"
   PROF_TAG= PROF_ENV=()
 }
+parity_passed() { # TAG: whether this call ran parity cases named *TAG and all of them passed
+  python3 - "$RES" "$1" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cases = [r for r in recs if r.get("kind") == "parity" and r["name"].endswith(sys.argv[2])]
+def passed(r):
+    try:
+        return r.get("rc") == 0 and json.load(open(r["compare"])).get("pass") is True
+    except Exception:
+        return False
+sys.exit(0 if cases and all(passed(r) for r in cases) else 1)
+PY
+}
+profile_auto() { # WL: the fused attention's profile if its parity passed in this call
+  if parity_passed +fused-attention; then
+    log "parity-fused passed: profiling with the fused attention"
+    profile_fused "$1"
+  else
+    log "no passing parity-fused in this call: profiling the default path"
+    profile_workload "$1"
+  fi
+}
 bench_variant() { # TAG ENV WL
   BTAG=$1 BENCH_ENV=("$2")
   bench_workload "$3"
@@ -715,6 +739,7 @@ for p in "${phases[@]}"; do
     parity-nokernels) run_parity_nokernels ;;
     profile:*) profile_workload "${p#profile:}" ;;
     profile-fused:*) profile_fused "${p#profile-fused:}" ;;
+    profile-auto:*) profile_auto "${p#profile-auto:}" ;;
     fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
     trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
     chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
