@@ -17,6 +17,8 @@
 #                                              pool trimmed at every sync, CUDA's default; no TRL)
 #                                            | chain:WORKLOAD (ORPO_RECOMPUTE_ATTENTION=0: the
 #                                              attention chain kept for backward; no TRL)
+#                                            | events:WORKLOAD (ORPO_CUDA_EVENTS=1: cudarc's
+#                                              per-allocation stream events kept; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -111,8 +113,8 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:*) phases+=("$a") ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD)"; exit 2 ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:*) phases+=("$a") ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -743,6 +745,7 @@ for p in "${phases[@]}"; do
     fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
     trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
     chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
+    events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
     *) bench_workload "$p" ;;
   esac
 done

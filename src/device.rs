@@ -2,17 +2,50 @@
 
 use crate::Error;
 use candle_core::Device;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 pub fn select_device(spec: &str) -> Result<Device, Error> {
     let device = open_device(spec)?;
     if device.is_cuda() {
+        let dropped = drop_stream_events(&device);
         let kept = crate::memory::keep_freed_device_memory(&device);
         tracing::debug!(
             kept,
+            events_dropped = dropped,
             "GPU memory pool: keep freed memory across synchronisations"
         );
     }
     Ok(device)
+}
+
+static CUDA_EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// Keeps cudarc's per-allocation events (the binary reads `ORPO_CUDA_EVENTS=1`, to measure
+/// what dropping them saves).
+pub fn set_cuda_events(on: bool) {
+    CUDA_EVENTS.store(on, Relaxed);
+}
+
+/// Turns off cudarc's event tracking on a freshly opened CUDA device. cudarc creates two CUDA
+/// events for every allocation (and destroys them with it) so that buffers can be shared
+/// safely between streams; a candle device runs everything on its one stream, where the events
+/// are never recorded or waited on (cudarc issue 389): four driver calls per tensor, thousands of
+/// tensors a training step, on the host's queuing path. Returns whether they are off.
+fn drop_stream_events(device: &Device) -> bool {
+    if CUDA_EVENTS.load(Relaxed) {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            // SAFETY: no second stream is ever created on this context (candle's device holds
+            // one, and nothing here makes another), so no buffer needs an event to order its
+            // uses across streams; this runs before the trainer allocates anything.
+            unsafe { d.disable_event_tracking() };
+            !d.is_event_tracking()
+        }
+        _ => false,
+    }
 }
 
 fn open_device(spec: &str) -> Result<Device, Error> {

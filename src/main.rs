@@ -339,6 +339,10 @@ fn main() -> ExitCode {
             "ORPO_RECOMPUTE_ATTENTION=0: attention's probabilities keep their chain for backward"
         );
     }
+    if std::env::var_os("ORPO_CUDA_EVENTS").is_some_and(|v| v == "1") {
+        orpo::device::set_cuda_events(true);
+        tracing::info!("ORPO_CUDA_EVENTS=1: cudarc's per-allocation stream events kept");
+    }
     if std::env::var_os("ORPO_KEEP_GPU_MEMORY").is_some_and(|v| v == "0") {
         orpo::memory::set_keep_freed_device_memory(false);
         tracing::info!(
