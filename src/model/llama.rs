@@ -6,9 +6,7 @@
 //! per-head q/k norms; Mistral's and Phi-3's sliding windows.
 
 use super::arch::{Activation, Architecture, ModelConfig};
-use super::layers::{
-    apply_rope, attention, attention_bias, rms_norm, split_heads, Attention,
-};
+use super::layers::{apply_rope, attention, attention_bias, rms_norm, split_heads, Attention};
 use super::linear::Linear;
 use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::opt::trainable;
