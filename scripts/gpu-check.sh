@@ -105,7 +105,7 @@ LOG=$OUT/gpu-check.log
 RES=$W/results.jsonl
 : >"$RES"
 : >"$LOG"
-rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl"
+rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl" "$W/profile" "$W/smoke-fused"
 exec > >(tee -a "$LOG") 2>&1
 
 phases=()
@@ -113,7 +113,12 @@ for a in "${@:-all}"; do
   case $a in
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
-    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b | profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:*) phases+=("$a") ;;
+    parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
+    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:*)
+      case ${a#*:} in
+        opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
+        *) echo "unknown workload in '$a' (opt-125m, llama-1b, mistral-7b)"; exit 2 ;;
+      esac ;;
     *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD)"; exit 2 ;;
   esac
 done
@@ -191,10 +196,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export HF_HOME=$W/hf PYTHONUNBUFFERED=1 NO_COLOR=1 TRL_EXPERIMENTAL_SILENCE=1
 GPU_NAME=none
 HAVE_SMI=0
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+if command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi -L >/dev/null 2>&1; then
   HAVE_SMI=1
-  GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu \
+  GPU_NAME=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  timeout 10 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,temperature.gpu \
     --format=csv
 fi
 log "card: $GPU_NAME; cores $(nproc); $(free -g | awk '/Mem:/{print $2" GiB RAM"}'); disk $(df -h "$W" | awk 'NR==2{print $4" free"}')"
@@ -224,12 +229,14 @@ if [ "$TRL" = 1 ]; then
   pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$@"; }
   if ls "$PKG"/wheels/*.whl >/dev/null 2>&1; then
-    pipi "$PKG"/wheels/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    pipi "$PKG"/wheels/*.whl
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   fi
   if trl_probe; then
     TRL_OK=1
   elif ls "$PKG"/wheels/alt/*.whl >/dev/null 2>&1; then
     log "TRL does not import; trying the alternative datasets wheel"
+    rm -rf "$SITE"/datasets "$SITE"/datasets-*.dist-info
     pipi "$PKG"/wheels/alt/*.whl && trl_probe && TRL_OK=1
   fi
   [ $TRL_OK = 1 ] || log "TRL unavailable: the TRL baselines are skipped"
@@ -251,6 +258,22 @@ if [ "$DEV" != cpu ]; then
   fi
 fi
 record kind=smoke ok=$DEV_OK
+# The fused attention's CUDA kernels have not yet run on a GPU: one bf16 step with them first,
+# so a fault or a hang costs one short run instead of parity-fused's ~65 and the fused benchmarks.
+FUSED_OK=1
+if [ $DEV_OK = 1 ] && [[ " ${phases[*]}" == *" fused:"* || " ${phases[*]}" == *" parity-fused"* ||
+  " ${phases[*]}" == *" profile-fused:"* || " ${phases[*]}" == *" profile-auto:"* ]]; then
+  STEP_LOG=$W/parity/fused-smoke.log step "fused attention smoke test" 10 90 \
+    env ORPO_FUSED_ATTENTION=1 "$ORPO" train --config configs/tiny-llama3.toml \
+    --set model.device="$DEV" --set model.dtype=bf16 --set train.max_steps=1 \
+    --set train.save_every=0 --set train.output_dir="$W/smoke-fused" --overwrite
+  if [ "$STEP_RC" != 0 ]; then
+    FUSED_OK=0
+    log "FUSED-ATTENTION PHASES SKIPPED: its smoke test failed (rc $STEP_RC):"
+    tail -n 40 "$W/parity/fused-smoke.log"
+  fi
+  record kind=smoke_fused ok=$FUSED_OK
+fi
 log "set-up done"
 
 # --- parity -----------------------------------------------------------------------------
@@ -274,7 +297,7 @@ train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
   local name=$1 fx=$2 role=$3 dev=$4 dt=$5
   shift 5
   local dir=$PDIR/$name-$role
-  rm -rf "$dir"
+  rm -rf "$dir" "$dir.skipped"
   if [ "$role" = dev ] && [ $DEV_OK = 0 ]; then
     record kind=step name="train $name $role:$dev" rc=201 secs=0 skipped=device-smoke-failed
     return 201
@@ -289,6 +312,7 @@ train_tiny() { # NAME FIXTURE ROLE(ref|dev) DEVICE DTYPE EXTRA...
     --set train.max_steps=3 --set train.shuffle=false --set train.log_every=1 \
     --set train.save_every=0 --set train.output_dir="$dir" --overwrite "$@"
   local rc=$?
+  [ $rc = 200 ] && touch "$dir.skipped" # past the budget (a grad case's base run, for one)
   [ $rc = 0 ] || tail -n 5 "$dir.log"
   return $rc
 }
@@ -314,6 +338,9 @@ compare_case() { # NAME FIXTURE DTYPE KIND RC_REF RC_DEV COMPARE_ARGS...
       record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=$rc \
         error="compare_runs rc $rc: $(grep -v '^ *$' "$PDIR/$name.compare.txt" | tail -n 3 | tr '\n' ' ')"
     fi
+  elif [ "$rc_cpu" = 200 ] || [ "$rc_dev" = 200 ]; then
+    record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=-1 \
+      skipped=budget error="skipped: past the budget"
   else
     record kind=parity name="$name$PTAG" fixture="$fx" dtype="$dt" check="$kind" rc=-1 \
       error="a run failed: cpu rc=$rc_cpu, $DEV rc=$rc_dev"
@@ -345,6 +372,9 @@ parity_case() {
   if [ -d "$PDIR/$base-ref" ]; then
     compare_case "$name-grad" "$fx" "$dt" grad $a $b "${tols[@]}" --skip-eval \
       --base "$PDIR/$base-ref" --tensor-rtol $vec_rtol --norm-rtol $norm_rtol
+  elif [ "$a" = 200 ] || [ "$b" = 200 ] || [ -e "$PDIR/$base-ref.skipped" ]; then
+    record kind=parity name="$name-grad$PTAG" fixture="$fx" dtype="$dt" check=grad rc=-1 \
+      skipped=budget error="skipped: past the budget"
   else
     record kind=parity name="$name-grad$PTAG" fixture="$fx" dtype="$dt" check=grad rc=-1 \
       error="no base run $base"
@@ -418,12 +448,17 @@ mem_start() { # FILE: background sampler of memory.used (MiB) every 200 ms
 mem_stop() {
   [ -n "$SMI_PID" ] || return 0
   kill "$SMI_PID" 2>/dev/null
+  # A sampler stuck in the driver ignores SIGTERM: SIGKILL after 3 s, so `wait` returns.
+  (sleep 3; kill -9 "$SMI_PID" 2>/dev/null) &
+  local killer=$!
   wait "$SMI_PID" 2>/dev/null
+  kill "$killer" 2>/dev/null
+  wait "$killer" 2>/dev/null
   SMI_PID=
 }
 idle_mib() {
   [ $HAVE_SMI = 1 ] || { echo null; return; }
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1
+  timeout 10 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1
 }
 
 # Workload settings of WL (TRL's bench_trl.py arguments mirror them), set in the caller's
@@ -446,7 +481,7 @@ workload_vars() { # WL
 bench_model() { # WL LOGDIR: the checkpoint in $W/models/WL (kept between phases); sets gen_s
   local model=$W/models/$1
   STEP_S=0
-  if [ ! -f "$model/model.safetensors" ] || [ ${#layers[@]} -gt 0 ]; then
+  if [ ! -f "$model/config.json" ] || [ ${#layers[@]} -gt 0 ]; then
     rm -rf "$model"
     STEP_LOG=$2/make_bench_model.log step "make_bench_model $1" 10 $gen_tmo \
       "$BIN/make_bench_model" "$1" "$model" "${layers[@]}"
@@ -505,7 +540,7 @@ bench_workload() { # NAME (BTAG/BENCH_ENV: a variant of orpo's run, without TRL)
   local base
   if [ $DEV_OK = 0 ]; then
     record kind=bench workload=$wl$BTAG tool=orpo rc=-1 error="skipped: the device smoke test failed"
-  elif [ -f "$model/model.safetensors" ]; then
+  elif [ -f "$model/config.json" ]; then
     base=$(idle_mib)
     mem_start "$d/orpo-mem.log"
     # Debug logs time each micro-batch's forward and backward (the host queuing kernels; no host
@@ -535,7 +570,7 @@ try:
     vals = [int(x) for x in open(memlog).read().split() if x.strip().isdigit()]
     if vals and base != "null":
         out.update(peak_gpu_mib=max(vals) - int(base), peak_gpu_mib_abs=max(vals), idle_mib=int(base))
-except FileNotFoundError:
+except (FileNotFoundError, ValueError):
     pass
 try:
     import re, statistics
@@ -563,6 +598,7 @@ except (FileNotFoundError, ValueError) as e:
 open(res, "a").write(json.dumps(out) + "\n")
 print("orpo", json.dumps(out))
 PY
+    rm -f "$run"/*.safetensors
   else
     record kind=bench workload=$wl$BTAG tool=orpo rc=-1 error="no model (make_bench_model failed or skipped)"
   fi
@@ -594,24 +630,25 @@ try:
             last = line
 except FileNotFoundError:
     pass
-if last:
-    t = json.loads(last)
+try:
+    t = json.loads(last) if last else None
+except ValueError:
+    t = None
+if t:
     out.update(tokens_per_s=t.get("tokens_per_s"), peak_gpu_mib_torch=t.get("peak_gpu_mib"),
                step_s_list=t.get("step_s"), torch=t.get("torch"), peak_rss_mib=t.get("peak_rss_mib"))
 else:
-    out["error"] = "no JSON line in trl.log"
+    out["error"] = "no readable JSON line in trl.log"
 try:
     vals = [int(x) for x in open(memlog).read().split() if x.strip().isdigit()]
     if vals and base != "null":
         out.update(peak_gpu_mib=max(vals) - int(base), peak_gpu_mib_abs=max(vals), idle_mib=int(base))
-except FileNotFoundError:
+except (FileNotFoundError, ValueError):
     pass
 open(res, "a").write(json.dumps(out) + "\n")
 print("trl", json.dumps(out))
 PY
   fi
-  # The 7B checkpoint is 15 GB: drop it once used.
-  [ $wl = mistral-7b ] && rm -rf "$model"
   return 0
 }
 
@@ -621,7 +658,8 @@ PY
 # the steps' wall time; in $OUT/profile-WL.txt. (ncu serialises kernels and adds ~ms each,
 # so the run is much slower than the benchmark; the durations themselves are the GPU's.)
 profile_workload() { # WL (PROF_TAG/PROF_ENV: a variant of orpo's run)
-  local wl=$1 d=$W/profile/$1$PROF_TAG
+  # Returned file names may not hold '+': the variant's tag as '-tag' there.
+  local wl=$1 d=$W/profile/$1$PROF_TAG name=$1${PROF_TAG//+/-}
   mkdir -p "$d"
   log "== profile $wl$PROF_TAG ${PROF_ENV[*]:-}"
   local batch maxlen prompt steps pairs wdtype lora ckpt gen_tmo orpo_tmo trl_tmo orpo_min trl_min
@@ -637,13 +675,16 @@ profile_workload() { # WL (PROF_TAG/PROF_ENV: a variant of orpo's run)
     log "no ncu on this machine: no profile"
     return 0
   fi
-  STEP_LOG=$d/orpo.log step "ncu $wl$PROF_TAG" 40 300 env ORPO_LOG=orpo=debug "${PROF_ENV[@]}" "$ncu" \
+  # ~120 s for Llama-1B on an H200 (ncu writes its CSV at exit): no start with less than 150.
+  STEP_LOG=$d/orpo.log step "ncu $wl$PROF_TAG" 150 300 env ORPO_LOG=orpo=debug "${PROF_ENV[@]}" "$ncu" \
     --metrics gpu__time_duration.sum --csv --page raw --print-units base \
     --clock-control none --cache-control none --launch-count "${GPU_CHECK_PROFILE_KERNELS:-30000}" \
     --log-file "$d/ncu.csv" \
     "$ORPO" train --config "$d/orpo.toml" --overwrite
+  [ "$STEP_RC" = 200 ] && return 0 # skipped: past the budget
   tail -n 3 "$d/orpo.log"
-  python3 - "$d/ncu.csv" "$d/orpo-run/metrics.jsonl" "$wl$PROF_TAG" "$steps" >"$OUT/profile-$wl$PROF_TAG.txt" <<'PY'
+  rm -f "$d"/orpo-run/*.safetensors
+  python3 - "$d/ncu.csv" "$d/orpo-run/metrics.jsonl" "$wl$PROF_TAG" "$steps" >"$OUT/profile-$name.txt" <<'PY'
 import collections, csv, json, sys
 path, metrics, wl, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 lines = [l for l in open(path, errors="replace") if l.startswith('"')]
@@ -683,8 +724,8 @@ for (name, grid), t in by_grid.most_common(45):
     c = count_grid[(name, grid)]
     print(f"{t / 1e6:9.2f} {t / total:6.1%} {c:7d} {t / c / 1e3:9.1f}  {name} [{grid}]")
 PY
-  cat "$OUT/profile-$wl$PROF_TAG.txt"
-  xz -c "$d/ncu.csv" >"$OUT/ncu-$wl$PROF_TAG.csv.xz" 2>/dev/null
+  cat "$OUT/profile-$name.txt"
+  xz -c "$d/ncu.csv" >"$OUT/ncu-$name.csv.xz" 2>/dev/null
 }
 
 # Bash arrays cannot be passed as `VAR=(..) cmd` prefixes: set, run, restore.
@@ -734,7 +775,17 @@ bench_variant() { # TAG ENV WL
 }
 
 # --- main -------------------------------------------------------------------------------
-for p in "${phases[@]}"; do
+last_7b=-1
+for i in "${!phases[@]}"; do
+  [[ ${phases[$i]} == *mistral-7b ]] && last_7b=$i
+done
+for i in "${!phases[@]}"; do
+  p=${phases[$i]}
+  if [ $FUSED_OK = 0 ] && [[ $p == parity-fused || $p == fused:* || $p == profile-fused:* ]]; then
+    log "== $p skipped: the fused attention's smoke test failed"
+    record kind=step name="$p" rc=202 secs=0 skipped=fused-smoke-failed
+    continue
+  fi
   case $p in
     parity) run_parity ;;
     parity-fused) run_parity_fused ;;
@@ -748,6 +799,8 @@ for p in "${phases[@]}"; do
     events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
     *) bench_workload "$p" ;;
   esac
+  # The 7B checkpoint is 15 GB: dropped once the call's last phase on it is done.
+  [ "$i" = "$last_7b" ] && rm -rf "$W/models/mistral-7b"
 done
 
 # --- report -----------------------------------------------------------------------------
@@ -779,7 +832,8 @@ for r in (r for r in recs if r.get("kind") == "parity"):
             if ms[k]["failures"] or ms[k]["max_rel"] != 0:
                 row["worst_metric"] = k
     else:
-        row.update(pass_=False, error=r.get("error", "no comparison"))
+        # None: not compared (skipped for the budget), neither a pass nor a failure.
+        row.update(pass_=None if r.get("skipped") else False, error=r.get("error", "no comparison"))
     row["pass"] = row.pop("pass_")
     parity.append(row)
 parity.sort(key=lambda p: p["name"])  # the cases ran interleaved
@@ -798,7 +852,9 @@ summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("ph
                budget_s=budget, elapsed_s=elapsed,
                trl_available=next((r["available"] for r in recs if r.get("kind") == "trl"), None),
                device_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke"), None),
-               parity_pass=all(p["pass"] for p in parity) if parity else None,
+               fused_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke_fused"), None),
+               parity_pass=all(p["pass"] for p in parity if p["pass"] is not None) if parity else None,
+               parity_skipped=sum(p["pass"] is None for p in parity),
                parity=parity, bench=bench,
                failed_steps=[s for s in steps if s["rc"] not in (0,)],
                steps=steps)
@@ -808,7 +864,8 @@ def f(x, fmt="{:.2e}"):
     return "-" if x is None else (fmt.format(x) if isinstance(x, (int, float)) else str(x))
 md = [f"# GPU check: {summary['card']} ({summary['device']})", "",
       f"Phases: {summary['phases']}; {elapsed} s of a {budget} s budget; device smoke test ok: "
-      f"{summary['device_smoke_ok']}; TRL available: {summary['trl_available']}; "
+      f"{summary['device_smoke_ok']}; fused attention smoke test ok: {summary['fused_smoke_ok']}; "
+      f"TRL available: {summary['trl_available']}; "
       f"orpo sha256 {summary['orpo_sha']}", ""]
 if parity:
     md += ["## Parity (device vs CPU, same binary)", "",
@@ -820,7 +877,7 @@ if parity:
     for p in parity:
         wm = p.get("worst_metric")
         wmv = p.get("metrics", {}).get(wm, {}).get("max_rel") if wm else None
-        md.append(f"| {p['name']} | {p.get('check')} | {'PASS' if p['pass'] else 'FAIL'} | {f(p.get('rel_loss'))} | "
+        md.append(f"| {p['name']} | {p.get('check')} | {'SKIP' if p['pass'] is None else 'PASS' if p['pass'] else 'FAIL'} | {f(p.get('rel_loss'))} | "
                   f"{f(p.get('rel_grad_norm'))} | {wm or '-'} ({f(wmv)}) | "
                   f"{f(p.get('max_tensor_rel'))} ({p.get('worst_tensor') or '-'}) | "
                   f"{f(p.get('max_update_norm_rel'))} ({p.get('worst_update_norm') or '-'}) |"
@@ -868,8 +925,8 @@ open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
 # Every run's metrics, logs, configs and comparisons (small files only), for later study.
-(cd "$W" && find parity parity-fused parity-nokernels bench -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
-  -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2M 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
+(cd "$W" && find parity parity-fused parity-nokernels bench profile -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
+  -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2048k 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
   results.jsonl 2>/dev/null)
 log "results: $OUT/gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz"
 sleep 1 # let tee write the log's last lines

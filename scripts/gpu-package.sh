@@ -28,7 +28,7 @@ fi
 cargo build --release --example compare_runs --example make_bench_model
 
 [ -x "$CUDA_BIN" ] || { echo "no $CUDA_BIN: run scripts/build-cuda.sh first" >&2; exit 1; }
-newest_src=$(find src Cargo.toml Cargo.lock vendor -type f -newer "$CUDA_BIN" 2>/dev/null | head -n 5 || true)
+newest_src=$(find src build.rs Cargo.toml Cargo.lock vendor -type f -newer "$CUDA_BIN" 2>/dev/null | head -n 5 || true)
 if [ -n "$newest_src" ]; then
   echo "warning: $CUDA_BIN is older than: $(echo $newest_src)" >&2
   if [ "${GPU_PACKAGE_ALLOW_STALE:-0}" != 1 ]; then
