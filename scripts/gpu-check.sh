@@ -105,7 +105,7 @@ LOG=$OUT/gpu-check.log
 RES=$W/results.jsonl
 : >"$RES"
 : >"$LOG"
-rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl" "$W/profile" "$W/smoke-fused"
+rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl" "$W/profile" "$W/fused-smoke"
 exec > >(tee -a "$LOG") 2>&1
 
 phases=()
@@ -245,17 +245,25 @@ record kind=trl available=$TRL_OK
 
 # CUDA smoke test: one step of tiny-opt (the first CUDA run also JIT-compiles candle's PTX).
 # If it fails, the device runs are skipped (their errors would only repeat this one).
+# One `orpo train` step on the device in $W/NAME; 0 if it ran, else its log's tail is shown.
+smoke_step() { # LABEL NAME MIN TIMEOUT [ENV=VALUE...] -- TRAIN_ARGS...
+  local label=$1 name=$2 min=$3 tmo=$4 envs=(env)
+  shift 4
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  STEP_LOG=$W/parity/$name.log step "$label" "$min" "$tmo" "${envs[@]}" "$ORPO" train "$@" \
+    --set model.device="$DEV" --set train.max_steps=1 --set train.save_every=0 \
+    --set train.output_dir="$W/$name" --overwrite
+  [ "$STEP_RC" = 0 ] && return 0
+  log "$label failed (rc $STEP_RC):"
+  tail -n 40 "$W/parity/$name.log"
+  return 1
+}
 DEV_OK=1
 mkdir -p "$W/parity" "$W/bench"
 if [ "$DEV" != cpu ]; then
-  STEP_LOG=$W/parity/device-smoke.log step "device smoke test" 30 120 "$ORPO" train \
-    --config configs/tiny-opt.toml --set model.device="$DEV" --set train.max_steps=1 \
-    --set train.save_every=0 --set train.output_dir="$W/smoke" --overwrite
-  if [ "$STEP_RC" != 0 ]; then
-    DEV_OK=0
-    log "DEVICE RUNS DISABLED: the smoke test failed (rc $STEP_RC):"
-    tail -n 40 "$W/parity/device-smoke.log"
-  fi
+  smoke_step "device smoke test" device-smoke 30 120 -- --config configs/tiny-opt.toml ||
+    { DEV_OK=0; log "DEVICE RUNS DISABLED"; }
 fi
 record kind=smoke ok=$DEV_OK
 # The fused attention's CUDA kernels have not yet run on a GPU: one bf16 step with them first,
@@ -263,15 +271,9 @@ record kind=smoke ok=$DEV_OK
 FUSED_OK=1
 if [ $DEV_OK = 1 ] && [[ " ${phases[*]}" == *" fused:"* || " ${phases[*]}" == *" parity-fused"* ||
   " ${phases[*]}" == *" profile-fused:"* || " ${phases[*]}" == *" profile-auto:"* ]]; then
-  STEP_LOG=$W/parity/fused-smoke.log step "fused attention smoke test" 10 90 \
-    env ORPO_FUSED_ATTENTION=1 "$ORPO" train --config configs/tiny-llama3.toml \
-    --set model.device="$DEV" --set model.dtype=bf16 --set train.max_steps=1 \
-    --set train.save_every=0 --set train.output_dir="$W/smoke-fused" --overwrite
-  if [ "$STEP_RC" != 0 ]; then
-    FUSED_OK=0
-    log "FUSED-ATTENTION PHASES SKIPPED: its smoke test failed (rc $STEP_RC):"
-    tail -n 40 "$W/parity/fused-smoke.log"
-  fi
+  smoke_step "fused attention smoke test" fused-smoke 10 90 ORPO_FUSED_ATTENTION=1 -- \
+    --config configs/tiny-llama3.toml --set model.dtype=bf16 ||
+    { FUSED_OK=0; log "FUSED-ATTENTION PHASES SKIPPED"; }
   record kind=smoke_fused ok=$FUSED_OK
 fi
 log "set-up done"
