@@ -11,6 +11,9 @@ const MODULE: &str = "orpo_adamw";
 
 /// Updates `p` and its moments `m`, `v` (all f32, contiguous, on one CUDA device) from `g`.
 pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Result<()> {
+    if p.elem_count() == 0 {
+        return Ok(()); // nothing to update, and a launch of no block is an error
+    }
     let g = g.contiguous()?;
     m.inplace_op2(
         &g,
@@ -69,9 +72,6 @@ impl InplaceOp2 for Moment {
             bail!("adamw (CUDA): moment and gradient sizes differ");
         }
         let n = d1 - d0;
-        if n == 0 {
-            return Ok(()); // a launch of no block is an error
-        }
         let func = dst
             .device
             .clone()
@@ -125,9 +125,6 @@ impl InplaceOp3 for Param {
         let n = d1 - d0;
         if m1 - m0 != n || v1 - v0 != n {
             bail!("adamw (CUDA): parameter and moment sizes differ");
-        }
-        if n == 0 {
-            return Ok(());
         }
         let c = self.0;
         let func = dst
