@@ -77,8 +77,10 @@
 #   GPU_CHECK_TRL     0 skips TRL.
 #   GPU_CHECK_PAR     parity cases run at once (default 4).
 #   OUT               where results go (set on the device; default target/gpu-check-out):
-#                     gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz
-#                     (every run's metrics.jsonl, logs and comparison outputs).
+#                     gpu-results.json, gpu-results.md (rewritten after each phase, marked
+#                     partial until the end), results.jsonl (the raw records, as they come),
+#                     gpu-check.log, gpu-runs.tar.xz (every run's metrics.jsonl, logs and
+#                     comparison outputs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -102,7 +104,8 @@ mkdir -p "$OUT" "$W"
 OUT=$(cd "$OUT" && pwd)
 PKG=$(cd "$PKG" 2>/dev/null && pwd || echo "$REPO/$PKG")
 LOG=$OUT/gpu-check.log
-RES=$W/results.jsonl
+# In $OUT from the start: a call the device tool stops still brings back every record.
+RES=$OUT/results.jsonl
 : >"$RES"
 : >"$LOG"
 rm -rf "$W/parity" "$W/parity-fused" "$W/parity-nokernels" "$W/bench" "$W/trl" "$W/profile" "$W/fused-smoke"
@@ -776,40 +779,14 @@ bench_variant() { # TAG ENV WL
   BTAG= BENCH_ENV=()
 }
 
-# --- main -------------------------------------------------------------------------------
-last_7b=-1
-for i in "${!phases[@]}"; do
-  [[ ${phases[$i]} == *mistral-7b ]] && last_7b=$i
-done
-for i in "${!phases[@]}"; do
-  p=${phases[$i]}
-  if [ $FUSED_OK = 0 ] && [[ $p == parity-fused || $p == fused:* || $p == profile-fused:* ]]; then
-    log "== $p skipped: the fused attention's smoke test failed"
-    record kind=step name="$p" rc=202 secs=0 skipped=fused-smoke-failed
-    continue
-  fi
-  case $p in
-    parity) run_parity ;;
-    parity-fused) run_parity_fused ;;
-    parity-nokernels) run_parity_nokernels ;;
-    profile:*) profile_workload "${p#profile:}" ;;
-    profile-fused:*) profile_fused "${p#profile-fused:}" ;;
-    profile-auto:*) profile_auto "${p#profile-auto:}" ;;
-    fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
-    trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
-    chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
-    events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
-    *) bench_workload "$p" ;;
-  esac
-  # The 7B checkpoint is 15 GB: dropped once the call's last phase on it is done.
-  [ "$i" = "$last_7b" ] && rm -rf "$W/models/mistral-7b"
-done
-
 # --- report -----------------------------------------------------------------------------
-log "== report"
-python3 - "$RES" "$OUT" "$BUDGET" "$(elapsed)" <<'PY'
+# write_report STATE PENDING: gpu-results.json and .md from results.jsonl so far; STATE is
+# "partial" (written after each phase, PENDING the phases not yet run) or "final".
+write_report() {
+  python3 - "$RES" "$OUT" "$BUDGET" "$(elapsed)" "$1" "$2" <<'PY'
 import json, os, sys
 res, out, budget, elapsed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+state, pending = sys.argv[5], sys.argv[6]
 recs = [json.loads(l) for l in open(res) if l.strip()]
 env = next((r for r in recs if r.get("kind") == "env"), {})
 parity = []
@@ -851,7 +828,7 @@ for wl, b in bench.items():
 steps = [r for r in recs if r.get("kind") == "step"]
 summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("phases"),
                nproc=env.get("nproc"), orpo_sha=env.get("orpo_sha"), manifest=env.get("manifest"),
-               budget_s=budget, elapsed_s=elapsed,
+               budget_s=budget, elapsed_s=elapsed, state=state, pending_phases=pending.split(),
                trl_available=next((r["available"] for r in recs if r.get("kind") == "trl"), None),
                device_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke"), None),
                fused_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke_fused"), None),
@@ -864,7 +841,11 @@ json.dump(summary, open(f"{out}/gpu-results.json", "w"), indent=1)
 
 def f(x, fmt="{:.2e}"):
     return "-" if x is None else (fmt.format(x) if isinstance(x, (int, float)) else str(x))
-md = [f"# GPU check: {summary['card']} ({summary['device']})", "",
+md = [f"# GPU check: {summary['card']} ({summary['device']})", ""]
+if state != "final":
+    md += [f"**Partial report** (written after each phase; the call did not reach its end): "
+           f"phases not yet run when written: {pending or 'none'}.", ""]
+md += [
       f"Phases: {summary['phases']}; {elapsed} s of a {budget} s budget; device smoke test ok: "
       f"{summary['device_smoke_ok']}; fused attention smoke test ok: {summary['fused_smoke_ok']}; "
       f"TRL available: {summary['trl_available']}; "
@@ -926,9 +907,43 @@ md += ["## Step times", ""] + [f"- {s['name']}: {s['secs']} s (rc {s['rc']})" fo
 open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
+}
+
+# --- main -------------------------------------------------------------------------------
+last_7b=-1
+for i in "${!phases[@]}"; do
+  [[ ${phases[$i]} == *mistral-7b ]] && last_7b=$i
+done
+for i in "${!phases[@]}"; do
+  p=${phases[$i]}
+  if [ $FUSED_OK = 0 ] && [[ $p == parity-fused || $p == fused:* || $p == profile-fused:* ]]; then
+    log "== $p skipped: the fused attention's smoke test failed"
+    record kind=step name="$p" rc=202 secs=0 skipped=fused-smoke-failed
+  else
+    case $p in
+      parity) run_parity ;;
+      parity-fused) run_parity_fused ;;
+      parity-nokernels) run_parity_nokernels ;;
+      profile:*) profile_workload "${p#profile:}" ;;
+      profile-fused:*) profile_fused "${p#profile-fused:}" ;;
+      profile-auto:*) profile_auto "${p#profile-auto:}" ;;
+      fused:*) bench_variant +fused-attention ORPO_FUSED_ATTENTION=1 "${p#fused:}" ;;
+      trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
+      chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
+      events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
+      *) bench_workload "$p" ;;
+    esac
+  fi
+  # The 7B checkpoint is 15 GB: dropped once the call's last phase on it is done.
+  [ "$i" = "$last_7b" ] && rm -rf "$W/models/mistral-7b"
+  # What is done so far, reported: if the device tool stops the call, the report still comes back.
+  write_report partial "${phases[*]:$((i + 1))}" >/dev/null
+done
+
+log "== report"
+write_report final ""
 # Every run's metrics, logs, configs and comparisons (small files only), for later study.
 (cd "$W" && find parity parity-fused parity-nokernels bench profile -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' \
-  -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2048k 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - \
-  results.jsonl 2>/dev/null)
-log "results: $OUT/gpu-results.json, gpu-results.md, gpu-check.log, gpu-runs.tar.xz"
+  -o -name '*.txt' -o -name '*.toml' \) ! -name 'tokenizer*' -size -2048k 2>/dev/null | tar -cJf "$OUT/gpu-runs.tar.xz" -T - 2>/dev/null)
+log "results: $OUT/gpu-results.json, gpu-results.md, results.jsonl, gpu-check.log, gpu-runs.tar.xz"
 sleep 1 # let tee write the log's last lines
