@@ -27,19 +27,21 @@ impl Attention {
     pub fn stack<B: Block + RowsBlock + 'static>(
         &self,
         mut x: Tensor,
-        layers: impl Iterator<Item = B>,
+        layers: impl Iterator<Item = Result<B>>,
         recompute: Option<&SideGrads>,
     ) -> Result<Tensor> {
         match (recompute, self) {
             (Some(side), Attention::Packed(p)) => {
                 let (mut real, mut pad) = p.split_rows(&x)?;
                 for layer in layers {
+                    let layer = layer?;
                     (real, pad) = checkpoint_rows(&real, pad, layer, side)?;
                 }
                 p.join_rows(real, pad)
             }
             (Some(side), Attention::Padded(_)) => {
                 for layer in layers {
+                    let layer = layer?;
                     x = checkpoint(&x, Arc::new(layer), side)?;
                 }
                 Ok(x)
@@ -48,12 +50,14 @@ impl Attention {
             (None, Attention::Packed(p)) => {
                 let (mut real, mut pad) = p.split_rows(&x)?;
                 for layer in layers {
+                    let layer = layer?;
                     (real, pad) = layer.forward_rows(&real, pad.as_ref(), true)?;
                 }
                 p.join_rows(real, pad)
             }
             (None, Attention::Padded(_)) => {
                 for layer in layers {
+                    let layer = layer?;
                     x = Block::forward(&layer, &x, true)?;
                 }
                 Ok(x)

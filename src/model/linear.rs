@@ -20,6 +20,8 @@ pub struct Linear {
     /// BF16: inputs and weights are rounded to bf16 for the product (f32 accumulation, f32
     /// result), as torch autocast does; the bias add and everything around stays f32.
     pub compute: DType,
+    /// `w` cast to bf16 once for every use in a forward pass (see `with_bf16_copy`).
+    pub wb: Option<Tensor>,
 }
 
 impl Linear {
@@ -27,7 +29,7 @@ impl Linear {
         let y = match self.compute {
             DType::BF16 => {
                 let xb = x.to_dtype(DType::BF16)?;
-                let y = matmul_bf16(&xb, &self.w)?;
+                let y = matmul_bf16(&xb, &self.weight_bf16()?)?;
                 let y = match &self.b {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -60,7 +62,44 @@ impl Linear {
         if self.compute != DType::BF16 || self.b.is_some() || self.lora.is_some() {
             return self.forward(x);
         }
-        linear(&x.to_dtype(DType::BF16)?, &bf16_weight(&self.w)?, None)
+        linear(&x.to_dtype(DType::BF16)?, &self.weight_bf16()?, None)
+    }
+
+    /// The layer with its weight's bf16 copy made now, under bf16 products of f32 weights (a
+    /// clone otherwise): uses of it and of its `detached` twin share one cast.
+    pub fn with_bf16_copy(&self) -> Result<Linear> {
+        let wb = match (self.compute, self.w.dtype(), &self.wb) {
+            (DType::BF16, DType::F32, None) => Some(self.w.to_dtype(DType::BF16)?),
+            _ => self.wb.clone(),
+        };
+        Ok(Linear { wb, ..self.clone() })
+    }
+
+    /// The layer giving only the output features `start..start + len` (views of the weight,
+    /// bias, LoRA B and bf16 copy: rows of each).
+    pub fn output_rows(&self, start: usize, len: usize) -> Result<Linear> {
+        let rows = |t: &Tensor| t.narrow(0, start, len);
+        Ok(Linear {
+            w: rows(&self.w)?,
+            b: self.b.as_ref().map(rows).transpose()?,
+            lora: match &self.lora {
+                Some(l) => Some(LoraPair {
+                    a: l.a.clone(),
+                    b: rows(&l.b)?,
+                    scale: l.scale,
+                }),
+                None => None,
+            },
+            compute: self.compute,
+            wb: self.wb.as_ref().map(rows).transpose()?,
+        })
+    }
+
+    fn weight_bf16(&self) -> Result<Tensor> {
+        match &self.wb {
+            Some(wb) => Ok(wb.clone()),
+            None => bf16_weight(&self.w),
+        }
     }
 
     /// Every tensor of the layer (trainable or not).
@@ -84,6 +123,7 @@ impl Linear {
                 scale: l.scale,
             }),
             compute: self.compute,
+            wb: self.wb.as_ref().map(Tensor::detach),
         }
     }
 }

@@ -77,6 +77,30 @@ impl Projections {
             }
         }
     }
+
+    /// Each linear layer with its bf16 weight copy made (see `Linear::with_bf16_copy`).
+    fn with_bf16_copies(&self) -> Result<Projections> {
+        self.try_map(Linear::with_bf16_copy)
+    }
+
+    fn try_map(&self, f: impl Fn(&Linear) -> Result<Linear>) -> Result<Projections> {
+        Ok(match self {
+            Projections::Separate(linears) => {
+                Projections::Separate(linears.iter().map(f).collect::<Result<_>>()?)
+            }
+            Projections::Fused(linear, widths) => Projections::Fused(f(linear)?, widths.clone()),
+        })
+    }
+
+    /// Only the first projection (q of q, k, v).
+    fn first(&self) -> Result<Projections> {
+        Ok(match self {
+            Projections::Separate(linears) => Projections::Separate(vec![linears[0].clone()]),
+            Projections::Fused(linear, widths) => {
+                Projections::Fused(linear.output_rows(0, widths[0])?, vec![widths[0]])
+            }
+        })
+    }
 }
 
 /// The layer-level switches of the family members.
@@ -143,9 +167,17 @@ impl Layer {
         let mut qkv = self.qkv.forward(&hs)?;
         if let Some([qn, kn]) = &self.qk_norm {
             qkv[0] = style.head_norm(&qkv[0], qn)?;
-            qkv[1] = style.head_norm(&qkv[1], kn)?;
+            if let Some(k) = qkv.get_mut(1) {
+                *k = style.head_norm(k, kn)?;
+            }
         }
-        let a = self.o.forward(&attend(&qkv[0], &qkv[1], &qkv[2])?)?;
+        let (q, k, v) = match &qkv[..] {
+            [q, k, v] => (q, k, v),
+            // A padding layer (`for_padding`): its attention reads the real rows' keys and values.
+            [q] => (q, q, q),
+            _ => candle_core::bail!("llama layer: {} projections of q, k, v", qkv.len()),
+        };
+        let a = self.o.forward(&attend(q, k, v)?)?;
         let mlp = |hs: &Tensor| -> Result<Tensor> {
             let product = match style.activation {
                 // One op, on the bf16 projections under bf16 products (see `ops::swiglu`).
@@ -182,6 +214,28 @@ impl Layer {
         out
     }
 
+    /// The layer for a packed batch's padding rows: detached, and projecting queries only (no
+    /// row attends to padding, so padding rows' keys and values would never be read).
+    fn for_padding(&self) -> Result<Layer> {
+        let layer = self.detached();
+        Ok(Layer {
+            qkv: layer.qkv.first()?,
+            ..layer
+        })
+    }
+
+    /// The layer with each linear layer's bf16 weight copy made once, for the real rows and
+    /// the padding rows to share (see `Linear::with_bf16_copy`).
+    fn with_bf16_copies(&self) -> Result<Layer> {
+        Ok(Layer {
+            qkv: self.qkv.with_bf16_copies()?,
+            o: self.o.with_bf16_copy()?,
+            gate_up: self.gate_up.with_bf16_copies()?,
+            down: self.down.with_bf16_copy()?,
+            ..self.clone()
+        })
+    }
+
     fn detached(&self) -> Layer {
         Layer {
             input_norm: self.input_norm.detach(),
@@ -215,7 +269,10 @@ impl Layer {
 /// One decoder layer as a recomputable block (gradient checkpointing).
 struct LayerBlock {
     live: Layer,
+    /// `live` detached: the no-graph forward of a checkpointed layer.
     frozen: Layer,
+    /// `live` for a packed batch's padding rows (`Layer::for_padding`).
+    pad: Layer,
     ctx: Arc<Ctx>,
 }
 
@@ -225,7 +282,7 @@ impl LayerBlock {
         let style = self.ctx.style;
         self.ctx
             .attention
-            .layer(x, layer, &self.frozen, |l, x, a| l.forward(x, style, a))
+            .layer(x, layer, &self.pad, |l, x, a| l.forward(x, style, a))
     }
 }
 
@@ -250,9 +307,7 @@ impl RowsBlock for LayerBlock {
         let style = self.ctx.style;
         self.ctx
             .attention
-            .layer_rows(x, pad, layer, &self.frozen, |l, x, a| {
-                l.forward(x, style, a)
-            })
+            .layer_rows(x, pad, layer, &self.pad, |l, x, a| l.forward(x, style, a))
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -418,13 +473,23 @@ impl Llama {
             }
             None => (ctx(attend(cfg.sliding_window, &cfg.rope)?), None),
         };
-        let layers = self.layers.iter().enumerate().map(|(i, layer)| LayerBlock {
-            live: layer.clone(),
-            frozen: layer.detached(),
-            ctx: match (&sliding, &cfg.sliding_layers) {
-                (Some(s), Some(marks)) if marks[i] => s.clone(),
-                _ => full.clone(),
-            },
+        let layers = self.layers.iter().enumerate().map(|(i, layer)| {
+            // Without checkpointing the real rows keep their bf16 weight copies for backward
+            // anyway, so the padding rows reuse them instead of casting again; a checkpointed
+            // layer casts in each pass (copies made here would live for the whole step).
+            let live = match self.recompute {
+                None => layer.with_bf16_copies()?,
+                Some(_) => layer.clone(),
+            };
+            Ok(LayerBlock {
+                frozen: live.detached(),
+                pad: live.for_padding()?,
+                live,
+                ctx: match (&sliding, &cfg.sliding_layers) {
+                    (Some(s), Some(marks)) if marks[i] => s.clone(),
+                    _ => full.clone(),
+                },
+            })
         });
         let x = full.attention.stack(x, layers, self.recompute.as_ref())?;
         style.norm(&x, &self.norm)

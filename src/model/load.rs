@@ -371,6 +371,7 @@ impl WeightSource {
             b,
             lora,
             compute: self.compute,
+            wb: None,
         })
     }
 

@@ -288,11 +288,13 @@ impl Opt {
     /// share every other line.
     fn decode(&self, mut x: Tensor, attention: Attention) -> Result<Tensor> {
         let pre = self.config.do_layer_norm_before;
-        let layers = self.layers.iter().map(|layer| LayerBlock {
-            live: layer.clone(),
-            frozen: layer.detached(),
-            pre,
-            attention: attention.clone(),
+        let layers = self.layers.iter().map(|layer| {
+            Ok(LayerBlock {
+                live: layer.clone(),
+                frozen: layer.detached(),
+                pre,
+                attention: attention.clone(),
+            })
         });
         x = attention.stack(x, layers, self.recompute.as_ref())?;
         if let Some(norm) = &self.final_norm {

@@ -321,7 +321,7 @@ impl PackedAttention {
     /// (recording the graph), then `frozen` (detached parameters) the padding rows, detached,
     /// whose attention reads this layer's keys and values of the real rows, detached. Each
     /// gets its rows and the attention of its q/k/v projections; `frozen`'s k/v are unused,
-    /// as no row attends to padding.
+    /// as no row attends to padding (the Llama family's padding layer projects no k/v).
     pub fn layer(
         &self,
         x: &Tensor,
