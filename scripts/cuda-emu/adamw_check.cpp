@@ -1,6 +1,6 @@
 // src/train/adamw.cu under the CPU emulation (cuda_emu.h), launched as src/train/adamw_cuda.rs
-// launches it (the three passes in order, grid-stride loops; here fewer threads than elements
-// so the loops stride), against torch's AdamW step in double: m, v, then
+// launches it (one pass, a grid-stride loop; here fewer threads than elements so the loop
+// strides), against torch's AdamW step in double: m, v, then
 // p = p * (1 - lr * wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), the gradient scaled first.
 #include "../../src/train/adamw.cu"
 
@@ -26,12 +26,9 @@ static void run(size_t n, unsigned blocks, int steps, double grad_scale) {
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
     // The Rust side's per-step constants (optim.rs: Coefs), rounded to f32 as it passes them.
     const float decay = 1 - lr * wd, step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
-    emu::launch({blocks}, {64}, adamw_moment1, m.data(), (const float *)g.data(), n, (float)b1,
-                (float)c1, (float)grad_scale);
-    emu::launch({blocks}, {64}, adamw_moment2, v.data(), (const float *)g.data(), n, (float)b2,
-                (float)c2, (float)grad_scale);
-    emu::launch({blocks}, {64}, adamw_param, p.data(), (const float *)m.data(),
-                (const float *)v.data(), n, decay, step_size, bc2_sqrt, (float)eps);
+    emu::launch({blocks}, {64}, adamw_step, p.data(), m.data(), v.data(), (const float *)g.data(),
+                n, (float)b1, (float)c1, (float)b2, (float)c2, (float)grad_scale, decay,
+                step_size, bc2_sqrt, (float)eps);
     for (size_t i = 0; i < n; ++i) {
       const double gi = g[i] * grad_scale;
       mr[i] = b1 * mr[i] + c1 * gi;

@@ -1,10 +1,10 @@
-//! AdamW's update on CUDA with the kernels of `adamw.cu` (compiled by `build.rs`): three
-//! passes over the flat f32 parameter, moments and gradient, in place.
+//! AdamW's update on CUDA with the kernel of `adamw.cu` (compiled by `build.rs`): one pass
+//! over the flat f32 parameter, gradient and moments, in place.
 
 use super::optim::Coefs;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CpuStorage, CudaStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, CudaStorage, InplaceOp2, Layout, Result, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 const MODULE: &str = "orpo_adamw";
@@ -14,26 +14,11 @@ pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Resul
     if p.elem_count() == 0 {
         return Ok(()); // nothing to update, and a launch of no block is an error
     }
+    if !m.is_contiguous() || !v.is_contiguous() {
+        bail!("adamw (CUDA): the moments must be contiguous");
+    }
     let g = g.contiguous()?;
-    m.inplace_op2(
-        &g,
-        &Moment {
-            kernel: "adamw_moment1",
-            beta: c.beta1,
-            one_minus_beta: c.one_minus_beta1,
-            grad_scale: c.grad_scale,
-        },
-    )?;
-    v.inplace_op2(
-        &g,
-        &Moment {
-            kernel: "adamw_moment2",
-            beta: c.beta2,
-            one_minus_beta: c.one_minus_beta2,
-            grad_scale: c.grad_scale,
-        },
-    )?;
-    p.inplace_op3(m, v, &Param(c))
+    p.inplace_op2(&g, &Step { m, v, c })
 }
 
 fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -43,21 +28,34 @@ fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// `m = beta * m + (1 - beta) * g'` (or `g'²`), `g' = g * grad_scale`.
-struct Moment {
-    kernel: &'static str,
-    beta: f32,
-    one_minus_beta: f32,
-    grad_scale: f32,
+/// The `n` moments behind a CUDA f32 tensor's storage and layout.
+fn moment_view<'a>(s: &'a Storage, l: &Layout, n: usize) -> Result<CudaView<'a, f32>> {
+    let (a, b) = offsets(l, "moment")?;
+    if b - a != n {
+        bail!("adamw (CUDA): parameter and moment sizes differ");
+    }
+    let Storage::Cuda(s) = s else {
+        bail!("adamw (CUDA): the moments must be on the GPU");
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
 }
 
-impl InplaceOp2 for Moment {
+/// `m, v = beta m + (1 - beta) g', beta2 v + (1 - beta2) g'^2` (`g' = g * grad_scale`), then
+/// `p = p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)`: on `p` (the op's destination)
+/// and `g` (its source), writing the moments it holds, as the CPU update (`HostUpdate`) does.
+struct Step<'a> {
+    m: &'a Tensor,
+    v: &'a Tensor,
+    c: Coefs,
+}
+
+impl InplaceOp2 for Step<'_> {
     fn name(&self) -> &'static str {
-        "adamw-moment"
+        "adamw-step"
     }
 
     fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        bail!("adamw-moment runs on CUDA only")
+        bail!("adamw-step runs on CUDA only")
     }
 
     fn cuda_fwd(
@@ -67,83 +65,42 @@ impl InplaceOp2 for Moment {
         src: &CudaStorage,
         src_l: &Layout,
     ) -> Result<()> {
-        let ((d0, d1), (s0, s1)) = (offsets(dst_l, "moment")?, offsets(src_l, "gradient")?);
-        if d1 - d0 != s1 - s0 {
-            bail!("adamw (CUDA): moment and gradient sizes differ");
-        }
+        let ((d0, d1), (s0, s1)) = (offsets(dst_l, "parameter")?, offsets(src_l, "gradient")?);
         let n = d1 - d0;
+        if s1 - s0 != n {
+            bail!("adamw (CUDA): parameter and gradient sizes differ");
+        }
+        // The moments are written through views candle lends for reading: candle's in-place
+        // ops write one tensor, and the moments are the optimizer's own (nothing else holds
+        // them), on the one stream every tensor uses, so cudarc's read/write bookkeeping
+        // (off by default, see device.rs) has nothing to order.
+        let (ms, ml) = self.m.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let (m, v) = (moment_view(&ms, ml, n)?, moment_view(&vs, vl, n)?);
+        let c = self.c;
         let func = dst
             .device
             .clone()
-            .get_or_load_custom_func(self.kernel, MODULE, PTX)?;
+            .get_or_load_custom_func("adamw_step", MODULE, PTX)?;
         let g = src.as_cuda_slice::<f32>()?.slice(s0..s1);
-        let mut m = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
-        let mut b = func.builder();
-        b.arg(&mut m);
-        b.arg(&g);
-        b.arg(&n);
-        b.arg(&self.beta);
-        b.arg(&self.one_minus_beta);
-        b.arg(&self.grad_scale);
-        // SAFETY: arguments as the kernel's signature; n elements in each buffer.
-        unsafe { b.launch(crate::ops::grid_stride(n, 1024)) }.w()?;
-        Ok(())
-    }
-}
-
-/// `p = p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)`.
-struct Param(Coefs);
-
-impl InplaceOp3 for Param {
-    fn name(&self) -> &'static str {
-        "adamw-param"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        bail!("adamw-param runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        dst: &mut CudaStorage,
-        dst_l: &Layout,
-        m: &CudaStorage,
-        m_l: &Layout,
-        v: &CudaStorage,
-        v_l: &Layout,
-    ) -> Result<()> {
-        let (d0, d1) = offsets(dst_l, "parameter")?;
-        let ((m0, m1), (v0, v1)) = (offsets(m_l, "moment")?, offsets(v_l, "moment")?);
-        let n = d1 - d0;
-        if m1 - m0 != n || v1 - v0 != n {
-            bail!("adamw (CUDA): parameter and moment sizes differ");
-        }
-        let c = self.0;
-        let func = dst
-            .device
-            .clone()
-            .get_or_load_custom_func("adamw_param", MODULE, PTX)?;
-        let m = m.as_cuda_slice::<f32>()?.slice(m0..m1);
-        let v = v.as_cuda_slice::<f32>()?.slice(v0..v1);
         let mut p = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
         let mut b = func.builder();
         b.arg(&mut p);
         b.arg(&m);
         b.arg(&v);
+        b.arg(&g);
         b.arg(&n);
+        b.arg(&c.beta1);
+        b.arg(&c.one_minus_beta1);
+        b.arg(&c.beta2);
+        b.arg(&c.one_minus_beta2);
+        b.arg(&c.grad_scale);
         b.arg(&c.decay);
         b.arg(&c.step_size);
         b.arg(&c.bc2_sqrt);
         b.arg(&c.eps);
-        // SAFETY: arguments as the kernel's signature; n elements in each buffer.
+        // SAFETY: arguments as the kernel's signature; n elements in each buffer (the moments'
+        // sizes checked in moment_view), none of them aliasing another.
         unsafe { b.launch(crate::ops::grid_stride(n, 1024)) }.w()?;
         Ok(())
     }

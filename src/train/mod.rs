@@ -14,6 +14,8 @@ pub mod resume;
 pub mod schedule;
 mod setup;
 pub mod shard;
+#[cfg(feature = "cuda")]
+mod sum_sq_cuda;
 mod trainer;
 
 pub use setup::{check_length, load_model, load_trainer, LoadedModel};

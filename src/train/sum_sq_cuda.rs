@@ -1,0 +1,64 @@
+//! The gradient norm's sums of squares on CUDA with the kernel of `sum_sq.cu` (compiled by
+//! `build.rs`): one pass over each f32 gradient, partial sums per block in f64.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sum_sq.ptx"));
+const MODULE: &str = "orpo_sum_sq";
+/// `SUM_SQ_THREADS` in sum_sq.cu.
+const THREADS: usize = 256;
+/// Elements a thread sums at least before the work is split over more blocks.
+const PER_THREAD: usize = 16;
+/// At most this many partial sums per tensor (about eight blocks for each of an H100's SMs).
+const MAX_BLOCKS: usize = 1024;
+
+/// Partial sums of squares of `g` (f32, contiguous, non-empty, on a CUDA device) as an f64
+/// vector on its device; their sum is `g`'s sum of squares. Their number depends on the
+/// element count only.
+pub fn partial_sums(g: &Tensor) -> Result<Tensor> {
+    g.apply_op1_no_bwd(&SumSq)
+}
+
+fn blocks(n: usize) -> usize {
+    n.div_ceil(THREADS * PER_THREAD).clamp(1, MAX_BLOCKS)
+}
+
+struct SumSq;
+
+impl CustomOp1 for SumSq {
+    fn name(&self) -> &'static str {
+        "sum-sq"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("sum-sq runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let x = crate::ops::cuda_view::<f32>("sum-sq", s, l)?;
+        let n = l.shape().elem_count();
+        if n == 0 {
+            bail!("sum-sq (CUDA): empty tensor"); // a launch of no block is an error
+        }
+        let blocks = blocks(n);
+        let dev = s.device().clone();
+        let func = dev.get_or_load_custom_func("sum_sq_f32", MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel (one per block).
+        let out = unsafe { dev.alloc::<f64>(blocks)? };
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&n);
+        b.arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments as the kernel's signature (x, n, out); `blocks` outputs.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((f64::wrap_cuda_slice(out, dev), Shape::from(blocks)))
+    }
+}
