@@ -837,7 +837,11 @@ summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("ph
                parity=parity, bench=bench,
                failed_steps=[s for s in steps if s["rc"] not in (0,)],
                steps=steps)
-json.dump(summary, open(f"{out}/gpu-results.json", "w"), indent=1)
+def write(name, text):  # whole or not at all: the call may be stopped while writing
+    with open(f"{out}/{name}.tmp", "w") as fh:
+        fh.write(text)
+    os.replace(f"{out}/{name}.tmp", f"{out}/{name}")
+write("gpu-results.json", json.dumps(summary, indent=1))
 
 def f(x, fmt="{:.2e}"):
     return "-" if x is None else (fmt.format(x) if isinstance(x, (int, float)) else str(x))
@@ -904,7 +908,7 @@ if bad:
         f"- {s['name']}: rc {s['rc']}" + (" (timed out)" if s["rc"] in (124, 137) else "")
         + (f" ({s['skipped']})" if s.get("skipped") else "") + f", {s['secs']} s" for s in bad] + [""]
 md += ["## Step times", ""] + [f"- {s['name']}: {s['secs']} s (rc {s['rc']})" for s in steps]
-open(f"{out}/gpu-results.md", "w").write("\n".join(md) + "\n")
+write("gpu-results.md", "\n".join(md) + "\n")
 print("\n".join(md))
 PY
 }
@@ -914,6 +918,8 @@ last_7b=-1
 for i in "${!phases[@]}"; do
   [[ ${phases[$i]} == *mistral-7b ]] && last_7b=$i
 done
+# Setup and the smoke tests are behind: a first report, should the call stop in the first phase.
+write_report partial "${phases[*]}" >/dev/null
 for i in "${!phases[@]}"; do
   p=${phases[$i]}
   if [ $FUSED_OK = 0 ] && [[ $p == parity-fused || $p == fused:* || $p == profile-fused:* ]]; then

@@ -1,7 +1,9 @@
 // AdamW's update on the GPU in one pass over flat f32 buffers: each element's parameter,
 // gradient and moments are read once and written once (candle's ops take about fifteen
-// passes). The arithmetic is the CPU update's (`optim.rs`, update_chunk), term by term;
-// `1 - beta` comes from the host, rounded from f64 as torch's scalar is.
+// passes). The arithmetic is the CPU update's (`optim.rs`, update_chunk): the same
+// expressions in the same order, except that nvcc fuses each moment's multiply-add into one
+// rounding (within float rounding of the CPU's; parity's tolerance covers it). `1 - beta` comes
+// from the host, rounded from f64 as torch's scalar is.
 
 extern "C" __global__ void adamw_step(float *p, float *m, float *v, const float *g,
                                       const size_t n, const float beta1,

@@ -17,8 +17,26 @@ pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Resul
     if !m.is_contiguous() || !v.is_contiguous() {
         bail!("adamw (CUDA): the moments must be contiguous");
     }
+    if ![g, m, v].iter().all(|t| t.device().same_device(p.device())) {
+        bail!("adamw (CUDA): parameter, gradient and moments on different devices");
+    }
     let g = g.contiguous()?;
+    // The op locks p and g, then the moments: a moment sharing storage with either would
+    // wait on itself, and the kernel assumes four separate buffers.
+    let buffers = [p, &g, m, v].map(storage_addr);
+    for (i, a) in buffers.iter().enumerate() {
+        if buffers[..i].contains(a) {
+            bail!("adamw (CUDA): parameter, gradient and moments must not share storage");
+        }
+    }
     p.inplace_op2(&g, &Step { m, v, c })
+}
+
+/// Identifies a tensor's storage (the address of its device buffer's handle), taking and
+/// releasing its lock.
+fn storage_addr(t: &Tensor) -> usize {
+    let (s, _) = t.storage_and_layout();
+    std::ptr::from_ref(&*s).addr()
 }
 
 fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -100,7 +118,9 @@ impl InplaceOp2 for Step<'_> {
         b.arg(&c.bc2_sqrt);
         b.arg(&c.eps);
         // SAFETY: arguments as the kernel's signature; n elements in each buffer (the moments'
-        // sizes checked in moment_view), none of them aliasing another.
+        // sizes checked in moment_view), none of them aliasing another (checked in update).
+        // cudarc sees the moments as read (their views): its event bookkeeping, when on, would
+        // miss these writes, which orders nothing on candle's one stream.
         unsafe { b.launch(crate::ops::grid_stride(n, 1024)) }.w()?;
         Ok(())
     }

@@ -47,11 +47,11 @@ impl CustomOp1 for SumSq {
         let dev = s.device().clone();
         let func = dev.get_or_load_custom_func("sum_sq_f32", MODULE, PTX)?;
         // SAFETY: every element is written by the kernel (one per block).
-        let out = unsafe { dev.alloc::<f64>(blocks)? };
+        let mut out = unsafe { dev.alloc::<f64>(blocks)? };
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&n);
-        b.arg(&out);
+        b.arg(&mut out);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS as u32, 1, 1),
