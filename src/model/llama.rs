@@ -505,10 +505,29 @@ impl Llama {
 
     /// Token embeddings as f32 rows (`ids` flat), with Gemma's scale.
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = self
-            .embed_tokens
-            .index_select(ids, 0)?
-            .to_dtype(DType::F32)?;
+        self.embed_from(&self.embed_tokens, ids)
+    }
+
+    /// A packed stream's embeddings: the padding block's from the detached table. Nothing
+    /// differentiates through padding rows, and the table's backward (candle's `index_add`: a
+    /// thread per column walking every index in order) then walks the real rows' ids only.
+    fn embed_packed(&self, packed: &Packed) -> Result<Tensor> {
+        let (real, pad) = (packed.real_rows, packed.total - packed.real_rows);
+        if pad == 0 {
+            return self.embed(&packed.ids);
+        }
+        let pad_rows = self.embed_from(
+            &self.embed_tokens.detach(),
+            &packed.ids.narrow(0, real, pad)?,
+        )?;
+        Tensor::cat(
+            &[&self.embed(&packed.ids.narrow(0, 0, real)?)?, &pad_rows],
+            0,
+        )
+    }
+
+    fn embed_from(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let x = table.index_select(ids, 0)?.to_dtype(DType::F32)?;
         match self.config.embed_scale {
             // transformers multiplies by the scale rounded to the weights' dtype (f32 here).
             Some(scale) => x * (scale as f32) as f64,
@@ -567,7 +586,7 @@ impl Llama {
         if !self.supports_packing() {
             candle_core::bail!("{:?} runs padded batches only", cfg.arch);
         }
-        let x = self.embed(&packed.ids)?;
+        let x = self.embed_packed(packed)?;
         let attend = |window: Option<usize>, rope: &Rope| -> Result<Attention> {
             let attention = PackedAttention::new(
                 packed,
