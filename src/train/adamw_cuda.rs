@@ -14,9 +14,6 @@ pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Resul
     if p.elem_count() == 0 {
         return Ok(()); // nothing to update, and a launch of no block is an error
     }
-    if !m.is_contiguous() || !v.is_contiguous() {
-        bail!("adamw (CUDA): the moments must be contiguous");
-    }
     if ![g, m, v].iter().all(|t| t.device().same_device(p.device())) {
         bail!("adamw (CUDA): parameter, gradient and moments on different devices");
     }
