@@ -1,0 +1,240 @@
+//! From TOML text to a checked table: `--set` overrides applied, sections, keys and value
+//! types checked against the schema, integers made floats where floats are expected.
+
+use std::collections::HashSet;
+
+use super::schema::{
+    describe, key_hint, key_kind, section_keys, suggest_key, suggest_section, KeyKind,
+};
+use super::{ConfigError, Dtype, Scheduler};
+
+/// Tracks where values came from, so that errors can say "(--set)".
+pub(super) struct Origin<'a> {
+    pub(super) file: &'a str,
+    pub(super) overridden: HashSet<String>,
+}
+
+impl Origin<'_> {
+    pub(super) fn of(&self, key: &str) -> String {
+        if self.overridden.contains(key) {
+            format!("{} (--set)", self.file)
+        } else {
+            self.file.to_string()
+        }
+    }
+
+    pub(super) fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidValue {
+            file: self.of(key),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse the value of a `--set` override: a TOML value where possible, else the raw text.
+fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
+    let text = raw.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .filter(|t| t.len() == 1)
+        .and_then(|mut t| t.remove("v"));
+    match (kind, parsed) {
+        // Strings stay strings even when they look like numbers (`model.revision=2024`).
+        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler, Some(v @ toml::Value::String(_))) => v,
+        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler, _) => {
+            toml::Value::String(text.to_string())
+        }
+        (KeyKind::Targets, Some(v @ (toml::Value::String(_) | toml::Value::Array(_)))) => v,
+        (KeyKind::Targets, _) if text.contains(',') => toml::Value::Array(
+            text.split(',')
+                .map(|s| toml::Value::String(s.trim().to_string()))
+                .collect(),
+        ),
+        (_, Some(v)) => v,
+        (_, None) => toml::Value::String(text.to_string()),
+    }
+}
+
+pub(super) fn apply_overrides(
+    table: &mut toml::Table,
+    file: &str,
+    overrides: &[String],
+    overridden: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    for arg in overrides {
+        let bad = |message: &str| ConfigError::BadOverride {
+            file: file.to_string(),
+            arg: arg.clone(),
+            message: message.to_string(),
+        };
+        let Some((path, raw)) = arg.split_once('=') else {
+            return Err(bad("expected `section.key=value` (no `=` found)"));
+        };
+        let path = path.trim();
+        let Some((section, key)) = path.split_once('.') else {
+            return Err(bad(
+                "expected `section.key=value` (the key needs a section, e.g. `optim.lr`)",
+            ));
+        };
+        if section.is_empty() || key.is_empty() || key.contains('.') {
+            return Err(bad("expected `section.key=value` with exactly one dot"));
+        }
+        let set_file = format!("{file} (--set)");
+        if section_keys(section).is_none() {
+            return Err(ConfigError::UnknownSection {
+                file: set_file,
+                section: section.to_string(),
+                hint: suggest_section(section),
+            });
+        }
+        let Some(kind) = key_kind(section, key) else {
+            return Err(ConfigError::UnknownKey {
+                file: set_file,
+                key: path.to_string(),
+                hint: key_hint(Some(section), key),
+            });
+        };
+        let value = parse_override_value(raw, kind);
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), value);
+            }
+            other => {
+                return Err(ConfigError::WrongType {
+                    file: file.to_string(),
+                    key: section.to_string(),
+                    expected: "a table (section)".into(),
+                    found: describe(other),
+                })
+            }
+        }
+        overridden.insert(path.to_string());
+    }
+    Ok(())
+}
+
+/// Check sections, keys and value types; convert integers to floats where floats are expected.
+pub(super) fn check_and_normalise(
+    table: &mut toml::Table,
+    origin: &Origin,
+) -> Result<(), ConfigError> {
+    for (section, value) in table.iter_mut() {
+        let Some(keys) = section_keys(section) else {
+            if let toml::Value::Table(_) = value {
+                return Err(ConfigError::UnknownSection {
+                    file: origin.file.to_string(),
+                    section: section.clone(),
+                    hint: suggest_section(section),
+                });
+            }
+            return Err(ConfigError::UnknownKey {
+                file: origin.file.to_string(),
+                key: section.clone(),
+                hint: match suggest_key(None, section) {
+                    Some(k) => {
+                        format!(" at the top level (keys belong in a section); did you mean `{k}`?")
+                    }
+                    None => " at the top level (keys belong in a section)".into(),
+                },
+            });
+        };
+        let toml::Value::Table(t) = value else {
+            return Err(ConfigError::WrongType {
+                file: origin.file.to_string(),
+                key: section.clone(),
+                expected: format!("a table (`[{section}]` section)"),
+                found: describe(value),
+            });
+        };
+        for (key, v) in t.iter_mut() {
+            let full = format!("{section}.{key}");
+            let Some(kind) = keys.iter().find(|(k, _)| k == key).map(|(_, k)| *k) else {
+                return Err(ConfigError::UnknownKey {
+                    file: origin.of(&full),
+                    key: full.clone(),
+                    hint: key_hint(Some(section), key),
+                });
+            };
+            let wrong = |expected: &str, v: &toml::Value| ConfigError::WrongType {
+                file: origin.of(&full),
+                key: full.clone(),
+                expected: expected.to_string(),
+                found: describe(v),
+            };
+            match kind {
+                KeyKind::Str => {
+                    if !v.is_str() {
+                        return Err(wrong("a string", v));
+                    }
+                }
+                KeyKind::Bool => {
+                    if !v.is_bool() {
+                        return Err(wrong("a boolean (true or false)", v));
+                    }
+                }
+                KeyKind::Float => match v {
+                    toml::Value::Float(_) => {}
+                    toml::Value::Integer(i) => *v = toml::Value::Float(*i as f64),
+                    _ => return Err(wrong("a float", v)),
+                },
+                KeyKind::UInt => match v {
+                    toml::Value::Integer(i) if *i >= 0 => {}
+                    toml::Value::Integer(_) => {
+                        return Err(wrong("a non-negative integer", v));
+                    }
+                    _ => return Err(wrong("an integer", v)),
+                },
+                KeyKind::Dtype => {
+                    let Some(s) = v.as_str() else {
+                        return Err(wrong("a string", v));
+                    };
+                    if let Err(m) = s.parse::<Dtype>() {
+                        return Err(origin.invalid(&full, m));
+                    }
+                }
+                KeyKind::Scheduler => {
+                    let Some(s) = v.as_str() else {
+                        return Err(wrong("a string", v));
+                    };
+                    if let Err(m) = s.parse::<Scheduler>() {
+                        return Err(origin.invalid(&full, m));
+                    }
+                }
+                KeyKind::Targets => match v {
+                    toml::Value::String(s) if s == "all-linear" => {}
+                    toml::Value::String(s) => {
+                        return Err(origin.invalid(
+                            &full,
+                            format!(
+                                "expected \"all-linear\" or a list of module names, found \
+                                 string {s:?} (write a list: targets = [{s:?}])"
+                            ),
+                        ))
+                    }
+                    toml::Value::Array(items) => {
+                        if items.is_empty() {
+                            return Err(origin.invalid(&full, "the list of modules is empty"));
+                        }
+                        for item in items {
+                            match item.as_str() {
+                                Some(s) if !s.trim().is_empty() => {}
+                                Some(_) => {
+                                    return Err(origin.invalid(&full, "empty module name"));
+                                }
+                                None => {
+                                    return Err(wrong("a list of strings (module names)", item));
+                                }
+                            }
+                        }
+                    }
+                    _ => return Err(wrong("\"all-linear\" or a list of module names", v)),
+                },
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Value ranges, checked once the configuration is deserialised.
+
+use super::load::Origin;
+use super::{Config, ConfigError, LoraTargets};
+
+impl Config {
+    pub(super) fn check_ranges(&self, o: &Origin) -> Result<(), ConfigError> {
+        let m = &self.model;
+        if m.id.trim().is_empty() {
+            return Err(o.invalid("model.id", "must not be empty"));
+        }
+        if let Some(r) = &m.revision {
+            if r.trim().is_empty() {
+                return Err(o.invalid("model.revision", "must not be empty (omit it for main)"));
+            }
+        }
+        if !valid_device(&m.device) {
+            return Err(o.invalid(
+                "model.device",
+                format!(
+                    "unknown device `{}`; valid: cpu, cuda, cuda:N, auto",
+                    m.device
+                ),
+            ));
+        }
+
+        let d = &self.data;
+        for (key, v) in [("data.train", &d.train), ("data.eval", &d.eval)] {
+            if matches!(v, Some(s) if s.trim().is_empty()) {
+                return Err(o.invalid(key, "must not be empty (omit the key instead)"));
+            }
+        }
+        for (key, v) in [
+            ("data.train_split", &d.train_split),
+            ("data.eval_split", &d.eval_split),
+            ("data.prompt_column", &d.prompt_column),
+            ("data.chosen_column", &d.chosen_column),
+            ("data.rejected_column", &d.rejected_column),
+        ] {
+            if v.trim().is_empty() {
+                return Err(o.invalid(key, "must not be empty"));
+            }
+        }
+        for (key, v) in [("data.subset", &d.subset), ("data.revision", &d.revision)] {
+            if matches!(v, Some(s) if s.trim().is_empty()) {
+                return Err(o.invalid(key, "must not be empty (omit the key instead)"));
+            }
+        }
+        let cols = [
+            ("data.prompt_column", &d.prompt_column),
+            ("data.chosen_column", &d.chosen_column),
+            ("data.rejected_column", &d.rejected_column),
+        ];
+        for (i, (key, v)) in cols.iter().enumerate() {
+            if let Some((other, _)) = cols[..i].iter().find(|(_, w)| w == v) {
+                return Err(o.invalid(
+                    key,
+                    format!(
+                        "column `{v}` is already used by {other}; each field needs its own column"
+                    ),
+                ));
+            }
+        }
+        if d.max_length == 0 {
+            return Err(o.invalid("data.max_length", "must be at least 1"));
+        }
+        if d.max_prompt_length == 0 {
+            return Err(o.invalid("data.max_prompt_length", "must be at least 1"));
+        }
+        if d.max_prompt_length > d.max_length {
+            return Err(o.invalid(
+                "data.max_prompt_length",
+                format!(
+                    "{} is larger than data.max_length = {}",
+                    d.max_prompt_length, d.max_length
+                ),
+            ));
+        }
+
+        let beta = self.orpo.beta;
+        if !beta.is_finite() || beta < 0.0 {
+            return Err(o.invalid(
+                "orpo.beta",
+                format!("must be a finite number >= 0, found {beta}"),
+            ));
+        }
+
+        let p = &self.optim;
+        if !p.lr.is_finite() || p.lr <= 0.0 {
+            return Err(o.invalid(
+                "optim.lr",
+                format!("must be a finite number > 0, found {}", p.lr),
+            ));
+        }
+        for (key, v) in [
+            ("optim.weight_decay", p.weight_decay),
+            ("optim.max_grad_norm", p.max_grad_norm),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(o.invalid(key, format!("must be a finite number >= 0, found {v}")));
+            }
+        }
+        for (key, v) in [
+            ("optim.adam_beta1", p.adam_beta1),
+            ("optim.adam_beta2", p.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(o.invalid(key, format!("must be in [0, 1), found {v}")));
+            }
+        }
+        if !p.adam_epsilon.is_finite() || p.adam_epsilon < 0.0 {
+            return Err(o.invalid(
+                "optim.adam_epsilon",
+                format!("must be a finite number >= 0, found {}", p.adam_epsilon),
+            ));
+        }
+
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(o.invalid("train.batch_size", "must be at least 1"));
+        }
+        if t.grad_accum == 0 {
+            return Err(o.invalid("train.grad_accum", "must be at least 1"));
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            let key = if o.overridden.contains("train.max_steps") {
+                "train.max_steps"
+            } else {
+                "train.epochs"
+            };
+            return Err(o.invalid(
+                key,
+                "train.epochs = 0 with train.max_steps = 0 would train nothing; set one of them",
+            ));
+        }
+        if t.log_every == 0 {
+            return Err(o.invalid("train.log_every", "must be at least 1"));
+        }
+        if t.save_total_limit == Some(0) {
+            return Err(o.invalid(
+                "train.save_total_limit",
+                "must be at least 1 (omit it to keep every checkpoint)",
+            ));
+        }
+        if t.output_dir.trim().is_empty() {
+            return Err(o.invalid("train.output_dir", "must not be empty"));
+        }
+
+        let l = &self.lora;
+        if l.r == 0 {
+            return Err(o.invalid("lora.r", "must be at least 1"));
+        }
+        if !l.alpha.is_finite() || l.alpha <= 0.0 {
+            return Err(o.invalid(
+                "lora.alpha",
+                format!("must be a finite number > 0, found {}", l.alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return Err(o.invalid(
+                "lora.dropout",
+                format!("must be in [0, 1), found {}", l.dropout),
+            ));
+        }
+        if let LoraTargets::Modules(m) = &l.targets {
+            if m.is_empty() {
+                return Err(o.invalid("lora.targets", "the list of modules is empty"));
+            }
+            if m.iter().any(|s| s.trim().is_empty()) {
+                return Err(o.invalid("lora.targets", "empty module name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_device(d: &str) -> bool {
+    match d {
+        "cpu" | "cuda" | "auto" => true,
+        _ => d
+            .strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+    }
+}

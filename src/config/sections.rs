@@ -1,0 +1,217 @@
+//! The configuration's sections, their keys and defaults (SPEC.md's config keys).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Dtype, LoraTargets, Scheduler};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Local folder or hub id `org/name` (required).
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    pub dtype: Dtype,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            id: String::new(),
+            revision: None,
+            device: "cpu".into(),
+            dtype: Dtype::F32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training data (required by `orpo train`, see [`Config::validate_for_train`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<String>,
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+    /// Split read from folders and hub datasets for `train`.
+    pub train_split: String,
+    /// Split read from folders and hub datasets for `eval`.
+    pub eval_split: String,
+    /// Dataset config name (a folder of that name in the repo: `harmless-base`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Hub revision of the dataset (branch, tag or commit); `main` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Column holding the prompt / chosen / rejected field.
+    pub prompt_column: String,
+    pub chosen_column: String,
+    pub rejected_column: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: None,
+            eval: None,
+            max_length: 1024,
+            max_prompt_length: 512,
+            train_split: "train".into(),
+            eval_split: "test".into(),
+            subset: None,
+            revision: None,
+            prompt_column: "prompt".into(),
+            chosen_column: "chosen".into(),
+            rejected_column: "rejected".into(),
+        }
+    }
+}
+
+impl DataConfig {
+    /// How to read `data.train` (`eval = false`) or `data.eval`: location, split, subset,
+    /// revision and column names. None when that key is not set.
+    pub fn source(&self, eval: bool) -> Option<crate::data::DataSource> {
+        let (location, split) = if eval {
+            (self.eval.as_ref()?, &self.eval_split)
+        } else {
+            (self.train.as_ref()?, &self.train_split)
+        };
+        Some(crate::data::DataSource {
+            location: location.clone(),
+            split: split.clone(),
+            subset: self.subset.clone(),
+            revision: self.revision.clone(),
+            columns: crate::data::ColumnMap {
+                prompt: self.prompt_column.clone(),
+                chosen: self.chosen_column.clone(),
+                rejected: self.rejected_column.clone(),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrpoConfig {
+    pub beta: f64,
+    /// true (TRL): the NLL covers prompt and answer of the chosen sequence; false: answer only.
+    pub nll_on_prompt: bool,
+}
+
+impl Default for OrpoConfig {
+    fn default() -> Self {
+        OrpoConfig {
+            beta: 0.1,
+            nll_on_prompt: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub scheduler: Scheduler,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 8e-6,
+            scheduler: Scheduler::Linear,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: usize,
+    /// > 0 overrides `epochs`.
+    pub max_steps: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub log_every: usize,
+    /// 0: only the final model.
+    pub save_every: usize,
+    /// Keep at most this many `checkpoint-*` folders (None: keep all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<usize>,
+    pub output_dir: String,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 8,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: 0,
+            shuffle: true,
+            seed: 42,
+            log_every: 10,
+            save_every: 0,
+            save_total_limit: None,
+            output_dir: "runs/example".into(),
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub enabled: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: LoraTargets,
+    /// Scale by alpha / sqrt(r) instead of alpha / r.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            enabled: false,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: LoraTargets::AllLinear,
+            use_rslora: false,
+        }
+    }
+}
+
+/// The whole run configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub orpo: OrpoConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub lora: LoraConfig,
+}

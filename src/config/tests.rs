@@ -1,0 +1,425 @@
+//! Loading, overrides, errors and round trips of whole configurations.
+
+use super::*;
+
+const MINIMAL: &str = "[model]\nid = \"m\"\n";
+
+fn load(text: &str, sets: &[&str]) -> Result<Config, ConfigError> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Config::from_toml_str(text, "c.toml", &sets)
+}
+
+fn err(text: &str, sets: &[&str]) -> String {
+    match load(text, sets) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c, Config::with_model("m"));
+    assert_eq!(c.model.device, "cpu");
+    assert_eq!(c.model.dtype, Dtype::F32);
+    assert_eq!(c.model.revision, None);
+    assert_eq!(c.data.train, None);
+    assert_eq!(c.data.max_length, 1024);
+    assert_eq!(c.data.max_prompt_length, 512);
+    assert_eq!(c.orpo.beta, 0.1);
+    assert!(c.orpo.nll_on_prompt);
+    assert_eq!(c.optim.lr, 8e-6);
+    assert_eq!(c.optim.scheduler, Scheduler::Linear);
+    assert_eq!(c.optim.warmup_steps, 0);
+    assert_eq!(c.optim.weight_decay, 0.0);
+    assert_eq!(c.optim.max_grad_norm, 1.0);
+    assert_eq!(
+        (c.optim.adam_beta1, c.optim.adam_beta2, c.optim.adam_epsilon),
+        (0.9, 0.999, 1e-8)
+    );
+    let t = &c.train;
+    assert_eq!(
+        (t.batch_size, t.grad_accum, t.epochs, t.max_steps),
+        (8, 1, 1, 0)
+    );
+    assert!(t.shuffle);
+    assert_eq!((t.seed, t.log_every, t.save_every), (42, 10, 0));
+    assert_eq!(t.save_total_limit, None);
+    assert_eq!(t.output_dir, "runs/example");
+    assert!(!t.gradient_checkpointing);
+    let l = &c.lora;
+    assert!(!l.enabled);
+    assert_eq!((l.r, l.alpha, l.dropout), (16, 32.0, 0.0));
+    assert_eq!(l.targets, LoraTargets::AllLinear);
+    assert!(!l.use_rslora);
+    assert!(matches!(
+        c.validate_for_train(),
+        Err(ConfigError::MissingTrainData)
+    ));
+}
+
+#[test]
+fn spec_example_parses() {
+    let text = r#"
+[model]
+id = "../shared/fixtures/tiny-opt"
+revision = "main"
+device = "cpu"
+dtype = "f32"
+
+[data]
+train = "pairs.jsonl"
+eval = "heldout.jsonl"
+max_length = 1024
+max_prompt_length = 512
+
+[orpo]
+beta = 0.1
+
+[optim]
+lr = 8e-6
+scheduler = "linear"
+warmup_steps = 0
+weight_decay = 0.0
+max_grad_norm = 1.0
+
+[train]
+batch_size = 8
+grad_accum = 1
+epochs = 1
+max_steps = 0
+shuffle = true
+seed = 42
+log_every = 10
+save_every = 0
+output_dir = "runs/example"
+gradient_checkpointing = false
+
+[lora]
+enabled = true
+r = 16
+alpha = 32
+dropout = 0.0
+targets = "all-linear"
+"#;
+    let c = load(text, &[]).unwrap();
+    assert_eq!(c.model.revision.as_deref(), Some("main"));
+    assert_eq!(c.data.train.as_deref(), Some("pairs.jsonl"));
+    assert!(c.lora.enabled);
+    assert_eq!(c.lora.alpha, 32.0);
+    c.validate_for_train().unwrap();
+}
+
+#[test]
+fn integers_accepted_as_floats() {
+    let c = load(
+        "[model]\nid='m'\n[optim]\nlr = 1\nmax_grad_norm = 0\n[orpo]\nbeta = 2",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.optim.lr, 1.0);
+    assert_eq!(c.optim.max_grad_norm, 0.0);
+    assert_eq!(c.orpo.beta, 2.0);
+    let c = load(MINIMAL, &["optim.lr=2"]).unwrap();
+    assert_eq!(c.optim.lr, 2.0);
+}
+
+#[test]
+fn overrides() {
+    let c = load(
+        MINIMAL,
+        &[
+            "train.max_steps=20",
+            "optim.lr=1e-5",
+            "train.shuffle=false",
+            "model.dtype=bf16",
+            "optim.scheduler=cosine",
+            "data.train=pairs.jsonl",
+            "model.id=org/name",
+            "model.revision=2024",
+            "lora.targets=[\"q_proj\", \"v_proj\"]",
+            "train.save_total_limit=3",
+            " optim.warmup_steps = 5 ",
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.train.max_steps, 20);
+    assert_eq!(c.optim.lr, 1e-5);
+    assert!(!c.train.shuffle);
+    assert_eq!(c.model.dtype, Dtype::Bf16);
+    assert_eq!(c.optim.scheduler, Scheduler::Cosine);
+    assert_eq!(c.data.train.as_deref(), Some("pairs.jsonl"));
+    assert_eq!(c.model.id, "org/name");
+    assert_eq!(c.model.revision.as_deref(), Some("2024"));
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Modules(vec!["q_proj".into(), "v_proj".into()])
+    );
+    assert_eq!(c.train.save_total_limit, Some(3));
+    assert_eq!(c.optim.warmup_steps, 5);
+
+    let c = load(MINIMAL, &["lora.targets=q_proj,v_proj"]).unwrap();
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Modules(vec!["q_proj".into(), "v_proj".into()])
+    );
+    let c = load(
+        MINIMAL,
+        &["lora.targets=all-linear", "model.dtype=bfloat16"],
+    )
+    .unwrap();
+    assert_eq!(c.lora.targets, LoraTargets::AllLinear);
+    assert_eq!(c.model.dtype, Dtype::Bf16);
+    // Override wins over the file; a missing model.id can come from --set.
+    let c = load("[optim]\nlr = 1e-3\n", &["optim.lr=5e-4", "model.id=x"]).unwrap();
+    assert_eq!(c.optim.lr, 5e-4);
+    assert_eq!(c.model.id, "x");
+    // Value containing '=' keeps everything after the first '='.
+    let c = load(MINIMAL, &["train.output_dir=runs/a=b"]).unwrap();
+    assert_eq!(c.train.output_dir, "runs/a=b");
+}
+
+#[test]
+fn malformed_overrides() {
+    let e = err(MINIMAL, &["optim.lr"]);
+    assert!(
+        e.contains("c.toml") && e.contains("optim.lr") && e.contains('='),
+        "{e}"
+    );
+    let e = err(MINIMAL, &["lr=1"]);
+    assert!(e.contains("lr=1") && e.contains("section"), "{e}");
+    let e = err(MINIMAL, &["a.b.c=1"]);
+    assert!(e.contains("a.b.c=1"), "{e}");
+    let e = err(MINIMAL, &[".lr=1"]);
+    assert!(e.contains(".lr=1"), "{e}");
+    let e = err(MINIMAL, &["optim.lrr=1"]);
+    assert!(
+        e.contains("(--set)") && e.contains("did you mean `optim.lr`?"),
+        "{e}"
+    );
+    let e = err(MINIMAL, &["optimm.lr=1"]);
+    assert!(e.contains("did you mean `[optim]`?"), "{e}");
+    let e = err(MINIMAL, &["optim.lr=abc"]);
+    assert!(
+        e.contains("c.toml (--set): optim.lr: expected a float, found string \"abc\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_keys_and_sections() {
+    let e = err("[model]\nid='m'\n[optim]\nlrr = 1e-5\n", &[]);
+    assert!(
+        e.contains("c.toml") && e.contains("optim.lrr") && e.contains("did you mean `optim.lr`?"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[train]\nlr = 1e-5\n", &[]);
+    assert!(e.contains("train.lr") && e.contains("`optim.lr`"), "{e}");
+    let e = err("[model]\nid='m'\n[train]\nbatchsize = 4\n", &[]);
+    assert!(e.contains("did you mean `train.batch_size`?"), "{e}");
+    let e = err("[model]\nid='m'\n[trian]\nseed = 1\n", &[]);
+    assert!(
+        e.contains("[trian]") && e.contains("did you mean `[train]`?"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[zzzzzzzz]\n", &[]);
+    assert!(e.contains("valid sections"), "{e}");
+    let e = err("lr = 1\n[model]\nid='m'\n", &[]);
+    assert!(
+        e.contains("`lr`") && e.contains("top level") && e.contains("optim.lr"),
+        "{e}"
+    );
+    let e = err("model = 1\n", &[]);
+    assert!(e.contains("model") && e.contains("expected a table"), "{e}");
+    let e = err("[model]\nid='m'\nqqqqqqqqqqqq = 1\n", &[]);
+    assert!(e.contains("unknown key `model.qqqqqqqqqqqq`"), "{e}");
+}
+
+#[test]
+fn wrong_types() {
+    let e = err("[model]\nid='m'\n[optim]\nlr = \"fast\"\n", &[]);
+    assert_eq!(
+        e,
+        "c.toml: optim.lr: expected a float, found string \"fast\""
+    );
+    let e = err("[model]\nid='m'\n[train]\nbatch_size = 2.5\n", &[]);
+    assert!(
+        e.contains("train.batch_size: expected an integer, found float 2.5"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[train]\nbatch_size = -1\n", &[]);
+    assert!(
+        e.contains("train.batch_size: expected a non-negative integer"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[train]\nshuffle = 1\n", &[]);
+    assert!(e.contains("train.shuffle: expected a boolean"), "{e}");
+    let e = err("[model]\nid=3\n", &[]);
+    assert!(
+        e.contains("model.id: expected a string, found integer 3"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[lora]\ntargets = [1]\n", &[]);
+    assert!(e.contains("lora.targets"), "{e}");
+    let e = err("[model]\nid='m'\n[lora]\ntargets = 'q_proj'\n", &[]);
+    assert!(
+        e.contains("lora.targets") && e.contains("all-linear"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\n[lora]\ntargets = []\n", &[]);
+    assert!(e.contains("lora.targets") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn unknown_enums() {
+    let e = err("[model]\nid='m'\n[optim]\nscheduler = 'cosin'\n", &[]);
+    assert!(
+        e.contains("optim.scheduler")
+            && e.contains("constant_with_warmup")
+            && e.contains("inverse_sqrt"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\ndtype = 'f16'\n", &[]);
+    assert!(
+        e.contains("model.dtype") && e.contains("bfloat16") && e.contains("f32"),
+        "{e}"
+    );
+    let e = err("[model]\nid='m'\ndevice = 'gpu'\n", &[]);
+    assert!(e.contains("model.device") && e.contains("cuda:N"), "{e}");
+    for d in ["cpu", "cuda", "cuda:1", "auto"] {
+        load(&format!("[model]\nid='m'\ndevice = '{d}'\n"), &[]).unwrap();
+    }
+    for (s, k) in Scheduler::NAMES.iter().zip(Scheduler::ALL) {
+        let c = load(MINIMAL, &[&format!("optim.scheduler={s}")]).unwrap();
+        assert_eq!(c.optim.scheduler, k);
+    }
+    let c = load("[model]\nid='m'\ndtype='float32'", &[]).unwrap();
+    assert_eq!(c.model.dtype, Dtype::F32);
+}
+
+#[test]
+fn ranges() {
+    let cases: &[(&str, &str)] = &[
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-5", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("orpo.beta=-0.1", "orpo.beta"),
+        ("data.max_length=0", "data.max_length"),
+        ("data.max_prompt_length=2000", "data.max_prompt_length"),
+        ("optim.weight_decay=-0.01", "optim.weight_decay"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("lora.r=0", "lora.r"),
+        ("optim.adam_beta2=1.0", "optim.adam_beta2"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.save_total_limit=0", "train.save_total_limit"),
+    ];
+    for (set, key) in cases {
+        let e = load(MINIMAL, &[set]).unwrap_err();
+        assert_eq!(e.key(), Some(*key), "{set}: {e}");
+        let s = e.to_string();
+        assert!(s.starts_with("c.toml"), "{s}");
+    }
+    let e = load("[model]\nid='m'\n[train]\nepochs = 0\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("train.epochs"));
+    assert!(e.to_string().starts_with("c.toml: train.epochs"), "{e}");
+    // epochs 0 is fine with max_steps
+    load("[model]\nid='m'\n[train]\nepochs = 0\nmax_steps = 3\n", &[]).unwrap();
+    // max_grad_norm 0 disables clipping; max_prompt_length == max_length is allowed
+    load(
+        MINIMAL,
+        &["optim.max_grad_norm=0", "data.max_prompt_length=1024"],
+    )
+    .unwrap();
+}
+
+#[test]
+fn missing_and_parse_errors() {
+    let e = err("", &[]);
+    assert_eq!(e, "c.toml: missing required key `model.id`");
+    let e = err("[model]\nid = ''\n", &[]);
+    assert!(e.contains("model.id"), "{e}");
+    let e = err("[model\nid = 'm'", &[]);
+    assert!(e.starts_with("c.toml: invalid TOML"), "{e}");
+    let e = err("[model]\nid='m'\n[data]\ntrain = ''\n", &[]);
+    assert!(e.contains("data.train"), "{e}");
+    let e = Config::load(Path::new("/nonexistent/x.toml"), &[]).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/x.toml"), "{e}");
+}
+
+#[test]
+fn round_trip() {
+    let mut c = Config::with_model("org/name");
+    c.model.revision = Some("main".into());
+    c.model.dtype = Dtype::Bf16;
+    c.data.train = Some("a.jsonl".into());
+    c.optim.lr = 1.2345678901234567e-5;
+    c.optim.scheduler = Scheduler::InverseSqrt;
+    c.train.save_total_limit = Some(2);
+    c.lora.targets = LoraTargets::Modules(vec!["q_proj".into()]);
+    c.lora.alpha = 16.0;
+    for cfg in [c, Config::with_model("m")] {
+        let text = cfg.to_toml_string();
+        let back = Config::from_toml_str(&text, "saved.toml", &[]).unwrap();
+        assert_eq!(back, cfg, "{text}");
+    }
+    let c = Config::with_model("m")
+        .with_overrides("<cli>", &["train.batch_size=2".into()])
+        .unwrap();
+    assert_eq!(c.train.batch_size, 2);
+    Config::with_model("m").validate("x").unwrap();
+}
+
+#[test]
+fn data_source_keys() {
+    let base = "[model]\nid = \"m\"\n[data]\ntrain = \"org/name\"\neval = \"org/name\"\n";
+    let c = load(base, &[]).unwrap();
+    let t = c.data.source(false).unwrap();
+    assert_eq!(
+        (t.split.as_str(), t.subset, t.revision),
+        ("train", None, None)
+    );
+    assert!(t.columns.is_default());
+    assert_eq!(c.data.source(true).unwrap().split, "test");
+    let c = load(
+        &format!(
+            "{base}subset = \"harmless-base\"\nrevision = \"v1\"\nprompt_column = \"question\"\n"
+        ),
+        &[
+            "data.chosen_column=response_j",
+            "data.rejected_column=response_k",
+            "data.eval_split=validation",
+        ],
+    )
+    .unwrap();
+    let e = c.data.source(true).unwrap();
+    assert_eq!(e.split, "validation");
+    assert_eq!(e.subset.as_deref(), Some("harmless-base"));
+    assert_eq!(e.revision.as_deref(), Some("v1"));
+    assert_eq!(
+        (
+            e.columns.prompt.as_str(),
+            e.columns.chosen.as_str(),
+            e.columns.rejected.as_str()
+        ),
+        ("question", "response_j", "response_k")
+    );
+    assert!(Config::with_model("m").data.source(false).is_none());
+    let e = err(base, &["data.chosen_column=prompt"]);
+    assert!(
+        e.contains("data.chosen_column") && e.contains("already used by data.prompt_column"),
+        "{e}"
+    );
+    let e = err(base, &["data.train_split="]);
+    assert!(e.contains("data.train_split: must not be empty"), "{e}");
+    let e = err(&format!("{base}subset = 3\n"), &[]);
+    assert!(e.contains("data.subset: expected a string"), "{e}");
+    let e = err(&format!("{base}chosen_col = \"a\"\n"), &[]);
+    assert!(e.contains("did you mean `data.chosen_column`"), "{e}");
+    let e = err(&format!("{base}split = \"a\"\n"), &[]);
+    assert!(e.contains("unknown key `data.split`"), "{e}");
+}

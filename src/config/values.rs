@@ -1,0 +1,158 @@
+//! The enumerated values: compute dtype, learning-rate schedule, LoRA target modules.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+
+/// Compute dtype (master weights always stay float32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Dtype {
+    #[default]
+    #[serde(rename = "f32", alias = "float32")]
+    F32,
+    #[serde(rename = "bf16", alias = "bfloat16")]
+    Bf16,
+}
+
+impl Dtype {
+    /// Every accepted spelling.
+    pub const NAMES: &'static [&'static str] = &["f32", "float32", "bf16", "bfloat16"];
+
+    /// Canonical name (`"f32"` or `"bf16"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            _ => Err(format!(
+                "unknown dtype `{s}`; valid: {}",
+                Dtype::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// Learning-rate schedule (transformers' `lr_scheduler_type` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    Constant,
+    ConstantWithWarmup,
+    #[default]
+    Linear,
+    Cosine,
+    InverseSqrt,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 5] = [
+        Scheduler::Constant,
+        Scheduler::ConstantWithWarmup,
+        Scheduler::Linear,
+        Scheduler::Cosine,
+        Scheduler::InverseSqrt,
+    ];
+    /// Every accepted name, in [`Scheduler::ALL`] order.
+    pub const NAMES: &'static [&'static str] = &[
+        "constant",
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "inverse_sqrt",
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Constant => "constant",
+            Scheduler::ConstantWithWarmup => "constant_with_warmup",
+            Scheduler::Linear => "linear",
+            Scheduler::Cosine => "cosine",
+            Scheduler::InverseSqrt => "inverse_sqrt",
+        }
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scheduler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Scheduler::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown scheduler `{s}`; valid: {}",
+                    Scheduler::NAMES.join(", ")
+                )
+            })
+    }
+}
+
+/// Which modules get LoRA adapters: `"all-linear"` or an explicit list of module names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LoraTargets {
+    /// PEFT's `"all-linear"`: every linear layer except the output head.
+    #[default]
+    AllLinear,
+    /// Module-name suffixes, e.g. `["q_proj", "v_proj"]`.
+    Modules(Vec<String>),
+}
+
+impl Serialize for LoraTargets {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LoraTargets::AllLinear => s.serialize_str("all-linear"),
+            LoraTargets::Modules(m) => m.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraTargets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = LoraTargets;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"all-linear\" or a list of module names")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LoraTargets, E> {
+                if v == "all-linear" {
+                    Ok(LoraTargets::AllLinear)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LoraTargets, A::Error> {
+                let mut out = Vec::new();
+                while let Some(x) = seq.next_element::<String>()? {
+                    out.push(x);
+                }
+                Ok(LoraTargets::Modules(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
