@@ -220,3 +220,34 @@ fn non_contiguous_input_and_output() -> Result<()> {
     assert_eq!(to_vec(g.get(&v).unwrap()), vec![2., 4., 6., 8., 10., 12.]);
     Ok(())
 }
+
+/// The seeded backward the checkpoint uses (`backward_with_grad`, the vendored candle's) gives
+/// every variable the bits `(y * g).sum_all().backward()` gives, through bf16 casts, broadcasts,
+/// products and a softmax; a seed of the wrong shape or dtype is an error.
+#[test]
+fn seeded_backward_matches_the_sum_of_products_bit_for_bit() -> Result<()> {
+    let dev = Device::Cpu;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (6, 5), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 5, &dev)?)?;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 6), &dev)?)?;
+    let y = x
+        .as_tensor()
+        .to_dtype(DType::BF16)?
+        .broadcast_matmul(&w.as_tensor().to_dtype(DType::BF16)?)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(b.as_tensor())?;
+    let y = candle_nn::ops::softmax(&(y * 1.7)?, D::Minus1)?.to_dtype(DType::BF16)?;
+    let g = Tensor::randn(0f32, 1.0, y.shape(), &dev)?.to_dtype(DType::BF16)?;
+    let seeded = y.backward_with_grad(&g)?;
+    let summed = (&y * &g)?.sum_all()?.backward()?;
+    for (v, name) in [(&w, "w"), (&b, "b"), (&x, "x")] {
+        let bits = |s: &candle_core::backprop::GradStore| -> Result<Vec<u32>> {
+            let t = s.get(v.as_tensor()).expect(name).flatten_all()?;
+            Ok(t.to_vec1::<f32>()?.iter().map(|f| f.to_bits()).collect())
+        };
+        assert_eq!(bits(&seeded)?, bits(&summed)?, "{name}'s gradient");
+    }
+    assert!(y.backward_with_grad(&g.narrow(0, 0, 2)?).is_err());
+    assert!(y.backward_with_grad(&g.to_dtype(DType::F32)?).is_err());
+    Ok(())
+}

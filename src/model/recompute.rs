@@ -285,8 +285,8 @@ impl CustomOp2 for CheckpointOp {
             .as_ref()
             .map_or_else(|| x.detach(), |v| v.as_tensor().clone());
         let y = self.block.forward(&input, true)?;
-        // d(sum(y * grad))/dθ is the vector-Jacobian product the outer graph asks for.
-        let g = (y * grad.detach())?.sum_all()?.backward()?;
+        // The vector-Jacobian product the outer graph asks for: backward seeded with `grad`.
+        let g = y.backward_with_grad(grad)?;
         for v in self.block.vars() {
             if let Some(gv) = g.get(v.as_tensor()) {
                 self.side.add(v.id(), gv)?;

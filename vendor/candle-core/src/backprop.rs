@@ -163,9 +163,44 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_from(self.ones_like()?.contiguous()?)
+    }
+
+    /// The vector-Jacobian product: backward with `grad` as this tensor's gradient (what
+    /// `(self * grad).sum_all().backward()` gives every other node, without the product, the
+    /// one-block sum and the materialised broadcast of its scalar gradient). orpo's patch.
+    pub fn backward_with_grad(&self, grad: &Tensor) -> Result<GradStore> {
+        if grad.shape() != self.shape() {
+            Err(Error::ShapeMismatchBinaryOp {
+                lhs: self.shape().clone(),
+                rhs: grad.shape().clone(),
+                op: "backward_with_grad",
+            }
+            .bt())?
+        }
+        if grad.dtype() != self.dtype() {
+            Err(Error::DTypeMismatchBinaryOp {
+                lhs: self.dtype(),
+                rhs: grad.dtype(),
+                op: "backward_with_grad",
+            }
+            .bt())?
+        }
+        if !grad.device().same_device(self.device()) {
+            Err(Error::DeviceMismatchBinaryOp {
+                lhs: self.device().location(),
+                rhs: grad.device().location(),
+                op: "backward_with_grad",
+            }
+            .bt())?
+        }
+        self.backward_from(grad.detach().contiguous()?)
+    }
+
+    fn backward_from(&self, root_grad: Tensor) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
+        grads.insert(self, root_grad);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
