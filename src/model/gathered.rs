@@ -58,6 +58,8 @@ impl Gathered {
         let mut q_live = vec![false; segs * lq];
         let mut k_live = vec![false; segs * lk];
         let mut bias = vec![f32::MIN; segs * lq * lk];
+        let masked = |v: &f32| *v == f32::MIN || *v == f32::NEG_INFINITY;
+        let mut live_row_sees_nothing = false;
         for (i, (seg, first, rows)) in picked.into_iter().enumerate() {
             let (n, keys) = (rows.len(), seg.keys());
             // Padded slots repeat a valid row; their bias rows are fully masked and their
@@ -70,8 +72,9 @@ impl Gathered {
             k_live[i * lk..i * lk + keys].fill(true);
             let b = seg.bias_data(rows, window);
             for t in 0..n {
-                let at = (i * lq + t) * lk;
-                bias[at..at + keys].copy_from_slice(&b[t * keys..(t + 1) * keys]);
+                let (at, row) = ((i * lq + t) * lk, &b[t * keys..(t + 1) * keys]);
+                bias[at..at + keys].copy_from_slice(row);
+                live_row_sees_nothing |= row.iter().all(masked);
             }
         }
         // Padded slots get no gradient (masked keys, outputs never gathered back): the
@@ -81,9 +84,11 @@ impl Gathered {
             q_gather: RowGather::new(q_index, |j| q_live[j], q_rows, device)?,
             kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows, device)?,
             out_gather: RowGather::new(out_index, |_| true, out_slots, device)?,
-            // A padded slot sees no key: its (discarded) output is zeroed with the rows sdpa
-            // zeroes (a padding row past a sliding window).
-            bias: AttnBias::new(bias, (segs, lq, lk), true, heads, device)?,
+            // sdpa zeroes the output of a row that sees no key (a padding row past a sliding
+            // window). Padded slots see none either, but their outputs are never gathered back,
+            // so the zeroing (a broadcast product each way, on every slot) runs only when a
+            // live row needs it.
+            bias: AttnBias::new(bias, (segs, lq, lk), live_row_sees_nothing, heads, device)?,
             segs,
             lq,
             lk,
@@ -119,5 +124,51 @@ impl Gathered {
         let width = out.dim(2)?;
         self.out_gather
             .apply(&out.reshape((self.segs * self.lq, width))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::packed::Prefix;
+
+    /// A chosen sequence of 5 real rows (2 padding) and a rejected one sharing its first 3 rows
+    /// as a prompt, with 1 own real row (6 padding): the padded slots see no key either way.
+    fn segments() -> Vec<Segment> {
+        vec![
+            Segment {
+                offset: 0,
+                real: 5,
+                pad: 2,
+                pad_offset: 0,
+                prefix: None,
+            },
+            Segment {
+                offset: 5,
+                real: 1,
+                pad: 6,
+                pad_offset: 2,
+                prefix: Some(Prefix { offset: 0, len: 3 }),
+            },
+        ]
+    }
+
+    /// sdpa's zeroing of rows without keys runs only where a live row has none: never for
+    /// causal rows (each sees itself), for padding rows once a window hides all their keys.
+    #[test]
+    fn rows_are_zeroed_only_when_a_live_row_sees_no_key() -> Result<()> {
+        let (segs, dev) = (segments(), Device::Cpu);
+        let zeroes = |pad, window| -> Result<bool> {
+            let g = Gathered::new(&segs, pad, window, (8, 6), 2, &dev)?.expect("rows");
+            Ok(g.bias.keep.is_some())
+        };
+        assert!(!zeroes(false, None)?, "real rows, causal");
+        assert!(!zeroes(true, None)?, "padding rows, causal");
+        assert!(
+            !zeroes(false, Some(2))?,
+            "real rows see themselves under any window"
+        );
+        assert!(zeroes(true, Some(2))?, "padding rows past a window of 2");
+        Ok(())
     }
 }
