@@ -1,7 +1,7 @@
-//! Packed attention as one batched call, for devices where each call is a kernel launch (a
-//! GPU): every segment's query rows and key rows are gathered into a padded batch
-//! `[segments, rows, ..]`, attended at once under one bias, and the outputs gathered back into
-//! stream order. Same arithmetic per segment as the per-segment loop (the extra key columns
+//! Packed attention as a few batched calls, for devices where each call is a kernel launch (a
+//! GPU): the segments' query rows and key rows are gathered into padded batches
+//! `[segments, rows, ..]`, one per group of segments of similar lengths, each attended at once
+//! under one bias, and the outputs gathered back into stream order. Same arithmetic per segment as the per-segment loop (the extra key columns
 //! are masked to probability 0, so they add exact zeros); the gathers' backward sums the
 //! gradients of rows read twice (a shared prompt's keys).
 
@@ -12,12 +12,19 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
 
 pub struct Gathered {
+    /// Segments of similar lengths attended together (see [`partition`]).
+    groups: Vec<Group>,
+    /// The padded slot of each output row, in stream order; slots are numbered through the
+    /// groups in order.
+    out_gather: RowGather,
+}
+
+/// One batched attention call: `segs` segments padded to `lq` query and `lk` key slots.
+struct Group {
     /// The row of `q` at each padded query slot (`segs * lq`).
     q_gather: RowGather,
     /// The row of `k`/`v` at each padded key slot (`segs * lk`).
     kv_gather: RowGather,
-    /// The padded slot of each output row, in stream order.
-    out_gather: RowGather,
     /// `[segs, 1 or heads, lq, lk]`: each segment's bias, masked in the padded slots.
     bias: AttnBias,
     segs: usize,
@@ -46,52 +53,71 @@ impl Gathered {
                 true => (s.pad > 0).then_some((s, s.pad_offset, s.real..s.len())),
             })
             .collect();
-        let segs = picked.len();
-        let lq = picked.iter().map(|(_, _, r)| r.len()).max().unwrap_or(0);
-        let lk = picked.iter().map(|(s, _, _)| s.keys()).max().unwrap_or(0);
-        if segs == 0 || lk == 0 {
+        if picked.iter().all(|(s, _, _)| s.keys() == 0) {
             return Ok(None);
         }
-        let mut q_index = Vec::with_capacity(segs * lq);
-        let mut kv_index = Vec::with_capacity(segs * lk);
-        let mut out_index = Vec::new();
-        let mut q_live = vec![false; segs * lq];
-        let mut k_live = vec![false; segs * lk];
-        let mut bias = vec![f32::MIN; segs * lq * lk];
-        let masked = |v: &f32| *v == f32::MIN || *v == f32::NEG_INFINITY;
-        let mut live_row_sees_nothing = false;
-        for (i, (seg, first, rows)) in picked.into_iter().enumerate() {
-            let (n, keys) = (rows.len(), seg.keys());
-            // Padded slots repeat a valid row; their bias rows are fully masked and their
-            // outputs are never gathered back, so they carry no gradient.
-            q_index.extend((0..lq).map(|t| (first + t.min(n - 1)) as u32));
-            let key_rows: Vec<u32> = seg.key_row_indices().map(|r| r as u32).collect();
-            kv_index.extend((0..lk).map(|j| key_rows[j.min(keys - 1)]));
-            out_index.extend((0..n).map(|t| (i * lq + t) as u32));
-            q_live[i * lq..i * lq + n].fill(true);
-            k_live[i * lk..i * lk + keys].fill(true);
-            let b = seg.bias_data(rows, window);
-            for t in 0..n {
-                let (at, row) = ((i * lq + t) * lk, &b[t * keys..(t + 1) * keys]);
-                bias[at..at + keys].copy_from_slice(row);
-                live_row_sees_nothing |= row.iter().all(masked);
-            }
+        if picked.iter().any(|(s, _, _)| s.keys() == 0) {
+            candle_core::bail!("packed attention: a sequence without real tokens");
         }
-        // Padded slots get no gradient (masked keys, outputs never gathered back): the
-        // backward passes leave them out.
-        let out_slots = segs * lq;
+        let sizes: Vec<(usize, usize)> =
+            picked.iter().map(|(s, _, r)| (r.len(), s.keys())).collect();
+        let mut groups = Vec::new();
+        // The slot of each picked segment's first query row, for the output gather.
+        let mut first_slot = vec![0; picked.len()];
+        let mut slots = 0;
+        for members in partition(&sizes) {
+            let segs = members.len();
+            let lq = members.iter().map(|&m| sizes[m].0).max().unwrap_or(0);
+            let lk = members.iter().map(|&m| sizes[m].1).max().unwrap_or(0);
+            let mut q_index = Vec::with_capacity(segs * lq);
+            let mut kv_index = Vec::with_capacity(segs * lk);
+            let mut q_live = vec![false; segs * lq];
+            let mut k_live = vec![false; segs * lk];
+            let mut bias = vec![f32::MIN; segs * lq * lk];
+            let masked = |v: &f32| *v == f32::MIN || *v == f32::NEG_INFINITY;
+            let mut live_row_sees_nothing = false;
+            for (i, &m) in members.iter().enumerate() {
+                let (seg, first, rows) = &picked[m];
+                let (n, keys) = (rows.len(), seg.keys());
+                first_slot[m] = slots + i * lq;
+                // Padded slots repeat a valid row; their bias rows are fully masked and their
+                // outputs are never gathered back, so they carry no gradient.
+                q_index.extend((0..lq).map(|t| (first + t.min(n - 1)) as u32));
+                let key_rows: Vec<u32> = seg.key_row_indices().map(|r| r as u32).collect();
+                kv_index.extend((0..lk).map(|j| key_rows[j.min(keys - 1)]));
+                q_live[i * lq..i * lq + n].fill(true);
+                k_live[i * lk..i * lk + keys].fill(true);
+                let b = seg.bias_data(rows.clone(), window);
+                for t in 0..n {
+                    let (at, row) = ((i * lq + t) * lk, &b[t * keys..(t + 1) * keys]);
+                    bias[at..at + keys].copy_from_slice(row);
+                    live_row_sees_nothing |= row.iter().all(masked);
+                }
+            }
+            slots += segs * lq;
+            // Padded slots get no gradient (masked keys, outputs never gathered back): the
+            // backward passes leave them out.
+            groups.push(Group {
+                q_gather: RowGather::new(q_index, |j| q_live[j], q_rows, device)?,
+                kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows, device)?,
+                // sdpa zeroes the output of a row that sees no key (a padding row past a
+                // sliding window). Padded slots see none either, but their outputs are never
+                // gathered back, so the zeroing (a broadcast product each way, on every slot)
+                // runs only when a live row needs it.
+                bias: AttnBias::new(bias, (segs, lq, lk), live_row_sees_nothing, heads, device)?,
+                segs,
+                lq,
+                lk,
+            });
+        }
+        let out_index = picked
+            .iter()
+            .zip(&first_slot)
+            .flat_map(|((_, _, rows), &at)| (at..at + rows.len()).map(|s| s as u32))
+            .collect();
         Ok(Some(Gathered {
-            q_gather: RowGather::new(q_index, |j| q_live[j], q_rows, device)?,
-            kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows, device)?,
-            out_gather: RowGather::new(out_index, |_| true, out_slots, device)?,
-            // sdpa zeroes the output of a row that sees no key (a padding row past a sliding
-            // window). Padded slots see none either, but their outputs are never gathered back,
-            // so the zeroing (a broadcast product each way, on every slot) runs only when a
-            // live row needs it.
-            bias: AttnBias::new(bias, (segs, lq, lk), live_row_sees_nothing, heads, device)?,
-            segs,
-            lq,
-            lk,
+            groups,
+            out_gather: RowGather::new(out_index, |_| true, slots, device)?,
         }))
     }
 
@@ -107,24 +133,83 @@ impl Gathered {
         compute: DType,
     ) -> Result<Tensor> {
         // Gathered in the products' dtype: half the bytes to copy under bf16.
-        let gather = |t: &Tensor, g: &RowGather, len: usize, h: usize| {
+        let (q, k, v) = (
+            q.to_dtype(compute)?,
+            k.to_dtype(compute)?,
+            v.to_dtype(compute)?,
+        );
+        let gather = |t: &Tensor, g: &RowGather, segs: usize, len: usize, h: usize| {
             let width = t.dim(1)?;
-            let t = g.apply(&t.to_dtype(compute)?)?;
-            split_heads(&t.reshape((self.segs, len, width))?, h)
+            split_heads(&g.apply(t)?.reshape((segs, len, width))?, h)
         };
-        let out = attention(
-            &gather(q, &self.q_gather, self.lq, heads)?,
-            &gather(k, &self.kv_gather, self.lk, kv_heads)?,
-            &gather(v, &self.kv_gather, self.lk, kv_heads)?,
-            &self.bias,
-            scale,
-            softcap,
-            compute,
-        )?; // [segs, lq, heads*d]
-        let width = out.dim(2)?;
-        self.out_gather
-            .apply(&out.reshape((self.segs * self.lq, width))?)
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let out = attention(
+                &gather(&q, &g.q_gather, g.segs, g.lq, heads)?,
+                &gather(&k, &g.kv_gather, g.segs, g.lk, kv_heads)?,
+                &gather(&v, &g.kv_gather, g.segs, g.lk, kv_heads)?,
+                &g.bias,
+                scale,
+                softcap,
+                compute,
+            )?; // [segs, lq, heads*d]
+            let width = out.dim(2)?;
+            outs.push(out.reshape((g.segs * g.lq, width))?);
+        }
+        let out = match outs.as_slice() {
+            [one] => one.clone(),
+            _ => Tensor::cat(&outs, 0)?,
+        };
+        self.out_gather.apply(&out)
     }
+}
+
+/// Segments (`(query rows, keys)` each) split into groups of similar lengths, each attended as
+/// one padded batch: the segments sorted by query rows (then keys), longest first, cut into
+/// consecutive runs that minimise the score elements `Σ segs · lq · lk`. A packed batch's
+/// segments differ widely (a chosen sequence owns its prompt and answer, the rejected one only
+/// its answer), so one padded batch computes several times the elements its segments need.
+/// Each further group (more launches a layer) must save a tenth of the elements; at most four.
+fn partition(sizes: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    const MAX_GROUPS: usize = 4;
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let n = order.len();
+    // best[k][b]: the least elements of sorted segments 0..b in k groups, and where the last
+    // group starts.
+    let mut best = vec![vec![(u64::MAX, 0usize); n + 1]; MAX_GROUPS + 1];
+    best[0][0] = (0, 0);
+    for k in 1..=MAX_GROUPS.min(n) {
+        for b in k..=n {
+            let mut lk = 0;
+            for a in (k - 1..b).rev() {
+                // The group a..b: the first is the longest (sorted), the keys' maximum so far.
+                lk = lk.max(sizes[order[a]].1);
+                let (prev, _) = best[k - 1][a];
+                if prev != u64::MAX {
+                    let c = prev + ((b - a) * sizes[order[a]].0 * lk) as u64;
+                    if c < best[k][b].0 {
+                        best[k][b] = (c, a);
+                    }
+                }
+            }
+        }
+    }
+    let mut k = 1;
+    while k < MAX_GROUPS.min(n) && best[k + 1][n].0 * 10 <= best[k][n].0 * 9 {
+        k += 1;
+    }
+    let mut groups = Vec::with_capacity(k);
+    let mut b = n;
+    for kk in (1..=k).rev() {
+        let a = best[kk][b].1;
+        let mut members = order[a..b].to_vec();
+        members.sort_unstable(); // stream order within a group
+        groups.push(members);
+        b = a;
+    }
+    groups.reverse();
+    groups
 }
 
 #[cfg(test)]
@@ -160,7 +245,7 @@ mod tests {
         let (segs, dev) = (segments(), Device::Cpu);
         let zeroes = |pad, window| -> Result<bool> {
             let g = Gathered::new(&segs, pad, window, (8, 6), 2, &dev)?.expect("rows");
-            Ok(g.bias.keep.is_some())
+            Ok(g.groups.iter().any(|g| g.bias.keep.is_some()))
         };
         assert!(!zeroes(false, None)?, "real rows, causal");
         assert!(!zeroes(true, None)?, "padding rows, causal");
@@ -170,5 +255,51 @@ mod tests {
         );
         assert!(zeroes(true, Some(2))?, "padding rows past a window of 2");
         Ok(())
+    }
+
+    /// Every segment in exactly one group; a batch of equal lengths stays one call; chosen
+    /// (prompt + answer) and rejected (answer only) segments of a packed batch are split, each
+    /// split saving a tenth of the elements or more, at most four groups.
+    #[test]
+    fn segments_are_grouped_by_length() {
+        let elements = |sizes: &[(usize, usize)], groups: &[Vec<usize>]| -> usize {
+            let g = groups.iter().map(|m| {
+                let lq = m.iter().map(|&i| sizes[i].0).max().unwrap();
+                m.len() * lq * m.iter().map(|&i| sizes[i].1).max().unwrap()
+            });
+            g.sum()
+        };
+        let check = |sizes: &[(usize, usize)]| -> Vec<Vec<usize>> {
+            let groups = partition(sizes);
+            let mut all: Vec<usize> = groups.concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..sizes.len()).collect::<Vec<_>>(), "{sizes:?}");
+            assert!((1..=4).contains(&groups.len()));
+            assert!(groups.iter().all(|m| !m.is_empty() && m.is_sorted()));
+            groups
+        };
+        assert_eq!(check(&[(40, 40); 6]).len(), 1);
+        assert_eq!(check(&[(7, 9)]).len(), 1);
+        // 8 pairs: chosen (prompt + answer) rows 100..310, rejected answers 20..90 after the
+        // chosen one's prompt of 80.
+        let mut sizes = Vec::new();
+        for p in 0..8 {
+            let answer = 20 + 10 * p;
+            sizes.push((80 + 30 * p, 80 + 30 * p)); // chosen
+            sizes.push((answer, 80 + answer)); // rejected
+        }
+        let groups = check(&sizes);
+        let one = elements(&sizes, &[(0..sizes.len()).collect()]);
+        let split = elements(&sizes, &groups);
+        assert!(groups.len() >= 2, "{groups:?}");
+        assert!(split * 10 <= one * 9, "{split} vs {one}");
+        // No two neighbouring groups that merged would compute fewer elements.
+        if groups.len() > 1 {
+            for w in groups.windows(2) {
+                let merged: Vec<usize> = w.concat();
+                let apart = elements(&sizes, w);
+                assert!(apart < elements(&sizes, &[merged]), "{w:?}");
+            }
+        }
     }
 }
