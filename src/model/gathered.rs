@@ -65,7 +65,17 @@ impl Gathered {
         // The slot of each picked segment's first query row, for the output gather.
         let mut first_slot = vec![0; picked.len()];
         let mut slots = 0;
-        for members in partition(&sizes) {
+        // A further group costs some twenty more launches a layer on a GPU (~0.1-0.2 ms, by
+        // estimate), so it must save that much of the passes over score elements: ~4M elements
+        // (all heads) on the candle-op chain (~160 bytes an element, forward and backward),
+        // ~16M with the fused attention (~22 bytes). None on the CPU, where only the tests of
+        // the device path take this one.
+        let min_saving = match (device.is_cpu(), crate::ops::fused_attention()) {
+            (true, _) => 0,
+            (false, false) => (4 << 20) / heads.max(1),
+            (false, true) => (16 << 20) / heads.max(1),
+        };
+        for members in partition(&sizes, min_saving as u64) {
             let segs = members.len();
             let lq = members.iter().map(|&m| sizes[m].0).max().unwrap_or(0);
             let lk = members.iter().map(|&m| sizes[m].1).max().unwrap_or(0);
@@ -169,8 +179,9 @@ impl Gathered {
 /// consecutive runs that minimise the score elements `Σ segs · lq · lk`. A packed batch's
 /// segments differ widely (a chosen sequence owns its prompt and answer, the rejected one only
 /// its answer), so one padded batch computes several times the elements its segments need.
-/// Each further group (more launches a layer) must save a tenth of the elements; at most four.
-fn partition(sizes: &[(usize, usize)]) -> Vec<Vec<usize>> {
+/// Each further group (more launches a layer) must save a tenth of the elements and at least
+/// `min_saving` of them; at most four.
+fn partition(sizes: &[(usize, usize)], min_saving: u64) -> Vec<Vec<usize>> {
     const MAX_GROUPS: usize = 4;
     let mut order: Vec<usize> = (0..sizes.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
@@ -196,7 +207,10 @@ fn partition(sizes: &[(usize, usize)]) -> Vec<Vec<usize>> {
         }
     }
     let mut k = 1;
-    while k < MAX_GROUPS.min(n) && best[k + 1][n].0 * 10 <= best[k][n].0 * 9 {
+    while k < MAX_GROUPS.min(n) && {
+        let (now, next) = (best[k][n].0, best[k + 1][n].0);
+        next * 10 <= now * 9 && now - next >= min_saving
+    } {
         k += 1;
     }
     let mut groups = Vec::with_capacity(k);
@@ -270,7 +284,7 @@ mod tests {
             g.sum()
         };
         let check = |sizes: &[(usize, usize)]| -> Vec<Vec<usize>> {
-            let groups = partition(sizes);
+            let groups = partition(sizes, 0);
             let mut all: Vec<usize> = groups.concat();
             all.sort_unstable();
             assert_eq!(all, (0..sizes.len()).collect::<Vec<_>>(), "{sizes:?}");
@@ -293,6 +307,9 @@ mod tests {
         let split = elements(&sizes, &groups);
         assert!(groups.len() >= 2, "{groups:?}");
         assert!(split * 10 <= one * 9, "{split} vs {one}");
+        // A saving below the floor keeps the groups together.
+        let floor = (one - split) as u64 + 1;
+        assert_eq!(partition(&sizes, floor).len(), 1);
         // No two neighbouring groups that merged would compute fewer elements.
         if groups.len() > 1 {
             for w in groups.windows(2) {
