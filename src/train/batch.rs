@@ -3,6 +3,7 @@
 
 use crate::data::TokenizedPair;
 use crate::model::{Packed, Padding, Prefix, Segment};
+use crate::ops::RowGather;
 use candle_core::{Device, Result, Tensor};
 
 pub struct Batch {
@@ -33,8 +34,9 @@ pub struct Batch {
 /// need; `m` prediction rows (the positions whose next token the loss scores).
 pub struct PackedBatch {
     pub layout: Packed,
-    /// `[m]` u32: the packed row each prediction reads its hidden state from.
-    pub rows: Tensor,
+    /// The packed row each prediction reads its hidden state from (`m` rows; a shared
+    /// prompt's last row is read by both answers): a gather whose backward is one too.
+    pub rows: RowGather,
     /// `[m]` u32: the token each prediction scores.
     pub targets: Tensor,
     /// `[2B, m]` f32: 1 where a prediction is an answer token of that sequence.
@@ -225,7 +227,7 @@ fn pack(
             real_rows,
             padding,
         },
-        rows: Tensor::from_vec(rows, m, device)?,
+        rows: RowGather::new(rows, |_| true, total, device)?,
         targets: Tensor::from_vec(targets, m, device)?,
         answer_select: Tensor::from_vec(select, (n, m), device)?,
         nll_weight: Tensor::from_vec(nll_weight, m, device)?,

@@ -97,7 +97,7 @@ fn scores_padded(model: &CausalLm, batch: &Batch) -> Result<Scores> {
 fn scores_packed(model: &CausalLm, batch: &Batch) -> Result<Scores> {
     let p = &batch.packed;
     let hidden = model.hidden_packed(&p.layout)?; // [total, e]
-    let h = hidden.index_select(&p.rows, 0)?;
+    let h = p.rows.apply(&hidden)?;
     let (logp, _) = model.head_scores(&h, &p.targets)?; // [m]
     let w_sum = model.head_column_sums()?.unsqueeze(1)?; // [e, 1]
     let halves = p.logit_weights.matmul(&hidden.detach())?.matmul(&w_sum)?; // [2, 1]
