@@ -826,14 +826,18 @@ GOALS = {"opt-125m": 1.5, "llama-1b": 1.2, "mistral-7b": 1.5}
 for wl, b in bench.items():
     base = wl.split("+")[0]
     o, t = b.get("orpo", {}), bench.get(base, {}).get("trl", {})
+    speed = mem = None
     if o.get("tokens_per_s") and t.get("tokens_per_s"):
-        b["ratio_tokens_per_s"] = round(o["tokens_per_s"] / t["tokens_per_s"], 3)
+        speed = o["tokens_per_s"] / t["tokens_per_s"]
+        b["ratio_tokens_per_s"] = round(speed, 3)
     if o.get("peak_gpu_mib") and t.get("peak_gpu_mib"):
-        b["ratio_peak_gpu"] = round(o["peak_gpu_mib"] / t["peak_gpu_mib"], 3)
-    if base in GOALS and "ratio_tokens_per_s" in b:
+        mem = o["peak_gpu_mib"] / t["peak_gpu_mib"]
+        b["ratio_peak_gpu"] = round(mem, 3)
+    if base in GOALS and speed is not None:
         b["goal_tokens_per_s"] = GOALS[base]
-        mem_ok = b["ratio_peak_gpu"] <= 1.0 if "ratio_peak_gpu" in b else None  # None: unread
-        b["goal_met"] = mem_ok if b["ratio_tokens_per_s"] >= GOALS[base] else False
+        # Only runs that ended well count; None: the memory was not read.
+        ran = o.get("rc") == 0 and t.get("rc") == 0
+        b["goal_met"] = (None if mem is None else mem <= 1.0) if ran and speed >= GOALS[base] else False
 steps = [r for r in recs if r.get("kind") == "step"]
 summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("phases"),
                nproc=env.get("nproc"), orpo_sha=env.get("orpo_sha"), manifest=env.get("manifest"),

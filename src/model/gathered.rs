@@ -68,8 +68,9 @@ impl Gathered {
         // A further group costs some twenty more launches a layer on a GPU (~0.1-0.2 ms, by
         // estimate), so it must save that much of the passes over score elements: ~4M elements
         // (all heads) on the candle-op chain (~160 bytes an element, forward and backward),
-        // ~16M with the fused attention (~22 bytes). None on the CPU, where only the tests of
-        // the device path take this one.
+        // ~16M with the fused attention (~22 bytes). The padding block runs forward only:
+        // about a third of the launches and of the bytes, so about the same floors. None on the
+        // CPU, where only the tests of the device path take this one.
         let min_saving = match (device.is_cpu(), crate::ops::fused_attention()) {
             (true, _) => 0,
             (false, false) => (4 << 20) / heads.max(1),

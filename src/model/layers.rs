@@ -122,7 +122,8 @@ pub struct AttnBias {
     /// on every device (all `-inf` would give NaN in candle's CUDA softmax kernel).
     pub bias: Tensor,
     /// `[n, 1, rows, 1]`, 0 on rows that see no key (1 elsewhere), where torch's sdpa gives
-    /// such a row a zero output; `None` when every row sees a key, or for eager semantics.
+    /// such a row a zero output; `None` when every row sees a key, for eager semantics, or
+    /// when the only such rows are padded slots whose outputs are never read.
     pub keep: Option<Tensor>,
 }
 

@@ -153,7 +153,8 @@ enum Plan {
         real_bias: Vec<AttnBias>,
         pad_bias: Vec<Option<AttnBias>>,
     },
-    /// One call for all segments (see [`Gathered`]): where each op is a kernel launch.
+    /// A few calls for all segments, by groups of similar lengths (see [`Gathered`]): where
+    /// each op is a kernel launch.
     Gathered {
         real: Option<Box<Gathered>>,
         pad: Option<Box<Gathered>>,

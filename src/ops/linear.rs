@@ -209,12 +209,12 @@ impl CustomOp3 for Linear {
 }
 
 /// Column sums of a 2-D tensor `[rows, cols]` -> `[cols]`, in row order (candle's
-/// `sum(0)` order); parallel over columns for f32 on the CPU (candle's dim-0 reduce is a
-/// single-threaded strided loop: ~230 ms on a 50272 x 768 embedding).
+/// `sum(0)` order) off the GPU; parallel over columns for f32 on the CPU (candle's dim-0
+/// reduce is a single-threaded strided loop: ~230 ms on a 50272 x 768 embedding).
 ///
 /// A half-precision tensor is summed in f32 (result f32), widened in blocks of rows so that no
 /// f32 copy of all of it exists (a frozen bf16 LM head); each block is summed after the
-/// running sum, so the order (and on the CPU the value) is that of its f32 copy.
+/// running sum, so on the CPU the order and the value are those of its f32 copy.
 ///
 /// An f32 tensor on a GPU is summed as a product with ones, in cuBLAS's order (the sums move
 /// at f32 rounding): candle's dim-0 sum reads the columns with a stride, uncoalesced (~3 ms

@@ -34,8 +34,9 @@ pub struct Batch {
 /// need; `m` prediction rows (the positions whose next token the loss scores).
 pub struct PackedBatch {
     pub layout: Packed,
-    /// The packed row each prediction reads its hidden state from (`m` rows; a shared
-    /// prompt's last row is read by both answers): a gather whose backward is one too.
+    /// The packed row each prediction reads its hidden state from (`m` rows; a row the
+    /// rejected sequence shares with the chosen one is read by both): a gather whose backward
+    /// is one too.
     pub rows: RowGather,
     /// `[m]` u32: the token each prediction scores.
     pub targets: Tensor,
