@@ -19,6 +19,8 @@
 #                                              attention chain kept for backward; no TRL)
 #                                            | events:WORKLOAD (ORPO_CUDA_EVENTS=1: cudarc's
 #                                              per-allocation stream events kept; no TRL)
+#                                            | groups1:WORKLOAD (ORPO_ATTENTION_GROUPS=1: the
+#                                              gathered attention as one padded batch; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -117,12 +119,12 @@ for a in "${@:-all}"; do
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
     parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
-    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:*)
+    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:* | groups1:*)
       case ${a#*:} in
         opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
         *) echo "unknown workload in '$a' (opt-125m, llama-1b, mistral-7b)"; exit 2 ;;
       esac ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD)"; exit 2 ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD, groups1:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -954,6 +956,7 @@ for i in "${!phases[@]}"; do
       trim:*) bench_variant +pool-trim ORPO_KEEP_GPU_MEMORY=0 "${p#trim:}" ;;
       chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
       events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
+      groups1:*) bench_variant +one-attention-batch ORPO_ATTENTION_GROUPS=1 "${p#groups1:}" ;;
       *) bench_workload "$p" ;;
     esac
   fi

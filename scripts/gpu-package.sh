@@ -90,11 +90,12 @@ the budget is skipped and listed in gpu-results.md. With device time left, follo
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh profile:llama-1b", carry=["$PKG"], timeout_s=220)
 The fused attention op (ORPO_FUSED_ATTENTION=1, off by default until it has run on a GPU), the
 attention chain kept for backward (chain: ORPO_RECOMPUTE_ATTENTION=0) and CUDA's default
-memory pool (trim: ORPO_KEEP_GPU_MEMORY=0) and cudarc's per-allocation events (events:
-ORPO_CUDA_EVENTS=1) beside the default path, then where the time goes
-(the fused path's if its parity passed), in one call (~480 s by the H200's durations; the
+memory pool (trim: ORPO_KEEP_GPU_MEMORY=0), cudarc's per-allocation events (events:
+ORPO_CUDA_EVENTS=1) and the gathered attention as one padded batch (groups1:
+ORPO_ATTENTION_GROUPS=1) beside the default path, then where the time goes
+(the fused path's if its parity passed), in one call (~500 s by the H200's durations; the
 profile comes last, so an overrun skips it rather than a benchmark):
-  run(command="GPU_CHECK_BUDGET=550 bash scripts/gpu-check.sh parity parity-fused llama-1b fused:llama-1b chain:llama-1b trim:llama-1b mistral-7b fused:mistral-7b events:mistral-7b profile-auto:llama-1b", carry=["$PKG"], timeout_s=580)
+  run(command="GPU_CHECK_BUDGET=550 bash scripts/gpu-check.sh parity parity-fused llama-1b fused:llama-1b groups1:llama-1b chain:llama-1b trim:llama-1b mistral-7b fused:mistral-7b events:mistral-7b profile-auto:llama-1b", carry=["$PKG"], timeout_s=580)
 If a parity case fails, parity-nokernels (ORPO_CUDA_KERNELS=0: the project's own CUDA kernels
 off, candle ops instead) tells their faults from the rest:
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh parity-nokernels", carry=["$PKG"], timeout_s=220)

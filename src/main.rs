@@ -339,6 +339,19 @@ fn main() -> ExitCode {
             "ORPO_RECOMPUTE_ATTENTION=0: attention's probabilities keep their chain for backward"
         );
     }
+    if let Some(v) = std::env::var_os("ORPO_ATTENTION_GROUPS") {
+        match v
+            .to_str()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n >= 1)
+        {
+            Some(n) => {
+                orpo::model::set_max_attention_groups(n);
+                tracing::info!("ORPO_ATTENTION_GROUPS={n}: at most {n} batched attention calls");
+            }
+            None => tracing::warn!("ORPO_ATTENTION_GROUPS={v:?} ignored: expected a count >= 1"),
+        }
+    }
     if std::env::var_os("ORPO_CUDA_EVENTS").is_some_and(|v| v == "1") {
         orpo::device::set_cuda_events(true);
         tracing::info!("ORPO_CUDA_EVENTS=1: cudarc's per-allocation stream events kept");

@@ -10,6 +10,16 @@ use super::packed::Segment;
 use crate::ops::RowGather;
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static MAX_GROUPS: AtomicUsize = AtomicUsize::new(4);
+
+/// The most groups (batched calls) the gathered attention splits its segments into: 4 unless
+/// set (the binary reads `ORPO_ATTENTION_GROUPS`; 1 gives one padded batch for all of them,
+/// to measure what the groups save).
+pub fn set_max_attention_groups(n: usize) {
+    MAX_GROUPS.store(n.max(1), Ordering::Relaxed);
+}
 
 pub struct Gathered {
     /// Segments of similar lengths attended together (see [`partition`]).
@@ -76,7 +86,8 @@ impl Gathered {
             (false, false) => (4 << 20) / heads.max(1),
             (false, true) => (16 << 20) / heads.max(1),
         };
-        for members in partition(&sizes, min_saving as u64) {
+        let max_groups = MAX_GROUPS.load(Ordering::Relaxed);
+        for members in partition(&sizes, max_groups, min_saving as u64) {
             let segs = members.len();
             let lq = members.iter().map(|&m| sizes[m].0).max().unwrap_or(0);
             let lk = members.iter().map(|&m| sizes[m].1).max().unwrap_or(0);
@@ -181,17 +192,17 @@ impl Gathered {
 /// segments differ widely (a chosen sequence owns its prompt and answer, the rejected one only
 /// its answer), so one padded batch computes several times the elements its segments need.
 /// Each further group (more launches a layer) must save a tenth of the elements and at least
-/// `min_saving` of them; at most four.
-fn partition(sizes: &[(usize, usize)], min_saving: u64) -> Vec<Vec<usize>> {
-    const MAX_GROUPS: usize = 4;
+/// `min_saving` of them; at most `max_groups` (at least one).
+fn partition(sizes: &[(usize, usize)], max_groups: usize, min_saving: u64) -> Vec<Vec<usize>> {
+    let max_groups = max_groups.max(1);
     let mut order: Vec<usize> = (0..sizes.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
     let n = order.len();
     // best[k][b]: the least elements of sorted segments 0..b in k groups, and where the last
     // group starts.
-    let mut best = vec![vec![(u64::MAX, 0usize); n + 1]; MAX_GROUPS + 1];
+    let mut best = vec![vec![(u64::MAX, 0usize); n + 1]; max_groups + 1];
     best[0][0] = (0, 0);
-    for k in 1..=MAX_GROUPS.min(n) {
+    for k in 1..=max_groups.min(n) {
         for b in k..=n {
             let mut lk = 0;
             for a in (k - 1..b).rev() {
@@ -208,7 +219,7 @@ fn partition(sizes: &[(usize, usize)], min_saving: u64) -> Vec<Vec<usize>> {
         }
     }
     let mut k = 1;
-    while k < MAX_GROUPS.min(n) && {
+    while k < max_groups.min(n) && {
         let (now, next) = (best[k][n].0, best[k + 1][n].0);
         next * 10 <= now * 9 && now - next >= min_saving
     } {
@@ -285,7 +296,7 @@ mod tests {
             g.sum()
         };
         let check = |sizes: &[(usize, usize)]| -> Vec<Vec<usize>> {
-            let groups = partition(sizes, 0);
+            let groups = partition(sizes, 4, 0);
             let mut all: Vec<usize> = groups.concat();
             all.sort_unstable();
             assert_eq!(all, (0..sizes.len()).collect::<Vec<_>>(), "{sizes:?}");
@@ -310,7 +321,9 @@ mod tests {
         assert!(split * 10 <= one * 9, "{split} vs {one}");
         // A saving below the floor keeps the groups together.
         let floor = (one - split) as u64 + 1;
-        assert_eq!(partition(&sizes, floor).len(), 1);
+        assert_eq!(partition(&sizes, 4, floor).len(), 1);
+        assert_eq!(partition(&sizes, 1, 0).len(), 1);
+        assert_eq!(partition(&sizes, 2, 0).len(), 2);
         // No two neighbouring groups that merged would compute fewer elements.
         if groups.len() > 1 {
             for w in groups.windows(2) {

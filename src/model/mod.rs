@@ -18,6 +18,7 @@ pub mod recompute;
 pub mod rope;
 
 pub use arch::{Architecture, ModelConfig};
+pub use gathered::set_max_attention_groups;
 pub use layers::set_recompute_attention_probs;
 pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
 pub use packed::{Packed, Padding, Prefix, Segment};
