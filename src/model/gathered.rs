@@ -1,11 +1,17 @@
 //! Packed attention as a few batched calls, for devices where each call is a kernel launch (a
 //! GPU): the segments' query rows and key rows are gathered into padded batches
-//! `[segments, rows, ..]`, one per group of segments of similar lengths, each attended at once
-//! under one bias, and the outputs gathered back into stream order. Same arithmetic per segment as the per-segment loop (the extra key columns
-//! are masked to probability 0, so they add exact zeros); the gathers' backward sums the
-//! gradients of rows read twice (a shared prompt's keys).
+//! `[segments, heads, rows, head_dim]`, one per group of segments of similar lengths, each
+//! attended at once under one bias, and the outputs gathered back into stream order. Same
+//! arithmetic per segment as the per-segment loop (the extra key columns are masked to
+//! probability 0, so they add exact zeros); the gathers' backward sums the gradients of rows
+//! read twice (a shared prompt's keys).
+//!
+//! The gathers read a `[rows, heads * d]` tensor as `[rows * heads, d]`, one row per token and
+//! head, so each lands in the head-major layout the products take (and the output goes back
+//! to stream rows) without a transposed copy: candle's strided copies index every element
+//! with 64-bit divisions, several times slower on a GPU than the gathers themselves.
 
-use super::layers::{attention, split_heads, AttnBias};
+use super::layers::{attention_heads, AttnBias};
 use super::packed::Segment;
 use crate::ops::RowGather;
 use candle_core::{DType, Device, Result, Tensor};
@@ -24,16 +30,19 @@ pub fn set_max_attention_groups(n: usize) {
 pub struct Gathered {
     /// Segments of similar lengths attended together (see [`partition`]).
     groups: Vec<Group>,
-    /// The padded slot of each output row, in stream order; slots are numbered through the
-    /// groups in order.
+    /// The padded slot of each output row, in stream order (`[rows * heads, d]`: a row per
+    /// token and head); slots are numbered through the groups in order.
     out_gather: RowGather,
+    /// Query rows (the output's rows).
+    rows: usize,
 }
 
 /// One batched attention call: `segs` segments padded to `lq` query and `lk` key slots.
 struct Group {
-    /// The row of `q` at each padded query slot (`segs * lq`).
+    /// The row of `q` (`[rows * heads, d]`) at each padded query slot (`[segs, heads, lq]`).
     q_gather: RowGather,
-    /// The row of `k`/`v` at each padded key slot (`segs * lk`).
+    /// The row of `k`/`v` (`[rows * kv_heads, d]`) at each padded key slot
+    /// (`[segs, kv_heads, lk]`).
     kv_gather: RowGather,
     /// `[segs, 1 or heads, lq, lk]`: each segment's bias, masked in the padded slots.
     bias: AttnBias,
@@ -53,7 +62,7 @@ impl Gathered {
         pad: bool,
         window: Option<usize>,
         (q_rows, kv_rows): (usize, usize),
-        heads: usize,
+        (heads, kv_heads): (usize, usize),
         device: &Device,
     ) -> Result<Option<Self>> {
         let picked: Vec<(&Segment, usize, Range<usize>)> = segments
@@ -72,8 +81,8 @@ impl Gathered {
         let sizes: Vec<(usize, usize)> =
             picked.iter().map(|(s, _, r)| (r.len(), s.keys())).collect();
         let mut groups = Vec::new();
-        // The slot of each picked segment's first query row, for the output gather.
-        let mut first_slot = vec![0; picked.len()];
+        // Each picked segment's first query slot and its group's `lq`, for the output gather.
+        let mut first_slot = vec![(0, 0); picked.len()];
         let mut slots = 0;
         // A further group costs some twenty more launches a layer on a GPU (~0.1-0.2 ms, by
         // estimate), so it must save that much of the passes over score elements: ~4M elements
@@ -91,24 +100,30 @@ impl Gathered {
             let segs = members.len();
             let lq = members.iter().map(|&m| sizes[m].0).max().unwrap_or(0);
             let lk = members.iter().map(|&m| sizes[m].1).max().unwrap_or(0);
-            let mut q_index = Vec::with_capacity(segs * lq);
-            let mut kv_index = Vec::with_capacity(segs * lk);
-            let mut q_live = vec![false; segs * lq];
-            let mut k_live = vec![false; segs * lk];
+            let mut q_index = Vec::with_capacity(segs * heads * lq);
+            let mut kv_index = Vec::with_capacity(segs * kv_heads * lk);
+            let mut q_live = Vec::with_capacity(segs * heads * lq);
+            let mut k_live = Vec::with_capacity(segs * kv_heads * lk);
             let mut bias = vec![f32::MIN; segs * lq * lk];
             let masked = |v: &f32| *v == f32::MIN || *v == f32::NEG_INFINITY;
             let mut live_row_sees_nothing = false;
             for (i, &m) in members.iter().enumerate() {
                 let (seg, first, rows) = &picked[m];
                 let (n, keys) = (rows.len(), seg.keys());
-                first_slot[m] = slots + i * lq;
+                first_slot[m] = (slots + i * heads * lq, lq);
                 // Padded slots repeat a valid row; their bias rows are fully masked and their
                 // outputs are never gathered back, so they carry no gradient.
-                q_index.extend((0..lq).map(|t| (first + t.min(n - 1)) as u32));
-                let key_rows: Vec<u32> = seg.key_row_indices().map(|r| r as u32).collect();
-                kv_index.extend((0..lk).map(|j| key_rows[j.min(keys - 1)]));
-                q_live[i * lq..i * lq + n].fill(true);
-                k_live[i * lk..i * lk + keys].fill(true);
+                let key_rows: Vec<usize> = seg.key_row_indices().collect();
+                for h in 0..heads {
+                    let row = |t: usize| ((first + t.min(n - 1)) * heads + h) as u32;
+                    q_index.extend((0..lq).map(row));
+                    q_live.extend((0..lq).map(|t| t < n));
+                }
+                for h in 0..kv_heads {
+                    let row = |j: usize| (key_rows[j.min(keys - 1)] * kv_heads + h) as u32;
+                    kv_index.extend((0..lk).map(row));
+                    k_live.extend((0..lk).map(|j| j < keys));
+                }
                 let b = seg.bias_data(rows.clone(), window);
                 for t in 0..n {
                     let (at, row) = ((i * lq + t) * lk, &b[t * keys..(t + 1) * keys]);
@@ -116,12 +131,12 @@ impl Gathered {
                     live_row_sees_nothing |= row.iter().all(masked);
                 }
             }
-            slots += segs * lq;
+            slots += segs * heads * lq;
             // Padded slots get no gradient (masked keys, outputs never gathered back): the
             // backward passes leave them out.
             groups.push(Group {
-                q_gather: RowGather::new(q_index, |j| q_live[j], q_rows, device)?,
-                kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows, device)?,
+                q_gather: RowGather::new(q_index, |j| q_live[j], q_rows * heads, device)?,
+                kv_gather: RowGather::new(kv_index, |j| k_live[j], kv_rows * kv_heads, device)?,
                 // sdpa zeroes the output of a row that sees no key (a padding row past a
                 // sliding window). Padded slots see none either, but their outputs are never
                 // gathered back, so the zeroing (a broadcast product each way, on every slot)
@@ -132,14 +147,18 @@ impl Gathered {
                 lk,
             });
         }
-        let out_index = picked
-            .iter()
-            .zip(&first_slot)
-            .flat_map(|((_, _, rows), &at)| (at..at + rows.len()).map(|s| s as u32))
-            .collect();
+        // Output row (token t of a segment, head h) from slot `at + h * lq + t` of its group.
+        let mut out_index = Vec::new();
+        for ((_, _, rows), &(at, lq)) in picked.iter().zip(&first_slot) {
+            for t in 0..rows.len() {
+                out_index.extend((0..heads).map(|h| (at + h * lq + t) as u32));
+            }
+        }
+        let rows = out_index.len() / heads.max(1);
         Ok(Some(Gathered {
             groups,
             out_gather: RowGather::new(out_index, |_| true, slots, device)?,
+            rows,
         }))
     }
 
@@ -154,35 +173,37 @@ impl Gathered {
         (scale, softcap): (f64, Option<f64>),
         compute: DType,
     ) -> Result<Tensor> {
-        // Gathered in the products' dtype: half the bytes to copy under bf16.
-        let (q, k, v) = (
-            q.to_dtype(compute)?,
-            k.to_dtype(compute)?,
-            v.to_dtype(compute)?,
-        );
-        let gather = |t: &Tensor, g: &RowGather, segs: usize, len: usize, h: usize| {
-            let width = t.dim(1)?;
-            split_heads(&g.apply(t)?.reshape((segs, len, width))?, h)
+        // Gathered in the products' dtype: half the bytes to copy under bf16; read as a row
+        // per token and head.
+        let by_head = |t: &Tensor, h: usize| {
+            let (rows, width) = t.dims2()?;
+            t.to_dtype(compute)?.reshape((rows * h, width / h))
         };
+        let (q, k, v) = (
+            by_head(q, heads)?,
+            by_head(k, kv_heads)?,
+            by_head(v, kv_heads)?,
+        );
+        let d = q.dim(1)?;
         let mut outs = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
-            let out = attention(
-                &gather(&q, &g.q_gather, g.segs, g.lq, heads)?,
-                &gather(&k, &g.kv_gather, g.segs, g.lk, kv_heads)?,
-                &gather(&v, &g.kv_gather, g.segs, g.lk, kv_heads)?,
+            let kv = |t: &Tensor| g.kv_gather.apply(t)?.reshape((g.segs, kv_heads, g.lk, d));
+            let out = attention_heads(
+                &g.q_gather.apply(&q)?.reshape((g.segs, heads, g.lq, d))?,
+                &kv(&k)?,
+                &kv(&v)?,
                 &g.bias,
                 scale,
                 softcap,
                 compute,
-            )?; // [segs, lq, heads*d]
-            let width = out.dim(2)?;
-            outs.push(out.reshape((g.segs * g.lq, width))?);
+            )?; // [segs, heads, lq, d]
+            outs.push(out.reshape((g.segs * heads * g.lq, d))?);
         }
         let out = match outs.as_slice() {
             [one] => one.clone(),
             _ => Tensor::cat(&outs, 0)?,
         };
-        self.out_gather.apply(&out)
+        self.out_gather.apply(&out)?.reshape((self.rows, heads * d))
     }
 }
 
@@ -270,7 +291,7 @@ mod tests {
     fn rows_are_zeroed_only_when_a_live_row_sees_no_key() -> Result<()> {
         let (segs, dev) = (segments(), Device::Cpu);
         let zeroes = |pad, window| -> Result<bool> {
-            let g = Gathered::new(&segs, pad, window, (8, 6), 2, &dev)?.expect("rows");
+            let g = Gathered::new(&segs, pad, window, (8, 6), (2, 1), &dev)?.expect("rows");
             Ok(g.groups.iter().any(|g| g.bias.keep.is_some()))
         };
         assert!(!zeroes(false, None)?, "real rows, causal");

@@ -211,6 +211,22 @@ pub fn attention(
     compute: DType,
 ) -> Result<Tensor> {
     let (n, h, lq, d) = q.dims4()?;
+    attention_heads(q, k, v, bias, scale, softcap, compute)?
+        .transpose(1, 2)?
+        .reshape((n, lq, h * d))
+}
+
+/// [`attention`]'s output by heads, `[n, h, lq, d]`, for a caller that lays it out itself.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &AttnBias,
+    scale: f64,
+    softcap: Option<f64>,
+    compute: DType,
+) -> Result<Tensor> {
+    let (n, h, lq, d) = q.dims4()?;
     let (kvh, lk) = (k.dim(1)?, k.dim(2)?);
     if kvh == 0 || h % kvh != 0 {
         candle_core::bail!("attention: {h} query heads for {kvh} key/value heads");
@@ -243,7 +259,7 @@ pub fn attention(
     if let Some(keep) = &bias.keep {
         out = out.broadcast_mul(&keep.to_dtype(out.dtype())?)?;
     }
-    out.transpose(1, 2)?.reshape((n, lq, h * d))
+    Ok(out)
 }
 
 /// Attention's probabilities from the raw product `q k^T` as candle ops: to f32, scaled,

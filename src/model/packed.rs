@@ -208,10 +208,24 @@ impl PackedAttention {
         } else {
             let (real, padding) = (packed.real_rows, packed.total - packed.real_rows);
             Plan::Gathered {
-                real: Gathered::new(&packed.segments, false, window, (real, real), heads, dev)?
-                    .map(Box::new),
-                pad: Gathered::new(&packed.segments, true, window, (padding, real), heads, dev)?
-                    .map(Box::new),
+                real: Gathered::new(
+                    &packed.segments,
+                    false,
+                    window,
+                    (real, real),
+                    (heads, kv_heads),
+                    dev,
+                )?
+                .map(Box::new),
+                pad: Gathered::new(
+                    &packed.segments,
+                    true,
+                    window,
+                    (padding, real),
+                    (heads, kv_heads),
+                    dev,
+                )?
+                .map(Box::new),
             }
         };
         let (mut real_pos, mut pad_pos) = (Vec::new(), Vec::new());
