@@ -132,7 +132,7 @@ impl AttnBias {
     /// `zero_empty`: a row with no visible key outputs zeros (sdpa), else its uniform weights
     /// stand (eager). `heads`: off the CPU the bias is laid out for every head once, so each
     /// layer's addition is a contiguous one (candle's broadcasting kernels are several times
-    /// slower on a GPU).
+    /// slower on a GPU); not for the fused attention, whose kernel reads a shared bias row.
     pub fn new(
         mut data: Vec<f32>,
         (n, rows, keys): (usize, usize, usize),
@@ -157,7 +157,7 @@ impl AttnBias {
             }
         }
         let mut bias = Tensor::from_vec(data, (n, 1, rows, keys), device)?;
-        if heads > 1 && !device.is_cpu() {
+        if heads > 1 && !device.is_cpu() && !crate::ops::fused_attention() {
             bias = bias.broadcast_as((n, heads, rows, keys))?.contiguous()?;
         }
         let keep = (zero_empty && any_empty)
