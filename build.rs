@@ -1,9 +1,9 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
-//! `src/train/odds.cu`, `src/train/sum_sq.cu`, `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`, `src/ops/rms_norm.cu`,
-//! `src/ops/logprob_sum.cu`) to PTX with nvcc, as candle-kernels does for candle's; the driver
-//! compiles the PTX for the card when the module is first loaded. Without the feature nothing
-//! runs here. (`scripts/cuda-emu/check.sh` runs the kernels on a CPU for sessions without a
-//! GPU.)
+//! `src/train/odds.cu`, `src/train/sum_sq.cu`, `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`,
+//! `src/ops/gather.cu`, `src/ops/rms_norm.cu`, `src/ops/logprob_sum.cu`) to PTX with nvcc, as
+//! candle-kernels does for candle's; the driver compiles the PTX for the card when the module
+//! is first loaded. Without the feature nothing runs here. (`scripts/cuda-emu/check.sh` runs
+//! the kernels on a CPU for sessions without a GPU.)
 
 use std::env;
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ fn main() {
         ("src/train/adamw.cu", "adamw.ptx"),
         ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
         ("src/ops/swiglu.cu", "swiglu.ptx"),
+        ("src/ops/gather.cu", "gather.ptx"),
         ("src/ops/rms_norm.cu", "rms_norm.ptx"),
         ("src/ops/logprob_sum.cu", "logprob_sum.ptx"),
         ("src/train/odds.cu", "odds.ptx"),

@@ -49,9 +49,8 @@ pub fn fused_kernels() -> bool {
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(true);
 
 /// Turns the project's own CUDA kernels (`swiglu.cu`, `rms_norm.cu`'s backward,
-/// `logprob_sum.cu`, the odds term's `odds.cu`, AdamW's `adamw.cu`, the gradient norm's
-/// `sum_sq.cu`; not the opt-in
-/// `attn_softmax.cu`) on or off for the whole process: off, those take candle ops on CUDA (the
+/// `logprob_sum.cu`, the row gathers' `gather.cu`, the odds term's `odds.cu`, AdamW's
+/// `adamw.cu`, the gradient norm's `sum_sq.cu`; not the opt-in `attn_softmax.cu`) on or off for the whole process: off, those take candle ops on CUDA (the
 /// path the CPU tests with its kernels off), to tell a kernel's fault from the rest when a
 /// device result looks wrong (`ORPO_CUDA_KERNELS=0`). candle's own kernels stay.
 pub fn set_cuda_kernels(on: bool) {

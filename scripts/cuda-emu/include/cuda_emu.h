@@ -73,6 +73,14 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int width = 32) {
   return r;
 }
 
+// CUDA's vector types, as the row gathers copy them (whole units).
+struct uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // bfloat16 as CUDA's: conversions round to nearest even (NaN kept quiet).
