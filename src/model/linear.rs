@@ -2,6 +2,7 @@
 //! tensors under LoRA), an optional LoRA pair, and the compute dtype of its matrix products.
 
 use super::layers::linear;
+use crate::ops::bf16_copy;
 use candle_core::{DType, Result, Tensor};
 
 /// `s · B (A x)`: the trainable low-rank update of a frozen layer.
@@ -69,7 +70,7 @@ impl Linear {
     /// clone otherwise): uses of it and of its `detached` twin share one cast.
     pub fn with_bf16_copy(&self) -> Result<Linear> {
         let wb = match (self.compute, self.w.dtype(), &self.wb) {
-            (DType::BF16, DType::F32, None) => Some(self.w.to_dtype(DType::BF16)?),
+            (DType::BF16, DType::F32, None) => Some(bf16_copy(&self.w)?),
             _ => self.wb.clone(),
         };
         Ok(Linear { wb, ..self.clone() })
@@ -133,10 +134,7 @@ fn matmul_bf16(xb: &Tensor, w: &Tensor) -> Result<Tensor> {
     linear(xb, &bf16_weight(w)?, None)?.to_dtype(DType::F32)
 }
 
+/// A trainable f32 weight's copy keeps its gradient in bf16 (`ops::bf16_copy`).
 fn bf16_weight(w: &Tensor) -> Result<Tensor> {
-    if w.dtype() == DType::BF16 {
-        Ok(w.clone())
-    } else {
-        w.to_dtype(DType::BF16)
-    }
+    bf16_copy(w)
 }

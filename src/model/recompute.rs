@@ -10,11 +10,12 @@
 //! returns gradients for its own arguments), so they go to a [`SideGrads`] that the caller merges
 //! after `backward()`.
 
+use crate::ops::add_grads;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
-    TensorId, Var,
+    bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, TensorId, Var,
 };
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -117,23 +118,24 @@ pub fn checkpoint_rows<B: RowsBlock + 'static>(
     Ok((y, pad))
 }
 
-/// Parameter gradients computed inside recomputations, accumulated by `TensorId`.
+/// Parameter gradients computed inside recomputations, accumulated by `TensorId`, each with
+/// its parameter's dtype (a gradient may be kept narrower, see `ops::bf16_copy`).
 #[derive(Clone, Default)]
-pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub struct SideGrads(Arc<Mutex<HashMap<TensorId, (Tensor, DType)>>>);
 
 impl SideGrads {
-    fn lock(&self) -> MutexGuard<'_, HashMap<TensorId, Tensor>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TensorId, (Tensor, DType)>> {
         // A panic elsewhere cannot leave the map half-updated (each entry is replaced whole).
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn add(&self, id: TensorId, grad: &Tensor) -> Result<()> {
+    fn add(&self, v: &Var, grad: &Tensor) -> Result<()> {
         let mut map = self.lock();
-        let sum = match map.get(&id) {
-            Some(prev) => prev.add(grad)?,
+        let sum = match map.get(&v.id()) {
+            Some((prev, _)) => add_grads(prev, grad, v.dtype())?,
             None => grad.clone(),
         };
-        map.insert(id, sum);
+        map.insert(v.id(), (sum, v.dtype()));
         Ok(())
     }
 
@@ -145,9 +147,9 @@ impl SideGrads {
     /// Adds the collected gradients to `grads` (inserting where absent) and clears `self`.
     pub fn merge_into(&self, grads: &mut GradStore) -> Result<()> {
         let pending = std::mem::take(&mut *self.lock());
-        for (id, g) in pending {
+        for (id, (g, dtype)) in pending {
             let sum = match grads.get_id(id) {
-                Some(prev) => prev.add(&g)?,
+                Some(prev) => add_grads(prev, &g, dtype)?,
                 None => g,
             };
             grads.insert_id(id, sum);
@@ -289,7 +291,7 @@ impl CustomOp2 for CheckpointOp {
         let g = y.backward_with_grad(grad)?;
         for v in self.block.vars() {
             if let Some(gv) = g.get(v.as_tensor()) {
-                self.side.add(v.id(), gv)?;
+                self.side.add(&v, gv)?;
             }
         }
         let dx = xv.and_then(|v| g.get(v.as_tensor()).cloned());

@@ -6,6 +6,7 @@
 //! device, so callers need not special-case CUDA or half precision.
 
 mod attn_softmax;
+mod bf16_copy;
 mod gather;
 mod linear;
 mod logprob_sum;
@@ -17,6 +18,7 @@ mod swiglu;
 mod token_logprob;
 
 pub use attn_softmax::{attn_softmax, fused_attention, set_fused_attention};
+pub use bf16_copy::{add_grads, bf16_copy, set_narrow_weight_grads};
 pub use gather::RowGather;
 pub use linear::{column_sums, linear, linear_chain};
 pub use logprob_sum::{logprob_and_sum, logprob_sum_serves};

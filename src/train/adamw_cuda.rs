@@ -1,15 +1,19 @@
 //! AdamW's update on CUDA with the kernel of `adamw.cu` (compiled by `build.rs`): one pass
-//! over the flat f32 parameter, gradient and moments, in place.
+//! over the flat f32 parameter and moments and the f32 or bf16 gradient, in place.
 
 use super::optim::Coefs;
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CpuStorage, CudaStorage, InplaceOp2, Layout, Result, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor,
+};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 const MODULE: &str = "orpo_adamw";
 
-/// Updates `p` and its moments `m`, `v` (all f32, contiguous, on one CUDA device) from `g`.
+/// Updates `p` and its moments `m`, `v` (all f32, contiguous, on one CUDA device) from `g`
+/// (f32 or bf16).
 pub fn update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: Coefs) -> Result<()> {
     if p.elem_count() == 0 {
         return Ok(()); // nothing to update, and a launch of no block is an error
@@ -93,17 +97,29 @@ impl InplaceOp2 for Step<'_> {
         let (vs, vl) = self.v.storage_and_layout();
         let (m, v) = (moment_view(&ms, ml, n)?, moment_view(&vs, vl, n)?);
         let c = self.c;
+        let kernel = match src.dtype() {
+            DType::F32 => "adamw_step",
+            DType::BF16 => "adamw_step_bf16_grad",
+            other => bail!("adamw (CUDA): f32 or bf16 gradient expected, got {other:?}"),
+        };
         let func = dst
             .device
             .clone()
-            .get_or_load_custom_func("adamw_step", MODULE, PTX)?;
-        let g = src.as_cuda_slice::<f32>()?.slice(s0..s1);
+            .get_or_load_custom_func(kernel, MODULE, PTX)?;
+        let g32;
+        let g16;
         let mut p = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
         let mut b = func.builder();
         b.arg(&mut p);
         b.arg(&m);
         b.arg(&v);
-        b.arg(&g);
+        if src.dtype() == DType::BF16 {
+            g16 = src.as_cuda_slice::<half::bf16>()?.slice(s0..s1);
+            b.arg(&g16);
+        } else {
+            g32 = src.as_cuda_slice::<f32>()?.slice(s0..s1);
+            b.arg(&g32);
+        }
         b.arg(&n);
         b.arg(&c.beta1);
         b.arg(&c.one_minus_beta1);

@@ -196,7 +196,8 @@ impl AdamW {
             };
             match st {
                 Moments::Host { m, v } => {
-                    let g = g.contiguous()?;
+                    // A gradient kept in bf16 (ops::bf16_copy) widens exactly.
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
                     let op = HostUpdate {
                         m: Mutex::new(m.as_mut_slice()),
                         v: Mutex::new(v.as_mut_slice()),
@@ -208,13 +209,14 @@ impl AdamW {
                 Moments::Device { m, v }
                     if p.device().is_cuda()
                         && crate::ops::cuda_kernels()
-                        && [p, g, &*m, &*v].iter().all(|t| t.dtype() == DType::F32)
+                        && [p, &*m, &*v].iter().all(|t| t.dtype() == DType::F32)
+                        && matches!(g.dtype(), DType::F32 | DType::BF16)
                         && p.is_contiguous() =>
                 {
                     super::adamw_cuda::update(p, g, m, v, coefs)?;
                 }
                 Moments::Device { m, v } => {
-                    let g = (g * grad_scale)?;
+                    let g = (g.to_dtype(p.dtype())? * grad_scale)?;
                     *m = ((&*m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
                     *v = ((&*v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
                     let denom = ((v.sqrt()? / bc2_sqrt)? + s.eps)?;
@@ -290,7 +292,14 @@ impl AdamW {
 
 /// Sum of squares read straight from host memory (f32 CPU tensors with the kernels on).
 fn host_sum_sq(t: &Tensor) -> Option<f64> {
-    if !crate::ops::fusable_f32(t) {
+    // A gradient kept in bf16 (ops::bf16_copy) widens exactly.
+    let t = match t.dtype() {
+        DType::BF16 if crate::ops::fused_kernels() && t.device().is_cpu() => {
+            t.to_dtype(DType::F32).ok()?
+        }
+        _ => t.clone(),
+    };
+    if !crate::ops::fusable_f32(&t) {
         return None;
     }
     let (storage, layout) = t.storage_and_layout();
@@ -356,7 +365,7 @@ fn device_sum_sq(g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if g.device().is_cuda()
         && crate::ops::cuda_kernels()
-        && g.dtype() == DType::F32
+        && matches!(g.dtype(), DType::F32 | DType::BF16)
         && g.is_contiguous()
         && g.elem_count() > 0
     {

@@ -1,10 +1,10 @@
 //! The gradient norm's sums of squares on CUDA with the kernel of `sum_sq.cu` (compiled by
-//! `build.rs`): one pass over each f32 gradient, partial sums per block in f64.
+//! `build.rs`): one pass over each f32 or bf16 gradient, partial sums per block in f64.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sum_sq.ptx"));
 const MODULE: &str = "orpo_sum_sq";
@@ -15,7 +15,7 @@ const PER_THREAD: usize = 16;
 /// At most this many partial sums per tensor (about eight blocks for each of an H100's SMs).
 const MAX_BLOCKS: usize = 1024;
 
-/// Partial sums of squares of `g` (f32, contiguous, non-empty, on a CUDA device) as an f64
+/// Partial sums of squares of `g` (f32 or bf16, contiguous, non-empty, on a CUDA device) as an f64
 /// vector on its device; their sum is `g`'s sum of squares. Their number depends on the
 /// element count only.
 pub fn partial_sums(g: &Tensor) -> Result<Tensor> {
@@ -38,18 +38,29 @@ impl CustomOp1 for SumSq {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let x = crate::ops::cuda_view::<f32>("sum-sq", s, l)?;
         let n = l.shape().elem_count();
         if n == 0 {
             bail!("sum-sq (CUDA): empty tensor"); // a launch of no block is an error
         }
         let blocks = blocks(n);
         let dev = s.device().clone();
-        let func = dev.get_or_load_custom_func("sum_sq_f32", MODULE, PTX)?;
+        let (x32, x16);
+        let kernel = match s.dtype() {
+            DType::F32 => "sum_sq_f32",
+            DType::BF16 => "sum_sq_bf16",
+            other => bail!("sum-sq (CUDA): f32 or bf16 expected, got {other:?}"),
+        };
+        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
         // SAFETY: every element is written by the kernel (one per block).
         let mut out = unsafe { dev.alloc::<f64>(blocks)? };
         let mut b = func.builder();
-        b.arg(&x);
+        if s.dtype() == DType::BF16 {
+            x16 = crate::ops::cuda_view::<half::bf16>("sum-sq", s, l)?;
+            b.arg(&x16);
+        } else {
+            x32 = crate::ops::cuda_view::<f32>("sum-sq", s, l)?;
+            b.arg(&x32);
+        }
         b.arg(&n);
         b.arg(&mut out);
         let cfg = LaunchConfig {

@@ -128,8 +128,10 @@ fn accumulate(
             // A gradient is data: should an op's backward have built it from tracked tensors,
             // its graph (the step's activations) must not live on with it.
             let g = g.detach();
+            // Micro-batches add in the parameter's dtype (a gradient may be kept narrower,
+            // see `ops::bf16_copy`).
             let g = match acc.remove(name) {
-                Some(prev) => (prev + g)?,
+                Some(prev) => crate::ops::add_grads(&prev, &g, var.dtype())?,
                 None => g,
             };
             acc.insert(name.to_string(), g);

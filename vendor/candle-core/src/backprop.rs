@@ -768,12 +768,26 @@ impl GradStore {
         }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let prev = entry.get();
+                let same = prev.dtype() == tensor.dtype() && grad.dtype() == tensor.dtype();
+                let sum = if same || !tensor.is_variable() {
+                    prev.add(grad)?
+                } else {
+                    // A narrower gradient of a Var (below): contributions add in the Var's
+                    // dtype, as each would have been widened before.
+                    prev.to_dtype(tensor.dtype())?
+                        .add(&grad.to_dtype(tensor.dtype())?)?
+                };
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
+                // orpo patch: a Var's gradient may come in another float dtype (an op that
+                // keeps a bf16 copy's gradient in bf16 for an f32 weight); nothing reads a
+                // Var's gradient inside backward, so it is stored as given.
+                let dtype_ok = grad.dtype() == tensor.dtype()
+                    || (tensor.is_variable() && grad.dtype().is_float());
                 if grad.shape() == tensor.shape()
-                    && grad.dtype() == tensor.dtype()
+                    && dtype_ok
                     && grad.device().same_device(tensor.device())
                 {
                     // Stored gradients stay contiguous, as `zeros + grad` made them: later
