@@ -130,9 +130,10 @@ impl CustomOp2 for GatherOp {
         ids: &candle_core::CudaStorage,
         ids_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = match super::cuda_kernels() {
-            true => cuda::gather_rows(s, l, ids, ids_l)?,
-            false => None,
+        let out = if super::cuda_kernels() {
+            cuda::gather_rows(s, l, ids, ids_l)?
+        } else {
+            None
         };
         let out = match out {
             Some(out) => out,
