@@ -53,6 +53,8 @@
 #
 # Durations measured on an H200 (2026-11-28; a machine's start took ~30 s more):
 #   setup: unpack binaries, pip install the TRL wheels, import check  ~23 s
+#   kernel checks (`orpo check-kernels`, every call, before the smoke
+#           test; the first CUDA process JIT-compiles candle's PTX)   ~20 s (estimate)
 #   CUDA smoke test (tiny-opt, 1 step; the first CUDA process JIT-compiles
 #           candle's PTX, later ones reuse the driver's cache)       ~20 s (1 s warm)
 #   parity: ~65 CUDA runs of ~0.6-1.2 s, 4 cases at a time, the CPU
@@ -81,6 +83,7 @@
 #   OUT               where results go (set on the device; default target/gpu-check-out):
 #                     gpu-results.json, gpu-results.md (rewritten after each phase, marked
 #                     partial until the end), results.jsonl (the raw records, as they come),
+#                     kernels.jsonl (`orpo check-kernels --json`, run at every call's set-up),
 #                     gpu-check.log, gpu-runs.tar.xz (every run's metrics.jsonl, logs and
 #                     comparison outputs).
 set -uo pipefail
@@ -266,6 +269,13 @@ smoke_step() { # LABEL NAME MIN TIMEOUT [ENV=VALUE...] -- TRAIN_ARGS...
 }
 DEV_OK=1
 mkdir -p "$W/parity" "$W/bench"
+# Kernel checks first (seconds; the first CUDA process also JIT-compiles candle's PTX): each op
+# with a kernel of ours, forward and backward, on the device against an f64 CPU reference, with
+# our kernels on and off. Should anything later fail, this names the op, dtype and shape.
+STEP_LOG=$W/kernels.log step "kernel checks" 10 150 "$ORPO" check-kernels --device "$DEV" --json
+grep '^{' "$W/kernels.log" >"$OUT/kernels.jsonl"
+grep -v '^{' "$W/kernels.log" | tail -n 20
+record kind=kernels rc=$STEP_RC file="$OUT/kernels.jsonl"
 if [ "$DEV" != cpu ]; then
   smoke_step "device smoke test" device-smoke 30 120 -- --config configs/tiny-opt.toml ||
     { DEV_OK=0; log "DEVICE RUNS DISABLED"; }
@@ -841,6 +851,21 @@ for wl, b in bench.items():
         ran = o.get("rc") == 0 and t.get("rc") == 0
         b["goal_met"] = (None if mem is None else mem <= 1.0) if ran and speed >= GOALS[base] else False
 steps = [r for r in recs if r.get("kind") == "step"]
+# `orpo check-kernels --json`: one object per op, dtype, shape and mode.
+kernels = None
+krec = next((r for r in recs if r.get("kind") == "kernels"), None)
+if krec and os.path.exists(krec["file"]):
+    rows = [json.loads(l) for l in open(krec["file"]) if l.strip()]
+    worst = {}
+    for k in rows:
+        errs = [e for e in k["errors"].values()]
+        w = None if any(e is None for e in errs) else max(errs, default=0.0)
+        key = (k["op"], k["dtype"], k["mode"])
+        if key not in worst or w is None or (worst[key] is not None and w > worst[key]):
+            worst[key] = w
+    kernels = dict(rc=krec["rc"], total=len(rows), passed=sum(k["passed"] for k in rows),
+                   failed=[k for k in rows if not k["passed"]],
+                   worst=[dict(op=o, dtype=d, mode=m, error=w) for (o, d, m), w in worst.items()])
 summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("phases"),
                nproc=env.get("nproc"), orpo_sha=env.get("orpo_sha"), manifest=env.get("manifest"),
                budget_s=budget, elapsed_s=elapsed, state=state, pending_phases=pending.split(),
@@ -849,7 +874,7 @@ summary = dict(card=env.get("gpu"), device=env.get("device"), phases=env.get("ph
                fused_smoke_ok=next((r["ok"] for r in recs if r.get("kind") == "smoke_fused"), None),
                parity_pass=all(p["pass"] for p in parity if p["pass"] is not None) if parity else None,
                parity_skipped=sum(p["pass"] is None for p in parity),
-               parity=parity, bench=bench,
+               kernel_checks=kernels, parity=parity, bench=bench,
                failed_steps=[s for s in steps if s["rc"] not in (0,)],
                steps=steps)
 def write(name, text):  # whole or not at all: the call may be stopped while writing
@@ -869,6 +894,26 @@ md += [
       f"{summary['device_smoke_ok']}; fused attention smoke test ok: {summary['fused_smoke_ok']}; "
       f"TRL available: {summary['trl_available']}; "
       f"orpo sha256 {summary['orpo_sha']}", ""]
+if kernels is not None:
+    md += ["## Kernel checks (`orpo check-kernels`: each op on the device against f64 on the CPU)", "",
+           f"{kernels['passed']} of {kernels['total']} passed (rc {kernels['rc']}). Error: largest "
+           "difference over the reference's largest magnitude, worst of the output and the inputs' "
+           "gradients; tolerance 1e-4 (f32), 2e-2 (bf16). kernels: ours on; plain: candle's ops.", ""]
+    if kernels["failed"]:
+        md += ["| FAILED op | dtype | shape | mode | errors / failure |", "|---|---|---|---|---|"]
+        for k in kernels["failed"]:
+            detail = k["failure"] or ", ".join(f"{n} {'non-finite' if e is None else f(e)}"
+                                               for n, e in k["errors"].items())
+            md.append(f"| {k['op']} | {k['dtype']} | {k['shape']} | {k['mode']} | {detail} |")
+        md.append("")
+    md += ["| op | dtype | worst error, kernels | worst error, plain |", "|---|---|---|---|"]
+    seen = {}
+    for w in kernels["worst"]:
+        seen.setdefault((w["op"], w["dtype"]), {})[w["mode"]] = w["error"]
+    for (o, d), m in seen.items():
+        g = lambda mode: "-" if mode not in m else "non-finite" if m[mode] is None else f(m[mode])
+        md.append(f"| {o} | {d} | {g('kernels')} | {g('plain')} |")
+    md.append("")
 if parity:
     md += ["## Parity (device vs CPU, same binary)", "",
            "train: 3 steps, every metric of every step and the final weights (tensor rel = |a-b|/|a|). "

@@ -100,6 +100,7 @@ If a parity case fails, parity-nokernels (ORPO_CUDA_KERNELS=0: the project's own
 off, candle ops instead) tells their faults from the rest:
   run(command="GPU_CHECK_TRL=0 GPU_CHECK_BUDGET=200 bash scripts/gpu-check.sh parity-nokernels", carry=["$PKG"], timeout_s=220)
 Each call's results come back under files_at: gpu-results.md, gpu-results.json (both rewritten
-after each phase, marked partial until the end), results.jsonl, gpu-check.log, gpu-runs.tar.xz
+after each phase, marked partial until the end; the kernel checks first), results.jsonl,
+kernels.jsonl, gpu-check.log, gpu-runs.tar.xz
 (copy them out before the next call: \$OUT is emptied).
 EOF

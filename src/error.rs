@@ -24,6 +24,9 @@ pub enum Error {
     NonFinite { step: usize, what: &'static str },
     #[error("interrupted after step {step}; checkpoint written to {}; continue with `orpo train --config CONFIG --resume`", checkpoint.display())]
     Interrupted { step: usize, checkpoint: PathBuf },
+    /// A self-check found results off (`orpo check-kernels`).
+    #[error("{0}")]
+    Check(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

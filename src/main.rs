@@ -91,6 +91,18 @@ enum Command {
         #[arg(long)]
         ids: bool,
     },
+    /// Check this build's kernels on a device against a float64 CPU reference
+    CheckKernels {
+        /// cpu, cuda, cuda:N or auto
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Only the ops whose name contains this
+        #[arg(long)]
+        only: Option<String>,
+        /// Print one JSON object per check
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging() {
@@ -311,6 +323,49 @@ fn keep_freed_memory() {
     }
 }
 
+fn check_kernels(device: &str, only: Option<&str>, json: bool) -> Result<(), Error> {
+    let device = orpo::device::select_device(device)?;
+    let outcomes = orpo::kernel_check::run(&device, only);
+    if outcomes.is_empty() {
+        return Err(Error::Input(format!(
+            "--only {:?} matches no op",
+            only.unwrap_or_default()
+        )));
+    }
+    for o in &outcomes {
+        if json {
+            println!("{}", o.to_json());
+            continue;
+        }
+        let verdict = if o.passed() { "PASS" } else { "FAIL" };
+        let errors: Vec<String> = o
+            .errors
+            .iter()
+            .map(|(k, e)| format!("{k} {e:.1e}"))
+            .collect();
+        let detail = o.failure.clone().unwrap_or_else(|| errors.join("  "));
+        println!(
+            "{verdict}  {:<18} {:<5} {:<16} {:<8} tol {:.0e}  {detail}",
+            o.op,
+            format!("{:?}", o.dtype).to_lowercase(),
+            o.shape,
+            o.mode.name(),
+            o.tolerance,
+        );
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    eprintln!(
+        "{} of {} kernel checks passed on {:?}",
+        outcomes.len() - failed,
+        outcomes.len(),
+        device
+    );
+    if failed > 0 {
+        return Err(Error::Check(format!("{failed} kernel checks failed")));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // candle asks for the thread count on every parallel op, and without RAYON_NUM_THREADS it
     // re-reads the CPU/cgroup files each time; resolve it once, before any thread starts.
@@ -392,6 +447,9 @@ fn main() -> ExitCode {
             show,
             ids,
         } => data(config, json, show, ids),
+        Command::CheckKernels { device, only, json } => {
+            check_kernels(&device, only.as_deref(), json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

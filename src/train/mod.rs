@@ -6,7 +6,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod forward;
 pub mod loss;
-mod odds_coefs;
+pub(crate) mod odds_coefs;
 pub mod optim;
 pub mod plan;
 pub mod plot;

@@ -1,0 +1,46 @@
+//! `orpo check-kernels` on the CPU: every op's CPU kernel and its plain candle-op path agree
+//! with the f64 reference (the same harness the GPU check runs on CUDA).
+
+use candle_core::Device;
+use orpo::kernel_check::{run, Mode};
+
+#[test]
+fn every_kernel_check_passes_on_the_cpu() {
+    let outcomes = run(&Device::Cpu, None);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.passed())
+        .map(|o| format!("{o:?}"))
+        .collect();
+    assert!(failed.is_empty(), "failed:\n{}", failed.join("\n"));
+    // Both modes, every op of the list, each with its output compared.
+    for mode in [Mode::Kernels, Mode::Plain] {
+        let ops: std::collections::BTreeSet<&str> = outcomes
+            .iter()
+            .filter(|o| o.mode == mode && o.errors.iter().any(|(k, _)| k == "out"))
+            .map(|o| o.op)
+            .collect();
+        assert_eq!(ops.len(), 16, "{mode:?}: {ops:?}");
+    }
+    // Gradients compared wherever an input is trained (all but the forward-only ops).
+    let graded = outcomes
+        .iter()
+        .filter(|o| o.errors.iter().any(|(k, _)| k.starts_with("d_")))
+        .count();
+    assert_eq!(graded, outcomes.len() - 2 * 6);
+}
+
+/// A result off by more than the tolerance fails, and `--only` selects by name.
+#[test]
+fn a_filter_selects_and_the_verdict_reads_the_errors() {
+    let outcomes = run(&Device::Cpu, Some("swiglu"));
+    assert_eq!(outcomes.len(), 8);
+    let mut o = outcomes[0].clone();
+    assert!(o.passed());
+    o.errors.push(("d_extra".into(), 2.0 * o.tolerance));
+    assert!(!o.passed());
+    o.errors.pop();
+    o.errors.push(("d_extra".into(), f64::NAN));
+    assert!(!o.passed() && o.worst().is_nan());
+    assert!(run(&Device::Cpu, Some("no-such-op")).is_empty());
+}
