@@ -44,3 +44,49 @@ fn a_filter_selects_and_the_verdict_reads_the_errors() {
     assert!(!o.passed() && o.worst().is_nan());
     assert!(run(&Device::Cpu, Some("no-such-op")).is_empty());
 }
+
+/// The command: a table line per check and exit 0 when all pass; a filter matching nothing is
+/// an input error (exit 2).
+#[test]
+fn the_command_reports_each_check_and_exits_by_the_verdict() {
+    let orpo = env!("CARGO_BIN_EXE_orpo");
+    let out = std::process::Command::new(orpo)
+        .args(["check-kernels", "--device", "cpu", "--only", "rotary"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("PASS  rotary"))
+            .count(),
+        4
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 of 4 kernel checks passed"));
+    let json = std::process::Command::new(orpo)
+        .args([
+            "check-kernels",
+            "--device",
+            "cpu",
+            "--only",
+            "relu",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r["passed"] == true && r["errors"]["d_x"].is_number()));
+    let none = std::process::Command::new(orpo)
+        .args(["check-kernels", "--device", "cpu", "--only", "no-such-op"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("matches no op"));
+}
