@@ -204,7 +204,11 @@ fn tiny_phi3_training_matches_trl() {
 
 #[test]
 fn tiny_llama3_training_matches_trl() {
+    let before = orpo::ops::TableLookup::added_in_place();
     check_run("tiny-llama3");
+    // The tied table's looked-up rows were added into the head's gradient in place (other
+    // tests only add to the count: this fails when no tied run takes that path).
+    assert!(orpo::ops::TableLookup::added_in_place() > before);
 }
 
 #[test]

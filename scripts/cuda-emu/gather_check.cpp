@@ -79,6 +79,50 @@ void sum_case(const char *dtype, K kernel, uint32_t src_rows, uint32_t width, ui
   report(worst <= tol, what);
 }
 
+// An embedding table's gradient: ids grouped by value (as ops/lookup.rs groups them), each
+// group's rows summed and added into a table that already holds a gradient, against double;
+// the rows no group names must stay as they were.
+void rows_add_case(uint32_t table_rows, uint32_t width, uint32_t looked_up, unsigned blocks) {
+  std::mt19937 rng(table_rows * 13 + width);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint32_t> ids(looked_up);
+  for (auto &id : ids) id = rng() % (table_rows / 2);  // repeats, and rows never read
+  std::vector<uint32_t> rows, offsets, positions;
+  for (uint32_t id = 0; id < table_rows; ++id) {
+    const size_t start = positions.size();
+    for (uint32_t j = 0; j < looked_up; ++j)
+      if (ids[j] == id && j % 7 != 3) positions.push_back(j);  // every 7th a dead row
+    if (positions.size() > start) {
+      rows.push_back(id);
+      offsets.push_back((uint32_t)start);
+    }
+  }
+  offsets.push_back((uint32_t)positions.size());
+  std::vector<float> grad(looked_up * width), dst(table_rows * width);
+  for (auto &v : grad) v = normal(rng);
+  for (auto &v : dst) v = normal(rng);
+  std::vector<float> before = dst;
+  const uint32_t unique = (uint32_t)rows.size();
+  emu::launch({blocks}, {256}, rows_add_f32, (const float *)grad.data(),
+              (const uint32_t *)rows.data(), (const uint32_t *)offsets.data(),
+              (const uint32_t *)positions.data(), dst.data(), unique, width);
+  double worst = 0;
+  for (uint32_t r = 0; r < table_rows; ++r)
+    for (uint32_t c = 0; c < width; ++c) {
+      double want = before[r * width + c], scale = std::abs(want);
+      for (uint32_t j = 0; j < looked_up; ++j)
+        if (ids[j] == r && j % 7 != 3) {
+          want += grad[j * width + c];
+          scale += std::abs(grad[j * width + c]);
+        }
+      worst = std::max(worst, std::abs(dst[r * width + c] - want) / std::max(scale, 1e-30));
+    }
+  char what[96];
+  std::snprintf(what, sizeof what, "rows_add_f32 table %4u x %3u, %u rows read, blocks=%u: rel err %.2e",
+                table_rows, width, looked_up, blocks, worst);
+  report(worst <= 1e-6, what);
+}
+
 int main() {
   // Widths (bf16 elements) whose rows take 16-, 8-, 4- and 2-byte units.
   gather_case<uint4>("gather_rows_u128", gather_rows_u128, 37, 64, 1);
@@ -89,6 +133,8 @@ int main() {
     sum_case<float>("f32", gather_sum_f32, 50, 64, readers, 3, 1e-6);
     sum_case<__nv_bfloat16>("bf16", gather_sum_bf16, 301, 3, readers, 2, 4e-3);
   }
+  rows_add_case(40, 64, 90, 3);
+  rows_add_case(301, 5, 700, 2);
   std::printf("%d failed\n", failures);
   return failures != 0;
 }

@@ -125,6 +125,8 @@ pub(crate) fn all() -> Vec<Case> {
     for &dt in &both {
         cases.push(column_sums(dt, &[300, 70]));
     }
+    cases.push(table_lookup(false));
+    cases.push(table_lookup(true));
     cases.push(rotary(&[2, 5, 3, 8], 4));
     cases.push(rotary(&[2, 5, 3, 10], 3));
     cases.push(relu(&[7, 300]));
@@ -291,6 +293,42 @@ fn row_gather(dt: DType, width: usize) -> Case {
         let ids = Tensor::from_slice(&index, index.len(), t[0].device())?;
         t[0].index_select(&ids, 0)
     }));
+    c.weights = Some(weights);
+    c
+}
+
+/// An embedding table's lookup (a dead row among them), alone (backward adds the rows into
+/// zeros) and tied to a product with the table (whose gradient comes first: the rows are added
+/// into it in place).
+fn table_lookup(tied: bool) -> Case {
+    const ROWS: usize = 50;
+    const WIDTH: usize = 24;
+    let ids: Vec<u32> = vec![3, 7, 3, 49, 0, 7, 3, 12, 12, 8, 1, 3];
+    let dead = 4usize;
+    let mut inputs = vec![random("table", &[ROWS, WIDTH], DType::F32, 1.0, 50)];
+    let n_out = ids.len() * WIDTH + if tied { 3 * ROWS } else { 0 };
+    let mut weights = Rng::new(51).values(n_out, 1.0);
+    weights[dead * WIDTH..(dead + 1) * WIDTH].fill(0.0);
+    if tied {
+        let x = Rng::new(52).values(3 * WIDTH, 1.0);
+        inputs.push(float("x", &[3, WIDTH], DType::F32, x, false));
+    }
+    let run: OpFn = Box::new(move |t| {
+        let lookup = ops::TableLookup::new(&ids, |j| j != dead, t[0].device())?;
+        let y = lookup.apply(&t[0])?.flatten_all()?;
+        if !tied {
+            return Ok(y);
+        }
+        // Backward takes an addition's (and a cat's) last operand first.
+        let z = t[1].matmul(&t[0].t()?)?.flatten_all()?;
+        Tensor::cat(&[y, z], 0)
+    });
+    let op = if tied {
+        "table_lookup_tied"
+    } else {
+        "table_lookup"
+    };
+    let mut c = case(op, DType::F32, &[ROWS, WIDTH], inputs, run);
     c.weights = Some(weights);
     c
 }

@@ -508,26 +508,19 @@ impl Llama {
         self.embed_from(&self.embed_tokens, ids)
     }
 
-    /// A packed stream's embeddings: the padding block's from the detached table. Nothing
-    /// differentiates through padding rows, and the table's backward (candle's `index_add`: a
-    /// thread per column walking every index in order) then walks the real rows' ids only.
+    /// A packed stream's embeddings (the lookup's backward leaves out the padding block's
+    /// rows, which nothing differentiates through).
     fn embed_packed(&self, packed: &Packed) -> Result<Tensor> {
-        let (real, pad) = (packed.real_rows, packed.total - packed.real_rows);
-        if pad == 0 {
-            return self.embed(&packed.ids);
-        }
-        let pad_rows = self.embed_from(
-            &self.embed_tokens.detach(),
-            &packed.ids.narrow(0, real, pad)?,
-        )?;
-        Tensor::cat(
-            &[&self.embed(&packed.ids.narrow(0, 0, real)?)?, &pad_rows],
-            0,
-        )
+        self.scaled(packed.tokens.apply(&self.embed_tokens)?)
     }
 
     fn embed_from(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        let x = table.index_select(ids, 0)?.to_dtype(DType::F32)?;
+        self.scaled(table.index_select(ids, 0)?)
+    }
+
+    /// Table rows as f32, with Gemma's scale.
+    fn scaled(&self, rows: Tensor) -> Result<Tensor> {
+        let x = rows.to_dtype(DType::F32)?;
         match self.config.embed_scale {
             // transformers multiplies by the scale rounded to the weights' dtype (f32 here).
             Some(scale) => x * (scale as f32) as f64,

@@ -8,6 +8,7 @@ use super::load::{AdapterInfo, ModelError, WeightSource};
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{Block, RowsBlock, SideGrads};
+use crate::ops::TableLookup;
 use candle_core::{DType, Result, Tensor, Var};
 use std::sync::Arc;
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -264,14 +265,18 @@ impl Opt {
         }
     }
 
-    /// Token plus position embeddings (and project_in) for flat ids/positions; `shape` is the
-    /// leading shape of the result (`[n, len]` padded, `[total]` packed).
-    fn embed(&self, ids: &Tensor, pos: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    /// Token plus position embeddings (and project_in) from the tokens' table rows and the
+    /// position ids (flat); `shape` is the leading shape of the result (`[n, len]` padded,
+    /// `[total]` packed). `live(j)`: whether row `j` gets a gradient (see `TableLookup`).
+    fn embed(
+        &self,
+        tok: Tensor,
+        pos: &[u32],
+        live: impl Fn(usize) -> bool,
+        shape: &[usize],
+    ) -> Result<Tensor> {
         let cfg = &self.config;
-        let tok = self
-            .embed_tokens
-            .index_select(ids, 0)?
-            .to_dtype(DType::F32)?;
+        let tok = tok.to_dtype(DType::F32)?;
         let mut dims = shape.to_vec();
         dims.push(cfg.word_embed_proj_dim);
         let mut x = tok.reshape(dims.clone())?;
@@ -280,7 +285,9 @@ impl Opt {
         }
         let last = dims.len() - 1;
         dims[last] = cfg.hidden_size;
-        let positions = self.embed_positions.index_select(pos, 0)?;
+        // Position ids repeat across sequences (every padding row has 1): candle's backward
+        // would walk them all in one thread per column.
+        let positions = TableLookup::new(pos, live, tok.device())?.apply(&self.embed_positions)?;
         x + positions.to_dtype(DType::F32)?.reshape(dims)?
     }
 
@@ -319,8 +326,8 @@ impl Opt {
                 pos.push((c * m as i64 - 1 + POSITION_OFFSET as i64) as u32);
             }
         }
-        let pos = Tensor::from_vec(pos, n * l, ids.device())?;
-        let x = self.embed(&ids.flatten_all()?, &pos, &[n, l])?;
+        let tok = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        let x = self.embed(tok, &pos, |_| true, &[n, l])?;
         let heads = self.config.num_heads;
         let bias = attention_bias(rows, None, false, heads, ids.device())?;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
@@ -355,7 +362,6 @@ impl Opt {
     /// sequence's copy of the prompt is read from the chosen one's rows (its gradient then
     /// arrives there too, summed as the two copies' would be).
     pub fn forward_packed(&self, packed: &Packed) -> Result<Tensor> {
-        let dev = packed.ids.device();
         let mut pos = vec![(POSITION_OFFSET - 1) as u32; packed.total];
         for seg in &packed.segments {
             let first = seg.prefix_len() + POSITION_OFFSET;
@@ -365,8 +371,9 @@ impl Opt {
         }
         // The padding block keeps position id 1 (= 0 - 1 + offset), as transformers gives
         // every padding position.
-        let pos = Tensor::from_vec(pos, packed.total, dev)?;
-        let x = self.embed(&packed.ids, &pos, &[packed.total])?;
+        let tok = packed.tokens.apply(&self.embed_tokens)?;
+        let real = packed.real_rows;
+        let x = self.embed(tok, &pos, |j| j < real, &[packed.total])?;
         let cfg = &self.config;
         let heads = (cfg.num_heads, cfg.num_heads, cfg.head_dim);
         let attention = PackedAttention::new(packed, heads, None, None, self.compute)?;

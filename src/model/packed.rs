@@ -6,6 +6,7 @@
 use super::gathered::Gathered;
 use super::layers::{apply_rope, attention, split_heads, AttnBias};
 use super::rope::Rope;
+use crate::ops::TableLookup;
 use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
 use std::ops::Range;
@@ -133,6 +134,9 @@ impl Segment {
 pub struct Packed {
     /// `[total]` u32 token ids.
     pub ids: Tensor,
+    /// The same ids as a lookup of the embedding table whose backward leaves out the padding
+    /// block.
+    pub tokens: TableLookup,
     pub segments: Vec<Segment>,
     pub total: usize,
     /// Rows before the padding block.

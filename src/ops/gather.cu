@@ -56,3 +56,20 @@ GATHER(uint16_t, u16)
 
 GATHER_SUM(float, f32)
 GATHER_SUM(__nv_bfloat16, bf16)
+
+// dst[rows[u], c] += the sum over k in [offsets[u], offsets[u + 1]) of grad[positions[k], c]:
+// an embedding table's gradient, each distinct id's readers summed in order from zero and
+// added once (as torch's embedding backward and autograd's accumulation order them), in place.
+// The rows are distinct, so no two threads write one element, and the order is fixed.
+extern "C" __global__ void rows_add_f32(const float *grad, const uint32_t *rows,
+                                        const uint32_t *offsets, const uint32_t *positions,
+                                        float *dst, uint32_t unique, uint32_t width) {
+  const uint32_t n = unique * width;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+    const uint32_t u = i / width, c = i - u * width;
+    float acc = 0.0f;
+    for (uint32_t k = offsets[u]; k < offsets[u + 1]; ++k)
+      acc += grad[(size_t)positions[k] * width + c];
+    dst[(size_t)rows[u] * width + c] += acc;
+  }
+}

@@ -286,7 +286,7 @@ fn sum_readers<T: Copy + Default + Send + Sync>(
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     use super::Readers;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, PushKernelArg};
@@ -366,7 +366,7 @@ mod cuda {
     }
 
     /// The readers' sum of `grad` (`[grad_rows, width]`, f32 or bf16).
-    pub fn gather_sum(
+    pub(super) fn gather_sum(
         r: &Readers,
         (grad_rows, width): (usize, usize),
         (g, gl): (&CudaStorage, &Layout),

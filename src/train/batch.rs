@@ -3,7 +3,7 @@
 
 use crate::data::TokenizedPair;
 use crate::model::{Packed, Padding, Prefix, Segment};
-use crate::ops::RowGather;
+use crate::ops::{RowGather, TableLookup};
 use candle_core::{Device, Result, Tensor};
 
 pub struct Batch {
@@ -222,6 +222,7 @@ fn pack(
     }
     Ok(PackedBatch {
         layout: Packed {
+            tokens: TableLookup::new(&ids, |j| j < real_rows, device)?,
             ids: Tensor::from_vec(ids, total, device)?,
             segments,
             total,

@@ -665,8 +665,16 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?
                     }
                     Op::CustomOp1(arg, c) => {
-                        if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                            grads.accumulate(arg, &arg_grad)?
+                        // orpo patch: the op may add into the gradient collected so far in
+                        // place (an embedding table's rows into its tied head's gradient).
+                        let added = match grads.sole(arg) {
+                            Some(sum_grad) => c.bwd_add_into(arg, node, &grad, sum_grad)?,
+                            None => false,
+                        };
+                        if !added {
+                            if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
+                                grads.accumulate(arg, &arg_grad)?
+                            }
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
@@ -740,6 +748,12 @@ impl GradStore {
     /// Get the gradient tensor associated with the given tensor
     pub fn get(&self, tensor: &Tensor) -> Option<&Tensor> {
         self.0.get(&tensor.id())
+    }
+
+    /// orpo patch: the gradient of `tensor` if nothing but this store holds it (its tensor nor
+    /// its storage), so that changing it in place is seen by no one else.
+    fn sole(&self, tensor: &Tensor) -> Option<&Tensor> {
+        self.0.get(&tensor.id()).filter(|g| g.is_sole_owner())
     }
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists

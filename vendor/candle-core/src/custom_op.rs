@@ -39,6 +39,19 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// orpo patch: adds this op's gradient for `arg` into `sum_grad`, the gradient `arg` has
+    /// collected so far, in place, returning `true`; `false` (the default) leaves it to
+    /// [`Self::bwd`]. Backward offers it only a `sum_grad` that nothing else holds.
+    fn bwd_add_into(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+        _sum_grad: &Tensor,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 pub trait CustomOp2 {

@@ -69,6 +69,14 @@ impl AsRef<Tensor> for Tensor {
 /// Tensors are reference counted with [`Arc`] so cloning them is cheap.
 pub struct Tensor(Arc<Tensor_>);
 
+impl Tensor {
+    /// orpo patch: whether this handle is the only one on the tensor and the tensor the only
+    /// one on its storage (no clone, view or op result shares it).
+    pub(crate) fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+}
+
 impl std::ops::Deref for Tensor {
     type Target = Tensor_;
 
