@@ -100,6 +100,11 @@ impl TableLookup {
         table.contiguous()?.apply_op1(Lookup(self.clone()))
     }
 
+    /// The `[n]` u32 ids on the lookup's device.
+    pub fn ids(&self) -> &Tensor {
+        &self.ids
+    }
+
     /// How many backward passes so far added into an existing gradient in place (for tests).
     pub fn added_in_place() -> usize {
         ADDED_IN_PLACE.load(Ordering::Relaxed)

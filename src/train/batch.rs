@@ -220,10 +220,11 @@ fn pack(
     for (half, row, w) in weights {
         logit_weights[half * total + row] += w;
     }
+    let tokens = TableLookup::new(&ids, |j| j < real_rows, device)?;
     Ok(PackedBatch {
         layout: Packed {
-            tokens: TableLookup::new(&ids, |j| j < real_rows, device)?,
-            ids: Tensor::from_vec(ids, total, device)?,
+            ids: tokens.ids().clone(),
+            tokens,
             segments,
             total,
             real_rows,
