@@ -324,34 +324,36 @@ fn keep_freed_memory() {
 }
 
 fn check_kernels(device: &str, only: Option<&str>, json: bool) -> Result<(), Error> {
+    use std::io::Write;
     let device = orpo::device::select_device(device)?;
-    let outcomes = orpo::kernel_check::run(&device, only);
+    // Each line as its check ends, so a device fault that ends the process keeps the rest.
+    let outcomes = orpo::kernel_check::run(&device, only, |o| {
+        if json {
+            println!("{}", o.to_json());
+        } else {
+            let verdict = if o.passed() { "PASS" } else { "FAIL" };
+            let errors: Vec<String> = o
+                .errors
+                .iter()
+                .map(|(k, e)| format!("{k} {e:.1e}"))
+                .collect();
+            let detail = o.failure.clone().unwrap_or_else(|| errors.join("  "));
+            println!(
+                "{verdict}  {:<18} {:<5} {:<16} {:<8} tol {:.0e}  {detail}",
+                o.op,
+                format!("{:?}", o.dtype).to_lowercase(),
+                o.shape,
+                o.mode.name(),
+                o.tolerance,
+            );
+        }
+        let _ = std::io::stdout().flush();
+    });
     if outcomes.is_empty() {
         return Err(Error::Input(format!(
             "--only {:?} matches no op",
             only.unwrap_or_default()
         )));
-    }
-    for o in &outcomes {
-        if json {
-            println!("{}", o.to_json());
-            continue;
-        }
-        let verdict = if o.passed() { "PASS" } else { "FAIL" };
-        let errors: Vec<String> = o
-            .errors
-            .iter()
-            .map(|(k, e)| format!("{k} {e:.1e}"))
-            .collect();
-        let detail = o.failure.clone().unwrap_or_else(|| errors.join("  "));
-        println!(
-            "{verdict}  {:<18} {:<5} {:<16} {:<8} tol {:.0e}  {detail}",
-            o.op,
-            format!("{:?}", o.dtype).to_lowercase(),
-            o.shape,
-            o.mode.name(),
-            o.tolerance,
-        );
     }
     let failed = outcomes.iter().filter(|o| !o.passed()).count();
     eprintln!(

@@ -6,7 +6,9 @@ use orpo::kernel_check::{run, Mode};
 
 #[test]
 fn every_kernel_check_passes_on_the_cpu() {
-    let outcomes = run(&Device::Cpu, None);
+    let mut streamed = 0;
+    let outcomes = run(&Device::Cpu, None, |_| streamed += 1);
+    assert_eq!(streamed, outcomes.len());
     let failed: Vec<String> = outcomes
         .iter()
         .filter(|o| !o.passed())
@@ -33,7 +35,7 @@ fn every_kernel_check_passes_on_the_cpu() {
 /// A result off by more than the tolerance fails, and `--only` selects by name.
 #[test]
 fn a_filter_selects_and_the_verdict_reads_the_errors() {
-    let outcomes = run(&Device::Cpu, Some("swiglu"));
+    let outcomes = run(&Device::Cpu, Some("swiglu"), |_| ());
     assert_eq!(outcomes.len(), 8);
     let mut o = outcomes[0].clone();
     assert!(o.passed());
@@ -42,7 +44,7 @@ fn a_filter_selects_and_the_verdict_reads_the_errors() {
     o.errors.pop();
     o.errors.push(("d_extra".into(), f64::NAN));
     assert!(!o.passed() && o.worst().is_nan());
-    assert!(run(&Device::Cpu, Some("no-such-op")).is_empty());
+    assert!(run(&Device::Cpu, Some("no-such-op"), |_| ()).is_empty());
 }
 
 /// The command: a table line per check and exit 0 when all pass; a filter matching nothing is

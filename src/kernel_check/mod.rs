@@ -90,8 +90,10 @@ fn finite_or_null(e: f64) -> Option<f64> {
 }
 
 /// Runs every check whose op name contains `only` (all when `None`) on `device`, with the
-/// project's kernels on and then off. The kernel switches are restored afterwards.
-pub fn run(device: &Device, only: Option<&str>) -> Vec<Outcome> {
+/// project's kernels on and then off, handing each outcome to `done` as it comes (a device
+/// fault that ends the process leaves the ones before it reported). The kernel switches are
+/// restored afterwards.
+pub fn run(device: &Device, only: Option<&str>, mut done: impl FnMut(&Outcome)) -> Vec<Outcome> {
     let saved = (crate::ops::cuda_kernels(), crate::ops::fused_kernels());
     let mut out = Vec::new();
     for mode in [Mode::Kernels, Mode::Plain] {
@@ -100,7 +102,9 @@ pub fn run(device: &Device, only: Option<&str>) -> Vec<Outcome> {
             if only.is_some_and(|o| !case.op.contains(o)) {
                 continue;
             }
-            out.push(check(&case, device, mode));
+            let outcome = check(&case, device, mode);
+            done(&outcome);
+            out.push(outcome);
         }
     }
     crate::ops::set_cuda_kernels(saved.0);
