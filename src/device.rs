@@ -1,11 +1,17 @@
-//! `model.device`: cpu, cuda, cuda:N or auto.
+//! `model.device` (or a command's `--device`): cpu, cuda, cuda:N or auto.
 
 use crate::Error;
 use candle_core::Device;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+/// The device `model.device` names.
 pub fn select_device(spec: &str) -> Result<Device, Error> {
-    let device = open_device(spec)?;
+    select_device_for("model.device", spec)
+}
+
+/// The device `spec` names, errors naming `what` (the config key or flag it came from).
+pub fn select_device_for(what: &str, spec: &str) -> Result<Device, Error> {
+    let device = open_device(what, spec)?;
     if device.is_cuda() {
         let dropped = drop_stream_events(&device);
         let kept = crate::memory::keep_freed_device_memory(&device);
@@ -48,10 +54,10 @@ fn drop_stream_events(device: &Device) -> bool {
     }
 }
 
-fn open_device(spec: &str) -> Result<Device, Error> {
+fn open_device(what: &str, spec: &str) -> Result<Device, Error> {
     let bad = || {
         Error::Input(format!(
-            "model.device: `{spec}` is not one of cpu, cuda, cuda:N, auto"
+            "{what}: `{spec}` is not one of cpu, cuda, cuda:N, auto"
         ))
     };
     match spec {
@@ -80,11 +86,10 @@ fn open_device(spec: &str) -> Result<Device, Error> {
             };
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::Input(format!(
-                    "model.device = \"{spec}\", but this binary was built without CUDA (rebuild with --features cuda)"
+                    "{what} = \"{spec}\", but this binary was built without CUDA (rebuild with --features cuda)"
                 )));
             }
-            Device::new_cuda(ordinal)
-                .map_err(|e| Error::Input(format!("model.device = \"{spec}\": {e}")))
+            Device::new_cuda(ordinal).map_err(|e| Error::Input(format!("{what} = \"{spec}\": {e}")))
         }
         _ => Err(bad()),
     }

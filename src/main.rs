@@ -325,7 +325,7 @@ fn keep_freed_memory() {
 
 fn check_kernels(device: &str, only: Option<&str>, json: bool) -> Result<(), Error> {
     use std::io::Write;
-    let device = orpo::device::select_device(device)?;
+    let device = orpo::device::select_device_for("--device", device)?;
     // Each line as its check ends, so a device fault that ends the process keeps the rest.
     let outcomes = orpo::kernel_check::run(&device, only, |o| {
         if json {

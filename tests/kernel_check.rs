@@ -47,8 +47,8 @@ fn a_filter_selects_and_the_verdict_reads_the_errors() {
     assert!(run(&Device::Cpu, Some("no-such-op"), |_| ()).is_empty());
 }
 
-/// The command: a table line per check and exit 0 when all pass; a filter matching nothing is
-/// an input error (exit 2).
+/// The command: a table line per check and exit 0 when all pass; a filter matching nothing, or
+/// a device that does not exist, is an input error (exit 2) naming the flag.
 #[test]
 fn the_command_reports_each_check_and_exits_by_the_verdict() {
     let orpo = env!("CARGO_BIN_EXE_orpo");
@@ -91,4 +91,11 @@ fn the_command_reports_each_check_and_exits_by_the_verdict() {
         .unwrap();
     assert_eq!(none.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&none.stderr).contains("matches no op"));
+    let bad = std::process::Command::new(orpo)
+        .args(["check-kernels", "--device", "tpu"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("--device: `tpu` is not one of"), "{msg}");
 }
