@@ -132,10 +132,8 @@ impl Segment {
 /// every segment's padding rows. Nothing differentiates through padding rows (the loss reads
 /// real rows only; the logit metrics are detached), so the models run them without a graph.
 pub struct Packed {
-    /// `[total]` u32 token ids.
-    pub ids: Tensor,
-    /// The same ids as a lookup of the embedding table whose backward leaves out the padding
-    /// block.
+    /// The `[total]` u32 token ids (`tokens.ids()`), as a lookup of the embedding table whose
+    /// backward leaves out the padding block.
     pub tokens: TableLookup,
     pub segments: Vec<Segment>,
     pub total: usize,
@@ -193,7 +191,7 @@ impl PackedAttention {
         rope: Option<&Rope>,
         compute: DType,
     ) -> Result<Self> {
-        let dev = packed.ids.device();
+        let dev = packed.tokens.ids().device();
         let plan = if crate::ops::fused_kernels() && dev.is_cpu() {
             let mut real_bias = Vec::with_capacity(packed.segments.len());
             let mut pad_bias = Vec::with_capacity(packed.segments.len());

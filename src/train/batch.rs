@@ -223,7 +223,6 @@ fn pack(
     let tokens = TableLookup::new(&ids, |j| j < real_rows, device)?;
     Ok(PackedBatch {
         layout: Packed {
-            ids: tokens.ids().clone(),
             tokens,
             segments,
             total,
@@ -284,7 +283,7 @@ mod tests {
             // Real rows: 5 + 3 + (4 - 3 shared) + (8 - 1 shared).
             assert_eq!(l.real_rows, 5 + 3 + 1 + 7);
             assert_eq!(l.total, l.real_rows + want.iter().sum::<usize>());
-            let ids: Vec<u32> = l.ids.to_vec1().unwrap();
+            let ids: Vec<u32> = l.tokens.ids().to_vec1().unwrap();
             assert!(ids[l.real_rows..].iter().all(|&t| t == pad));
             assert!(ids[..l.real_rows].iter().all(|&t| t != pad));
             let offsets: Vec<usize> = l.segments.iter().map(|s| s.pad_offset).collect();
