@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod hub;
 pub mod kernel_check;
 pub mod memory;
 pub mod merge;

@@ -337,12 +337,6 @@ fn subset_note(src: &DataSource) -> String {
     }
 }
 
-fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| v == "1" || v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("yes"))
-        .unwrap_or(false)
-}
-
 /// The snapshot folder of a cached dataset repo: `refs/REVISION` holds the commit, or the
 /// revision is itself a commit with a snapshot.
 fn cached_snapshot(id: &str, revision: &str) -> Option<PathBuf> {
@@ -369,7 +363,7 @@ fn resolve_hub(src: &DataSource) -> Result<ResolvedSource, DataError> {
         location: id.to_string(),
         msg,
     };
-    let (rels, fetch): (Vec<String>, Fetch<'_>) = if hub_offline() {
+    let (rels, fetch): (Vec<String>, Fetch<'_>) = if crate::hub::offline() {
         let snap = cached_snapshot(id, revision).ok_or_else(|| {
                 err(format!(
                     "hub dataset (revision {revision}) is not in the hub cache {} and HF_HUB_OFFLINE is set",
@@ -380,13 +374,7 @@ fn resolve_hub(src: &DataSource) -> Result<ResolvedSource, DataError> {
         let fetch = move |rel: &str| Ok(snap.join(rel));
         (rels, Box::new(fetch))
     } else {
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            builder = builder.with_token(Some(token));
-        }
-        let api = builder
-            .build()
-            .map_err(|e| err(format!("hub client: {e}")))?;
+        let api = crate::hub::api(false).map_err(|e| err(format!("hub client: {e}")))?;
         let repo = api.repo(hf_hub::Repo::with_revision(
             id.to_string(),
             hf_hub::RepoType::Dataset,

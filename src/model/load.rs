@@ -40,7 +40,7 @@ const HUB_FILES: &[&str] = &[
 ];
 
 /// A local folder is used as is; anything else that looks like `org/name` is fetched through
-/// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only).
+/// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only, see `crate::hub`).
 pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
     let local = Path::new(id);
     if local.is_dir() {
@@ -55,9 +55,7 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
     }
     let revision = revision.unwrap_or("main").to_string();
     let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision);
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
-        .unwrap_or(false);
+    let offline = crate::hub::offline();
     let hub_err = |msg: String| ModelError::Hub {
         id: id.to_string(),
         msg,
@@ -80,11 +78,7 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
             }
         }
     } else {
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_env();
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            builder = builder.with_token(Some(token));
-        }
-        let api = builder.build().map_err(|e| hub_err(e.to_string()))?;
+        let api = crate::hub::api(true).map_err(|e| hub_err(e.to_string()))?;
         let api = api.repo(repo);
         config_path = Some(
             api.get("config.json")
