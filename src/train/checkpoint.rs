@@ -49,7 +49,13 @@ fn tmp_sibling(path: &Path) -> PathBuf {
 
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), SaveError> {
     let tmp = tmp_sibling(path);
+    // safetensors writes through a private temporary file (mode 0600); the file gets the
+    // permissions of one created here instead, which the umask decides, as for the JSON files.
+    let probe = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let permissions = probe.metadata().map_err(io(&tmp))?.permissions();
+    drop(probe);
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| other(&tmp, e))?;
+    std::fs::set_permissions(&tmp, permissions).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
