@@ -1,6 +1,7 @@
 //! ORPO metrics on held-out pairs, computed as TRL's evaluation loop does: micro-batches of
 //! `batch_size` in file order; `eval_loss` weighted by pairs, every other metric a plain mean
-//! over micro-batches.
+//! over micro-batches. The output adds TRL's timing keys (`eval_runtime`,
+//! `eval_samples_per_second`, `eval_steps_per_second`) and the number of pairs.
 
 use crate::data::Dataset;
 use crate::model::CausalLm;
@@ -9,12 +10,17 @@ use crate::train::forward::forward;
 use crate::train::loss::{Metrics, METRIC_NAMES};
 use crate::Error;
 use serde_json::{json, Map, Value};
+use std::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct EvalMetrics {
     pub pairs: usize,
     pub loss: f64,
     pub metrics: Metrics,
+    /// Micro-batches (TRL's evaluation steps).
+    pub batches: usize,
+    /// Wall seconds the evaluation took.
+    pub runtime_s: f64,
 }
 
 pub fn evaluate(
@@ -25,6 +31,7 @@ pub fn evaluate(
     pad_id: u32,
     nll_on_prompt: bool,
 ) -> Result<EvalMetrics, Error> {
+    let start = Instant::now();
     let device = model.lm_head().device().clone();
     // No graph: nothing is differentiated here.
     let model = &model.detached();
@@ -54,6 +61,8 @@ pub fn evaluate(
         pairs: n,
         loss: weighted_loss / n.max(1) as f64,
         metrics: Metrics::mean(&per_batch),
+        batches: per_batch.len(),
+        runtime_s: start.elapsed().as_secs_f64(),
     })
 }
 
@@ -66,7 +75,38 @@ impl EvalMetrics {
             m.insert(format!("eval_{name}"), json!(v));
         }
         m.insert("eval_pairs".into(), json!(self.pairs));
+        // Unrounded (transformers rounds them), so that `from_json` recovers the batches.
+        let rt = self.runtime_s.max(1e-9);
+        m.insert("eval_runtime".into(), json!(self.runtime_s));
+        let per_s = |n: usize| json!(n as f64 / rt);
+        m.insert("eval_samples_per_second".into(), per_s(self.pairs));
+        m.insert("eval_steps_per_second".into(), per_s(self.batches));
         Value::Object(m)
+    }
+
+    /// Reads what [`EvalMetrics::to_json`] wrote (other keys are ignored).
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let loss = f("eval_loss")?;
+        // The unweighted mean of the micro-batch losses is not written; the weighted one
+        // stands in for it.
+        let mut metrics = Metrics {
+            loss,
+            ..Metrics::default()
+        };
+        for (slot, name) in metrics.values.iter_mut().zip(METRIC_NAMES) {
+            *slot = f(&format!("eval_{name}"))?;
+        }
+        let runtime_s = f("eval_runtime").unwrap_or(0.0);
+        let batches =
+            f("eval_steps_per_second").map_or(0, |r| (r * runtime_s.max(1e-9)).round() as usize);
+        Some(EvalMetrics {
+            pairs: v.get("eval_pairs")?.as_u64()? as usize,
+            loss,
+            metrics,
+            batches,
+            runtime_s,
+        })
     }
 
     pub fn render(&self) -> String {

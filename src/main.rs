@@ -2,11 +2,12 @@
 
 use clap::{Args, Parser, Subcommand};
 use orpo::config::Config;
-use orpo::data::{load_dataset, Tokenizer};
+use orpo::data::Tokenizer;
 use orpo::train::load_trainer;
 use orpo::train::resume::latest_checkpoint;
+use orpo::train::run_dir::{clear_run, holds_run};
 use orpo::Error;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -53,10 +54,11 @@ enum Command {
         /// Base model of an adapter (default: adapter_config.json's base_model_name_or_path)
         #[arg(long)]
         base: Option<String>,
-        /// Preference pairs (JSON Lines or JSON array)
+        /// Preference pairs: a file, folder, glob or hub dataset id, read with the config's
+        /// columns, subset and revision (the split: data.eval_split with a config, else train)
         #[arg(long)]
         data: PathBuf,
-        /// Optional config for batch size, beta and lengths
+        /// Optional config for batch size, beta, lengths and the data's columns
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
@@ -115,19 +117,6 @@ fn init_logging() {
         .init();
 }
 
-fn holds_run(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name == "metrics.jsonl"
-            || name == "model.safetensors"
-            || name == "model.safetensors.index.json"
-            || name.starts_with("checkpoint-")
-    })
-}
-
 fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> Result<(), Error> {
     let config = Config::load(&args.config, &args.set)?;
     let out = PathBuf::from(&config.train.output_dir);
@@ -164,6 +153,11 @@ fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> 
         let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
     }
     let mut trainer = load_trainer(&config)?;
+    // Only once everything is validated: a refused run leaves the old one whole.
+    if overwrite && holds_run(&out) {
+        let n = clear_run(&out)?;
+        tracing::info!(output_dir = %out.display(), entries = n, "removed the previous run (--overwrite)");
+    }
     let summary = trainer.run(resume_from.as_deref(), &stop)?;
     if let Some(last) = summary.log.last() {
         eprintln!(
@@ -180,6 +174,12 @@ fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> 
     Ok(())
 }
 
+/// Whether a `--set` argument sets `key`.
+fn overrides(set: &[String], key: &str) -> bool {
+    set.iter()
+        .any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+}
+
 fn eval(
     model: String,
     base: Option<String>,
@@ -188,7 +188,10 @@ fn eval(
     set: Vec<String>,
     as_json: bool,
 ) -> Result<(), Error> {
-    let explicit_length = config.is_some() || set.iter().any(|s| s.starts_with("data.max_length="));
+    let explicit_length = config.is_some() || overrides(&set, "data.max_length");
+    // Without a config, a folder or hub id is read from its `train` split (everything, for a
+    // folder whose files name no split), unless --set names one.
+    let explicit_split = config.is_some() || overrides(&set, "data.eval_split");
     let mut config = match config {
         Some(path) => Config::load(&path, &set)?,
         None => Config::with_model(model.clone()).with_overrides("(command line)", &set)?,
@@ -209,12 +212,18 @@ fn eval(
             config.data.max_prompt_length = config.data.max_prompt_length.min(limit);
         }
     }
-    orpo::train::check_length(&config, loaded.model.config())?;
     let opts = orpo::data::DataOptions {
         max_length: config.data.max_length,
         max_prompt_length: config.data.max_prompt_length,
     };
-    let ds = load_dataset(&data, &loaded.tokenizer, &opts)?;
+    let split = if explicit_split {
+        config.data.eval_split.clone()
+    } else {
+        "train".to_string()
+    };
+    let src = config.data.source_at(&data.display().to_string(), &split);
+    let ds = orpo::data::load_source(&src, &loaded.tokenizer, &opts)?;
+    orpo::train::check_length(&config, loaded.model.config(), &[&ds])?;
     if ds.pairs.is_empty() {
         return Err(Error::Input(format!("{}: no usable pairs", data.display())));
     }

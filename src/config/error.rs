@@ -54,6 +54,11 @@ pub enum ConfigError {
          section of the config or pass --set data.train=FILE"
     )]
     MissingTrainData,
+    #[error(
+        "train.eval_every = {every} evaluates held-out pairs during training, but data.eval is \
+         not set: set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE"
+    )]
+    EvalWithoutData { every: usize },
 }
 
 impl ConfigError {
@@ -67,6 +72,7 @@ impl ConfigError {
             | ConfigError::MissingKey { key, .. } => Some(key),
             ConfigError::BadOverride { arg, .. } => Some(arg),
             ConfigError::MissingTrainData => Some("data.train"),
+            ConfigError::EvalWithoutData { .. } => Some("train.eval_every"),
             ConfigError::Io { .. } | ConfigError::Parse { .. } => None,
         }
     }

@@ -107,12 +107,18 @@ impl Config {
         })
     }
 
-    /// Extra requirements of `orpo train`: `data.train` must be set.
+    /// Extra requirements of `orpo train`: `data.train` must be set, and `data.eval` too when
+    /// `train.eval_every` asks for evaluations.
     pub fn validate_for_train(&self) -> Result<(), ConfigError> {
-        match &self.data.train {
-            Some(t) if !t.trim().is_empty() => Ok(()),
-            _ => Err(ConfigError::MissingTrainData),
+        if !matches!(&self.data.train, Some(t) if !t.trim().is_empty()) {
+            return Err(ConfigError::MissingTrainData);
         }
+        if self.train.eval_every > 0 && self.data.eval.is_none() {
+            return Err(ConfigError::EvalWithoutData {
+                every: self.train.eval_every,
+            });
+        }
+        Ok(())
     }
 
     /// The configuration as TOML (all keys, defaults included; `None` options omitted), for

@@ -108,6 +108,21 @@ impl Config {
                 return Err(o.invalid(key, format!("must be in [0, 1), found {v}")));
             }
         }
+        if !(0.0..=1.0).contains(&p.warmup_ratio) {
+            return Err(o.invalid(
+                "optim.warmup_ratio",
+                format!("must be in [0, 1], found {}", p.warmup_ratio),
+            ));
+        }
+        if p.warmup_ratio > 0.0 && p.warmup_steps > 0 {
+            return Err(o.invalid(
+                "optim.warmup_ratio",
+                format!(
+                    "optim.warmup_steps = {} is set too; use one of them (warmup_steps = 0 for the ratio)",
+                    p.warmup_steps
+                ),
+            ));
+        }
         if !p.adam_epsilon.is_finite() || p.adam_epsilon < 0.0 {
             return Err(o.invalid(
                 "optim.adam_epsilon",

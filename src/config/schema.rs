@@ -48,6 +48,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("lr", Float),
                 ("scheduler", Scheduler),
                 ("warmup_steps", UInt),
+                ("warmup_ratio", Float),
                 ("weight_decay", Float),
                 ("max_grad_norm", Float),
                 ("adam_beta1", Float),
@@ -67,6 +68,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("log_every", UInt),
                 ("save_every", UInt),
                 ("save_total_limit", UInt),
+                ("eval_every", UInt),
                 ("output_dir", Str),
                 ("gradient_checkpointing", Bool),
             ],
@@ -150,7 +152,8 @@ pub(super) fn suggest_key(section: Option<&str>, key: &str) -> Option<String> {
         section_keys(s)?
             .iter()
             .map(|(k, _)| (key_distance(key, k), *k))
-            .min()
+            // Ties go to the key listed first (`warmup`: `warmup_steps`, not `warmup_ratio`).
+            .min_by_key(|(d, _)| *d)
             .filter(|(d, _)| close_enough(*d, key.len()))
             .map(|(d, k)| (d, format!("{s}.{k}")))
     });

@@ -80,9 +80,14 @@ impl DataConfig {
         } else {
             (self.train.as_ref()?, &self.train_split)
         };
-        Some(crate::data::DataSource {
-            location: location.clone(),
-            split: split.clone(),
+        Some(self.source_at(location, split))
+    }
+
+    /// A source at `location` read with this section's subset, revision and columns.
+    pub fn source_at(&self, location: &str, split: &str) -> crate::data::DataSource {
+        crate::data::DataSource {
+            location: location.to_string(),
+            split: split.to_string(),
             subset: self.subset.clone(),
             revision: self.revision.clone(),
             columns: crate::data::ColumnMap {
@@ -90,7 +95,7 @@ impl DataConfig {
                 chosen: self.chosen_column.clone(),
                 rejected: self.rejected_column.clone(),
             },
-        })
+        }
     }
 }
 
@@ -117,6 +122,9 @@ pub struct OptimConfig {
     pub lr: f64,
     pub scheduler: Scheduler,
     pub warmup_steps: usize,
+    /// With `warmup_steps = 0`: warm up over `ceil(total steps * ratio)` steps, as
+    /// transformers' `warmup_ratio` does.
+    pub warmup_ratio: f64,
     pub weight_decay: f64,
     /// 0 disables clipping.
     pub max_grad_norm: f64,
@@ -131,6 +139,7 @@ impl Default for OptimConfig {
             lr: 8e-6,
             scheduler: Scheduler::Linear,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             adam_beta1: 0.9,
@@ -157,6 +166,8 @@ pub struct TrainConfig {
     /// Keep at most this many `checkpoint-*` folders (None: keep all).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_total_limit: Option<usize>,
+    /// Evaluate on `data.eval` every this many optimizer steps (0: only at the end).
+    pub eval_every: usize,
     pub output_dir: String,
     pub gradient_checkpointing: bool,
 }
@@ -173,6 +184,7 @@ impl Default for TrainConfig {
             log_every: 10,
             save_every: 0,
             save_total_limit: None,
+            eval_every: 0,
             output_dir: "runs/example".into(),
             gradient_checkpointing: false,
         }

@@ -48,7 +48,11 @@ pub struct ResumeState {
     pub total_tokens: usize,
     pub pending_tokens: usize,
     pub pending_metrics: Vec<Value>,
+    /// Step losses since the last logged line.
+    pub pending_losses: Vec<Value>,
     pub log_history: Vec<Value>,
+    /// Evaluations during training (absent in checkpoints of runs without them).
+    pub eval_history: Vec<Value>,
     pub optimizer: HashMap<String, Tensor>,
 }
 
@@ -87,7 +91,15 @@ impl ResumeState {
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
+            pending_losses: state["pending_losses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
             log_history: state["log_history"].as_array().cloned().unwrap_or_default(),
+            eval_history: state["eval_history"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
             optimizer,
         })
     }

@@ -63,6 +63,16 @@ pub fn lr_factor(kind: Scheduler, step: usize, warmup: usize, total_steps: usize
     }
 }
 
+/// `num_warmup_steps` for a run of `total_steps`: `warmup_steps` when set, else
+/// `ceil(total_steps * warmup_ratio)`, as transformers' `TrainingArguments.get_warmup_steps`.
+pub fn warmup_steps(warmup_steps: usize, warmup_ratio: f64, total_steps: usize) -> usize {
+    if warmup_steps > 0 {
+        warmup_steps
+    } else {
+        (total_steps as f64 * warmup_ratio).ceil() as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +103,18 @@ mod tests {
         close(lr_factor(Scheduler::Cosine, 1, 1, 10), 1.0);
         close(lr_factor(Scheduler::InverseSqrt, 1, 1, 10), 1.0);
         close(lr_factor(Scheduler::ConstantWithWarmup, 1, 1, 10), 1.0);
+    }
+
+    #[test]
+    fn warmup_ratio_rounds_up_and_yields_to_steps() {
+        assert_eq!(warmup_steps(0, 0.0, 100), 0);
+        assert_eq!(warmup_steps(0, 0.1, 100), 10);
+        assert_eq!(warmup_steps(0, 0.15, 10), 2);
+        // 100 * 0.07 is 7.000000000000001 in f64, so transformers warms up for 8 steps.
+        assert_eq!(warmup_steps(0, 0.07, 100), 8);
+        assert_eq!(warmup_steps(0, 0.01, 7), 1);
+        assert_eq!(warmup_steps(0, 1.0, 7), 7);
+        assert_eq!(warmup_steps(3, 0.5, 100), 3);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::checkpoint::BaseModel;
 use super::trainer::Trainer;
 use crate::config::{Config, Dtype, LoraTargets};
-use crate::data::{load_source, DataOptions, Tokenizer};
+use crate::data::{load_source, DataOptions, Dataset, Tokenizer};
 use crate::device::select_device;
 use crate::model::lora::{self, AdapterInit, LoraSpec, Targets};
 use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig};
@@ -104,22 +104,37 @@ pub fn data_options(config: &Config) -> DataOptions {
     }
 }
 
-/// `data.max_length` must fit the model's position table (OPT's is learned and finite).
-pub fn check_length(config: &Config, model: &ModelConfig) -> Result<(), Error> {
-    match model.max_sequence_length() {
-        Some(limit) if config.data.max_length > limit => Err(Error::Input(format!(
-            "data.max_length = {} exceeds the model's max_position_embeddings ({limit}); set data.max_length <= {limit}",
-            config.data.max_length
-        ))),
-        _ => Ok(()),
+/// Every sequence must fit the model's position table (OPT's is learned and finite). A
+/// `data.max_length` above it is fine while no pair is that long, as in TRL.
+pub fn check_length(
+    config: &Config,
+    model: &ModelConfig,
+    datasets: &[&Dataset],
+) -> Result<(), Error> {
+    let Some(limit) = model.max_sequence_length() else {
+        return Ok(());
+    };
+    for ds in datasets {
+        let too_long = ds.pairs.iter().zip(&ds.locations).find_map(|(p, loc)| {
+            let len = p.chosen_input_ids.len().max(p.rejected_input_ids.len());
+            (len > limit).then_some((loc, len))
+        });
+        if let Some((loc, len)) = too_long {
+            return Err(Error::Input(format!(
+                "{loc}: a sequence of {len} tokens exceeds the model's max_position_embeddings \
+                 ({limit}); set data.max_length <= {limit} (it is {})",
+                config.data.max_length
+            )));
+        }
     }
+    Ok(())
 }
 
 pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     config.validate_for_train()?;
     let device = select_device(&config.model.device)?;
     let dir = resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
-    check_length(config, &ModelConfig::from_dir(&dir)?)?;
+    let model_config = ModelConfig::from_dir(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let opts = data_options(config);
     let train_src = config
@@ -142,6 +157,11 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         }
         None => None,
     };
+    check_length(
+        config,
+        &model_config,
+        &[&train].into_iter().chain(&eval).collect::<Vec<_>>(),
+    )?;
     let mut model = CausalLm::load_with(&dir, &device, load_options(config))?;
     if config.train.gradient_checkpointing {
         model.enable_recompute();

@@ -41,7 +41,7 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 }
 
 /// Whether `name` is a shard file of the form `model-00001-of-00003.safetensors`.
-fn is_shard_name(name: &str) -> bool {
+pub(super) fn is_shard_name(name: &str) -> bool {
     let Some(mid) = name
         .strip_prefix("model-")
         .and_then(|s| s.strip_suffix(".safetensors"))

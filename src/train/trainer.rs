@@ -3,11 +3,12 @@
 use super::batch::collate;
 use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic, BaseModel};
 use super::forward::{forward, Readout};
-use super::loss::{Metrics, METRIC_NAMES};
+use super::log::{EvalEntry, JsonLines, LogEntry};
+use super::loss::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
 use super::resume::{plan_fingerprint, ResumeState};
-use super::schedule::lr_factor;
+use super::schedule::{lr_factor, warmup_steps};
 use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
 use crate::eval::{evaluate, EvalMetrics};
@@ -15,61 +16,11 @@ use crate::memory::{MemoryMeter, Usage};
 use crate::model::CausalLm;
 use crate::Error;
 use candle_core::{Device, Tensor};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone)]
-pub struct LogEntry {
-    pub step: usize,
-    pub epoch: f64,
-    pub learning_rate: f64,
-    pub grad_norm: f64,
-    pub metrics: Metrics,
-    pub tokens: usize,
-    pub elapsed_s: f64,
-}
-
-impl LogEntry {
-    pub fn from_json(v: &Value) -> Option<Self> {
-        let f = |k: &str| v.get(k).and_then(Value::as_f64);
-        let mut metrics = Metrics {
-            loss: f("loss")?,
-            ..Metrics::default()
-        };
-        for (slot, name) in metrics.values.iter_mut().zip(METRIC_NAMES) {
-            *slot = f(name)?;
-        }
-        Some(LogEntry {
-            step: v.get("step")?.as_u64()? as usize,
-            epoch: f("epoch")?,
-            learning_rate: f("learning_rate")?,
-            grad_norm: f("grad_norm")?,
-            metrics,
-            tokens: v.get("tokens")?.as_u64()? as usize,
-            elapsed_s: f("elapsed_s")?,
-        })
-    }
-
-    pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("step".into(), json!(self.step));
-        m.insert("epoch".into(), json!(self.epoch));
-        m.insert("loss".into(), json!(self.metrics.loss));
-        m.insert("grad_norm".into(), json!(self.grad_norm));
-        m.insert("learning_rate".into(), json!(self.learning_rate));
-        for (name, v) in METRIC_NAMES.iter().zip(self.metrics.values) {
-            m.insert((*name).into(), json!(v));
-        }
-        m.insert("tokens".into(), json!(self.tokens));
-        m.insert("elapsed_s".into(), json!(self.elapsed_s));
-        Value::Object(m)
-    }
-}
 
 /// Everything a run needs, loaded and validated before the first step.
 pub struct Trainer {
@@ -239,22 +190,32 @@ impl Trainer {
             st = RunState::from_resume(&r)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
         }
+        let warmup = warmup_steps(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total);
+        if warmup > 0 && cfg.optim.scheduler == crate::config::Scheduler::Constant {
+            tracing::warn!(
+                "optim.scheduler = \"constant\" ignores the warmup, as transformers does; \
+                 use \"constant_with_warmup\" to warm up"
+            );
+        }
         tracing::info!(
             pairs = self.train.pairs.len(),
             steps = total,
             steps_per_epoch = plan.steps_per_epoch,
+            warmup_steps = warmup,
             params = self.model.params().num_elements(),
             "training"
         );
-        let metrics_path = out_dir.join("metrics.jsonl");
-        // On resume the file is rewritten from the checkpoint's history, dropping lines logged
-        // after the checkpoint by the interrupted run.
-        let mut metrics_file =
-            std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-        for entry in &st.log {
-            writeln!(metrics_file, "{}", entry.to_json())
-                .map_err(|e| Error::io(&metrics_path, e))?;
-        }
+        let mut metrics_file = JsonLines::create(
+            &out_dir.join("metrics.jsonl"),
+            st.log.iter().map(LogEntry::to_json),
+        )?;
+        let mut eval_file = match self.eval {
+            Some(_) => Some(JsonLines::create(
+                &out_dir.join("eval_metrics.jsonl"),
+                st.evals.iter().map(EvalEntry::to_json),
+            )?),
+            None => None,
+        };
         let bar = progress_bar(total as u64);
         bar.set_position(st.step as u64);
         let start = Instant::now();
@@ -283,8 +244,7 @@ impl Trainer {
                     what,
                 });
             }
-            let lr =
-                cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, cfg.optim.warmup_steps, total);
+            let lr = cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, warmup, total);
             let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
             let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
@@ -300,6 +260,7 @@ impl Trainer {
                 "optimizer step"
             );
             st.pending.extend(micro_metrics);
+            st.pending_losses.push(step_metrics.loss);
             st.pending_tokens += tokens;
             st.total_tokens += tokens;
             let elapsed = elapsed_before + start.elapsed().as_secs_f64();
@@ -321,18 +282,23 @@ impl Trainer {
                     epoch,
                     learning_rate: lr,
                     grad_norm: norm,
-                    metrics: Metrics::mean(&st.pending),
+                    metrics: st.pending_mean(),
                     tokens: st.pending_tokens,
                     elapsed_s: elapsed,
                 };
-                writeln!(metrics_file, "{}", entry.to_json())
-                    .map_err(|e| Error::io(&metrics_path, e))?;
-                metrics_file
-                    .flush()
-                    .map_err(|e| Error::io(&metrics_path, e))?;
+                metrics_file.push(&entry.to_json())?;
                 st.log.push(entry);
                 st.pending.clear();
+                st.pending_losses.clear();
                 st.pending_tokens = 0;
+            }
+            // The last step's evaluation is the final one, below.
+            let eval_every = cfg.train.eval_every;
+            let due = eval_every > 0 && done % eval_every == 0 && done < total;
+            if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
+                let entry = self.evaluate_at(data, done, epoch)?;
+                file.push(&entry.to_json())?;
+                st.evals.push(entry);
             }
             let save_every = cfg.train.save_every;
             let interrupted = stop.load(Ordering::SeqCst);
@@ -358,33 +324,51 @@ impl Trainer {
             "done"
         );
         save_model(&out_dir, &self.model, &self.tokenizer, &self.base)?;
-        let plot = out_dir.join("training_curves.svg");
-        write_atomic(&plot, super::plot::training_curves(&st.log).as_bytes())?;
-        let eval = match &self.eval {
-            Some(ds) => {
-                let m = evaluate(
-                    &self.model,
-                    ds,
-                    cfg.train.batch_size,
-                    cfg.orpo.beta,
-                    self.tokenizer.pad_id(),
-                    cfg.orpo.nll_on_prompt,
-                )?;
-                let mut v = m.to_json();
-                if let Some(obj) = v.as_object_mut() {
-                    obj.insert("epoch".into(), json!(epoch));
-                }
+        let eval = match (&self.eval, eval_file.as_mut()) {
+            (Some(data), Some(file)) => {
+                let entry = self.evaluate_at(data, total, epoch)?;
+                file.push(&entry.to_json())?;
                 let path = out_dir.join("eval_metrics.json");
-                let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                let text = serde_json::to_string_pretty(&entry.to_json()).unwrap_or_default();
                 write_atomic(&path, text.as_bytes())?;
-                Some(m)
+                st.evals.push(entry.clone());
+                Some(entry.metrics)
             }
-            None => None,
+            _ => None,
         };
+        let plot = out_dir.join("training_curves.svg");
+        let svg = super::plot::training_curves(&st.log, &st.evals);
+        write_atomic(&plot, svg.as_bytes())?;
         Ok(TrainSummary {
             log: st.log,
             eval,
             output_dir: out_dir,
+        })
+    }
+
+    /// The held-out metrics of the weights after optimizer step `step`.
+    fn evaluate_at(&self, data: &Dataset, step: usize, epoch: f64) -> Result<EvalEntry, Error> {
+        let cfg = &self.config;
+        let t0 = Instant::now();
+        let metrics = evaluate(
+            &self.model,
+            data,
+            cfg.train.batch_size,
+            cfg.orpo.beta,
+            self.tokenizer.pad_id(),
+            cfg.orpo.nll_on_prompt,
+        )?;
+        tracing::info!(
+            step,
+            eval_loss = format!("{:.4}", metrics.loss),
+            accuracy = format!("{:.3}", metrics.metrics.rewards_accuracy()),
+            seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+            "evaluation"
+        );
+        Ok(EvalEntry {
+            step,
+            epoch,
+            metrics,
         })
     }
 
@@ -403,8 +387,10 @@ impl Trainer {
             "total_tokens": st.total_tokens,
             "pending_tokens": st.pending_tokens,
             "pending_metrics": st.pending.iter().map(Metrics::to_vec).collect::<Vec<_>>(),
+            "pending_losses": st.pending_losses,
             "plan": plan_fingerprint(plan),
             "log_history": st.log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
+            "eval_history": st.evals.iter().map(EvalEntry::to_json).collect::<Vec<_>>(),
         });
         let opt_state = opt.state_tensors()?;
         let config_text = self.config.to_toml_string();
@@ -429,13 +415,28 @@ struct RunState {
     epoch: f64,
     elapsed_s: f64,
     total_tokens: usize,
-    /// Micro-batch metrics and tokens since the last logged line.
+    /// Micro-batch metrics, step losses and tokens since the last logged line.
     pending: Vec<Metrics>,
+    pending_losses: Vec<f64>,
     pending_tokens: usize,
     log: Vec<LogEntry>,
+    evals: Vec<EvalEntry>,
 }
 
 impl RunState {
+    /// A logged line's metrics, averaged as transformers and TRL do: the loss over the steps
+    /// (each step's the mean of its micro-batches), every other metric over the micro-batches.
+    /// They differ when steps hold different numbers of micro-batches (an epoch's last step
+    /// under gradient accumulation).
+    fn pending_mean(&self) -> Metrics {
+        let mut m = Metrics::mean(&self.pending);
+        // Checkpoints written before step losses were kept hold none: the old average stands.
+        if !self.pending_losses.is_empty() {
+            m.loss = self.pending_losses.iter().sum::<f64>() / self.pending_losses.len() as f64;
+        }
+        m
+    }
+
     fn from_resume(r: &ResumeState) -> Result<Self, Error> {
         let bad = |what: &str| {
             Error::Input(format!(
@@ -453,14 +454,26 @@ impl RunState {
             .iter()
             .map(|v| Metrics::from_vec(v).ok_or_else(|| bad("pending_metrics")))
             .collect::<Result<Vec<_>, _>>()?;
+        let pending_losses = r
+            .pending_losses
+            .iter()
+            .map(|v| v.as_f64().ok_or_else(|| bad("pending_losses")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let evals = r
+            .eval_history
+            .iter()
+            .map(|v| EvalEntry::from_json(v).ok_or_else(|| bad("eval_history")))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(RunState {
             step: r.step,
             epoch: r.epoch,
             elapsed_s: r.elapsed_s,
             total_tokens: r.total_tokens,
             pending,
+            pending_losses,
             pending_tokens: r.pending_tokens,
             log,
+            evals,
         })
     }
 }
