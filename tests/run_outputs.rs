@@ -1,0 +1,359 @@
+//! What a run writes beyond the goldens' numbers: evaluations during training, the log's
+//! averaging over several steps, warmup by ratio, `--overwrite`, the sequence-length check and
+//! `orpo eval`'s reading of a config's columns.
+
+mod common;
+
+use common::*;
+use orpo::config::Config;
+use orpo::train::load_trainer;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn data(name: &str) -> String {
+    repo()
+        .join("examples/data")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn config(out: &Path, extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!("model.id={}", model_dir("tiny-opt").display()),
+        format!("train.output_dir={}", out.display()),
+        format!("data.train={}", data("explicit-10.jsonl")),
+        "train.batch_size=2".to_string(),
+        "optim.lr=1e-3".to_string(),
+        "data.max_length=256".to_string(),
+        "data.max_prompt_length=192".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::from_toml_str("", "test.toml", &sets).unwrap()
+}
+
+fn train(config: &Config) {
+    let mut trainer = load_trainer(config).unwrap();
+    trainer.run(None, &AtomicBool::new(false)).unwrap();
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number `{key}` in {v}"))
+}
+
+fn close(a: f64, b: f64, rel: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-30),
+        "{what}: {a} vs {b}"
+    );
+}
+
+/// The metric keys of an evaluation, without its timings.
+fn eval_metrics(v: &Value) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = v
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("eval_") && !k.contains("runtime") && !k.contains("per_second")
+        })
+        .map(|(k, x)| (k.clone(), x.as_f64().unwrap()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn evaluations_during_training_are_the_checkpoints_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.save_every=2",
+            &format!("data.eval={}", data("hh-rlhf-eval-16.jsonl")),
+        ],
+    );
+    let mut trainer = load_trainer(&cfg).unwrap();
+    let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
+    let lines = json_lines(&tmp.path().join("eval_metrics.jsonl"));
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    assert!(f(&lines[0], "eval_loss") != f(&lines[1], "eval_loss"));
+
+    // Each line is what `orpo eval` computes on the weights of that step.
+    let held_out = trainer.eval.as_ref().unwrap();
+    for (line, dir) in [
+        (&lines[0], tmp.path().join("checkpoint-2")),
+        (&lines[1], tmp.path().to_path_buf()),
+    ] {
+        let loaded = orpo::train::load_model(
+            &dir.display().to_string(),
+            None,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let m = orpo::eval::evaluate(
+            &loaded.model,
+            held_out,
+            2,
+            cfg.orpo.beta,
+            loaded.tokenizer.pad_id(),
+            true,
+        )
+        .unwrap();
+        for ((k, a), (_, b)) in eval_metrics(line).iter().zip(eval_metrics(&m.to_json())) {
+            close(*a, b, 1e-12, &format!("{} {k}", dir.display()));
+        }
+    }
+    let last: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("eval_metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(eval_metrics(&last), eval_metrics(&lines[1]));
+    assert_eq!(summary.eval.unwrap().loss, f(&lines[1], "eval_loss"));
+}
+
+#[test]
+fn evaluations_survive_an_interrupted_run() {
+    let extra = [
+        "train.max_steps=4",
+        "train.eval_every=1",
+        "train.batch_size=3",
+        &format!("data.eval={}", data("hh-rlhf-eval-16.jsonl")),
+    ];
+    let full = tempfile::tempdir().unwrap();
+    train(&config(full.path(), &extra));
+
+    let cut = tempfile::tempdir().unwrap();
+    let cfg = config(cut.path(), &extra);
+    let mut first = load_trainer(&cfg).unwrap();
+    // A pending stop request ends the run after its first step, with a checkpoint.
+    assert!(first.run(None, &AtomicBool::new(true)).is_err());
+    let ckpt = cut.path().join("checkpoint-1");
+    let mut resumed = load_trainer(&cfg).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+
+    let a = json_lines(&full.path().join("eval_metrics.jsonl"));
+    let b = json_lines(&cut.path().join("eval_metrics.jsonl"));
+    assert_eq!(a.len(), 4);
+    assert_eq!(
+        a.iter().map(eval_metrics).collect::<Vec<_>>(),
+        b.iter().map(eval_metrics).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn evaluating_during_training_needs_eval_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load_trainer(&config(tmp.path(), &["train.eval_every=2"]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("train.eval_every") && err.contains("data.eval"),
+        "{err}"
+    );
+}
+
+/// 10 pairs in micro-batches of 2 with `grad_accum` 4: steps of 4 and 1 micro-batches.
+#[test]
+fn a_line_over_several_steps_averages_the_loss_by_step() {
+    let extra = ["train.grad_accum=4", "train.shuffle=false"];
+    let each = tempfile::tempdir().unwrap();
+    train(&config(
+        each.path(),
+        &[&extra[..], &["train.log_every=1"]].concat(),
+    ));
+    let both = tempfile::tempdir().unwrap();
+    train(&config(
+        both.path(),
+        &[&extra[..], &["train.log_every=2"]].concat(),
+    ));
+    let steps = json_lines(&each.path().join("metrics.jsonl"));
+    let line = json_lines(&both.path().join("metrics.jsonl"));
+    assert_eq!((steps.len(), line.len()), (2, 1));
+    let (s1, s2, l) = (&steps[0], &steps[1], &line[0]);
+
+    // transformers: the loss is averaged over steps ...
+    let by_step = (f(s1, "loss") + f(s2, "loss")) / 2.0;
+    let by_micro_batch = (4.0 * f(s1, "loss") + f(s2, "loss")) / 5.0;
+    assert!(
+        (by_step - by_micro_batch).abs() > 1e-6,
+        "the two averages must differ here"
+    );
+    close(f(l, "loss"), by_step, 1e-12, "loss");
+    // ... TRL's stored metrics over micro-batches.
+    for key in [
+        "rewards/margins",
+        "nll_loss",
+        "log_odds_ratio",
+        "logits/chosen",
+    ] {
+        let want = (4.0 * f(s1, key) + f(s2, key)) / 5.0;
+        close(f(l, key), want, 1e-12, key);
+    }
+    assert_eq!(
+        l["tokens"].as_u64().unwrap(),
+        s1["tokens"].as_u64().unwrap() + s2["tokens"].as_u64().unwrap()
+    );
+    close(f(l, "grad_norm"), f(s2, "grad_norm"), 0.0, "grad_norm");
+}
+
+#[test]
+fn warmup_ratio_rounds_up_to_whole_steps() {
+    let lrs = |extra: &[&str]| -> Vec<f64> {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = [
+            "train.max_steps=4",
+            "train.log_every=1",
+            "optim.scheduler=\"linear\"",
+        ];
+        train(&config(tmp.path(), &[&base[..], extra].concat()));
+        json_lines(&tmp.path().join("metrics.jsonl"))
+            .iter()
+            .map(|l| f(l, "learning_rate"))
+            .collect()
+    };
+    // ceil(4 * 0.3) = 2 warmup steps: 0, 1/2, then (4 - k) / 2.
+    let by_ratio = lrs(&["optim.warmup_ratio=0.3"]);
+    for (a, b) in by_ratio.iter().zip([0.0, 0.5e-3, 1e-3, 0.5e-3]) {
+        close(*a, b, 1e-12, "learning_rate");
+    }
+    assert_eq!(by_ratio, lrs(&["optim.warmup_steps=2"]));
+}
+
+fn orpo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn overwrite_replaces_the_previous_run_once_the_new_one_is_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let out_set = format!("train.output_dir={}", out.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            "configs/tiny-opt.toml",
+            "--set",
+            &out_set,
+        ];
+        for e in extra {
+            args.extend(["--set", e]);
+        }
+        orpo(&args)
+    };
+    let r = run(&["train.max_steps=5", "train.save_every=2"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("checkpoint-4").is_dir());
+
+    // A new run that fails validation leaves the old one whole.
+    let mut bad = vec!["train", "--config", "configs/tiny-opt.toml", "--overwrite"];
+    bad.extend(["--set", &out_set, "--set", "data.train=no-such-file.jsonl"]);
+    assert_eq!(orpo(&bad).status.code(), Some(2));
+    assert!(out.join("checkpoint-4").is_dir());
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+
+    let mut args = vec!["train", "--config", "configs/tiny-opt.toml", "--overwrite"];
+    args.extend(["--set", &out_set, "--set", "train.max_steps=1"]);
+    let r = orpo(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(!out.join("checkpoint-2").exists() && !out.join("checkpoint-4").exists());
+    assert_eq!(json_lines(&out.join("metrics.jsonl")).len(), 1);
+    assert!(out.join("model.safetensors").is_file());
+    assert!(
+        out.join("notes.txt").is_file(),
+        "files of the user's own stay"
+    );
+}
+
+#[test]
+fn a_max_length_beyond_the_position_table_is_refused_only_for_a_sequence_that_long() {
+    // tiny-opt has 512 positions; explicit-10's pairs are short, one HH-RLHF pair is not.
+    let tmp = tempfile::tempdir().unwrap();
+    let long = ["data.max_length=1024", "data.max_prompt_length=1024"];
+    load_trainer(&config(tmp.path(), &long)).unwrap();
+    let eval = format!("data.eval={}", data("hh-rlhf-eval-16.jsonl"));
+    let err = load_trainer(&config(tmp.path(), &[&long[..], &[&eval]].concat()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("hh-rlhf-eval-16.jsonl:11") && err.contains("max_position_embeddings (512)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_reads_the_data_with_the_configs_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let renamed = tmp.path().join("renamed.jsonl");
+    let text: Vec<String> = std::fs::read_to_string(data("explicit-10.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"q": v["prompt"], "good": v["chosen"], "bad": v["rejected"]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&renamed, text.join("\n")).unwrap();
+    let cfg = tmp.path().join("cols.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nid = \"{}\"\n[data]\nprompt_column = \"q\"\nchosen_column = \"good\"\nrejected_column = \"bad\"\n",
+            model_dir("tiny-opt").display()
+        ),
+    )
+    .unwrap();
+    let model = model_dir("tiny-opt").display().to_string();
+    let loss = |args: &[&str]| -> f64 {
+        let mut all = vec!["eval", "--model", &model, "--json"];
+        all.extend(args);
+        let r = orpo(&all);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+        f(&v, "eval_loss")
+    };
+    let want = loss(&["--data", &data("explicit-10.jsonl")]);
+    let renamed = renamed.display().to_string();
+    let cfg = cfg.display().to_string();
+    assert_eq!(loss(&["--data", &renamed, "--config", &cfg]), want);
+    let sets = [
+        "--set",
+        "data.prompt_column=q",
+        "--set",
+        "data.chosen_column=good",
+        "--set",
+        "data.rejected_column=bad",
+    ];
+    assert_eq!(
+        loss(&[&["--data", renamed.as_str()][..], &sets[..]].concat()),
+        want
+    );
+}
