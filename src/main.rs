@@ -223,7 +223,7 @@ fn eval(
     };
     let src = config.data.source_at(&data.display().to_string(), &split);
     let ds = orpo::data::load_source(&src, &loaded.tokenizer, &opts)?;
-    orpo::train::check_length(&config, loaded.model.config(), &[&ds])?;
+    orpo::train::check_data_fits(&config, loaded.model.config(), &[&ds])?;
     if ds.pairs.is_empty() {
         return Err(Error::Input(format!("{}: no usable pairs", data.display())));
     }

@@ -357,3 +357,20 @@ fn eval_reads_the_data_with_the_configs_columns() {
         want
     );
 }
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_vocabulary_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    edited_copy("tiny-opt", &model, "config.json", |c| {
+        c["vocab_size"] = 50.into();
+    });
+    let mut cfg = config(&tmp.path().join("run"), &[]);
+    cfg.model.id = model.display().to_string();
+    let err = load_trainer(&cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("explicit-10.jsonl:1: token id") && err.contains("vocabulary (50 ids"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("run").exists());
+}

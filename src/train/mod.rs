@@ -21,5 +21,5 @@ mod sum_sq_cuda;
 mod trainer;
 
 pub use log::{EvalEntry, LogEntry};
-pub use setup::{check_length, load_model, load_trainer, LoadedModel};
+pub use setup::{check_data_fits, load_model, load_trainer, LoadedModel};
 pub use trainer::{TrainSummary, Trainer};

@@ -104,27 +104,38 @@ pub fn data_options(config: &Config) -> DataOptions {
     }
 }
 
-/// Every sequence must fit the model's position table (OPT's is learned and finite). A
-/// `data.max_length` above it is fine while no pair is that long, as in TRL.
-pub fn check_length(
+/// Every pair must fit the model: its token ids within the vocabulary (a tokenizer from
+/// another model would otherwise fail inside the first step), its sequences within the
+/// position table (OPT's is learned and finite; a `data.max_length` above it is fine while no
+/// pair is that long, as in TRL).
+pub fn check_data_fits(
     config: &Config,
     model: &ModelConfig,
     datasets: &[&Dataset],
 ) -> Result<(), Error> {
-    let Some(limit) = model.max_sequence_length() else {
-        return Ok(());
-    };
+    let limit = model.max_sequence_length();
     for ds in datasets {
-        let too_long = ds.pairs.iter().zip(&ds.locations).find_map(|(p, loc)| {
+        for (p, loc) in ds.pairs.iter().zip(&ds.locations) {
+            let seqs = [&p.chosen_input_ids, &p.rejected_input_ids];
+            if let Some(&id) = seqs
+                .iter()
+                .flat_map(|s| s.iter())
+                .find(|&&id| id as usize >= model.vocab_size)
+            {
+                return Err(Error::Input(format!(
+                    "{loc}: token id {id} is outside the model's vocabulary ({} ids, config.json's \
+                     vocab_size): the tokenizer does not belong to this model",
+                    model.vocab_size
+                )));
+            }
             let len = p.chosen_input_ids.len().max(p.rejected_input_ids.len());
-            (len > limit).then_some((loc, len))
-        });
-        if let Some((loc, len)) = too_long {
-            return Err(Error::Input(format!(
-                "{loc}: a sequence of {len} tokens exceeds the model's max_position_embeddings \
-                 ({limit}); set data.max_length <= {limit} (it is {})",
-                config.data.max_length
-            )));
+            if let Some(limit) = limit.filter(|&l| len > l) {
+                return Err(Error::Input(format!(
+                    "{loc}: a sequence of {len} tokens exceeds the model's max_position_embeddings \
+                     ({limit}); set data.max_length <= {limit} (it is {})",
+                    config.data.max_length
+                )));
+            }
         }
     }
     Ok(())
@@ -157,7 +168,7 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         }
         None => None,
     };
-    check_length(
+    check_data_fits(
         config,
         &model_config,
         &[&train].into_iter().chain(&eval).collect::<Vec<_>>(),
