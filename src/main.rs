@@ -78,6 +78,9 @@ enum Command {
         /// Folder for the merged model
         #[arg(long)]
         out: PathBuf,
+        /// Replace the model (or run) in an --out folder that is not empty
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Load and tokenise a dataset exactly as training would, and describe it
     Data {
@@ -146,17 +149,18 @@ fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> 
             None
         }
     };
-    // First SIGINT/SIGTERM: finish the step, checkpoint, exit. A second one exits at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
-        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
-    }
     let mut trainer = load_trainer(&config)?;
     // Only once everything is validated: a refused run leaves the old one whole.
     if overwrite && holds_run(&out) {
         let n = clear_run(&out)?;
         tracing::info!(output_dir = %out.display(), entries = n, "removed the previous run (--overwrite)");
+    }
+    // From the first step on, a first SIGINT/SIGTERM finishes the step, checkpoints and exits;
+    // a second exits at once. Before it (loading, tokenizing) a signal ends the process as usual.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
     }
     let summary = trainer.run(resume_from.as_deref(), &stop)?;
     if let Some(last) = summary.log.last() {
@@ -442,16 +446,19 @@ fn main() -> ExitCode {
             set,
             json,
         } => eval(model, base, d, config, set, json),
-        Command::Merge { base, adapter, out } => {
-            orpo::merge::merge(base.as_deref(), &adapter, &out).map(|base_dir| {
-                eprintln!(
-                    "merged {} into {}; full model written to {}",
-                    adapter.display(),
-                    base_dir.display(),
-                    out.display()
-                )
-            })
-        }
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            overwrite,
+        } => orpo::merge::merge(base.as_deref(), &adapter, &out, overwrite).map(|base_dir| {
+            eprintln!(
+                "merged {} into {}; full model written to {}",
+                adapter.display(),
+                base_dir.display(),
+                out.display()
+            )
+        }),
         Command::Data {
             config,
             json,

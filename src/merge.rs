@@ -10,8 +10,14 @@ use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 /// Merges the adapter in `adapter` into `base` (or the base its adapter_config.json names) and
-/// saves the result to `out`; returns the base model's folder.
-pub fn merge(base: Option<&str>, adapter: &Path, out: &Path) -> Result<PathBuf, Error> {
+/// saves the result to `out`; returns the base model's folder. An `out` that exists and is not
+/// empty is refused unless `overwrite`, which first removes the run or model files there.
+pub fn merge(
+    base: Option<&str>,
+    adapter: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<PathBuf, Error> {
     if !lora::is_adapter_dir(adapter) {
         return Err(Error::Input(format!(
             "{}: no {} here; --adapter must be a LoRA adapter folder",
@@ -38,6 +44,13 @@ pub fn merge(base: Option<&str>, adapter: &Path, out: &Path) -> Result<PathBuf, 
             out.display()
         )));
     }
+    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !overwrite {
+        return Err(Error::Input(format!(
+            "--out {} already exists and is not empty; choose a new folder or pass --overwrite",
+            out.display()
+        )));
+    }
     let opts = LoadOptions {
         lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
         merge: true,
@@ -47,6 +60,10 @@ pub fn merge(base: Option<&str>, adapter: &Path, out: &Path) -> Result<PathBuf, 
     let has_tokenizer =
         adapter.join("tokenizer.json").is_file() || adapter.join("vocab.json").is_file();
     let tokenizer = Tokenizer::from_dir(if has_tokenizer { adapter } else { &base_dir })?;
+    if occupied {
+        // An adapter left there would be loaded in place of the merged model.
+        crate::train::run_dir::clear_run(out)?;
+    }
     save_model(
         out,
         &model,

@@ -102,7 +102,7 @@ fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
 
         // The merged model gives the same logits up to rounding, and differs from the base.
         let merged_dir = tmp.path().join("merged");
-        orpo::merge::merge(None, tmp.path(), &merged_dir).unwrap();
+        orpo::merge::merge(None, tmp.path(), &merged_dir, false).unwrap();
         let merged = CausalLm::load(&merged_dir, &Device::Cpu).unwrap();
         assert!(merged.adapter().is_none());
         let merged_logits = merged.logits(&ids, &mask).unwrap();
@@ -175,6 +175,13 @@ fn cli_evaluates_an_adapter_folder_and_merges_it() {
         &merged,
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(Path::new(&merged).join("model.safetensors").is_file());
+    // A folder that holds something is replaced only with --overwrite.
+    let again = ["merge", "--adapter", &run_s, "--out", &merged];
+    assert_eq!(orpo(&again).status.code(), Some(2));
+    assert!(orpo(&[&again[..], &["--overwrite"]].concat())
+        .status
+        .success());
     assert!(Path::new(&merged).join("model.safetensors").is_file());
     // Merging into the base folder itself is refused.
     let r = orpo(&["merge", "--adapter", &run_s, "--out", &base]);
