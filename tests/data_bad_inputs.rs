@@ -54,7 +54,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
     (
         "null_field.jsonl",
         "tiny-opt",
-        &["{f}:1: field `rejected`: missing"],
+        &["{f}:1: field `rejected`: is null"],
     ),
     (
         "not_object.jsonl",
@@ -128,6 +128,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &["{f}: cannot decompress gzip data"],
     ),
     ("corrupt.parquet", "tiny-opt", &["{f}:", "Parquet"]),
+    (
+        "csv_named.parquet",
+        "tiny-opt",
+        &["{f}: named .parquet but not a Parquet file"],
+    ),
 ];
 
 fn load_err(file: &Path, model: &str) -> String {
@@ -295,4 +300,38 @@ fn odd_but_valid_inputs_load() {
     );
     assert!(ds.locations[1].ends_with("odd.jsonl:4"));
     assert!(ds.pairs[1].chosen_input_ids.len() <= 128);
+}
+
+/// Renamed columns: a configured prompt column is required (without it the row would become
+/// an implicit-prompt pair), and errors list the row's columns as they are in the file.
+#[test]
+fn mapped_columns_are_required_and_errors_list_the_files_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("renamed.jsonl");
+    std::fs::write(
+        &file,
+        "{\"question\": \" Hi?\", \"good\": \" Yes.\", \"bad\": \" No.\", \"id\": 7}\n",
+    )
+    .unwrap();
+    let load = |prompt: &str, chosen: &str| {
+        let mut src = DataSource::new(file.display().to_string());
+        src.columns.prompt = prompt.into();
+        src.columns.chosen = chosen.into();
+        src.columns.rejected = "bad".into();
+        load_source(&src, &tok("tiny-opt"), &OPTS)
+    };
+    assert_eq!(load("question", "good").unwrap().pairs.len(), 1);
+    let f = file.display().to_string();
+    let e = load("query", "good").err().unwrap().to_string();
+    assert!(
+        e.contains(&format!("{f}:1: field `query`: missing"))
+            && e.contains("the row has columns: question, good, bad, id")
+            && e.contains("data.prompt_column"),
+        "{e}"
+    );
+    let e = load("question", "best").err().unwrap().to_string();
+    assert!(
+        e.contains("field `best`: missing") && e.contains("columns: question, good, bad, id"),
+        "{e}"
+    );
 }

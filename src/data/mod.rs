@@ -95,9 +95,9 @@ fn map_columns(value: serde_json::Value, cols: &ColumnMap) -> serde_json::Value 
     serde_json::Value::Object(out)
 }
 
-/// Adds the row's columns to a "missing" error, so a data set with other column names gets
-/// told how to map them.
-fn explain_missing(e: DataError, row: &serde_json::Value, cols: &ColumnMap) -> DataError {
+/// Adds the row's columns (as read, before any renaming) to a "missing" error, so a data set
+/// with other column names gets told how to map them.
+fn explain_missing(e: DataError, columns: &[String], cols: &ColumnMap) -> DataError {
     let DataError::Field { loc, field, msg } = e else {
         return e;
     };
@@ -106,9 +106,9 @@ fn explain_missing(e: DataError, row: &serde_json::Value, cols: &ColumnMap) -> D
         .into_iter()
         .find(|(_, c)| *c == field)
         .map(|(k, _)| k);
-    match (canonical, row.as_object()) {
-        (Some(k), Some(obj)) if msg == "missing" => {
-            let names: Vec<&str> = obj.keys().map(String::as_str).collect();
+    match canonical {
+        Some(k) if msg == "missing" && !columns.is_empty() => {
+            let names: Vec<&str> = columns.iter().map(String::as_str).collect();
             DataError::Field {
                 loc,
                 field,
@@ -123,12 +123,23 @@ fn explain_missing(e: DataError, row: &serde_json::Value, cols: &ColumnMap) -> D
 }
 
 fn row_to_text(row: RawRow, tok: &Tokenizer, cols: &ColumnMap) -> Result<LocatedText, DataError> {
+    let columns: Vec<String> = row
+        .value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    // A prompt column named in the config must be there: without it the row would silently
+    // become an implicit-prompt pair.
+    if cols.prompt != "prompt" && !columns.is_empty() && !columns.contains(&cols.prompt) {
+        let e = DataError::field(&row.loc, &cols.prompt, "missing");
+        return Err(explain_missing(e, &columns, cols));
+    }
     let value = map_columns(row.value, cols);
     let rename = |e: DataError| {
         let e = cols.pairs().into_iter().fold(e, |e, (canonical, column)| {
             e.rename_field(canonical, column)
         });
-        explain_missing(e, &value, cols)
+        explain_missing(e, &columns, cols)
     };
     let (format, raw) = prompt::parse_row(&row.loc, &value).map_err(rename)?;
     let text = match raw {

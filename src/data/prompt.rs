@@ -210,8 +210,13 @@ pub fn parse_row(loc: &RowLoc, row: &Value) -> Result<(RowFormat, RawPair), Data
         });
     };
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let chosen = get("chosen").ok_or_else(|| DataError::field(loc, "chosen", "missing"))?;
-    let rejected = get("rejected").ok_or_else(|| DataError::field(loc, "rejected", "missing"))?;
+    let required = |k: &str| match obj.get(k) {
+        None => Err(DataError::field(loc, k, "missing")),
+        Some(Value::Null) => Err(DataError::field(loc, k, "is null")),
+        Some(v) => Ok(v),
+    };
+    let chosen = required("chosen")?;
+    let rejected = required("rejected")?;
     for (name, v) in [("chosen", chosen), ("rejected", rejected)] {
         if !matches!(v, Value::String(_) | Value::Array(_)) {
             return Err(DataError::field(

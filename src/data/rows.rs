@@ -31,6 +31,12 @@ pub fn read_rows_named(path: &Path, file: &str) -> Result<Vec<RawRow>, DataError
     if bytes.starts_with(b"PAR1") {
         return super::parquet::read_parquet(path, file);
     }
+    if file.to_ascii_lowercase().ends_with(".parquet") {
+        return Err(DataError::BadFile {
+            file: file.to_string(),
+            msg: "named .parquet but not a Parquet file (it does not start with PAR1)".into(),
+        });
+    }
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&bytes[..])
