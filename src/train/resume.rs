@@ -60,12 +60,104 @@ fn bad(dir: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Input(format!("cannot resume from {}: {msg}", dir.display()))
 }
 
+/// An error about one file of the checkpoint: `cannot resume from DIR: DIR/FILE: msg`.
+fn bad_file(dir: &Path, file: &str, msg: impl std::fmt::Display) -> Error {
+    bad(dir, format!("{}: {msg}", dir.join(file).display()))
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The files a full model's weights come in (see `crate::model::read_weights`).
+const MODEL_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+];
+
+/// A JSON value as an error message shows it: short, and never the whole of a long array.
+fn shown(v: &Value) -> String {
+    let text = v.to_string();
+    if text.chars().count() > 60 {
+        format!("{}…", text.chars().take(60).collect::<String>())
+    } else {
+        text
+    }
+}
+
+/// Typed, checked reads of trainer_state.json's keys; every error names the file and the key.
+struct StateFile<'a> {
+    dir: &'a Path,
+    obj: &'a serde_json::Map<String, Value>,
+}
+
+impl StateFile<'_> {
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        bad_file(self.dir, STATE_FILE, format!("`{key}` {msg}"))
+    }
+
+    /// A whole number, or `None` when the key is absent.
+    fn whole(&self, key: &str) -> Result<Option<usize>, Error> {
+        match self.obj.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    self.err(key, format!("must be a whole number, found {}", shown(v)))
+                }),
+        }
+    }
+
+    /// A finite non-negative number; 0 when the key is absent.
+    fn seconds_like(&self, key: &str) -> Result<f64, Error> {
+        match self.obj.get(key) {
+            None => Ok(0.0),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| {
+                    self.err(
+                        key,
+                        format!("must be a finite non-negative number, found {}", shown(v)),
+                    )
+                }),
+        }
+    }
+
+    /// An array; empty when the key is absent (older checkpoints lack some).
+    fn array(&self, key: &str) -> Result<Vec<Value>, Error> {
+        match self.obj.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => Ok(a.clone()),
+            Some(v) => Err(self.err(key, format!("must be an array, found {}", shown(v)))),
+        }
+    }
+}
+
+/// The STEP of a folder named `checkpoint-STEP`, if it is named so.
+fn folder_step(dir: &Path) -> Option<(String, usize)> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+    Some((name, step))
+}
+
 impl ResumeState {
-    /// Reads a checkpoint and checks it belongs to a run with the same plan.
+    /// Reads a checkpoint and checks it belongs to a run with the same plan, at a step within
+    /// it. Every error names the file (and, for trainer_state.json, the key) at fault.
     pub fn load(dir: &Path, plan: &Plan, device: &Device) -> Result<Self, Error> {
-        let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| bad(dir, e))?;
-        let state: Value = serde_json::from_str(&text).map_err(|e| bad(dir, e))?;
+        let state_path = dir.join(STATE_FILE);
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| bad_file(dir, STATE_FILE, e))?;
+        let state: Value = serde_json::from_str(&text)
+            .map_err(|e| bad_file(dir, STATE_FILE, format!("invalid JSON: {e}")))?;
+        let Some(obj) = state.as_object() else {
+            return Err(bad_file(
+                dir,
+                STATE_FILE,
+                format!("must hold a JSON object, found {}", shown(&state)),
+            ));
+        };
         let saved_plan = &state["plan"];
         let want = plan_fingerprint(plan);
         if saved_plan != &want {
@@ -74,62 +166,108 @@ impl ResumeState {
                 format!("its batching plan {saved_plan} differs from this config's {want}; resume with the config the run started with"),
             ));
         }
-        let step = state["global_step"]
-            .as_u64()
-            .ok_or_else(|| bad(dir, "trainer_state.json has no global_step"))?
-            as usize;
-        let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)
-            .map_err(|e| bad(dir, e))?;
+        let file = StateFile { dir, obj };
+        let total = plan.total_steps;
+        let step = file
+            .whole("global_step")?
+            .ok_or_else(|| file.err("global_step", "is missing"))?;
+        if step == 0 || step > total {
+            return Err(file.err(
+                "global_step",
+                format!("is {step}, outside this run's steps 1..={total}"),
+            ));
+        }
+        if let Some((name, folder)) = folder_step(dir) {
+            if folder != step {
+                return Err(file.err(
+                    "global_step",
+                    format!("is {step}, but the folder is {name} (step {folder})"),
+                ));
+            }
+        }
+        let epoch = file.seconds_like("epoch")?;
+        let elapsed_s = file.seconds_like("elapsed_s")?;
+        let total_tokens = file.whole("total_tokens")?.unwrap_or(0);
+        let pending_tokens = file.whole("pending_tokens")?.unwrap_or(0);
+        let pending_metrics = file.array("pending_metrics")?;
+        let pending_losses = file.array("pending_losses")?;
+        let log_history = file.array("log_history")?;
+        let eval_history = file.array("eval_history")?;
+        let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
+            .map_err(|e| bad_file(dir, OPTIMIZER_FILE, e))?;
         Ok(ResumeState {
             dir: dir.to_path_buf(),
             step,
-            epoch: state["epoch"].as_f64().unwrap_or(0.0),
-            elapsed_s: state["elapsed_s"].as_f64().unwrap_or(0.0),
-            total_tokens: state["total_tokens"].as_u64().unwrap_or(0) as usize,
-            pending_tokens: state["pending_tokens"].as_u64().unwrap_or(0) as usize,
-            pending_metrics: state["pending_metrics"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
-            pending_losses: state["pending_losses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
-            log_history: state["log_history"].as_array().cloned().unwrap_or_default(),
-            eval_history: state["eval_history"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
+            epoch,
+            elapsed_s,
+            total_tokens,
+            pending_tokens,
+            pending_metrics,
+            pending_losses,
+            log_history,
+            eval_history,
             optimizer,
         })
     }
 
     /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
-    /// the checkpoint's.
+    /// the checkpoint's, and checks the optimizer moments fit them.
     pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
+        use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+        let dir = &self.dir;
+        let has = |f: &str| dir.join(f).is_file();
+        let holds_adapter = has(ADAPTER_WEIGHTS) || has(ADAPTER_CONFIG);
+        let holds_model = MODEL_FILES.iter().any(|f| has(f));
         let (file, tensors) = match model.adapter() {
             Some(_) => {
-                let path = self.dir.join(crate::model::lora::ADAPTER_WEIGHTS);
-                let t = candle_core::safetensors::load(&path, device);
-                (
-                    crate::model::lora::ADAPTER_WEIGHTS,
-                    t.map_err(|e| bad(&self.dir, e))?,
-                )
+                if !has(ADAPTER_WEIGHTS) && holds_model {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "the checkpoint holds a full model ({}) but lora.enabled is true in this config; resume with the config the run started with",
+                            MODEL_FILES.iter().find(|f| has(f)).unwrap_or(&MODEL_FILES[0])
+                        ),
+                    ));
+                }
+                let t = candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS), device)
+                    .map_err(|e| bad_file(dir, ADAPTER_WEIGHTS, e))?;
+                (ADAPTER_WEIGHTS.to_string(), t)
             }
-            // One file or shards, as the checkpoint was written.
-            None => (
-                "the model's weights",
-                crate::model::read_weights(&self.dir, device).map_err(|e| bad(&self.dir, e))?,
-            ),
+            None => {
+                if !holds_model {
+                    if holds_adapter {
+                        return Err(bad(
+                            dir,
+                            format!(
+                                "the checkpoint holds a LoRA adapter ({}) but lora.enabled is false in this config; resume with the config the run started with",
+                                if has(ADAPTER_WEIGHTS) { ADAPTER_WEIGHTS } else { ADAPTER_CONFIG }
+                            ),
+                        ));
+                    }
+                    return Err(bad_file(
+                        dir,
+                        MODEL_FILES[0],
+                        format!("not found (nor {} or {})", MODEL_FILES[1], MODEL_FILES[2]),
+                    ));
+                }
+                // One file or shards, as the checkpoint was written. read_weights' errors
+                // name the file at fault.
+                let t = crate::model::read_weights(dir, device).map_err(|e| bad(dir, e))?;
+                let file = MODEL_FILES
+                    .iter()
+                    .find(|f| has(f))
+                    .unwrap_or(&MODEL_FILES[0]);
+                (dir.join(file).display().to_string(), t)
+            }
         };
         let params = model.params();
         for (name, var) in params.iter() {
             let t = tensors
                 .get(name)
-                .ok_or_else(|| bad(&self.dir, format!("{file} lacks `{name}`")))?;
+                .ok_or_else(|| bad(dir, format!("{file} lacks `{name}`")))?;
             if t.dims() != var.dims() {
                 return Err(bad(
-                    &self.dir,
+                    dir,
                     format!(
                         "`{name}` has shape {:?}, the model {:?}",
                         t.dims(),
@@ -138,6 +276,24 @@ impl ResumeState {
                 ));
             }
             var.set(t)?;
+        }
+        // Moments of another size would fail later without naming the file.
+        for (name, var) in params.iter() {
+            for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
+                if let Some(t) = self.optimizer.get(&key) {
+                    if t.elem_count() != var.elem_count() {
+                        return Err(bad_file(
+                            dir,
+                            OPTIMIZER_FILE,
+                            format!(
+                                "`{key}` has shape {:?}, the parameter {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
