@@ -1,7 +1,7 @@
 //! `config.json` parsing for the supported architectures, old and new key spellings alike.
 
 use super::load::ModelError;
-use super::rope::Rope;
+use super::rope::{shown, Rope};
 use serde_json::Value;
 use std::path::Path;
 
@@ -84,12 +84,76 @@ pub struct ModelConfig {
     pub rope_local: Option<Rope>,
 }
 
-fn get_usize(v: &Value, key: &str) -> Option<usize> {
-    v.get(key).and_then(Value::as_u64).map(|x| x as usize)
+/// `key`'s value, with null read as absent (transformers' configs write unset keys as null).
+fn present<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
 }
 
-fn get_bool(v: &Value, key: &str) -> Option<bool> {
-    v.get(key).and_then(Value::as_bool)
+/// An integer of at least `min` (0 or 1), if present; any other value is an error naming the
+/// key and what was found.
+fn get_count(v: &Value, key: &str, min: u64) -> Result<Option<usize>, String> {
+    let Some(x) = present(v, key) else {
+        return Ok(None);
+    };
+    match x.as_u64().filter(|&n| n >= min) {
+        Some(n) => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| format!("`{key}` is too large, found {n}")),
+        None => Err(format!(
+            "`{key}` must be a {} integer, found {}",
+            if min > 0 { "positive" } else { "non-negative" },
+            shown(x)
+        )),
+    }
+}
+
+fn get_bool(v: &Value, key: &str) -> Result<Option<bool>, String> {
+    match present(v, key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(x) => Err(format!("`{key}` must be true or false, found {}", shown(x))),
+    }
+}
+
+fn get_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, String> {
+    match present(v, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(x) => Err(format!("`{key}` must be a string, found {}", shown(x))),
+    }
+}
+
+/// A finite number, if present.
+fn get_number(v: &Value, key: &str) -> Result<Option<f64>, String> {
+    match present(v, key) {
+        None => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` must be a number, found {}", shown(x))),
+    }
+}
+
+/// A norm's epsilon: >= 0 (0 is legal, as transformers allows), if present. A negative one
+/// makes the normalisation's square root NaN.
+fn get_eps(v: &Value, key: &str) -> Result<Option<f64>, String> {
+    match get_number(v, key)? {
+        Some(e) if e < 0.0 => Err(format!("`{key}` must be a number >= 0, found {e}")),
+        e => Ok(e),
+    }
+}
+
+/// What a JSON value is, for "not a JSON object" messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 impl ModelConfig {
@@ -120,12 +184,34 @@ impl ModelConfig {
             path: path.to_path_buf(),
             msg,
         };
-        let arch_name = raw
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let model_type = raw.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if !raw.is_object() {
+            return Err(err(format!(
+                "config.json is not a JSON object (found {})",
+                json_kind(&raw)
+            )));
+        }
+        let arch_name = match present(&raw, "architectures") {
+            None => None,
+            Some(Value::Array(list)) => match list.first() {
+                None => None,
+                Some(Value::String(name)) => Some(name.clone()),
+                Some(other) => {
+                    return Err(err(format!(
+                        "`architectures` must list class names, found {}",
+                        shown(other)
+                    )))
+                }
+            },
+            Some(other) => {
+                return Err(err(format!(
+                    "`architectures` must be a list of class names, found {}",
+                    shown(other)
+                )))
+            }
+        };
+        let model_type = get_str(&raw, "model_type").map_err(err)?.unwrap_or("");
+        let count = |key: &str, min: u64| get_count(&raw, key, min).map_err(err);
+        let flag = |key: &str| get_bool(&raw, key).map_err(err);
         let arch = match (arch_name.as_deref(), model_type) {
             (Some("OPTForCausalLM"), _) | (None, "opt") => Architecture::Opt,
             (Some("LlamaForCausalLM"), _) | (None, "llama") => Architecture::Llama,
@@ -147,15 +233,17 @@ impl ModelConfig {
                 )))
             }
         };
-        let need = |key: &str| get_usize(&raw, key).ok_or_else(|| err(format!("missing `{key}`")));
+        // Sizes: positive integers; a wrong value is named as found, not reported missing.
+        let need = |key: &str| count(key, 1)?.ok_or_else(|| err(format!("missing `{key}`")));
         let hidden_size = need("hidden_size")?;
         let num_heads = need("num_attention_heads")?;
-        if num_heads == 0 || hidden_size % num_heads != 0 && get_usize(&raw, "head_dim").is_none() {
+        let head_dim_key = count("head_dim", 1)?;
+        if num_heads == 0 || hidden_size % num_heads != 0 && head_dim_key.is_none() {
             return Err(err(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
             )));
         }
-        let num_kv_heads = get_usize(&raw, "num_key_value_heads").unwrap_or(num_heads);
+        let num_kv_heads = count("num_key_value_heads", 1)?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(err(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
@@ -167,7 +255,7 @@ impl ModelConfig {
         } else {
             need("intermediate_size")?
         };
-        let use_sliding = get_bool(&raw, "use_sliding_window").unwrap_or(matches!(
+        let use_sliding = flag("use_sliding_window")?.unwrap_or(matches!(
             arch,
             Architecture::Mistral
                 | Architecture::Phi3
@@ -176,26 +264,36 @@ impl ModelConfig {
         ));
         // Gemma 2 and 3: layer types, sandwich norms, query_pre_attn_scalar.
         let gemma23 = matches!(arch, Architecture::Gemma2 | Architecture::Gemma3);
+        // A window is a positive integer or null (none). Any value but a non-negative integer
+        // is refused even where sliding is off (a negative one used to read as no window); 0
+        // where the window is used, as it would leave every query without keys.
+        let bad_window = |v: &Value| {
+            err(format!(
+                "`sliding_window` must be a positive integer or null, found {}",
+                shown(v)
+            ))
+        };
+        let window =
+            get_count(&raw, "sliding_window", 0).map_err(|_| bad_window(&raw["sliding_window"]))?;
         let sliding_window = match (use_sliding, raw.get("sliding_window")) {
             (false, _) => None,
             (true, None) if gemma23 => Some(4096),
-            (true, v) => v.and_then(Value::as_u64).map(|w| w as usize),
+            (true, _) if window == Some(0) => return Err(bad_window(&raw["sliding_window"])),
+            (true, _) => window,
         };
-        let act_name = raw
-            .get(match arch {
-                Architecture::Opt => "activation_function",
-                // Gemma 2's and 3's MLPs read `hidden_activation`; `hidden_act` is unused.
-                Architecture::Gemma2 | Architecture::Gemma3 => "hidden_activation",
-                _ => "hidden_act",
-            })
-            .and_then(Value::as_str)
-            .unwrap_or(match arch {
-                Architecture::Opt => "relu",
-                Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3 => {
-                    "gelu_pytorch_tanh"
-                }
-                _ => "silu",
-            });
+        let act_key = match arch {
+            Architecture::Opt => "activation_function",
+            // Gemma 2's and 3's MLPs read `hidden_activation`; `hidden_act` is unused.
+            Architecture::Gemma2 | Architecture::Gemma3 => "hidden_activation",
+            _ => "hidden_act",
+        };
+        let act_name = get_str(&raw, act_key).map_err(err)?.unwrap_or(match arch {
+            Architecture::Opt => "relu",
+            Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3 => {
+                "gelu_pytorch_tanh"
+            }
+            _ => "silu",
+        });
         let activation = match (act_name, arch) {
             ("relu", Architecture::Opt) => Activation::Relu,
             ("silu", a) if a != Architecture::Opt => Activation::Silu,
@@ -205,7 +303,7 @@ impl ModelConfig {
             ("gelu_pytorch_tanh" | "gelu_new", a) if a != Architecture::Opt => Activation::GeluTanh,
             (other, _) => return Err(err(format!("activation `{other}` is not supported"))),
         };
-        let head_dim = get_usize(&raw, "head_dim").unwrap_or(match arch {
+        let head_dim = head_dim_key.unwrap_or(match arch {
             // The configs' own defaults, not hidden / heads.
             Architecture::Qwen3 => 128,
             Architecture::Gemma2 | Architecture::Gemma3 => 256,
@@ -218,25 +316,50 @@ impl ModelConfig {
             (Rope::from_config(&raw, head_dim).map_err(err)?, None)
         };
         let gemma = arch == Architecture::Gemma || gemma23;
-        // A key present as null switches a feature off; an absent one takes the default.
-        let optional_f64 = |key: &str, default: f64| match raw.get(key) {
-            Some(Value::Null) => None,
-            Some(v) => v.as_f64(),
-            None => Some(default),
+        // A key present as null switches a feature off; an absent one takes the default. A
+        // value must be a positive number: 0 or less would divide by zero or flip signs.
+        let optional_f64 = |key: &str, default: Option<f64>| -> Result<Option<f64>, ModelError> {
+            match raw.get(key) {
+                Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_f64().filter(|x| x.is_finite() && *x > 0.0) {
+                    Some(x) => Ok(Some(x)),
+                    None => Err(err(format!(
+                        "`{key}` must be a positive number or null, found {}",
+                        shown(v)
+                    ))),
+                },
+                None => Ok(default),
+            }
         };
         let attention_scale = if gemma23 {
-            1.0 / optional_f64("query_pre_attn_scalar", 256.0)
+            1.0 / optional_f64("query_pre_attn_scalar", Some(256.0))?
                 .unwrap_or(head_dim as f64)
                 .sqrt()
         } else {
             1.0 / (head_dim as f64).sqrt()
         };
+        let (attn_softcap, final_softcap) = match arch {
+            // Gemma 2 caps by default, Gemma 3 only where its config sets a cap.
+            Architecture::Gemma2 => (
+                optional_f64("attn_logit_softcapping", Some(50.0))?,
+                optional_f64("final_logit_softcapping", Some(30.0))?,
+            ),
+            Architecture::Gemma3 => (
+                optional_f64("attn_logit_softcapping", None)?,
+                optional_f64("final_logit_softcapping", None)?,
+            ),
+            _ => (None, None),
+        };
+        // transformers' default, 1e-6, where absent; OPT's layer norms use a fixed 1e-5 and
+        // read no key, but a negative `layer_norm_eps` still marks a broken file.
+        let rms_norm_eps = get_eps(&raw, "rms_norm_eps").map_err(err)?.unwrap_or(1e-6);
+        get_eps(&raw, "layer_norm_eps").map_err(err)?;
         let num_layers = need("num_hidden_layers")?;
         // Qwen2/Qwen3 with `use_sliding_window` slide only some layers too.
         let qwen = matches!(arch, Architecture::Qwen2 | Architecture::Qwen3);
         let sliding_layers = if gemma23 || (qwen && sliding_window.is_some()) {
-            let types: Vec<bool> = match raw.get("layer_types").and_then(Value::as_array) {
-                Some(list) => list
+            let types: Vec<bool> = match present(&raw, "layer_types") {
+                Some(Value::Array(list)) => list
                     .iter()
                     .map(|t| match t.as_str() {
                         Some("sliding_attention") => Ok(true),
@@ -244,17 +367,23 @@ impl ModelConfig {
                         _ => Err(err(format!("layer_types: unknown entry {t}"))),
                     })
                     .collect::<Result<_, _>>()?,
+                Some(other) => {
+                    return Err(err(format!(
+                        "`layer_types` must be a list, found {}",
+                        shown(other)
+                    )))
+                }
                 // transformers' defaults: Gemma 2 alternates from sliding; Gemma 3 makes every
                 // `sliding_window_pattern`-th layer (6th by default) full; Qwen slides the
                 // layers from `max_window_layers` (28) on.
                 None if qwen => {
-                    let first = get_usize(&raw, "max_window_layers").unwrap_or(28);
+                    let first = count("max_window_layers", 0)?.unwrap_or(28);
                     (0..num_layers).map(|i| i >= first).collect()
                 }
                 None => {
                     let pattern = match arch {
                         Architecture::Gemma2 => 2,
-                        _ => get_usize(&raw, "sliding_window_pattern").unwrap_or(6),
+                        _ => count("sliding_window_pattern", 1)?.unwrap_or(6),
                     };
                     (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
                 }
@@ -278,39 +407,26 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             intermediate_size,
-            max_position_embeddings: get_usize(&raw, "max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: get_bool(&raw, "tie_word_embeddings").unwrap_or(is_opt || gemma),
-            word_embed_proj_dim: get_usize(&raw, "word_embed_proj_dim").unwrap_or(hidden_size),
-            do_layer_norm_before: get_bool(&raw, "do_layer_norm_before").unwrap_or(true),
-            remove_final_layer_norm: get_bool(&raw, "_remove_final_layer_norm").unwrap_or(false),
-            enable_bias: get_bool(&raw, "enable_bias").unwrap_or(true),
-            layer_norm_elementwise_affine: get_bool(&raw, "layer_norm_elementwise_affine")
-                .unwrap_or(true),
+            max_position_embeddings: count("max_position_embeddings", 1)?.unwrap_or(2048),
+            tie_word_embeddings: flag("tie_word_embeddings")?.unwrap_or(is_opt || gemma),
+            word_embed_proj_dim: count("word_embed_proj_dim", 1)?.unwrap_or(hidden_size),
+            do_layer_norm_before: flag("do_layer_norm_before")?.unwrap_or(true),
+            remove_final_layer_norm: flag("_remove_final_layer_norm")?.unwrap_or(false),
+            enable_bias: flag("enable_bias")?.unwrap_or(true),
+            layer_norm_elementwise_affine: flag("layer_norm_elementwise_affine")?.unwrap_or(true),
             activation,
-            rms_norm_eps: raw
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
+            rms_norm_eps,
             rope,
-            attention_bias: get_bool(&raw, "attention_bias").unwrap_or(arch == Architecture::Qwen2),
-            mlp_bias: get_bool(&raw, "mlp_bias").unwrap_or(false),
+            attention_bias: flag("attention_bias")?.unwrap_or(arch == Architecture::Qwen2),
+            mlp_bias: flag("mlp_bias")?.unwrap_or(false),
             sliding_window,
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
             norm_weight_offset: gemma,
             fused_projections: arch == Architecture::Phi3,
             qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
             attention_scale,
-            // Gemma 2 caps by default, Gemma 3 only where its config sets a cap.
-            attn_softcap: match arch {
-                Architecture::Gemma2 => optional_f64("attn_logit_softcapping", 50.0),
-                Architecture::Gemma3 => raw.get("attn_logit_softcapping").and_then(Value::as_f64),
-                _ => None,
-            },
-            final_softcap: match arch {
-                Architecture::Gemma2 => optional_f64("final_logit_softcapping", 30.0),
-                Architecture::Gemma3 => raw.get("final_logit_softcapping").and_then(Value::as_f64),
-                _ => None,
-            },
+            attn_softcap,
+            final_softcap,
             sandwich_norms: gemma23,
             sliding_layers,
             rope_local,

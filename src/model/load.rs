@@ -132,6 +132,14 @@ fn shard_names(index: &Path) -> Result<Vec<String>, ModelError> {
 /// Every tensor of the checkpoint on `device`, in its stored dtype (the builders convert: a
 /// frozen bf16 weight never exists as f32), under `model.`-prefixed names.
 pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    Ok(read_weights_with_files(dir, device)?.0)
+}
+
+/// Tensors by name, and the file each came from (for messages about a tensor).
+type WeightsAndFiles = (HashMap<String, Tensor>, HashMap<String, PathBuf>);
+
+/// [`read_weights`], with the file each tensor came from.
+pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAndFiles, ModelError> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let bin = dir.join("pytorch_model.bin");
@@ -142,9 +150,15 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
             msg: e.to_string(),
         }
     };
-    let mut raw: Vec<(String, Tensor)> = Vec::new();
+    let mut raw: Vec<(String, Tensor, PathBuf)> = Vec::new();
+    let mut extend = |tensors: HashMap<String, Tensor>, path: &Path| {
+        raw.extend(tensors.into_iter().map(|(n, t)| (n, t, path.to_path_buf())));
+    };
     if single.is_file() {
-        raw.extend(candle_core::safetensors::load(&single, device).map_err(wrap(&single))?);
+        extend(
+            candle_core::safetensors::load(&single, device).map_err(wrap(&single))?,
+            &single,
+        );
     } else if index.is_file() {
         for shard in shard_names(&index)? {
             let p = dir.join(&shard);
@@ -154,13 +168,18 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
                     msg: format!("shard {shard} is missing"),
                 });
             }
-            raw.extend(candle_core::safetensors::load(&p, device).map_err(wrap(&p))?);
+            extend(
+                candle_core::safetensors::load(&p, device).map_err(wrap(&p))?,
+                &p,
+            );
         }
     } else if bin.is_file() {
         let tensors = candle_core::pickle::read_all(&bin).map_err(wrap(&bin))?;
+        let mut moved = HashMap::new();
         for (n, t) in tensors {
-            raw.push((n, t.to_device(device).map_err(wrap(&bin))?));
+            moved.insert(n, t.to_device(device).map_err(wrap(&bin))?);
         }
+        extend(moved, &bin);
     } else {
         return Err(ModelError::Weights {
             path: dir.to_path_buf(),
@@ -168,15 +187,49 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
         });
     }
     let mut out = HashMap::new();
-    for (name, t) in raw {
+    let mut files = HashMap::new();
+    for (name, t, path) in raw {
         let name = if name.starts_with("model.") || name.starts_with("lm_head.") {
             name
         } else {
             format!("model.{name}")
         };
-        out.insert(name, t);
+        out.insert(name.clone(), t);
+        files.insert(name, path);
     }
-    Ok(out)
+    Ok((out, files))
+}
+
+/// Refuses a weight the model is about to use that is not floating point (an integer tensor
+/// would be converted silently) or that holds NaN or infinite values (training would stop at
+/// step 1 with a non-finite loss, naming nothing), naming the file and the tensor.
+fn check_weight(file: &Path, name: &str, t: &Tensor) -> Result<(), ModelError> {
+    let bad = |msg: String| ModelError::Weights {
+        path: file.to_path_buf(),
+        msg,
+    };
+    if !matches!(
+        t.dtype(),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64
+    ) {
+        return Err(bad(format!(
+            "tensor `{name}` has dtype {:?}; weights must be floating point (F32, F16, BF16 or \
+             F64)",
+            t.dtype()
+        )));
+    }
+    // `x - x` is 0 for every finite x and NaN for NaN and ±inf, and a sum of zeros cannot
+    // overflow (a plain sum of large f16 weights could): an elementwise op and a reduction in
+    // the stored dtype, on the load's device, small next to reading and converting the file.
+    #[allow(clippy::eq_op)]
+    let total = (t - t)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if !total.is_finite() {
+        return Err(bad(format!("tensor `{name}` holds NaN or infinite values")));
+    }
+    Ok(())
 }
 
 /// How the model's weights are set up: full fine-tuning (every tensor a trainable `Var`), or
@@ -203,6 +256,8 @@ impl Default for LoadOptions {
 pub struct WeightSource {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// The file each tensor came from (see `with_files`); a tensor not listed names `dir`.
+    files: HashMap<String, PathBuf>,
     pub params: Params,
     compute: DType,
     frozen: bool,
@@ -230,6 +285,7 @@ impl WeightSource {
         WeightSource {
             dir: dir.to_path_buf(),
             tensors,
+            files: HashMap::new(),
             params: Params::default(),
             compute: opts.compute,
             frozen,
@@ -240,6 +296,12 @@ impl WeightSource {
                 modules: BTreeSet::new(),
             }),
         }
+    }
+
+    /// Names these files in messages about a tensor (from [`read_weights_with_files`]).
+    pub fn with_files(mut self, files: HashMap<String, PathBuf>) -> Self {
+        self.files = files;
+        self
     }
 
     pub fn compute(&self) -> DType {
@@ -268,6 +330,7 @@ impl WeightSource {
                 t.dims()
             )));
         }
+        check_weight(self.files.get(name).unwrap_or(&self.dir), name, &t)?;
         Ok(t)
     }
 

@@ -45,8 +45,8 @@ impl CausalLm {
     /// with a saved adapter merged in, as `opts` says.
     pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let tensors = load::read_weights(dir, device)?;
-        let mut source = load::WeightSource::new(dir, tensors, opts);
+        let (tensors, files) = load::read_weights_with_files(dir, device)?;
+        let mut source = load::WeightSource::new(dir, tensors, opts).with_files(files);
         let model = match config.arch {
             Architecture::Opt => CausalLm::Opt(opt::Opt::new(&config, &mut source)?),
             // Every other architecture is a member of the Llama family.

@@ -4,6 +4,15 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
+/// A JSON value as the config writes it, for messages (long values cut).
+pub(crate) fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
@@ -47,17 +56,66 @@ pub struct Rope {
 impl Rope {
     /// Reads `rope_theta`, `partial_rotary_factor` and the scaling from either spelling: the
     /// top level with a `rope_scaling` dict (most hub configs) or transformers 5's
-    /// `rope_parameters`. Errors are messages for the config's error.
+    /// `rope_parameters`. Errors are messages for the config's error; values that would make
+    /// the rotary tables non-finite (a `rope_theta` or `factor` <= 0, ...) are refused with the
+    /// key named.
     pub fn from_config(raw: &Value, head_dim: usize) -> std::result::Result<Rope, String> {
+        Self::parse(raw, head_dim, None)
+    }
+
+    /// [`Self::from_config`], with `label` naming the dict that holds the scaling keys in
+    /// messages (Gemma 3's per-layer-type settings); `None`: `rope_scaling` or `rope_parameters`.
+    fn parse(
+        raw: &Value,
+        head_dim: usize,
+        label: Option<&str>,
+    ) -> std::result::Result<Rope, String> {
         let params = raw.get("rope_parameters").filter(|v| v.is_object());
-        let scaling = raw.get("rope_scaling").filter(|v| v.is_object()).or(params);
-        let number = |key: &str| {
-            raw.get(key)
-                .or_else(|| params.and_then(|p| p.get(key)))
-                .and_then(Value::as_f64)
+        let scaling = match raw.get("rope_scaling") {
+            Some(s) if s.is_object() => Some(s),
+            None | Some(Value::Null) => params,
+            Some(other) => {
+                return Err(format!(
+                    "`rope_scaling` must be an object or null, found {}",
+                    shown(other)
+                ))
+            }
         };
-        let theta = number("rope_theta").unwrap_or(10000.0);
-        let partial = number("partial_rotary_factor").unwrap_or(1.0);
+        let params_label = label.unwrap_or("rope_parameters");
+        let scaling_label = match label {
+            Some(l) => l,
+            None if raw.get("rope_scaling").is_some_and(Value::is_object) => "rope_scaling",
+            None => "rope_parameters",
+        };
+        // A number at the top level or in `rope_parameters`; null counts as absent.
+        let number = |key: &str| -> std::result::Result<Option<f64>, String> {
+            let (v, name) = match raw.get(key).filter(|v| !v.is_null()) {
+                Some(v) => (Some(v), key.to_string()),
+                None => (
+                    params.and_then(|p| p.get(key)).filter(|v| !v.is_null()),
+                    format!("{params_label}.{key}"),
+                ),
+            };
+            match v {
+                None => Ok(None),
+                Some(v) => match v.as_f64().filter(|x| x.is_finite()) {
+                    Some(x) => Ok(Some(x)),
+                    None => Err(format!("`{name}` must be a number, found {}", shown(v))),
+                },
+            }
+        };
+        let theta_name = if raw.get("rope_theta").is_some_and(|v| !v.is_null()) {
+            "rope_theta".to_string()
+        } else {
+            format!("{params_label}.rope_theta")
+        };
+        let theta = number("rope_theta")?.unwrap_or(10000.0);
+        if theta <= 0.0 {
+            return Err(format!(
+                "`{theta_name}` must be a positive number, found {theta}"
+            ));
+        }
+        let partial = number("partial_rotary_factor")?.unwrap_or(1.0);
         // transformers: int(head_dim * factor), which must stay even to rotate in pairs.
         let dim = (head_dim as f64 * partial) as usize;
         if !(partial > 0.0 && partial <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
@@ -66,23 +124,58 @@ impl Rope {
                  {head_dim}; expected an even number in 2..={head_dim}"
             ));
         }
-        let kind = scaling
-            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let field = |key: &str| -> std::result::Result<f64, String> {
-            scaling
-                .and_then(|s| s.get(key))
-                .and_then(Value::as_f64)
-                .ok_or_else(|| format!("rope_type `{kind}` needs a number `{key}`"))
+        let kind = match scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type"))) {
+            None | Some(Value::Null) => "default",
+            Some(Value::String(k)) => k.as_str(),
+            Some(other) => {
+                return Err(format!(
+                    "`{scaling_label}.rope_type` must be a string, found {}",
+                    shown(other)
+                ))
+            }
         };
+        // A number in the scaling dict: absent or null is `None`, anything else but a finite
+        // number an error.
+        let optional = |key: &str| -> std::result::Result<Option<f64>, String> {
+            match scaling.and_then(|s| s.get(key)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_f64().filter(|x| x.is_finite()) {
+                    Some(x) => Ok(Some(x)),
+                    None => Err(format!(
+                        "`{scaling_label}.{key}` must be a number, found {}",
+                        shown(v)
+                    )),
+                },
+            }
+        };
+        let field = |key: &str| -> std::result::Result<f64, String> {
+            optional(key)?.ok_or_else(|| format!("rope_type `{kind}` needs a number `{key}`"))
+        };
+        let positive_in = |key: &str, x: f64| -> std::result::Result<f64, String> {
+            if x > 0.0 {
+                Ok(x)
+            } else {
+                Err(format!(
+                    "`{scaling_label}.{key}` must be a positive number (rope_type `{kind}`), \
+                     found {x}"
+                ))
+            }
+        };
+        let positive = |key: &str| positive_in(key, field(key)?);
         let factors = |key: &str| -> std::result::Result<Vec<f64>, String> {
             let list = scaling
                 .and_then(|s| s.get(key))
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>());
             match list {
-                Some(v) if v.len() == dim / 2 => Ok(v),
+                Some(v) if v.len() == dim / 2 => {
+                    if let Some(bad) = v.iter().find(|&&f| !(f.is_finite() && f > 0.0)) {
+                        return Err(format!(
+                            "`{scaling_label}.{key}` must hold positive numbers, found {bad}"
+                        ));
+                    }
+                    Ok(v)
+                }
                 _ => Err(format!(
                     "rope_type `{kind}` needs `{key}`: a list of {} numbers",
                     dim / 2
@@ -92,38 +185,76 @@ impl Rope {
         // transformers: a top-level `original_max_position_embeddings` (Phi-3's spelling) wins
         // over the scaling dict's; without either, `max_position_embeddings`.
         let original_context = || -> std::result::Result<f64, String> {
-            raw.get("original_max_position_embeddings")
-                .and_then(Value::as_f64)
-                .or_else(|| field("original_max_position_embeddings").ok())
-                .or_else(|| number("max_position_embeddings"))
-                .ok_or_else(|| {
-                    format!("rope_type `{kind}` needs `original_max_position_embeddings`")
-                })
+            let (value, name) = match raw
+                .get("original_max_position_embeddings")
+                .filter(|v| !v.is_null())
+            {
+                Some(v) => (
+                    Some(v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                        format!(
+                            "`original_max_position_embeddings` must be a number, found {}",
+                            shown(v)
+                        )
+                    })?),
+                    "original_max_position_embeddings".to_string(),
+                ),
+                None => match optional("original_max_position_embeddings")? {
+                    Some(x) => (
+                        Some(x),
+                        format!("{scaling_label}.original_max_position_embeddings"),
+                    ),
+                    None => (
+                        number("max_position_embeddings")?,
+                        "max_position_embeddings".to_string(),
+                    ),
+                },
+            };
+            let value = value.ok_or_else(|| {
+                format!("rope_type `{kind}` needs `original_max_position_embeddings`")
+            })?;
+            if value > 0.0 {
+                Ok(value)
+            } else {
+                Err(format!(
+                    "`{name}` must be a positive number (rope_type `{kind}`), found {value}"
+                ))
+            }
         };
         // Phi-3 and DeepSeek configs give no factor: the context extension is the ratio.
-        let factor_or_ratio = |original: f64| {
-            field("factor").or_else(|e| {
-                number("max_position_embeddings")
-                    .map(|m| m / original)
-                    .ok_or(e)
-            })
+        let factor_or_ratio = |original: f64| -> std::result::Result<f64, String> {
+            match optional("factor")? {
+                Some(f) => positive_in("factor", f),
+                None => {
+                    let m = number("max_position_embeddings")?
+                        .ok_or_else(|| format!("rope_type `{kind}` needs a number `factor`"))?;
+                    let ratio = m / original;
+                    if ratio > 0.0 && ratio.is_finite() {
+                        Ok(ratio)
+                    } else {
+                        Err(format!(
+                            "rope_type `{kind}` without `{scaling_label}.factor` takes \
+                             `max_position_embeddings` / `original_max_position_embeddings` \
+                             = {m} / {original}, which must be positive"
+                        ))
+                    }
+                }
+            }
         };
         let mut attention_factor = 1.0;
         let scaling = match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear {
-                factor: field("factor")?,
+                factor: positive("factor")?,
             },
             "llama3" => RopeScaling::Llama3 {
-                factor: field("factor")?,
-                low_freq_factor: field("low_freq_factor")?,
-                high_freq_factor: field("high_freq_factor")?,
+                factor: positive("factor")?,
+                low_freq_factor: positive("low_freq_factor")?,
+                high_freq_factor: positive("high_freq_factor")?,
                 original_max_position_embeddings: original_context()?,
             },
             "yarn" => {
                 let original = original_context()?;
                 let factor = factor_or_ratio(original)?;
-                let optional = |key: &str| field(key).ok();
                 // transformers' get_mscale.
                 let mscale = |scale: f64, m: f64| {
                     if scale <= 1.0 {
@@ -133,16 +264,16 @@ impl Rope {
                     }
                 };
                 attention_factor = match (
-                    optional("attention_factor"),
-                    optional("mscale").filter(|&m| m != 0.0),
-                    optional("mscale_all_dim").filter(|&m| m != 0.0),
+                    optional("attention_factor")?,
+                    optional("mscale")?.filter(|&m| m != 0.0),
+                    optional("mscale_all_dim")?.filter(|&m| m != 0.0),
                 ) {
-                    (Some(f), _, _) => f,
+                    (Some(f), _, _) => positive_in("attention_factor", f)?,
                     (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
                     _ => mscale(factor, 1.0),
                 };
-                let beta_fast = optional("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0);
-                let beta_slow = optional("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0);
+                let beta_fast = optional("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
+                let beta_slow = optional("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
                 let truncate = scaling
                     .and_then(|s| s.get("truncate"))
                     .and_then(Value::as_bool)
@@ -167,10 +298,10 @@ impl Rope {
             "longrope" => {
                 let original = original_context()?;
                 let factor = factor_or_ratio(original)?;
-                attention_factor = match field("attention_factor") {
-                    Ok(f) => f,
-                    Err(_) if factor <= 1.0 => 1.0,
-                    Err(_) => (1.0 + factor.ln() / original.ln()).sqrt(),
+                attention_factor = match optional("attention_factor")? {
+                    Some(f) => positive_in("attention_factor", f)?,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / original.ln()).sqrt(),
                 };
                 RopeScaling::LongRope {
                     short: factors("short_factor")?,
@@ -185,12 +316,22 @@ impl Rope {
                 ))
             }
         };
-        Ok(Rope {
+        let rope = Rope {
             theta,
             dim,
             scaling,
             attention_factor,
-        })
+        };
+        // A last guard for combinations no single key's check catches (a `yarn` ramp of zero
+        // width, an original context of 1 under `longrope`, ...): training would meet NaN.
+        let finite = |len: usize| rope.inv_freq(len).iter().all(|f| f.is_finite());
+        if !(rope.attention_factor.is_finite() && finite(0) && finite(usize::MAX)) {
+            return Err(format!(
+                "the rotary settings (`{theta_name}` {theta}, rope_type `{kind}` in \
+                 `{scaling_label}`) give non-finite rotary frequencies"
+            ));
+        }
+        Ok(rope)
     }
 
     /// Gemma 3's two rotary settings, (full-attention layers, sliding layers): transformers 5's
@@ -201,6 +342,21 @@ impl Rope {
         let by_type = raw
             .get("rope_parameters")
             .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        if by_type.is_none() {
+            // The hub's spelling: the thetas are checked here, under the keys the file uses.
+            for key in ["rope_theta", "rope_local_base_freq"] {
+                match raw.get(key) {
+                    None | Some(Value::Null) => {}
+                    Some(v) if v.as_f64().is_some_and(|t| t.is_finite() && t > 0.0) => {}
+                    Some(v) => {
+                        return Err(format!(
+                            "`{key}` must be a positive number, found {}",
+                            shown(v)
+                        ))
+                    }
+                }
+            }
+        }
         let part = |layer_type: &str, theta_key: &str, default_theta: f64| -> Value {
             let mut part = serde_json::Map::new();
             if let Some(m) = raw.get("max_position_embeddings") {
@@ -226,10 +382,20 @@ impl Rope {
             part.insert("rope_parameters".into(), Value::Object(params));
             Value::Object(part)
         };
-        let global = Rope::from_config(&part("full_attention", "rope_theta", 1e6), head_dim)?;
-        let local = Rope::from_config(
+        let label = |layer_type: &str| match by_type {
+            Some(_) => format!("rope_parameters.{layer_type}"),
+            None if layer_type == "full_attention" => "rope_scaling".to_string(),
+            None => "rope_local_base_freq".to_string(),
+        };
+        let global = Rope::parse(
+            &part("full_attention", "rope_theta", 1e6),
+            head_dim,
+            Some(&label("full_attention")),
+        )?;
+        let local = Rope::parse(
             &part("sliding_attention", "rope_local_base_freq", 1e4),
             head_dim,
+            Some(&label("sliding_attention")),
         )?;
         Ok((global, local))
     }
