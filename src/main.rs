@@ -123,6 +123,12 @@ fn init_logging() {
 fn train(args: ConfigArgs, overwrite: bool, resume: Option<Option<PathBuf>>) -> Result<(), Error> {
     let config = Config::load(&args.config, &args.set)?;
     let out = PathBuf::from(&config.train.output_dir);
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Input(format!(
+            "train.output_dir `{}` is a file, not a folder",
+            out.display()
+        )));
+    }
     let resume_from = match resume {
         Some(Some(p)) => {
             if !p.join("trainer_state.json").is_file() {
@@ -197,7 +203,13 @@ fn eval(
     // folder whose files name no split), unless --set names one.
     let explicit_split = config.is_some() || overrides(&set, "data.eval_split");
     let mut config = match config {
-        Some(path) => Config::load(&path, &set)?,
+        // --model stands for the config's model.id, which the file may then leave out.
+        Some(path) => {
+            let sets: Vec<String> = std::iter::once(format!("model.id={model}"))
+                .chain(set.iter().cloned())
+                .collect();
+            Config::load(&path, &sets)?
+        }
         None => Config::with_model(model.clone()).with_overrides("(command line)", &set)?,
     };
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.

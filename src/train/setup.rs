@@ -29,6 +29,12 @@ pub fn load_model(
 ) -> Result<LoadedModel, Error> {
     let dir = resolve_model_dir(id, revision)?;
     if !lora::is_adapter_dir(&dir) {
+        if let Some(b) = base {
+            tracing::warn!(
+                "--base {b} ignored: {} is a full model, not an adapter",
+                dir.display()
+            );
+        }
         let tokenizer = Tokenizer::from_dir(&dir)?;
         let model = CausalLm::load(&dir, device)?;
         return Ok(LoadedModel {
