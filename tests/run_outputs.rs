@@ -322,13 +322,11 @@ fn eval_reads_the_data_with_the_configs_columns() {
         })
         .collect();
     std::fs::write(&renamed, text.join("\n")).unwrap();
+    // No model.id: --model gives it.
     let cfg = tmp.path().join("cols.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "[model]\nid = \"{}\"\n[data]\nprompt_column = \"q\"\nchosen_column = \"good\"\nrejected_column = \"bad\"\n",
-            model_dir("tiny-opt").display()
-        ),
+        "[data]\nprompt_column = \"q\"\nchosen_column = \"good\"\nrejected_column = \"bad\"\n",
     )
     .unwrap();
     let model = model_dir("tiny-opt").display().to_string();
@@ -373,4 +371,45 @@ fn a_tokenizer_with_ids_beyond_the_vocabulary_is_refused_before_training() {
         "{err}"
     );
     assert!(!tmp.path().join("run").exists());
+}
+
+#[test]
+fn a_misspelt_lora_target_beside_a_matching_one_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = format!("train.output_dir={}", tmp.path().join("run").display());
+    let r = orpo(&[
+        "train",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "lora.enabled=true",
+        "--set",
+        "lora.targets=[\"q_proj\", \"v_prj\"]",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("lora.targets: `v_prj` matches no linear layer")
+            && err.contains("adapted: q_proj"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_output_dir_that_is_a_file_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("run");
+    std::fs::write(&file, "not a folder").unwrap();
+    let out = format!("train.output_dir={}", file.display());
+    let r = orpo(&["train", "--config", "configs/tiny-opt.toml", "--set", &out]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("train.output_dir") && err.contains("is a file"),
+        "{err}"
+    );
 }

@@ -500,6 +500,19 @@ impl WeightSource {
                         "LoRA targets [{want}] match no linear layer of this model"
                     )));
                 }
+                // PEFT ignores a listed target that matches nothing when others match; a
+                // misspelt name would then go unnoticed.
+                if let Targets::Modules(names) = &plan.spec.targets {
+                    for t in names {
+                        if !plan.modules.contains(lora::module_name(t)) {
+                            tracing::warn!(
+                                "lora.targets: `{t}` matches no linear layer of this model \
+                                 (adapted: {})",
+                                plan.modules.iter().cloned().collect::<Vec<_>>().join(", ")
+                            );
+                        }
+                    }
+                }
                 if let AdapterInit::Saved(rest) = &plan.init {
                     if let Some(name) = rest.keys().min() {
                         return Err(self.err(format!(
