@@ -335,3 +335,25 @@ fn mapped_columns_are_required_and_errors_list_the_files_columns() {
         "{e}"
     );
 }
+
+#[test]
+fn an_empty_chat_template_is_named_not_reported_as_identical_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("tests/fixtures/tiny-qwen2")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(tmp.path().join("chat_template.jinja"), "\n").unwrap();
+    let src = DataSource::new(
+        root()
+            .join("examples/data/chat-10.jsonl")
+            .display()
+            .to_string(),
+    );
+    let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+    let e = load_source(&src, &tok, &OPTS).err().unwrap().to_string();
+    assert!(
+        e.contains("chat-10.jsonl:1: conversational row") && e.contains("chat template is empty"),
+        "{e}"
+    );
+}

@@ -163,6 +163,15 @@ fn row_to_text(row: RawRow, tok: &Tokenizer, cols: &ColumnMap) -> Result<Located
                     msg: "conversational row (message lists) but the model's tokenizer has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`)".into(),
                 });
             };
+            // It would render every answer as nothing: "identical answers" would hide why.
+            if tok.chat_template().is_some_and(|s| s.trim().is_empty()) {
+                return Err(DataError::Row {
+                    loc: row.loc,
+                    msg:
+                        "conversational row (message lists) but the model's chat template is empty"
+                            .into(),
+                });
+            }
             let t = tpl
                 .apply_to_pair(&prompt, &chosen, &rejected)
                 .map_err(|e| {

@@ -97,7 +97,11 @@ fn write_model_files(
     let gen = base.dir.join("generation_config.json");
     if gen.is_file() {
         let bytes = std::fs::read(&gen).map_err(io(&gen))?;
-        write_atomic(&dir.join("generation_config.json"), &bytes)?;
+        // Training never reads it; a broken one is not passed on to the saved model.
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(_) => write_atomic(&dir.join("generation_config.json"), &bytes)?,
+            Err(e) => tracing::warn!("{} is not valid JSON ({e}); not copied", gen.display()),
+        }
     }
     tok.save_to(dir).map_err(|e| other(dir, e))
 }
