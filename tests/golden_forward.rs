@@ -362,3 +362,62 @@ fn a_detached_model_gives_the_same_numbers_without_a_graph() {
         }
     }
 }
+
+/// `orpo.nll_on_prompt = false` (the paper's NLL on the answer only) has no TRL golden: the
+/// NLL is recomputed here from the model's full logits, token by token, both ways. The
+/// `true` case, which the goldens hold, checks the recomputation itself.
+#[test]
+fn the_nll_counts_the_tokens_it_is_told_to() {
+    for name in ["tiny-opt", "tiny-qwen2"] {
+        let g = golden(name);
+        let model = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        let pairs = golden_pairs(&g, "tokenized");
+        let refs: Vec<&TokenizedPair> = pairs.iter().take(3).collect();
+        // Per chosen sequence: log p of each next token, and whether it is an answer token.
+        let mut per_token: Vec<(f64, bool)> = Vec::new();
+        for p in &refs {
+            let ids = &p.chosen_input_ids;
+            let t = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let mask = t.ones_like().unwrap();
+            let logits = model.logits(&t, &mask).unwrap().squeeze(0).unwrap();
+            let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+            for (i, row) in logits.iter().enumerate().take(ids.len() - 1) {
+                let m = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                let lp = row[ids[i + 1] as usize] as f64 - lse;
+                per_token.push((lp, p.chosen_labels[i + 1] != -100));
+            }
+        }
+        let mean_nll = |answer_only: bool| {
+            let counted: Vec<f64> = per_token
+                .iter()
+                .filter(|(_, answer)| *answer || !answer_only)
+                .map(|(lp, _)| -lp)
+                .collect();
+            counted.iter().sum::<f64>() / counted.len() as f64
+        };
+        assert!((mean_nll(true) - mean_nll(false)).abs() > 1e-4, "{name}");
+        for nll_on_prompt in [true, false] {
+            let batch = collate(
+                &refs,
+                pad_id(&g),
+                nll_on_prompt,
+                model.packed_padding(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let out = forward(&model, &batch, 0.1).unwrap();
+            let got = out.readout.metrics(None).unwrap().get("nll_loss").unwrap();
+            assert_close(
+                &format!("{name} nll_loss (nll_on_prompt {nll_on_prompt})"),
+                got,
+                mean_nll(!nll_on_prompt),
+                1e-5,
+                1e-7,
+            );
+        }
+    }
+}
