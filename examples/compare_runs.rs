@@ -6,7 +6,8 @@
 //!              [--key-tol KEY=RTOL[,ATOL]]... [--skip-tensor SUBSTRING]... [--json OUT.json]
 //! ```
 //!
-//! - `metrics.jsonl`: the same number of lines; every key of every line but `elapsed_s`:
+//! - `metrics.jsonl`: the same number of lines; every key of every line but the timings
+//!   (`elapsed_s`, `eval_runtime`, `eval_*_per_second`):
 //!   numbers agree when `|a - b| <= atol + rtol * max(|a|, |b|)` (per-key tolerances with
 //!   `--key-tol`, where KEY may end in `*` to match a prefix), anything else must be equal.
 //! - `eval_metrics.json`: the same, when either run has one.
@@ -122,6 +123,11 @@ fn rel(a: f64, b: f64) -> f64 {
 }
 
 /// Compares two flat JSON objects key by key into `stats` (keys prefixed by `prefix`).
+/// Wall-clock keys, which no two runs share.
+fn is_timing(key: &str) -> bool {
+    key == "elapsed_s" || key == "eval_runtime" || key.ends_with("_per_second")
+}
+
 fn compare_objects(
     a: &Value,
     b: &Value,
@@ -137,7 +143,7 @@ fn compare_objects(
     };
     let keys: BTreeSet<&String> = oa.keys().chain(ob.keys()).collect();
     for k in keys {
-        if k == "elapsed_s" {
+        if is_timing(k) {
             continue;
         }
         let name = format!("{prefix}{k}");
