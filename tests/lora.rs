@@ -9,12 +9,7 @@ use orpo::config::Config;
 use orpo::model::CausalLm;
 use orpo::train::{load_model, load_trainer};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn lora_config(model: &str, out: &Path, extra: &[&str]) -> Config {
     let mut sets = vec![
@@ -39,14 +34,6 @@ fn probe() -> (Tensor, Tensor) {
     let ids = Tensor::new(&[[5u32, 17, 300, 42, 9], [7, 8, 9, 100, 100]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     (ids, mask)
-}
-
-fn orpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_orpo"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -10,10 +10,6 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// A 4-step run of tiny-opt (LoRA or not) writing into `out`.
 fn config(out: &Path, lora: bool) -> Config {
     let mut sets = vec![

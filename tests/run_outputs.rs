@@ -9,12 +9,7 @@ use orpo::config::Config;
 use orpo::train::load_trainer;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn data(name: &str) -> String {
     repo()
@@ -239,14 +234,6 @@ fn warmup_ratio_rounds_up_to_whole_steps() {
         close(*a, b, 1e-12, "learning_rate");
     }
     assert_eq!(by_ratio, lrs(&["optim.warmup_steps=2"]));
-}
-
-fn orpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_orpo"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -12,10 +12,6 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn tiny_config(model: &str, out: &Path, extra: &[&str]) -> Config {
     let mut sets = vec![
         format!("model.id={}", model_dir(model).display()),
@@ -148,14 +144,6 @@ fn sharded_weights_round_trip_and_replace_each_other() {
     save_weights(dir, tensors(), 200_000).unwrap();
     assert_eq!(files(dir), sharded);
     same_weights(dir);
-}
-
-fn orpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_orpo"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -349,7 +349,6 @@ impl Trainer {
     /// The held-out metrics of the weights after optimizer step `step`.
     fn evaluate_at(&self, data: &Dataset, step: usize, epoch: f64) -> Result<EvalEntry, Error> {
         let cfg = &self.config;
-        let t0 = Instant::now();
         let metrics = evaluate(
             &self.model,
             data,
@@ -362,7 +361,7 @@ impl Trainer {
             step,
             eval_loss = format!("{:.4}", metrics.loss),
             accuracy = format!("{:.3}", metrics.metrics.rewards_accuracy()),
-            seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+            seconds = format!("{:.1}", metrics.runtime_s),
             "evaluation"
         );
         Ok(EvalEntry {

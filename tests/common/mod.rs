@@ -6,6 +6,20 @@ use orpo::data::{PairText, TokenizedPair};
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// The project's root (the tests' working directory for the binary).
+pub fn repo() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the `orpo` binary from the project's root.
+pub fn orpo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
