@@ -485,3 +485,27 @@ fn hh_rlhf_2000_pairs() {
     // Measured ~2.5 s with the test profile on a 2-core machine; generous for slow CI.
     assert!(secs < 60.0, "took {secs:.1} s");
 }
+
+/// A list of locations (`data.train = [...]`) reads each in turn, every pair located in its
+/// own file.
+#[test]
+fn a_list_of_locations_is_read_in_order() {
+    let a = root().join("examples/data/explicit-10.jsonl");
+    let b = root().join("examples/data/hh-rlhf-eval-16.jsonl");
+    let mut both = src(&a);
+    both.more = vec![b.display().to_string()];
+    let tok = tok("tiny-opt");
+    let ds = load_source(&both, &tok, &OPTS).unwrap();
+    let (na, nb) = (
+        load_source(&src(&a), &tok, &OPTS).unwrap().pairs.len(),
+        load_source(&src(&b), &tok, &OPTS).unwrap().pairs.len(),
+    );
+    assert_eq!(ds.pairs.len(), na + nb);
+    assert!(ds.locations[0].starts_with(&a.display().to_string()));
+    assert!(ds.locations[na].starts_with(&b.display().to_string()));
+    assert!(ds.source.contains(" + "), "{}", ds.source);
+    // A missing member is named.
+    both.more.push("no-such-file.jsonl".into());
+    let e = load_source(&both, &tok, &OPTS).err().unwrap().to_string();
+    assert!(e.contains("no-such-file.jsonl"), "{e}");
+}

@@ -45,7 +45,12 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
         (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler, _) => {
             toml::Value::String(text.to_string())
         }
-        (KeyKind::Targets, Some(v @ (toml::Value::String(_) | toml::Value::Array(_)))) => v,
+        (
+            KeyKind::Targets | KeyKind::Paths,
+            Some(v @ (toml::Value::String(_) | toml::Value::Array(_))),
+        ) => v,
+        // Paths are not split at commas: a file name may hold one.
+        (KeyKind::Paths, _) => toml::Value::String(text.to_string()),
         (KeyKind::Targets, _) if text.contains(',') => toml::Value::Array(
             text.split(',')
                 .map(|s| toml::Value::String(s.trim().to_string()))
@@ -232,6 +237,18 @@ pub(super) fn check_and_normalise(
                         }
                     }
                     _ => return Err(wrong("\"all-linear\" or a list of module names", v)),
+                },
+                KeyKind::Paths => match v {
+                    toml::Value::String(_) => {}
+                    toml::Value::Array(items) => {
+                        if items.is_empty() {
+                            return Err(origin.invalid(&full, "the list of locations is empty"));
+                        }
+                        if let Some(item) = items.iter().find(|i| !i.is_str()) {
+                            return Err(wrong("a list of strings (files, folders, globs)", item));
+                        }
+                    }
+                    _ => return Err(wrong("a string or a list of strings", v)),
                 },
             }
         }

@@ -25,7 +25,7 @@ pub use schema::{KeyKind, SCHEMA};
 pub use sections::{
     Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, OrpoConfig, TrainConfig,
 };
-pub use values::{Dtype, LoraTargets, Scheduler};
+pub use values::{DataFiles, Dtype, LoraTargets, Scheduler};
 
 use load::{apply_overrides, check_and_normalise, Origin};
 
@@ -110,7 +110,7 @@ impl Config {
     /// Extra requirements of `orpo train`: `data.train` must be set, and `data.eval` too when
     /// `train.eval_every` asks for evaluations.
     pub fn validate_for_train(&self) -> Result<(), ConfigError> {
-        if !matches!(&self.data.train, Some(t) if !t.trim().is_empty()) {
+        if !matches!(&self.data.train, Some(t) if !t.0.is_empty()) {
             return Err(ConfigError::MissingTrainData);
         }
         if self.train.eval_every > 0 && self.data.eval.is_none() {

@@ -26,8 +26,10 @@ impl Config {
 
         let d = &self.data;
         for (key, v) in [("data.train", &d.train), ("data.eval", &d.eval)] {
-            if matches!(v, Some(s) if s.trim().is_empty()) {
-                return Err(o.invalid(key, "must not be empty (omit the key instead)"));
+            if let Some(files) = v {
+                if files.0.is_empty() || files.0.iter().any(|s| s.trim().is_empty()) {
+                    return Err(o.invalid(key, "must not be empty (omit the key instead)"));
+                }
             }
         }
         for (key, v) in [

@@ -10,6 +10,8 @@ pub enum KeyKind {
     Dtype,
     Scheduler,
     Targets,
+    /// A string, or a list of strings (data locations).
+    Paths,
 }
 
 /// Every valid `section.key`, with its value type.
@@ -28,8 +30,8 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
         (
             "data",
             &[
-                ("train", Str),
-                ("eval", Str),
+                ("train", Paths),
+                ("eval", Paths),
                 ("max_length", UInt),
                 ("max_prompt_length", UInt),
                 ("train_split", Str),

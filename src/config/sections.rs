@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Dtype, LoraTargets, Scheduler};
+use super::{DataFiles, Dtype, LoraTargets, Scheduler};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,9 +32,9 @@ impl Default for ModelConfig {
 pub struct DataConfig {
     /// Training data (required by `orpo train`, see [`Config::validate_for_train`]).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub train: Option<String>,
+    pub train: Option<DataFiles>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub eval: Option<String>,
+    pub eval: Option<DataFiles>,
     pub max_length: usize,
     pub max_prompt_length: usize,
     /// Split read from folders and hub datasets for `train`.
@@ -75,18 +75,22 @@ impl DataConfig {
     /// How to read `data.train` (`eval = false`) or `data.eval`: location, split, subset,
     /// revision and column names. None when that key is not set.
     pub fn source(&self, eval: bool) -> Option<crate::data::DataSource> {
-        let (location, split) = if eval {
+        let (files, split) = if eval {
             (self.eval.as_ref()?, &self.eval_split)
         } else {
             (self.train.as_ref()?, &self.train_split)
         };
-        Some(self.source_at(location, split))
+        let (first, more) = files.0.split_first()?;
+        let mut src = self.source_at(first, split);
+        src.more = more.to_vec();
+        Some(src)
     }
 
     /// A source at `location` read with this section's subset, revision and columns.
     pub fn source_at(&self, location: &str, split: &str) -> crate::data::DataSource {
         crate::data::DataSource {
             location: location.to_string(),
+            more: Vec::new(),
             split: split.to_string(),
             subset: self.subset.clone(),
             revision: self.revision.clone(),

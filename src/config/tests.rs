@@ -104,7 +104,7 @@ targets = "all-linear"
 "#;
     let c = load(text, &[]).unwrap();
     assert_eq!(c.model.revision.as_deref(), Some("main"));
-    assert_eq!(c.data.train.as_deref(), Some("pairs.jsonl"));
+    assert_eq!(c.data.train, Some(DataFiles::from("pairs.jsonl")));
     assert!(c.lora.enabled);
     assert_eq!(c.lora.alpha, 32.0);
     c.validate_for_train().unwrap();
@@ -148,7 +148,7 @@ fn overrides() {
     assert!(!c.train.shuffle);
     assert_eq!(c.model.dtype, Dtype::Bf16);
     assert_eq!(c.optim.scheduler, Scheduler::Cosine);
-    assert_eq!(c.data.train.as_deref(), Some("pairs.jsonl"));
+    assert_eq!(c.data.train, Some(DataFiles::from("pairs.jsonl")));
     assert_eq!(c.model.id, "org/name");
     assert_eq!(c.model.revision.as_deref(), Some("2024"));
     assert_eq!(
@@ -422,4 +422,37 @@ fn data_source_keys() {
     assert!(e.contains("did you mean `data.chosen_column`"), "{e}");
     let e = err(&format!("{base}split = \"a\"\n"), &[]);
     assert!(e.contains("unknown key `data.split`"), "{e}");
+}
+
+#[test]
+fn data_locations_may_be_lists() {
+    let c = load(MINIMAL, &["data.train=[\"a.jsonl\", \"shards/*.parquet\"]"]).unwrap();
+    let t = c.data.source(false).unwrap();
+    assert_eq!(
+        (t.location.as_str(), t.more.as_slice()),
+        ("a.jsonl", &["shards/*.parquet".to_string()][..])
+    );
+    // A comma in a plain path is part of the name, not a separator.
+    let c = load(MINIMAL, &["data.eval=held,out.jsonl"]).unwrap();
+    assert_eq!(c.data.eval, Some(DataFiles::from("held,out.jsonl")));
+    let c = load(
+        &format!("{MINIMAL}[data]\ntrain = [\"a.jsonl\", \"b.jsonl\"]\n"),
+        &[],
+    )
+    .unwrap();
+    let back = Config::from_toml_str(&c.to_toml_string(), "saved.toml", &[]).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(back.data.train.unwrap().0, ["a.jsonl", "b.jsonl"]);
+    let e = err(&format!("{MINIMAL}[data]\ntrain = []\n"), &[]);
+    assert!(
+        e.contains("data.train: the list of locations is empty"),
+        "{e}"
+    );
+    let e = err(&format!("{MINIMAL}[data]\ntrain = [\"a.jsonl\", 3]\n"), &[]);
+    assert!(e.contains("data.train: expected a list of strings"), "{e}");
+    let e = err(
+        &format!("{MINIMAL}[data]\ntrain = [\"a.jsonl\", \" \"]\n"),
+        &[],
+    );
+    assert!(e.contains("data.train: must not be empty"), "{e}");
 }

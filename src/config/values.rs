@@ -1,4 +1,5 @@
-//! The enumerated values: compute dtype, learning-rate schedule, LoRA target modules.
+//! The enumerated values: compute dtype, learning-rate schedule, LoRA target modules, data
+//! locations.
 
 use std::fmt;
 use std::str::FromStr;
@@ -151,6 +152,55 @@ impl<'de> Deserialize<'de> for LoraTargets {
                     out.push(x);
                 }
                 Ok(LoraTargets::Modules(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `data.train` / `data.eval`: a file, folder, glob or hub dataset id, or a list of them whose
+/// pairs are read one after the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFiles(pub Vec<String>);
+
+impl From<&str> for DataFiles {
+    fn from(s: &str) -> Self {
+        DataFiles(vec![s.to_string()])
+    }
+}
+
+impl fmt::Display for DataFiles {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl Serialize for DataFiles {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DataFiles {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DataFiles;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a file, folder, glob or hub dataset id, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DataFiles, E> {
+                Ok(DataFiles::from(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DataFiles, A::Error> {
+                let mut out = Vec::new();
+                while let Some(x) = seq.next_element::<String>()? {
+                    out.push(x);
+                }
+                Ok(DataFiles(out))
             }
         }
         d.deserialize_any(V)

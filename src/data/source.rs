@@ -51,6 +51,8 @@ impl ColumnMap {
 pub struct DataSource {
     /// A file, a folder, a glob (`shards/*.parquet`) or a hub dataset id `org/name`.
     pub location: String,
+    /// Further locations (a list in the config), read after `location` in order.
+    pub more: Vec<String>,
     /// Split to read from folders and hub repos (ignored for a single file or a glob).
     pub split: String,
     /// Dataset config name: a folder of that name inside the repo or folder.
@@ -65,6 +67,7 @@ impl DataSource {
     pub fn new(location: impl Into<String>) -> Self {
         DataSource {
             location: location.into(),
+            more: Vec::new(),
             split: "train".into(),
             subset: None,
             revision: None,
@@ -258,8 +261,30 @@ fn walk(dir: &Path) -> Result<Vec<String>, DataError> {
     Ok(out)
 }
 
-/// Resolves a source to the files to read, in order.
+/// Resolves a source to the files to read, in order: `location`'s, then each of `more`'s.
 pub fn resolve(src: &DataSource) -> Result<ResolvedSource, DataError> {
+    if src.more.is_empty() {
+        return resolve_one(src);
+    }
+    let mut parts = Vec::new();
+    let mut files = Vec::new();
+    for loc in std::iter::once(&src.location).chain(&src.more) {
+        let one = DataSource {
+            location: loc.clone(),
+            more: Vec::new(),
+            ..src.clone()
+        };
+        let r = resolve_one(&one)?;
+        parts.push(r.description);
+        files.extend(r.files);
+    }
+    Ok(ResolvedSource {
+        description: parts.join(" + "),
+        files,
+    })
+}
+
+fn resolve_one(src: &DataSource) -> Result<ResolvedSource, DataError> {
     let loc = src.location.as_str();
     let err = |msg: String| DataError::Source {
         location: loc.to_string(),
