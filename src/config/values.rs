@@ -146,12 +146,8 @@ impl<'de> Deserialize<'de> for LoraTargets {
                     Err(E::invalid_value(de::Unexpected::Str(v), &self))
                 }
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LoraTargets, A::Error> {
-                let mut out = Vec::new();
-                while let Some(x) = seq.next_element::<String>()? {
-                    out.push(x);
-                }
-                Ok(LoraTargets::Modules(out))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<LoraTargets, A::Error> {
+                Ok(LoraTargets::Modules(strings(seq)?))
             }
         }
         d.deserialize_any(V)
@@ -195,14 +191,19 @@ impl<'de> Deserialize<'de> for DataFiles {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DataFiles, E> {
                 Ok(DataFiles::from(v))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DataFiles, A::Error> {
-                let mut out = Vec::new();
-                while let Some(x) = seq.next_element::<String>()? {
-                    out.push(x);
-                }
-                Ok(DataFiles(out))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<DataFiles, A::Error> {
+                Ok(DataFiles(strings(seq)?))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// A TOML list of strings.
+fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> {
+    let mut out = Vec::new();
+    while let Some(x) = seq.next_element::<String>()? {
+        out.push(x);
+    }
+    Ok(out)
 }
