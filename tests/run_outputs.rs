@@ -384,6 +384,8 @@ fn a_misspelt_lora_target_beside_a_matching_one_is_warned_about() {
             && err.contains("adapted: q_proj"),
         "{err}"
     );
+    // Logs that go to a pipe or a file carry no terminal colour codes.
+    assert!(!err.contains('\x1b'), "{err:?}");
 }
 
 #[test]
