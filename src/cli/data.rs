@@ -1,0 +1,84 @@
+//! `orpo data`: loads and tokenises the configured splits as training would and describes them.
+
+use orpo::config::Config;
+use orpo::data::Tokenizer;
+use orpo::Error;
+use std::path::Path;
+
+pub fn data(
+    config_path: &Path,
+    set: &[String],
+    as_json: bool,
+    show: usize,
+    ids: bool,
+) -> Result<(), Error> {
+    let config = Config::load(config_path, set)?;
+    let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
+    let tok = Tokenizer::from_dir(&dir)?;
+    let opts = orpo::data::DataOptions {
+        max_length: config.data.max_length,
+        max_prompt_length: config.data.max_prompt_length,
+    };
+    let Some(train) = config.data.source(false) else {
+        return Err(Error::Input(format!(
+            "{}: data.train is not set",
+            config_path.display()
+        )));
+    };
+    let mut splits = vec![("train", train)];
+    if let Some(e) = config.data.source(true) {
+        splits.push(("eval", e));
+    }
+    let mut json_out = serde_json::Map::new();
+    for (split, src) in splits {
+        let ds = orpo::data::load_source(&src, &tok, &opts)?;
+        let n_show = show.min(ds.pairs.len());
+        if as_json {
+            let mut v = serde_json::json!({
+                "source": ds.source,
+                "files": ds.files,
+                "format": ds.format,
+                "pairs": ds.pairs.len(),
+                "max_length": opts.max_length,
+                "max_prompt_length": opts.max_prompt_length,
+            });
+            if let (Some(obj), serde_json::Value::Object(stats)) =
+                (v.as_object_mut(), ds.stats.to_json())
+            {
+                obj.extend(stats);
+                if n_show > 0 {
+                    let examples: Vec<_> = (0..n_show)
+                        .map(|i| orpo::data::show::example_json(&ds, i, &tok))
+                        .collect();
+                    obj.insert("examples".into(), examples.into());
+                }
+            }
+            json_out.insert(split.into(), v);
+        } else {
+            println!("== {split}: {} ({} format)", ds.source, ds.format);
+            println!(
+                "pairs:          {} (max_length {}, max_prompt_length {})",
+                ds.pairs.len(),
+                opts.max_length,
+                opts.max_prompt_length
+            );
+            print!("{}", ds.stats.render());
+            if n_show > 0 {
+                println!(
+                    "masked (label -100) tokens are shown {}like this{}, trained tokens {}like this{}",
+                    orpo::data::show::MASKED.0,
+                    orpo::data::show::MASKED.1,
+                    orpo::data::show::TRAINED.0,
+                    orpo::data::show::TRAINED.1
+                );
+            }
+            for i in 0..n_show {
+                print!("{}", orpo::data::show::render_example(&ds, i, &tok, ids));
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::Value::Object(json_out));
+    }
+    Ok(())
+}

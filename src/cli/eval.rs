@@ -1,0 +1,80 @@
+//! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
+
+use orpo::config::Config;
+use orpo::Error;
+use std::path::PathBuf;
+
+/// Whether a `--set` argument sets `key`.
+fn overrides(set: &[String], key: &str) -> bool {
+    set.iter()
+        .any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+}
+
+pub fn eval(
+    model: String,
+    base: Option<String>,
+    data: PathBuf,
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let explicit_length = config.is_some() || overrides(&set, "data.max_length");
+    // Without a config, a folder or hub id is read from its `train` split (everything, for a
+    // folder whose files name no split), unless --set names one.
+    let explicit_split = config.is_some() || overrides(&set, "data.eval_split");
+    let mut config = match config {
+        // --model stands for the config's model.id, which the file may then leave out.
+        Some(path) => {
+            let sets: Vec<String> = std::iter::once(format!("model.id={model}"))
+                .chain(set.iter().cloned())
+                .collect();
+            Config::load(&path, &sets)?
+        }
+        None => Config::with_model(model.clone()).with_overrides("(command line)", &set)?,
+    };
+    // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
+    config.model.id = model;
+    let device = orpo::device::select_device(&config.model.device)?;
+    let loaded = orpo::train::load_model(
+        &config.model.id,
+        config.model.revision.as_deref(),
+        base.as_deref(),
+        &device,
+    )?;
+    if let Some(limit) = loaded.model.config().max_sequence_length() {
+        if !explicit_length && config.data.max_length > limit {
+            // Defaults adapt to the model; explicit settings are checked below.
+            config.data.max_length = limit;
+            config.data.max_prompt_length = config.data.max_prompt_length.min(limit);
+        }
+    }
+    let opts = orpo::data::DataOptions {
+        max_length: config.data.max_length,
+        max_prompt_length: config.data.max_prompt_length,
+    };
+    let split = if explicit_split {
+        config.data.eval_split.clone()
+    } else {
+        "train".to_string()
+    };
+    let src = config.data.source_at(&data.display().to_string(), &split);
+    let ds = orpo::data::load_source(&src, &loaded.tokenizer, &opts)?;
+    orpo::train::check_data_fits(&config, loaded.model.config(), &[&ds])?;
+    if ds.pairs.is_empty() {
+        return Err(Error::Input(format!("{}: no usable pairs", data.display())));
+    }
+    let m = orpo::eval::evaluate(
+        &loaded.model,
+        &ds,
+        config.train.batch_size,
+        config.orpo.beta,
+        loaded.tokenizer.pad_id(),
+        config.orpo.nll_on_prompt,
+    )?;
+    if as_json {
+        println!("{}", m.to_json());
+    } else {
+        print!("{}", m.render());
+    }
+    Ok(())
+}

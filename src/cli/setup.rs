@@ -1,0 +1,85 @@
+//! Process set-up before any command: threads, the allocator, logging, and the `ORPO_*`
+//! switches that turn kernels and memory behaviours on or off.
+
+use std::io::IsTerminal;
+
+/// candle asks for the thread count on every parallel op, and without RAYON_NUM_THREADS it
+/// re-reads the CPU/cgroup files each time; resolve it once, before any thread starts.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Training frees and reallocates the same activation-sized buffers every step. glibc returns
+/// blocks over its dynamic mmap threshold to the OS and faults fresh zeroed pages back in on
+/// the next step; raising the threshold to its maximum (32 MiB) and not trimming the heap keeps
+/// them for reuse (about 5% faster on the CPU benchmark, same peak RSS).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORPO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: logs redirected to a file or a pipe stay plain text.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// The `ORPO_*` environment switches (README: Performance, Memory), each said in the log.
+pub fn apply_switches() {
+    if std::env::var_os("ORPO_FUSED_KERNELS").is_some_and(|v| v == "0") {
+        orpo::ops::set_fused_kernels(false);
+        tracing::info!("ORPO_FUSED_KERNELS=0: CPU kernels off, plain candle ops throughout");
+    }
+    if std::env::var_os("ORPO_CUDA_KERNELS").is_some_and(|v| v == "0") {
+        orpo::ops::set_cuda_kernels(false);
+        tracing::info!("ORPO_CUDA_KERNELS=0: the project's CUDA kernels off, candle ops instead");
+    }
+    if std::env::var_os("ORPO_FUSED_ATTENTION").is_some_and(|v| v == "1") {
+        orpo::ops::set_fused_attention(true);
+        tracing::info!("ORPO_FUSED_ATTENTION=1: attention's probabilities as one fused op");
+    }
+    if std::env::var_os("ORPO_RECOMPUTE_ATTENTION").is_some_and(|v| v == "0") {
+        orpo::model::set_recompute_attention_probs(false);
+        tracing::info!(
+            "ORPO_RECOMPUTE_ATTENTION=0: attention's probabilities keep their chain for backward"
+        );
+    }
+    if let Some(v) = std::env::var_os("ORPO_ATTENTION_GROUPS") {
+        match v
+            .to_str()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n >= 1)
+        {
+            Some(n) => {
+                orpo::model::set_max_attention_groups(n);
+                tracing::info!("ORPO_ATTENTION_GROUPS={n}: at most {n} batched attention calls");
+            }
+            None => tracing::warn!("ORPO_ATTENTION_GROUPS={v:?} ignored: expected a count >= 1"),
+        }
+    }
+    if std::env::var_os("ORPO_CUDA_EVENTS").is_some_and(|v| v == "1") {
+        orpo::device::set_cuda_events(true);
+        tracing::info!("ORPO_CUDA_EVENTS=1: cudarc's per-allocation stream events kept");
+    }
+    if std::env::var_os("ORPO_KEEP_GPU_MEMORY").is_some_and(|v| v == "0") {
+        orpo::memory::set_keep_freed_device_memory(false);
+        tracing::info!(
+            "ORPO_KEEP_GPU_MEMORY=0: the GPU's memory pool returns freed memory at each sync"
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! `orpo train`: where the run starts (fresh, resumed, or replacing one), signals, the summary.
+
+use orpo::config::Config;
+use orpo::train::load_trainer;
+use orpo::train::resume::latest_checkpoint;
+use orpo::train::run_dir::{clear_run, holds_run};
+use orpo::Error;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+pub fn train(
+    config: &Path,
+    set: &[String],
+    overwrite: bool,
+    resume: Option<Option<PathBuf>>,
+) -> Result<(), Error> {
+    let config = Config::load(config, set)?;
+    let out = PathBuf::from(&config.train.output_dir);
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Input(format!(
+            "train.output_dir `{}` is a file, not a folder",
+            out.display()
+        )));
+    }
+    let resume_from = match resume {
+        Some(Some(p)) => {
+            if !p.join("trainer_state.json").is_file() {
+                return Err(Error::Input(format!(
+                    "--resume {}: not a checkpoint folder (no trainer_state.json)",
+                    p.display()
+                )));
+            }
+            Some(p)
+        }
+        Some(None) => Some(latest_checkpoint(&out).ok_or_else(|| {
+            Error::Input(format!(
+                "--resume: no complete checkpoint-STEP folder in `{}`",
+                out.display()
+            ))
+        })?),
+        None => {
+            if holds_run(&out) && !overwrite {
+                return Err(Error::Input(format!(
+                    "train.output_dir `{}` already holds a run; pass --resume to continue it or --overwrite to replace it",
+                    out.display()
+                )));
+            }
+            None
+        }
+    };
+    let mut trainer = load_trainer(&config)?;
+    // Only once everything is validated: a refused run leaves the old one whole.
+    if overwrite && holds_run(&out) {
+        let n = clear_run(&out)?;
+        tracing::info!(output_dir = %out.display(), entries = n, "removed the previous run (--overwrite)");
+    }
+    // From the first step on, a first SIGINT/SIGTERM finishes the step, checkpoints and exits;
+    // a second exits at once. Before it (loading, tokenizing) a signal ends the process as usual.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+    }
+    let summary = trainer.run(resume_from.as_deref(), &stop)?;
+    if let Some(last) = summary.log.last() {
+        eprintln!(
+            "finished {} steps: loss {:.4}, rewards/accuracies {:.3}; model saved to {}",
+            last.step,
+            last.metrics.loss,
+            last.metrics.rewards_accuracy(),
+            summary.output_dir.display()
+        );
+    }
+    if let Some(eval) = summary.eval {
+        eprint!("{}", eval.render());
+    }
+    Ok(())
+}
