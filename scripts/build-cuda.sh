@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds `orpo` with candle's CUDA backend on a machine without a GPU or CUDA toolkit, from
 # PyPI's CUDA 13.0 wheels (the lent GPU machines run driver 580 / CUDA 13.0, compute 9.0).
-# Output: target/cuda/release/orpo (its own target dir, so the CPU build is untouched; dynamically linked against libcuda/cublas/curand/nvrtc, which
+# Output: target/cuda/release/orpo (its own target dir, so the CPU build is untouched; dynamically linked against libcuda, cuBLAS, cuRAND and the CUDA runtime, which
 # the GPU machine provides; run there with LD_LIBRARY_PATH=/usr/local/cuda/lib64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
