@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Record TRL ORPOTrainer's training log and in-training evaluations (tests/golden_log_eval.rs).
+
+What `orpo train` writes to metrics.jsonl with `train.log_every > 1` and to eval_metrics.jsonl
+with `train.eval_every`, pinned to what TRL logs: logging_steps windows (loss averaged over the
+window's steps, TRL's stored metrics over its micro-batches, grad_norm and learning_rate the last
+step's), eval_strategy="steps" plus transformers' evaluation at the last step, and a warmup given
+as a ratio (transformers 5: a float `warmup_steps` below 1; orpo's `optim.warmup_ratio`).
+Model, pairs in file order and dropout handling are those of the shared tools/trl_golden.py,
+imported from ../shared/tools beside this checkout (or from TRL_GOLDEN_DIR).
+
+Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
+Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-64.jsonl
+eval=examples/data/hh-rlhf-eval-16.jsonl steps=15 batch=6 grad_accum=3 lr=1e-3 beta=0.1
+max_length=512 weight_decay=0.05 max_grad_norm=1.0 scheduler=linear warmup_ratio=0.1
+logging_steps=3 eval_steps=4
+"""
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.experimental.orpo import ORPOConfig
+
+sys.path.insert(0, os.environ.get("TRL_GOLDEN_DIR", str(Path(__file__).resolve().parents[2] / "shared/tools")))
+from trl_golden import SequentialORPOTrainer, disable_all_dropout  # noqa: E402
+
+DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64.jsonl",
+                eval="examples/data/hh-rlhf-eval-16.jsonl", steps=15, batch=6, grad_accum=3,
+                lr=1e-3, beta=0.1, max_length=512, weight_decay=0.05, max_grad_norm=1.0,
+                scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4)
+
+
+def main():
+    out_path = sys.argv[1]
+    s = dict(DEFAULTS)
+    for kv in sys.argv[2:]:
+        k, v = kv.split("=", 1)
+        s[k] = type(DEFAULTS[k])(v)
+    torch.manual_seed(0)
+    load = lambda p: datasets.Dataset.from_list([json.loads(l) for l in open(p) if l.strip()])
+
+    tokenizer = AutoTokenizer.from_pretrained(s["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
+    disable_all_dropout(model)
+
+    assert 0 < s["warmup_ratio"] < 1
+    args = ORPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=s["batch"],
+        per_device_eval_batch_size=s["batch"], max_steps=s["steps"], learning_rate=s["lr"],
+        lr_scheduler_type=s["scheduler"], warmup_steps=s["warmup_ratio"],
+        weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"],
+        gradient_accumulation_steps=s["grad_accum"], logging_steps=s["logging_steps"],
+        eval_strategy="steps", eval_steps=s["eval_steps"], beta=s["beta"],
+        max_length=s["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to=[], seed=0, use_cpu=True, save_strategy="no", remove_unused_columns=False,
+        dataloader_num_workers=0)
+    trainer = SequentialORPOTrainer(model=model, args=args, processing_class=tokenizer,
+                                    train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))
+    # TRL has no prompt truncation: a prompt that fills max_length would give NaN.
+    for ds in (trainer.train_dataset, trainer.eval_dataset):
+        assert all(len(r["prompt_input_ids"]) < s["max_length"] for r in ds)
+    trainer.train()
+
+    hist = trainer.state.log_history
+    out = dict(
+        source="TRL ORPOTrainer (trl.experimental.orpo), float32, CPU, every dropout zeroed, pairs in "
+               "file order; train_log: the log_history entries with `loss`, eval_log: those with `eval_loss`",
+        versions=dict(trl=__import__("trl").__version__, transformers=__import__("transformers").__version__,
+                      torch=torch.__version__),
+        settings=s, warmup_steps=args.get_warmup_steps(s["steps"]),
+        train_pairs=len(trainer.train_dataset), eval_pairs=len(trainer.eval_dataset),
+        at_max_length=[sum(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) == s["max_length"]
+                           for r in ds) for ds in (trainer.train_dataset, trainer.eval_dataset)],
+        train_log=[e for e in hist if "loss" in e], eval_log=[e for e in hist if "eval_loss" in e])
+    json.dump(out, open(out_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
