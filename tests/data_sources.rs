@@ -2,6 +2,9 @@
 //! folders and globs of shards, column mapping, UltraFeedback-style rows, content given as
 //! text parts; and `orpo data` end to end (summary, --json, --show).
 
+mod common;
+
+use common::json_lines;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,15 +34,6 @@ const OPTS: DataOptions = DataOptions {
 
 fn src(p: &Path) -> DataSource {
     DataSource::new(p.display().to_string())
-}
-
-fn jsonl_rows(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Writes string columns `cols` of `rows` to a Parquet file (snappy), as `datasets` would.
@@ -88,7 +82,7 @@ fn parquet_and_gzip_give_the_same_pairs_as_jsonl() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tok("tiny-opt");
     let jsonl = hh_pairs();
-    let rows = jsonl_rows(&jsonl);
+    let rows = json_lines(&jsonl);
     let pq = dir.path().join("train-00000-of-00001.parquet");
     write_string_parquet(&pq, &["chosen", "rejected"], &rows);
     let gz = dir.path().join("pairs.jsonl.gz");
@@ -122,7 +116,7 @@ fn parquet_and_gzip_give_the_same_pairs_as_jsonl() {
 fn folders_and_globs_of_shards() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tok("tiny-opt");
-    let rows = jsonl_rows(&root().join("tests/fixtures/golden/pairs-explicit.jsonl"));
+    let rows = json_lines(&root().join("tests/fixtures/golden/pairs-explicit.jsonl"));
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     write_string_parquet(

@@ -10,14 +10,6 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The golden's settings as `--set` overrides (TRL has no prompt truncation: orpo's
 /// `max_prompt_length` is `max_length`, and the script checks that no prompt fills it).
 fn overrides(s: &Value, out: &Path) -> Vec<String> {

@@ -38,14 +38,6 @@ fn train(config: &Config) {
     trainer.run(None, &AtomicBool::new(false)).unwrap();
 }
 
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn f(v: &Value, key: &str) -> f64 {
     v[key]
         .as_f64()
