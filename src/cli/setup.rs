@@ -39,25 +39,55 @@ pub fn init_logging() {
         .init();
 }
 
+/// An on/off `ORPO_*` switch: the variable, the value that flips it, what it does, the log line.
+type Switch = (&'static str, &'static str, fn(), &'static str);
+
+const SWITCHES: [Switch; 6] = [
+    (
+        "ORPO_FUSED_KERNELS",
+        "0",
+        || orpo::ops::set_fused_kernels(false),
+        "CPU kernels off, plain candle ops throughout",
+    ),
+    (
+        "ORPO_CUDA_KERNELS",
+        "0",
+        || orpo::ops::set_cuda_kernels(false),
+        "the project's CUDA kernels off, candle ops instead",
+    ),
+    (
+        "ORPO_FUSED_ATTENTION",
+        "1",
+        || orpo::ops::set_fused_attention(true),
+        "attention's probabilities as one fused op",
+    ),
+    (
+        "ORPO_RECOMPUTE_ATTENTION",
+        "0",
+        || orpo::model::set_recompute_attention_probs(false),
+        "attention's probabilities keep their chain for backward",
+    ),
+    (
+        "ORPO_CUDA_EVENTS",
+        "1",
+        || orpo::device::set_cuda_events(true),
+        "cudarc's per-allocation stream events kept",
+    ),
+    (
+        "ORPO_KEEP_GPU_MEMORY",
+        "0",
+        || orpo::memory::set_keep_freed_device_memory(false),
+        "the GPU's memory pool returns freed memory at each sync",
+    ),
+];
+
 /// The `ORPO_*` environment switches (README: Performance, Memory), each said in the log.
 pub fn apply_switches() {
-    if std::env::var_os("ORPO_FUSED_KERNELS").is_some_and(|v| v == "0") {
-        orpo::ops::set_fused_kernels(false);
-        tracing::info!("ORPO_FUSED_KERNELS=0: CPU kernels off, plain candle ops throughout");
-    }
-    if std::env::var_os("ORPO_CUDA_KERNELS").is_some_and(|v| v == "0") {
-        orpo::ops::set_cuda_kernels(false);
-        tracing::info!("ORPO_CUDA_KERNELS=0: the project's CUDA kernels off, candle ops instead");
-    }
-    if std::env::var_os("ORPO_FUSED_ATTENTION").is_some_and(|v| v == "1") {
-        orpo::ops::set_fused_attention(true);
-        tracing::info!("ORPO_FUSED_ATTENTION=1: attention's probabilities as one fused op");
-    }
-    if std::env::var_os("ORPO_RECOMPUTE_ATTENTION").is_some_and(|v| v == "0") {
-        orpo::model::set_recompute_attention_probs(false);
-        tracing::info!(
-            "ORPO_RECOMPUTE_ATTENTION=0: attention's probabilities keep their chain for backward"
-        );
+    for (name, value, apply, effect) in SWITCHES {
+        if std::env::var_os(name).is_some_and(|v| v == value) {
+            apply();
+            tracing::info!("{name}={value}: {effect}");
+        }
     }
     if let Some(v) = std::env::var_os("ORPO_ATTENTION_GROUPS") {
         match v
@@ -71,15 +101,5 @@ pub fn apply_switches() {
             }
             None => tracing::warn!("ORPO_ATTENTION_GROUPS={v:?} ignored: expected a count >= 1"),
         }
-    }
-    if std::env::var_os("ORPO_CUDA_EVENTS").is_some_and(|v| v == "1") {
-        orpo::device::set_cuda_events(true);
-        tracing::info!("ORPO_CUDA_EVENTS=1: cudarc's per-allocation stream events kept");
-    }
-    if std::env::var_os("ORPO_KEEP_GPU_MEMORY").is_some_and(|v| v == "0") {
-        orpo::memory::set_keep_freed_device_memory(false);
-        tracing::info!(
-            "ORPO_KEEP_GPU_MEMORY=0: the GPU's memory pool returns freed memory at each sync"
-        );
     }
 }
