@@ -146,6 +146,24 @@ fn evaluations_survive_an_interrupted_run() {
         a.iter().map(eval_metrics).collect::<Vec<_>>(),
         b.iter().map(eval_metrics).collect::<Vec<_>>()
     );
+    // Character for character, but for the timings.
+    let timings = [
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
+    ];
+    let text = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    for f in ["eval_metrics.jsonl", "eval_metrics.json"] {
+        assert_eq!(
+            without_keys(&text(full.path(), f), &timings),
+            without_keys(&text(cut.path(), f), &timings),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        without_keys(&text(full.path(), "metrics.jsonl"), &["elapsed_s"]),
+        without_keys(&text(cut.path(), "metrics.jsonl"), &["elapsed_s"])
+    );
 }
 
 #[test]

@@ -248,16 +248,12 @@ fn interrupted_run_resumes_bit_identical() {
     assert!(a == b, "resumed model differs from the uninterrupted one");
     let log_a = std::fs::read_to_string(full_dir.path().join("metrics.jsonl")).unwrap();
     let log_b = std::fs::read_to_string(cut_dir.path().join("metrics.jsonl")).unwrap();
-    let strip = |s: &str| -> Vec<serde_json::Value> {
-        s.lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("elapsed_s");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&log_a), strip(&log_b));
+    // The text itself, every digit (a value read back from a checkpoint and rewritten must
+    // not move in its last place), but for the wall time.
+    assert_eq!(
+        without_keys(&log_a, &["elapsed_s"]),
+        without_keys(&log_b, &["elapsed_s"])
+    );
 }
 
 #[test]

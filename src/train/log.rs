@@ -116,3 +116,49 @@ impl JsonLines {
             .map_err(|e| Error::io(&self.path, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run rewrites its log from trainer_state.json: every number must read back
+    /// as the same f64, or the resumed files differ in their last digits.
+    #[test]
+    fn a_log_line_reads_back_digit_for_digit() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Metric-like values: magnitudes 1e-6 … 1e2, both signs, all mantissa bits.
+            let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+            let scale = 10f64.powi((x % 9) as i32 - 6);
+            if x & 1 == 0 {
+                unit * scale
+            } else {
+                -unit * scale
+            }
+        };
+        for step in 1..=2000 {
+            let mut metrics = Metrics {
+                loss: next(),
+                ..Metrics::default()
+            };
+            for v in metrics.values.iter_mut() {
+                *v = next();
+            }
+            let entry = LogEntry {
+                step,
+                epoch: next().abs(),
+                learning_rate: next().abs(),
+                grad_norm: next().abs(),
+                metrics,
+                tokens: step * 7,
+                elapsed_s: next().abs(),
+            };
+            let text = entry.to_json().to_string();
+            let back = LogEntry::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
+            assert_eq!(back.to_json().to_string(), text);
+        }
+    }
+}

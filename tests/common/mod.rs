@@ -30,6 +30,26 @@ pub fn json_lines(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// JSON Lines text with the given top-level number keys cut out (timings), the rest kept
+/// character for character.
+pub fn without_keys(text: &str, keys: &[&str]) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut line = line.to_string();
+        for key in keys {
+            let tag = format!("\"{key}\":");
+            if let Some(at) = line.find(&tag) {
+                let rest = &line[at + tag.len()..];
+                let end = rest.find([',', '}']).unwrap_or(rest.len());
+                line.replace_range(at..at + tag.len() + end, "");
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
