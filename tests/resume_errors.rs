@@ -270,8 +270,15 @@ fn lora_checkpoint_and_full_model_config_mismatch_is_named() {
     let lora = interrupted(true);
     let mut full = interrupted(false);
 
-    // A LoRA checkpoint resumed by a full-model config.
+    // A LoRA checkpoint resumed by a full-model config: the saved config says so first.
     let ckpt = lora.copy("lora-ckpt", "checkpoint-1", |_| {});
+    let msg = full.refused(&ckpt);
+    assert_names(&msg, &["lora.enabled = false (the run: true)", "orpo.toml"]);
+    assert!(!msg.contains("lora.r"), "{msg}");
+
+    // Without the saved config (older checkpoints), the weights' files say so.
+    let no_config = |dir: &Path| std::fs::remove_file(dir.join("orpo.toml")).unwrap();
+    let ckpt = lora.copy("lora-ckpt-old", "checkpoint-1", no_config);
     let msg = full.refused(&ckpt);
     assert_names(
         &msg,
@@ -284,7 +291,7 @@ fn lora_checkpoint_and_full_model_config_mismatch_is_named() {
 
     // A full checkpoint resumed by a LoRA config.
     let mut lora = lora;
-    let ckpt = full.copy("full-ckpt", "checkpoint-1", |_| {});
+    let ckpt = full.copy("full-ckpt", "checkpoint-1", no_config);
     let msg = lora.refused(&ckpt);
     assert_names(
         &msg,
@@ -305,4 +312,38 @@ fn lora_checkpoint_and_full_model_config_mismatch_is_named() {
         &msg,
         &[&format!("cannot resume from {}: {file}: ", ckpt.display())],
     );
+}
+
+#[test]
+fn a_config_that_changes_what_the_run_trains_is_refused_by_key() {
+    let mut run = interrupted(false);
+    let ckpt = run.ckpt.clone();
+    let saved = ckpt.join("orpo.toml").display().to_string();
+
+    run.trainer.config.optim.lr = 5e-4;
+    run.trainer.config.orpo.beta = 0.5;
+    let msg = run.refused(&ckpt);
+    assert_names(
+        &msg,
+        &[
+            "optim.lr = 0.0005 (the run: 0.001)",
+            "orpo.beta = 0.5 (the run: 0.1)",
+            &saved,
+        ],
+    );
+    run.trainer.config = run.config.clone();
+
+    // The same number of pairs in another order: the plan alone would not see it.
+    run.trainer.train.pairs.reverse();
+    let msg = run.refused(&ckpt);
+    assert_names(&msg, &["the training pairs differ from the run's"]);
+    run.trainer.train.pairs.reverse();
+
+    // Where and how often it writes may change.
+    run.trainer.config.train.log_every = 2;
+    run.trainer.config.train.save_every = 1;
+    run.trainer.config.train.save_total_limit = Some(1);
+    run.trainer
+        .run(Some(&ckpt), &AtomicBool::new(false))
+        .unwrap();
 }

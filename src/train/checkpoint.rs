@@ -40,23 +40,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SaveError> {
 }
 
 fn tmp_sibling(path: &Path) -> PathBuf {
+    hidden_sibling(path, "tmp")
+}
+
+/// `.NAME.TAG-PID` beside `path`: hidden, and recognisable as a leftover of this process if it
+/// dies (`run_dir::remove_unfinished` clears those of processes that are gone).
+pub(crate) fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), SaveError> {
-    let tmp = tmp_sibling(path);
-    // safetensors writes through a private temporary file (mode 0600); the file gets the
-    // permissions of one created here instead, which the umask decides, as for the JSON files.
+    // safetensors writes through a temporary file of its own (`.tmpXXXXXX`, mode 0600) beside
+    // its target; a folder of ours around it keeps that one recognisable too, should the
+    // process die mid-write.
+    let tmp_dir = tmp_sibling(path);
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
+    }
+    std::fs::create_dir(&tmp_dir).map_err(io(&tmp_dir))?;
+    let tmp = tmp_dir.join(path.file_name().unwrap_or("weights.safetensors".as_ref()));
+    // The file gets the permissions of one created here, which the umask decides, as for the
+    // JSON files.
     let probe = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let permissions = probe.metadata().map_err(io(&tmp))?.permissions();
     drop(probe);
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| other(&tmp, e))?;
     std::fs::set_permissions(&tmp, permissions).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::remove_dir_all(&tmp_dir).map_err(io(&tmp_dir))
 }
 
 /// The files of a model folder: config.json (dtype float32), the weights under their Hugging
@@ -161,7 +176,13 @@ pub fn save_checkpoint(
     write_model_files(&tmp, model, tok, base)?;
     extra(&tmp)?;
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        // Replaced, never deleted in place: a crash leaves the old folder or the new one under
+        // this name, complete, or neither (both then hidden and the previous checkpoint the
+        // newest).
+        let old = hidden_sibling(dir, "old");
+        std::fs::rename(dir, &old).map_err(io(dir))?;
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        return std::fs::remove_dir_all(&old).map_err(io(&old));
     }
     std::fs::rename(&tmp, dir).map_err(io(dir))
 }

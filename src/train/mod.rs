@@ -13,6 +13,7 @@ pub mod plan;
 pub mod plot;
 pub mod resume;
 pub mod run_dir;
+pub mod same_run;
 pub mod schedule;
 mod setup;
 pub mod shard;

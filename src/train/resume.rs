@@ -3,6 +3,7 @@
 //! is a pure function of (seed, epoch), so step N+1 trains on the same pairs either way.
 
 use super::plan::Plan;
+use crate::config::Config;
 use crate::model::CausalLm;
 use crate::Error;
 use candle_core::{Device, Tensor};
@@ -22,22 +23,29 @@ pub fn plan_fingerprint(plan: &Plan) -> Value {
     })
 }
 
+/// What a field of the plan's fingerprint comes from, for error messages.
+fn plan_key(field: &str) -> &str {
+    match field {
+        "n_pairs" => "pairs (data.train after filtering):",
+        "batch_size" => "train.batch_size =",
+        "grad_accum" => "train.grad_accum =",
+        "shuffle" => "train.shuffle =",
+        "seed" => "train.seed =",
+        "total_steps" => "steps (train.epochs, train.max_steps):",
+        other => other,
+    }
+}
+
 /// The newest complete `checkpoint-STEP` in `out_dir`. Checkpoints are renamed into place only
-/// when complete, so any folder with that name and a trainer_state.json is trustworthy.
+/// when complete and set aside before removal, so a folder of that name with its state and
+/// optimizer files is trustworthy (the files check covers folders of older versions, which
+/// removed checkpoints in place).
 pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(out_dir).ok()?;
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            let path = e.path();
-            path.join("trainer_state.json")
-                .is_file()
-                .then_some((step, path))
-        })
-        .max_by_key(|(step, _)| *step)
-        .map(|(_, p)| p)
+    super::run_dir::checkpoints(out_dir)
+        .into_iter()
+        .rev()
+        .map(|(_, path)| path)
+        .find(|p| p.join(STATE_FILE).is_file() && p.join(OPTIMIZER_FILE).is_file())
 }
 
 pub struct ResumeState {
@@ -143,9 +151,16 @@ fn folder_step(dir: &Path) -> Option<(String, usize)> {
 }
 
 impl ResumeState {
-    /// Reads a checkpoint and checks it belongs to a run with the same plan, at a step within
-    /// it. Every error names the file (and, for trainer_state.json, the key) at fault.
-    pub fn load(dir: &Path, plan: &Plan, device: &Device) -> Result<Self, Error> {
+    /// Reads a checkpoint and checks it belongs to the run `config` describes (its settings and
+    /// training pairs, `same_run`; its batching plan), at a step within it. Every error names
+    /// the file (and, for trainer_state.json, the key) at fault.
+    pub fn load(
+        dir: &Path,
+        plan: &Plan,
+        config: &Config,
+        data_fingerprint: &str,
+        device: &Device,
+    ) -> Result<Self, Error> {
         let state_path = dir.join(STATE_FILE);
         let text =
             std::fs::read_to_string(&state_path).map_err(|e| bad_file(dir, STATE_FILE, e))?;
@@ -158,12 +173,37 @@ impl ResumeState {
                 format!("must hold a JSON object, found {}", shown(&state)),
             ));
         };
+        let saved_data = match obj.get("data_fingerprint") {
+            None => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(v) => {
+                return Err(bad_file(
+                    dir,
+                    STATE_FILE,
+                    format!("`data_fingerprint` must be a string, found {}", shown(v)),
+                ))
+            }
+        };
+        super::same_run::check(dir, config, data_fingerprint, saved_data)?;
         let saved_plan = &state["plan"];
         let want = plan_fingerprint(plan);
         if saved_plan != &want {
+            let differs: Vec<String> = want
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| saved_plan.get(k.as_str()) != Some(*v))
+                .map(|(k, v)| {
+                    let was = saved_plan.get(k.as_str()).map_or("unset".into(), shown);
+                    format!("{} {v} (the run: {was})", plan_key(k))
+                })
+                .collect();
             return Err(bad(
                 dir,
-                format!("its batching plan {saved_plan} differs from this config's {want}; resume with the config the run started with"),
+                format!(
+                    "its batching plan differs from this config's: {}; resume with the config and data the run started with",
+                    differs.join(", ")
+                ),
             ));
         }
         let file = StateFile { dir, obj };

@@ -1,12 +1,13 @@
-//! A run's files in `train.output_dir`: whether a run is there, and clearing it for
-//! `--overwrite`, so that nothing of the old run (a checkpoint `--resume` or
+//! A run's files in `train.output_dir`: whether a run is there, clearing it for
+//! `--overwrite` (so that nothing of the old run — a checkpoint `--resume` or
 //! `save_total_limit` would then pick up, an adapter that `orpo eval` would load instead of a
-//! new full model, a stale evaluation) outlives it.
+//! new full model, a stale evaluation — outlives it), its checkpoint folders, and the hidden
+//! leftovers (`.NAME.tmp-PID`, `.NAME.old-PID`) of a process that died while writing.
 
 use super::shard::is_shard_name;
 use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::Error;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Whether `dir` holds a run's log, weights or checkpoints.
 pub fn holds_run(dir: &Path) -> bool {
@@ -26,13 +27,7 @@ pub fn clear_run(dir: &Path) -> Result<usize, Error> {
         .filter(|n| is_run_output(n) || unfinished(n).is_some_and(is_run_output))
         .collect();
     for name in &doomed {
-        let path = dir.join(name);
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(|e| Error::io(&path, e))?;
+        remove_entry(&dir.join(name))?;
     }
     Ok(doomed.len())
 }
@@ -67,10 +62,84 @@ fn is_run_output(name: &str) -> bool {
         || is_checkpoint(name)
 }
 
-/// The name a temporary file or folder (`.NAME.tmp-PID`, see `checkpoint::tmp_sibling`) stands
-/// in for.
+/// The name a hidden temporary (`.NAME.tmp-PID`, being written) or set-aside (`.NAME.old-PID`,
+/// being removed) file or folder stands in for (see `checkpoint::hidden_sibling`).
 fn unfinished(name: &str) -> Option<&str> {
-    name.strip_prefix('.')?.rsplit_once(".tmp-").map(|(n, _)| n)
+    leftover(name).map(|(n, _)| n)
+}
+
+/// `(NAME, PID)` of a hidden temporary or set-aside name.
+fn leftover(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix('.')?;
+    let (stem, pid) = rest.rsplit_once('-')?;
+    let pid = pid.parse().ok()?;
+    let name = stem
+        .strip_suffix(".tmp")
+        .or_else(|| stem.strip_suffix(".old"))?;
+    (!name.is_empty()).then_some((name, pid))
+}
+
+/// Whether process `pid` may still be running (and writing its temporaries).
+fn alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only asks whether the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// Removes the hidden temporaries and set-aside folders that processes no longer running left
+/// in `dir` (a run killed while saving: up to a whole model's size each). Returns how many.
+pub fn remove_unfinished(dir: &Path) -> Result<usize, Error> {
+    let doomed: Vec<String> = names(dir)
+        .filter(|n| leftover(n).is_some_and(|(_, pid)| !alive(pid)))
+        .collect();
+    for name in &doomed {
+        remove_entry(&dir.join(name))?;
+    }
+    Ok(doomed.len())
+}
+
+fn remove_entry(path: &Path) -> Result<(), Error> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    removed.map_err(|e| Error::io(path, e))
+}
+
+/// The `checkpoint-STEP` folders in `dir`, by step.
+pub fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = names(dir)
+        .filter(|n| is_checkpoint(n))
+        .filter_map(|n| {
+            let step = n.strip_prefix("checkpoint-")?.parse().ok()?;
+            let path = dir.join(&n);
+            path.is_dir().then_some((step, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Removes a checkpoint folder without ever leaving a half-deleted `checkpoint-STEP` (which
+/// `--resume` would take for complete): it is renamed aside first.
+pub fn remove_checkpoint(path: &Path) -> Result<(), Error> {
+    let aside = super::checkpoint::hidden_sibling(path, "old");
+    std::fs::rename(path, &aside).map_err(|e| Error::io(path, e))?;
+    remove_entry(&aside)
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use super::loss::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
 use super::resume::{plan_fingerprint, ResumeState};
+use super::run_dir;
+use super::same_run;
 use super::schedule::{lr_factor, warmup_steps};
 use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
@@ -175,6 +177,7 @@ impl Trainer {
         let out_dir = PathBuf::from(&cfg.train.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let plan = self.plan();
+        let data_fingerprint = same_run::data_fingerprint(&self.train.pairs);
         let total = plan.total_steps;
         let mut opt = AdamW::new(AdamWSettings {
             beta1: cfg.optim.adam_beta1,
@@ -184,11 +187,21 @@ impl Trainer {
         });
         let mut st = RunState::default();
         if let Some(dir) = resume {
-            let r = ResumeState::load(dir, &plan, &self.device)?;
+            let r = ResumeState::load(dir, &plan, &cfg, &data_fingerprint, &self.device)?;
             r.restore_weights(&self.model, &self.device)?;
             opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
+        }
+        let start_step = st.step;
+        let mut written: Vec<usize> = Vec::new();
+        let leftovers = run_dir::remove_unfinished(&out_dir)?;
+        if leftovers > 0 {
+            tracing::info!(
+                output_dir = %out_dir.display(),
+                entries = leftovers,
+                "removed temporary files of an earlier run that did not finish saving"
+            );
         }
         let warmup = warmup_steps(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total);
         if warmup > 0 && cfg.optim.scheduler == crate::config::Scheduler::Constant {
@@ -303,7 +316,12 @@ impl Trainer {
             let save_every = cfg.train.save_every;
             let interrupted = stop.load(Ordering::SeqCst);
             if done < total && (interrupted || (save_every > 0 && done % save_every == 0)) {
-                let dir = self.save_checkpoint(&out_dir, &plan, &st, &opt)?;
+                remove_replaced_checkpoints(&out_dir, start_step, &written)?;
+                let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
+                written.push(done);
+                if let Some(keep) = cfg.train.save_total_limit {
+                    prune_checkpoints(&out_dir, keep)?;
+                }
                 if interrupted {
                     bar.finish_and_clear();
                     return Err(Error::Interrupted {
@@ -323,6 +341,7 @@ impl Trainer {
             peak_memory_gib = self.memory.as_ref().map(|m| gib2(m.run_peak_gib())),
             "done"
         );
+        remove_replaced_checkpoints(&out_dir, start_step, &written)?;
         save_model(&out_dir, &self.model, &self.tokenizer, &self.base)?;
         let eval = match (&self.eval, eval_file.as_mut()) {
             (Some(data), Some(file)) => {
@@ -375,6 +394,7 @@ impl Trainer {
         &self,
         out_dir: &Path,
         plan: &Plan,
+        data_fingerprint: &str,
         st: &RunState,
         opt: &AdamW,
     ) -> Result<PathBuf, Error> {
@@ -388,6 +408,7 @@ impl Trainer {
             "pending_metrics": st.pending.iter().map(Metrics::to_vec).collect::<Vec<_>>(),
             "pending_losses": st.pending_losses,
             "plan": plan_fingerprint(plan),
+            "data_fingerprint": data_fingerprint,
             "log_history": st.log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
             "eval_history": st.evals.iter().map(EvalEntry::to_json).collect::<Vec<_>>(),
         });
@@ -400,9 +421,6 @@ impl Trainer {
             write_atomic(&tmp.join("orpo.toml"), config_text.as_bytes())
         })?;
         tracing::info!(path = %dir.display(), "checkpoint saved");
-        if let Some(keep) = self.config.train.save_total_limit {
-            prune_checkpoints(out_dir, keep)?;
-        }
         Ok(dir)
     }
 }
@@ -477,21 +495,32 @@ impl RunState {
     }
 }
 
-/// Keeps the newest `keep` complete `checkpoint-STEP` folders.
+/// Keeps the newest `keep` `checkpoint-STEP` folders.
 fn prune_checkpoints(out_dir: &Path, keep: usize) -> Result<(), Error> {
-    let entries = std::fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let mut steps: Vec<(usize, PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            Some((step, e.path()))
-        })
-        .collect();
-    steps.sort();
-    let excess = steps.len().saturating_sub(keep);
-    for (_, path) in steps.into_iter().take(excess) {
-        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    let found = run_dir::checkpoints(out_dir);
+    let excess = found.len().saturating_sub(keep);
+    for (_, path) in found.into_iter().take(excess) {
+        run_dir::remove_checkpoint(&path)?;
+    }
+    Ok(())
+}
+
+/// Removes the checkpoints after `start` (the step this run began from) that this run did not
+/// write: they belong to the run it replaces, resumed from an earlier checkpoint, and would
+/// otherwise be taken by `--resume` or kept by `save_total_limit` over this run's own.
+fn remove_replaced_checkpoints(
+    out_dir: &Path,
+    start: usize,
+    written: &[usize],
+) -> Result<(), Error> {
+    for (step, path) in run_dir::checkpoints(out_dir) {
+        if step > start && !written.contains(&step) {
+            run_dir::remove_checkpoint(&path)?;
+            tracing::info!(
+                path = %path.display(),
+                "removed a checkpoint of the replaced run (it lies after the step this run resumed from)"
+            );
+        }
     }
     Ok(())
 }
