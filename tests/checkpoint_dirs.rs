@@ -139,6 +139,8 @@ fn temporaries_of_a_process_that_died_while_saving_are_cleared() {
     }
     for file in [
         format!(".metrics.jsonl.tmp-{dead}"),
+        format!(".tokenizer.json.tmp-{dead}"),
+        format!(".notes.txt.tmp-{dead}"),
         ".tmp-notes".to_string(),
         ".keep.tmp-x".to_string(),
     ] {
@@ -153,6 +155,7 @@ fn temporaries_of_a_process_that_died_while_saving_are_cleared() {
         [
             format!(".checkpoint-2.tmp-{me}"),
             ".keep.tmp-x".to_string(),
+            format!(".notes.txt.tmp-{dead}"),
             ".tmp-notes".to_string()
         ]
     );

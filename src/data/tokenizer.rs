@@ -419,9 +419,27 @@ impl Tokenizer {
     pub fn save_to(&self, out: &Path) -> Result<(), DataError> {
         let io = |path: PathBuf| move |source| DataError::Io { path, source };
         std::fs::create_dir_all(out).map_err(io(out.to_path_buf()))?;
-        let tj = out.join("tokenizer.json");
-        self.inner
-            .save(&tj, false)
+        for (name, bytes) in self.saved_files(out)? {
+            let path = out.join(name);
+            match bytes {
+                Some(b) => std::fs::write(&path, b).map_err(io(path))?,
+                None if path.exists() => std::fs::remove_file(&path).map_err(io(path))?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The files `save_to` writes, by name, with their contents (`None`: a file to remove, the
+    /// chat template of a tokenizer without one), for a caller that writes them atomically.
+    /// `out` only names the folder in errors.
+    pub fn saved_files(
+        &self,
+        out: &Path,
+    ) -> Result<Vec<(&'static str, Option<Vec<u8>>)>, DataError> {
+        let tokenizer_json = self
+            .inner
+            .to_string(false)
             .map_err(|e| DataError::Tokenizer {
                 dir: out.to_path_buf(),
                 msg: format!("cannot write tokenizer.json: {e}"),
@@ -454,22 +472,18 @@ impl Tokenizer {
         config
             .entry("tokenizer_class")
             .or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
-        let write_json = |name: &str, v: &Value| -> Result<(), DataError> {
-            let path = out.join(name);
-            let text = serde_json::to_string_pretty(v).unwrap_or_default();
-            std::fs::write(&path, text + "\n").map_err(io(path))
+        let json = |v: Value| {
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+            Some((text + "\n").into_bytes())
         };
-        write_json("tokenizer_config.json", &Value::Object(config))?;
-        write_json("special_tokens_map.json", &Value::Object(specials))?;
-        let jinja = out.join("chat_template.jinja");
-        match self.chat_template() {
-            Some(src) => std::fs::write(&jinja, src).map_err(io(jinja))?,
-            None => {
-                if jinja.exists() {
-                    std::fs::remove_file(&jinja).map_err(io(jinja))?;
-                }
-            }
-        }
-        Ok(())
+        Ok(vec![
+            ("tokenizer.json", Some(tokenizer_json.into_bytes())),
+            ("tokenizer_config.json", json(Value::Object(config))),
+            ("special_tokens_map.json", json(Value::Object(specials))),
+            (
+                "chat_template.jinja",
+                self.chat_template().map(|t| t.as_bytes().to_vec()),
+            ),
+        ])
     }
 }

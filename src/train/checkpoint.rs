@@ -118,7 +118,15 @@ fn write_model_files(
             Err(e) => tracing::warn!("{} is not valid JSON ({e}); not copied", gen.display()),
         }
     }
-    tok.save_to(dir).map_err(|e| other(dir, e))
+    for (name, bytes) in tok.saved_files(dir).map_err(|e| other(dir, e))? {
+        let path = dir.join(name);
+        match bytes {
+            Some(b) => write_atomic(&path, &b)?,
+            None if path.exists() => std::fs::remove_file(&path).map_err(io(&path))?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The model a run started from: its folder, and the name an adapter records for it (the hub

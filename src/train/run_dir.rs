@@ -99,11 +99,24 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Removes the hidden temporaries and set-aside folders that processes no longer running left
-/// in `dir` (a run killed while saving: up to a whole model's size each). Returns how many.
+/// What a save writes beside the run's outputs (`Tokenizer::saved_files`).
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// Removes the hidden temporaries and set-aside folders of the run's files that processes no
+/// longer running left in `dir` (a run killed while saving: up to a whole model's size each).
+/// Returns how many.
 pub fn remove_unfinished(dir: &Path) -> Result<usize, Error> {
     let doomed: Vec<String> = names(dir)
-        .filter(|n| leftover(n).is_some_and(|(_, pid)| !alive(pid)))
+        .filter(|n| {
+            leftover(n).is_some_and(|(name, pid)| {
+                (is_run_output(name) || TOKENIZER_FILES.contains(&name)) && !alive(pid)
+            })
+        })
         .collect();
     for name in &doomed {
         remove_entry(&dir.join(name))?;
