@@ -15,6 +15,9 @@ use tokenizers::{AddedToken, ModelWrapper, PreTokenizerWrapper, SplitDelimiterBe
 use super::error::DataError;
 use super::template::ChatTemplate;
 
+/// A file of a saved tokenizer: its name and contents (`None`: remove the file).
+pub type SavedFile = (&'static str, Option<Vec<u8>>);
+
 /// A tokenizer with the special tokens and chat template TRL would use.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -433,10 +436,7 @@ impl Tokenizer {
     /// The files `save_to` writes, by name, with their contents (`None`: a file to remove, the
     /// chat template of a tokenizer without one), for a caller that writes them atomically.
     /// `out` only names the folder in errors.
-    pub fn saved_files(
-        &self,
-        out: &Path,
-    ) -> Result<Vec<(&'static str, Option<Vec<u8>>)>, DataError> {
+    pub fn saved_files(&self, out: &Path) -> Result<Vec<SavedFile>, DataError> {
         let tokenizer_json = self
             .inner
             .to_string(false)
