@@ -160,3 +160,30 @@ fn temporaries_of_a_process_that_died_while_saving_are_cleared() {
         ]
     );
 }
+
+#[test]
+fn another_runs_checkpoints_are_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    for (out, lr) in [(&a, "optim.lr=5e-4"), (&b, "optim.lr=1e-3")] {
+        load_trainer(&config(out, &[lr, "train.max_steps=7"]))
+            .unwrap()
+            .run(None, &AtomicBool::new(false))
+            .unwrap();
+    }
+    assert_eq!(steps(&a), [3, 6]);
+    // b's checkpoint-3 resumed into a, which holds a run with another learning rate.
+    let into_a = config(&a, &["optim.lr=1e-3", "train.max_steps=7"]);
+    let err = load_trainer(&into_a)
+        .unwrap()
+        .run(Some(&b.join("checkpoint-3")), &AtomicBool::new(false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("holds 2 checkpoint(s) of another run") && err.contains("optim.lr"),
+        "{err}"
+    );
+    assert_eq!(steps(&a), [3, 6]);
+}

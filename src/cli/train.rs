@@ -25,6 +25,12 @@ pub fn train(
     }
     let resume_from = match resume {
         Some(Some(p)) => {
+            if !p.exists() {
+                return Err(Error::Input(format!(
+                    "--resume {}: no such folder",
+                    p.display()
+                )));
+            }
             if !p.join("trainer_state.json").is_file() {
                 return Err(Error::Input(format!(
                     "--resume {}: not a checkpoint folder (no trainer_state.json)",

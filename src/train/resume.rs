@@ -150,6 +150,84 @@ fn folder_step(dir: &Path) -> Option<(String, usize)> {
     Some((name, step))
 }
 
+/// A checkpoint's trainer_state.json, checked to hold a JSON object.
+fn read_state(dir: &Path) -> Result<Value, Error> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| bad_file(dir, STATE_FILE, e))?;
+    let state: Value = serde_json::from_str(&text)
+        .map_err(|e| bad_file(dir, STATE_FILE, format!("invalid JSON: {e}")))?;
+    if !state.is_object() {
+        return Err(bad_file(
+            dir,
+            STATE_FILE,
+            format!("must hold a JSON object, found {}", shown(&state)),
+        ));
+    }
+    Ok(state)
+}
+
+/// Whether checkpoint `dir` (its `state`) belongs to the run `config` describes: its settings
+/// and training pairs (`same_run`) and its batching plan.
+fn check_same_run(
+    dir: &Path,
+    state: &Value,
+    plan: &Plan,
+    config: &Config,
+    data_fingerprint: &str,
+) -> Result<(), Error> {
+    let saved_data = match state.get("data_fingerprint") {
+        None => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(v) => {
+            return Err(bad_file(
+                dir,
+                STATE_FILE,
+                format!("`data_fingerprint` must be a string, found {}", shown(v)),
+            ))
+        }
+    };
+    super::same_run::check(dir, config, data_fingerprint, saved_data)?;
+    let saved_plan = &state["plan"];
+    let want = plan_fingerprint(plan);
+    if saved_plan != &want {
+        let differs: Vec<String> = want
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| saved_plan.get(k.as_str()) != Some(*v))
+            .map(|(k, v)| {
+                let was = saved_plan.get(k.as_str()).map_or("unset".into(), shown);
+                format!("{} {v} (the run: {was})", plan_key(k))
+            })
+            .collect();
+        return Err(bad(
+            dir,
+            format!(
+                "its batching plan differs from this config's: {}; resume with the config and data the run started with",
+                differs.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Why checkpoint `dir` belongs to another run than the one `config` describes, if it is a
+/// complete checkpoint of one (an unreadable or incomplete folder is nobody's run).
+pub fn another_run(
+    dir: &Path,
+    plan: &Plan,
+    config: &Config,
+    data_fingerprint: &str,
+) -> Option<String> {
+    if !dir.join(OPTIMIZER_FILE).is_file() {
+        return None;
+    }
+    let state = read_state(dir).ok()?;
+    check_same_run(dir, &state, plan, config, data_fingerprint)
+        .err()
+        .map(|e| e.to_string())
+}
+
 impl ResumeState {
     /// Reads a checkpoint and checks it belongs to the run `config` describes (its settings and
     /// training pairs, `same_run`; its batching plan), at a step within it. Every error names
@@ -161,51 +239,11 @@ impl ResumeState {
         data_fingerprint: &str,
         device: &Device,
     ) -> Result<Self, Error> {
-        let state_path = dir.join(STATE_FILE);
-        let text =
-            std::fs::read_to_string(&state_path).map_err(|e| bad_file(dir, STATE_FILE, e))?;
-        let state: Value = serde_json::from_str(&text)
-            .map_err(|e| bad_file(dir, STATE_FILE, format!("invalid JSON: {e}")))?;
-        let Some(obj) = state.as_object() else {
-            return Err(bad_file(
-                dir,
-                STATE_FILE,
-                format!("must hold a JSON object, found {}", shown(&state)),
-            ));
-        };
-        let saved_data = match obj.get("data_fingerprint") {
-            None => None,
-            Some(Value::String(s)) => Some(s.as_str()),
-            Some(v) => {
-                return Err(bad_file(
-                    dir,
-                    STATE_FILE,
-                    format!("`data_fingerprint` must be a string, found {}", shown(v)),
-                ))
-            }
-        };
-        super::same_run::check(dir, config, data_fingerprint, saved_data)?;
-        let saved_plan = &state["plan"];
-        let want = plan_fingerprint(plan);
-        if saved_plan != &want {
-            let differs: Vec<String> = want
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| saved_plan.get(k.as_str()) != Some(*v))
-                .map(|(k, v)| {
-                    let was = saved_plan.get(k.as_str()).map_or("unset".into(), shown);
-                    format!("{} {v} (the run: {was})", plan_key(k))
-                })
-                .collect();
-            return Err(bad(
-                dir,
-                format!(
-                    "its batching plan differs from this config's: {}; resume with the config and data the run started with",
-                    differs.join(", ")
-                ),
-            ));
-        }
+        let state = read_state(dir)?;
+        check_same_run(dir, &state, plan, config, data_fingerprint)?;
+        let obj = state
+            .as_object()
+            .ok_or_else(|| bad_file(dir, STATE_FILE, "must hold a JSON object"))?;
         let file = StateFile { dir, obj };
         let total = plan.total_steps;
         let step = file

@@ -3,7 +3,7 @@
 //! nor a new one's; so every setting that shapes training is compared with the checkpoint's
 //! `orpo.toml`, and the training pairs themselves with a fingerprint, before anything loads.
 
-use crate::config::Config;
+use crate::config::{Config, LoraTargets};
 use crate::data::TokenizedPair;
 use crate::Error;
 use std::collections::BTreeMap;
@@ -75,9 +75,9 @@ pub fn check(
     if let Some(saved) = saved_fingerprint {
         if saved != fingerprint {
             return Err(bad(format!(
-                "the training pairs differ from the run's (data.train = {:?}, tokenised with \
-                 data.max_length = {}, data.max_prompt_length = {}); resume with the data the run \
-                 started with",
+                "the training pairs differ from the run's (read from data.train = {:?} with the \
+                 data.* split, subset and columns, tokenised with data.max_length = {}, \
+                 data.max_prompt_length = {}); resume with the data the run started with",
                 config
                     .data
                     .train
@@ -94,8 +94,8 @@ pub fn check(
         return Ok(());
     };
     let saved = Config::from_toml_str(&text, &saved_path.display().to_string(), &[])
-        .map_err(|e| bad(format!("{}: {e}", saved_path.display())))?;
-    let (was, now) = (flat(&saved), flat(config));
+        .map_err(|e| bad(e.to_string()))?;
+    let (was, now) = (flat(&normalized(&saved)), flat(&normalized(config)));
     // LoRA's settings matter only where it is on on both sides (on one side only, its
     // `enabled` says all).
     let lora_off = !saved.lora.enabled || !config.lora.enabled;
@@ -130,6 +130,26 @@ pub fn check(
 
 fn shown(v: Option<&String>) -> &str {
     v.map_or("unset", String::as_str)
+}
+
+/// The config with equivalent spellings made equal: a local model folder by its canonical path
+/// (`./m`, `m/` and `/abs/m` are one model), an unset model revision as `main`, LoRA's target
+/// list as a set.
+fn normalized(config: &Config) -> Config {
+    let mut c = config.clone();
+    if let Ok(path) = std::fs::canonicalize(&c.model.id) {
+        if path.is_dir() {
+            c.model.id = path.display().to_string();
+        }
+    }
+    if c.model.revision.is_none() {
+        c.model.revision = Some("main".into());
+    }
+    if let LoraTargets::Modules(m) = &mut c.lora.targets {
+        m.sort();
+        m.dedup();
+    }
+    c
 }
 
 /// `section.key` → the value as TOML writes it.
@@ -209,6 +229,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("lora.targets"), "{e}");
+    }
+
+    #[test]
+    fn equivalent_spellings_are_the_same_setting() {
+        let here = env!("CARGO_MANIFEST_DIR");
+        let model = |id: &str| format!("model.id={id}");
+        let run = config(&[
+            &model(&format!("{here}/tests/fixtures/tiny-opt")),
+            "lora.enabled=true",
+            "lora.targets=[\"q_proj\", \"v_proj\"]",
+        ]);
+        let dir = checkpoint(&run);
+        let same = config(&[
+            &model(&format!("{here}/tests/../tests/fixtures/tiny-opt/")),
+            "model.revision=main",
+            "lora.enabled=true",
+            "lora.targets=[\"v_proj\", \"q_proj\"]",
+        ]);
+        check(dir.path(), &same, "f", Some("f")).unwrap();
+        let other = config(&[
+            &model(&format!("{here}/tests/fixtures/tiny-llama3")),
+            "lora.enabled=true",
+            "lora.targets=[\"q_proj\", \"v_proj\"]",
+        ]);
+        let e = check(dir.path(), &other, "f", Some("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.id"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::log::{EvalEntry, JsonLines, LogEntry};
 use super::loss::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
-use super::resume::{plan_fingerprint, ResumeState};
+use super::resume::{self, plan_fingerprint, ResumeState};
 use super::run_dir;
 use super::same_run;
 use super::schedule::{lr_factor, warmup_steps};
@@ -192,6 +192,19 @@ impl Trainer {
             opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
+        }
+        // This run replaces and prunes checkpoints in its output_dir: they must be its own run's.
+        let strangers: Vec<String> = run_dir::checkpoints(&out_dir)
+            .into_iter()
+            .filter_map(|(_, p)| resume::another_run(&p, &plan, &cfg, &data_fingerprint))
+            .collect();
+        if let Some(first) = strangers.first() {
+            return Err(Error::Input(format!(
+                "train.output_dir `{}` holds {} checkpoint(s) of another run, which this run would \
+                 replace or prune ({first}); write this run to another output_dir, or remove them",
+                out_dir.display(),
+                strangers.len()
+            )));
         }
         let start_step = st.step;
         let mut written: Vec<usize> = Vec::new();
