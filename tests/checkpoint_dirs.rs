@@ -24,6 +24,14 @@ fn config(out: &Path, extra: &[&str]) -> Config {
     Config::load(&repo().join("configs/tiny-opt.toml"), &sets).unwrap()
 }
 
+/// Trains to the end, from the start or from checkpoint `resume`.
+fn train(config: &Config, resume: Option<&Path>) {
+    load_trainer(config)
+        .unwrap()
+        .run(resume, &AtomicBool::new(false))
+        .unwrap();
+}
+
 fn steps(dir: &Path) -> Vec<usize> {
     checkpoints(dir).into_iter().map(|(s, _)| s).collect()
 }
@@ -43,10 +51,7 @@ fn hidden_entries(dir: &Path) -> Vec<String> {
 fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    load_trainer(&config(&out, &[]))
-        .unwrap()
-        .run(None, &AtomicBool::new(false))
-        .unwrap();
+    train(&config(&out, &[]), None);
     assert_eq!(steps(&out), [3, 6, 9, 12, 15]);
     let reference = std::fs::read(out.join("model.safetensors")).unwrap();
     assert!(
@@ -70,10 +75,7 @@ fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
     assert_eq!(steps(&out), [3, 4]);
     assert_eq!(latest_checkpoint(&out), Some(out.join("checkpoint-4")));
 
-    load_trainer(&limited)
-        .unwrap()
-        .run(Some(&out.join("checkpoint-4")), &AtomicBool::new(false))
-        .unwrap();
+    train(&limited, Some(&out.join("checkpoint-4")));
     assert_eq!(steps(&out), [12, 15]);
     assert!(
         std::fs::read(out.join("model.safetensors")).unwrap() == reference,
@@ -90,15 +92,12 @@ fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
 fn a_finished_run_leaves_no_later_checkpoint_of_the_run_it_replaced() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    load_trainer(&config(&out, &[]))
-        .unwrap()
-        .run(None, &AtomicBool::new(false))
-        .unwrap();
+    train(&config(&out, &[]), None);
     // Resumed from step 9 with no checkpoints of its own: 12 and 15 lie on the old run.
-    load_trainer(&config(&out, &["train.save_every=0"]))
-        .unwrap()
-        .run(Some(&out.join("checkpoint-9")), &AtomicBool::new(false))
-        .unwrap();
+    train(
+        &config(&out, &["train.save_every=0"]),
+        Some(&out.join("checkpoint-9")),
+    );
     assert_eq!(steps(&out), [3, 6, 9]);
 }
 
@@ -146,10 +145,10 @@ fn temporaries_of_a_process_that_died_while_saving_are_cleared() {
     ] {
         std::fs::write(out.join(file), b"x").unwrap();
     }
-    load_trainer(&config(&out, &["train.max_steps=2", "train.save_every=0"]))
-        .unwrap()
-        .run(None, &AtomicBool::new(false))
-        .unwrap();
+    train(
+        &config(&out, &["train.max_steps=2", "train.save_every=0"]),
+        None,
+    );
     assert_eq!(
         hidden_entries(&out),
         [
@@ -167,10 +166,7 @@ fn another_runs_checkpoints_are_never_replaced() {
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     for (out, lr) in [(&a, "optim.lr=5e-4"), (&b, "optim.lr=1e-3")] {
-        load_trainer(&config(out, &[lr, "train.max_steps=7"]))
-            .unwrap()
-            .run(None, &AtomicBool::new(false))
-            .unwrap();
+        train(&config(out, &[lr, "train.max_steps=7"]), None);
     }
     assert_eq!(steps(&a), [3, 6]);
     // b's checkpoint-3 resumed into a, which holds a run with another learning rate.
