@@ -82,7 +82,7 @@ pub fn check(
                     .data
                     .train
                     .as_ref()
-                    .map(|f| f.0.join(", "))
+                    .map(ToString::to_string)
                     .unwrap_or_default(),
                 config.data.max_length,
                 config.data.max_prompt_length,
