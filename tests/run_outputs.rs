@@ -1,6 +1,6 @@
 //! What a run writes beyond the goldens' numbers: evaluations during training, the log's
 //! averaging over several steps, warmup by ratio, `--overwrite`, the sequence-length check and
-//! `orpo eval`'s reading of a config's columns.
+//! `orpo eval`'s reading of a config's columns, the weights files' header.
 
 mod common;
 
@@ -411,4 +411,66 @@ fn an_output_dir_that_is_a_file_is_refused_by_name() {
         err.contains("train.output_dir") && err.contains("is a file"),
         "{err}"
     );
+}
+
+/// The `__metadata__` of a safetensors file's header.
+fn safetensors_metadata(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+fn safetensors_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(safetensors_files(&path));
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_weights_file_says_it_is_pytorch_format() {
+    // transformers before 4.48 calls `metadata.get("format")` on the header's metadata and
+    // fails with "'NoneType' object has no attribute 'get'" on a file without it.
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let lora = tmp.path().join("lora");
+    train(&config(&full, &["train.save_every=3", "train.max_steps=4"]));
+    train(&config(
+        &lora,
+        &[
+            "train.save_every=3",
+            "train.max_steps=4",
+            "lora.enabled=true",
+        ],
+    ));
+    let mut files = safetensors_files(&full);
+    files.extend(safetensors_files(&lora));
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.strip_prefix(tmp.path()).unwrap().display().to_string())
+        .collect();
+    for name in [
+        "full/model.safetensors",
+        "full/checkpoint-3/model.safetensors",
+        "full/checkpoint-3/optimizer.safetensors",
+        "lora/adapter_model.safetensors",
+        "lora/checkpoint-3/adapter_model.safetensors",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+    for path in &files {
+        assert_eq!(
+            safetensors_metadata(path),
+            serde_json::json!({"format": "pt"}),
+            "{}",
+            path.display()
+        );
+    }
 }

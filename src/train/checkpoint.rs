@@ -68,10 +68,16 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     let probe = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let permissions = probe.metadata().map_err(io(&tmp))?.permissions();
     drop(probe);
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| other(&tmp, e))?;
+    safetensors::serialize_to_file(tensors, Some(pt_format()), &tmp).map_err(|e| other(&tmp, e))?;
     std::fs::set_permissions(&tmp, permissions).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     std::fs::remove_dir_all(&tmp_dir).map_err(io(&tmp_dir))
+}
+
+/// The header metadata `save_pretrained` writes. transformers before 4.48 or so reads
+/// `metadata.get("format")` without a None check, so a file without it fails to load there.
+fn pt_format() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
 }
 
 /// The files of a model folder: config.json (dtype float32), the weights under their Hugging
