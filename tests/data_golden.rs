@@ -256,7 +256,12 @@ fn legacy_tokenizer_matches_tokenizer_json() {
 
 #[test]
 fn save_and_reload() {
-    for model in ["tiny-opt-legacy", "tiny-qwen2", "tiny-mistral"] {
+    for model in [
+        "tiny-opt-legacy",
+        "tiny-qwen2",
+        "tiny-mistral",
+        "tiny-qwen3",
+    ] {
         let tok = Tokenizer::from_dir(&fixtures().join(model)).unwrap();
         let dir = scratch_dir(&format!("save-{model}"));
         tok.save_to(&dir).unwrap();
@@ -274,6 +279,17 @@ fn save_and_reload() {
         )
         .unwrap();
         assert_eq!(cfg["eos_token"].as_str(), Some(tok.eos_token()));
+        // transformers 4.x has no `TokenizersBackend` (transformers 5's name for it).
+        let class = cfg["tokenizer_class"].as_str().unwrap();
+        assert_ne!(class, "TokenizersBackend", "{model}");
+        // transformers before 4.47 reads the template from tokenizer_config.json only.
+        assert_eq!(
+            cfg["chat_template"].as_str(),
+            tok.chat_template(),
+            "{model}"
+        );
+        let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        assert_eq!(jinja.as_deref(), tok.chat_template(), "{model}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

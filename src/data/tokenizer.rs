@@ -418,7 +418,8 @@ impl Tokenizer {
     }
 
     /// Writes tokenizer.json, tokenizer_config.json, special_tokens_map.json and (when there is
-    /// a template) chat_template.jinja, so that transformers' AutoTokenizer loads `out`.
+    /// a template) chat_template.jinja, so that transformers' AutoTokenizer loads `out`, old
+    /// versions included.
     pub fn save_to(&self, out: &Path) -> Result<(), DataError> {
         let io = |path: PathBuf| move |source| DataError::Io { path, source };
         std::fs::create_dir_all(out).map_err(io(out.to_path_buf()))?;
@@ -460,7 +461,12 @@ impl Tokenizer {
         }
 
         let mut config = self.config.clone();
-        config.remove("chat_template");
+        // The template trained with, in chat_template.jinja (where transformers 4.47 and later
+        // look first) and in tokenizer_config.json (the only place before 4.47).
+        match self.chat_template() {
+            Some(t) => config.insert("chat_template".into(), Value::String(t.to_string())),
+            None => config.remove("chat_template"),
+        };
         for key in SPECIAL_KEYS {
             if let Some(v) = config.get(key).and_then(token_content) {
                 config.insert(key.to_string(), Value::String(v));
@@ -469,9 +475,15 @@ impl Tokenizer {
         for (k, v) in &specials {
             config.insert(k.clone(), v.clone());
         }
-        config
-            .entry("tokenizer_class")
-            .or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
+        // transformers 5 names its fast tokenizer `TokenizersBackend`, a class 4.x lacks;
+        // `PreTrainedTokenizerFast` is the same class in 5 and loads in 4.x too.
+        let class = config.get("tokenizer_class").and_then(Value::as_str);
+        if matches!(class, None | Some("TokenizersBackend")) {
+            config.insert(
+                "tokenizer_class".into(),
+                Value::String("PreTrainedTokenizerFast".into()),
+            );
+        }
         let json = |v: Value| {
             let text = serde_json::to_string_pretty(&v).unwrap_or_default();
             Some((text + "\n").into_bytes())
