@@ -7,14 +7,15 @@ window's steps, TRL's stored metrics over its micro-batches, grad_norm and learn
 step's), eval_strategy="steps" plus transformers' evaluation at the last step, and a warmup given
 as a ratio (transformers 5: a float `warmup_steps` below 1; orpo's `optim.warmup_ratio`).
 Model, pairs in file order and dropout handling are those of the shared tools/trl_golden.py,
-imported from ../shared/tools beside this checkout (or from TRL_GOLDEN_DIR).
+imported from ../shared/tools beside this checkout (or from TRL_GOLDEN_DIR). With shuffle=1 the
+pairs come in the Trainer's own shuffled order for `seed` (orpo's `train.shuffle`, `train.seed`).
 
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
 Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-64.jsonl
 eval=examples/data/hh-rlhf-eval-16.jsonl steps=15 batch=6 grad_accum=3 lr=1e-3 beta=0.1
 max_length=512 weight_decay=0.05 max_grad_norm=1.0 scheduler=linear warmup_ratio=0.1
-logging_steps=3 eval_steps=4
+logging_steps=3 eval_steps=4 shuffle=0 seed=0
 """
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.experimental.orpo import ORPOConfig
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 sys.path.insert(0, os.environ.get("TRL_GOLDEN_DIR", str(Path(__file__).resolve().parents[2] / "shared/tools")))
 from trl_golden import SequentialORPOTrainer, disable_all_dropout  # noqa: E402
@@ -33,7 +34,7 @@ from trl_golden import SequentialORPOTrainer, disable_all_dropout  # noqa: E402
 DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64.jsonl",
                 eval="examples/data/hh-rlhf-eval-16.jsonl", steps=15, batch=6, grad_accum=3,
                 lr=1e-3, beta=0.1, max_length=512, weight_decay=0.05, max_grad_norm=1.0,
-                scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4)
+                scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4, shuffle=0, seed=0)
 
 
 def main():
@@ -42,7 +43,7 @@ def main():
     for kv in sys.argv[2:]:
         k, v = kv.split("=", 1)
         s[k] = type(DEFAULTS[k])(v)
-    torch.manual_seed(0)
+    torch.manual_seed(s["seed"])
     load = lambda p: datasets.Dataset.from_list([json.loads(l) for l in open(p) if l.strip()])
 
     tokenizer = AutoTokenizer.from_pretrained(s["model"])
@@ -60,10 +61,11 @@ def main():
         gradient_accumulation_steps=s["grad_accum"], logging_steps=s["logging_steps"],
         eval_strategy="steps", eval_steps=s["eval_steps"], beta=s["beta"],
         max_length=s["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to=[], seed=0, use_cpu=True, save_strategy="no", remove_unused_columns=False,
+        report_to=[], seed=s["seed"], use_cpu=True, save_strategy="no", remove_unused_columns=False,
         dataloader_num_workers=0)
-    trainer = SequentialORPOTrainer(model=model, args=args, processing_class=tokenizer,
-                                    train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))
+    trainer_class = ORPOTrainer if s["shuffle"] else SequentialORPOTrainer
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))
     # TRL has no prompt truncation: a prompt that fills max_length would give NaN.
     for ds in (trainer.train_dataset, trainer.eval_dataset):
         assert all(len(r["prompt_input_ids"]) < s["max_length"] for r in ds)
@@ -72,7 +74,7 @@ def main():
     hist = trainer.state.log_history
     out = dict(
         source="TRL ORPOTrainer (trl.experimental.orpo), float32, CPU, every dropout zeroed, pairs in "
-               "file order; train_log: the log_history entries with `loss`, eval_log: those with `eval_loss`",
+               + ("the Trainer's shuffled order" if s["shuffle"] else "file order") + "; train_log: the log_history entries with `loss`, eval_log: those with `eval_loss`",
         versions=dict(trl=__import__("trl").__version__, transformers=__import__("transformers").__version__,
                       torch=torch.__version__),
         settings=s, warmup_steps=args.get_warmup_steps(s["steps"]),

@@ -8,6 +8,7 @@ use common::*;
 use orpo::config::Config;
 use orpo::model::CausalLm;
 use orpo::train::load_trainer;
+use orpo::train::plan::{Plan, ShuffleOrder};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -377,4 +378,65 @@ fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(out.join("model.safetensors").is_file());
+}
+
+/// The non-padding tokens (chosen + rejected) of optimizer step `step` under `plan`.
+fn step_tokens(pairs: &[orpo::data::TokenizedPair], plan: &Plan, step: usize) -> usize {
+    plan.step(step)
+        .micro_batches
+        .concat()
+        .iter()
+        .map(|&i| pairs[i].chosen_input_ids.len() + pairs[i].rejected_input_ids.len())
+        .sum()
+}
+
+#[test]
+fn a_checkpoint_of_the_earlier_shuffled_order_resumes_over_its_own_pairs() {
+    // Runs checkpointed before orpo drew torch's order name no `shuffle_order`; resumed, they
+    // go on in the order they began with.
+    let extra = [
+        "train.max_steps=4",
+        "train.shuffle=true",
+        "train.log_every=1",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config("tiny-opt", dir.path(), &extra);
+    let mut first = load_trainer(&config).unwrap();
+    first.run(None, &AtomicBool::new(true)).err().unwrap();
+    let ckpt = dir.path().join("checkpoint-1");
+    let state_path = ckpt.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["plan"]["shuffle_order"], "torch");
+
+    let torch_plan = first.plan();
+    let mut chacha_plan = first.plan();
+    chacha_plan.order = ShuffleOrder::ChaCha8;
+    let pairs = &first.train.pairs;
+    let want =
+        |plan: &Plan| -> Vec<usize> { (1..4).map(|s| step_tokens(pairs, plan, s)).collect() };
+    assert_ne!(
+        want(&torch_plan),
+        want(&chacha_plan),
+        "the test needs orders that differ"
+    );
+
+    let logged_tokens = || -> Vec<usize> {
+        json_lines(&dir.path().join("metrics.jsonl"))[1..]
+            .iter()
+            .map(|l| l["tokens"].as_u64().unwrap() as usize)
+            .collect()
+    };
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+    assert_eq!(logged_tokens(), want(&torch_plan));
+
+    state["plan"]
+        .as_object_mut()
+        .unwrap()
+        .remove("shuffle_order");
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+    assert_eq!(logged_tokens(), want(&chacha_plan));
 }

@@ -11,6 +11,7 @@ pub(crate) mod odds_coefs;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod randperm;
 pub mod resume;
 pub mod run_dir;
 pub mod same_run;

@@ -3,9 +3,29 @@
 //! takes `grad_accum` of them except the epoch's last step, which takes what remains; with
 //! `max_steps` beyond one epoch the data wraps into the next epoch with a fresh order.
 
+use super::randperm::torch_randperm;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+
+/// How a shuffled epoch is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShuffleOrder {
+    /// transformers' Trainer: `torch.randperm` on a generator seeded with `seed + epoch`.
+    Torch,
+    /// orpo's order before it followed torch's, kept so that runs checkpointed then resume
+    /// over the same pairs.
+    ChaCha8,
+}
+
+impl ShuffleOrder {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShuffleOrder::Torch => "torch",
+            ShuffleOrder::ChaCha8 => "chacha8",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -13,6 +33,7 @@ pub struct Plan {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub shuffle: bool,
+    pub order: ShuffleOrder,
     pub seed: u64,
     pub micro_per_epoch: usize,
     pub steps_per_epoch: usize,
@@ -55,6 +76,7 @@ impl Plan {
             batch_size,
             grad_accum,
             shuffle,
+            order: ShuffleOrder::Torch,
             seed,
             micro_per_epoch,
             steps_per_epoch,
@@ -65,14 +87,22 @@ impl Plan {
     /// The order of the pairs in `epoch`: file order, or a permutation seeded by (seed, epoch)
     /// so that any step can be recomputed without replaying earlier ones (exact resume).
     pub fn order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.n_pairs).collect();
-        if self.shuffle {
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
-            order.shuffle(&mut rng);
+        if !self.shuffle {
+            return (0..self.n_pairs).collect();
         }
-        order
+        match self.order {
+            ShuffleOrder::Torch => {
+                torch_randperm(self.n_pairs, self.seed.wrapping_add(epoch as u64))
+            }
+            ShuffleOrder::ChaCha8 => {
+                let mut order: Vec<usize> = (0..self.n_pairs).collect();
+                let mut rng = ChaCha8Rng::seed_from_u64(
+                    self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                order.shuffle(&mut rng);
+                order
+            }
+        }
     }
 
     /// The pairs of optimizer step `step` (from 0).
@@ -124,12 +154,30 @@ mod tests {
     }
 
     #[test]
+    fn shuffled_epochs_are_transformers_order() {
+        // TRL 1.16's ORPOTrainer, seed 42, 10 pairs, batch 2, 3 epochs: the pairs its
+        // training_step received, in order.
+        let p = Plan::new(10, 2, 1, 3, 0, true, 42);
+        let trained: Vec<usize> = (0..p.total_steps)
+            .flat_map(|s| p.step(s).micro_batches.concat())
+            .collect();
+        let trl = [
+            2, 6, 1, 8, 4, 5, 0, 9, 3, 7, 8, 4, 9, 0, 5, 1, 6, 7, 2, 3, 2, 6, 3, 8, 7, 9, 1, 4, 5,
+            0,
+        ];
+        assert_eq!(trained, trl);
+    }
+
+    #[test]
     fn shuffle_is_a_seeded_permutation() {
-        let p = Plan::new(10, 2, 1, 2, 0, true, 42);
-        let mut a = p.order(0);
-        assert_eq!(a, p.order(0));
-        assert_ne!(a, p.order(1));
-        a.sort();
-        assert_eq!(a, (0..10).collect::<Vec<_>>());
+        for order in [ShuffleOrder::Torch, ShuffleOrder::ChaCha8] {
+            let mut p = Plan::new(10, 2, 1, 2, 0, true, 42);
+            p.order = order;
+            let mut a = p.order(0);
+            assert_eq!(a, p.order(0));
+            assert_ne!(a, p.order(1));
+            a.sort();
+            assert_eq!(a, (0..10).collect::<Vec<_>>());
+        }
     }
 }

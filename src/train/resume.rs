@@ -2,7 +2,7 @@
 //! fingerprint of the batching plan. Data order needs no saved state: each epoch's permutation
 //! is a pure function of (seed, epoch), so step N+1 trains on the same pairs either way.
 
-use super::plan::Plan;
+use super::plan::{Plan, ShuffleOrder};
 use crate::config::Config;
 use crate::model::CausalLm;
 use crate::Error;
@@ -13,13 +13,37 @@ use std::path::{Path, PathBuf};
 
 /// What makes two runs take the same steps over the same pairs.
 pub fn plan_fingerprint(plan: &Plan) -> Value {
-    json!({
+    let mut v = json!({
         "n_pairs": plan.n_pairs,
         "batch_size": plan.batch_size,
         "grad_accum": plan.grad_accum,
         "shuffle": plan.shuffle,
         "seed": plan.seed,
         "total_steps": plan.total_steps,
+    });
+    if plan.shuffle {
+        v["shuffle_order"] = plan.order.name().into();
+    }
+    v
+}
+
+/// A checkpoint's plan fingerprint, with the shuffled order that checkpoints written before
+/// orpo followed torch's order leave unnamed.
+fn saved_plan(state: &Value) -> Value {
+    let mut plan = state["plan"].clone();
+    if plan.get("shuffle") == Some(&Value::Bool(true)) && plan.get("shuffle_order").is_none() {
+        plan["shuffle_order"] = ShuffleOrder::ChaCha8.name().into();
+    }
+    plan
+}
+
+/// The order checkpoint `dir`'s run shuffles its pairs in, so that a resumed run goes on over
+/// the pairs it would have trained on.
+pub fn checkpoint_order(dir: &Path) -> Result<ShuffleOrder, Error> {
+    let order = saved_plan(&read_state(dir)?)["shuffle_order"].clone();
+    Ok(match order.as_str() {
+        Some("chacha8") => ShuffleOrder::ChaCha8,
+        _ => ShuffleOrder::Torch,
     })
 }
 
@@ -32,6 +56,7 @@ fn plan_key(field: &str) -> &str {
         "shuffle" => "train.shuffle =",
         "seed" => "train.seed =",
         "total_steps" => "steps (train.epochs, train.max_steps):",
+        "shuffle_order" => "shuffled order",
         other => other,
     }
 }
@@ -187,7 +212,7 @@ fn check_same_run(
         }
     };
     super::same_run::check(dir, config, data_fingerprint, saved_data)?;
-    let saved_plan = &state["plan"];
+    let saved_plan = &saved_plan(state);
     let want = plan_fingerprint(plan);
     if saved_plan != &want {
         let differs: Vec<String> = want

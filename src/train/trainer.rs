@@ -176,7 +176,10 @@ impl Trainer {
         let cfg = self.config.clone();
         let out_dir = PathBuf::from(&cfg.train.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-        let plan = self.plan();
+        let mut plan = self.plan();
+        if let Some(dir) = resume {
+            plan.order = resume::checkpoint_order(dir)?;
+        }
         let data_fingerprint = same_run::data_fingerprint(&self.train.pairs);
         let total = plan.total_steps;
         let mut opt = AdamW::new(AdamWSettings {
