@@ -474,3 +474,61 @@ fn every_weights_file_says_it_is_pytorch_format() {
         );
     }
 }
+
+#[test]
+fn evaluation_batches_follow_eval_batch_size() {
+    // TRL's per_device_eval_batch_size: every eval_* metric but the loss is a mean over
+    // micro-batches, so 10 pairs in batches of 3 (3, 3, 3, 1) and of 5 give different means.
+    let model = model_dir("tiny-opt").display().to_string();
+    let pairs = data("explicit-10.jsonl");
+    let eval = |sets: &[&str]| -> Vec<(String, f64)> {
+        let mut all = vec!["eval", "--model", &model, "--data", &pairs, "--json"];
+        for s in sets {
+            all.extend(["--set", s]);
+        }
+        let r = orpo(&all);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        eval_metrics(&serde_json::from_slice(&r.stdout).unwrap())
+    };
+    let by_train_batch = eval(&["train.batch_size=3"]);
+    assert_eq!(
+        eval(&["train.batch_size=5", "train.eval_batch_size=3"]),
+        by_train_batch
+    );
+    assert_ne!(
+        eval(&["train.batch_size=3", "train.eval_batch_size=5"]),
+        by_train_batch
+    );
+
+    // During training too: the final evaluation equals `orpo eval` of the saved model.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let sets = [
+        "train.max_steps=2".to_string(),
+        "train.eval_batch_size=3".to_string(),
+        format!("data.eval={pairs}"),
+    ];
+    train(&config(
+        &out,
+        &sets.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let last: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
+            .unwrap();
+    let saved = out.display().to_string();
+    let r = orpo(&[
+        "eval",
+        "--model",
+        &saved,
+        "--data",
+        &pairs,
+        "--json",
+        "--set",
+        "train.eval_batch_size=3",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let again = eval_metrics(&serde_json::from_slice(&r.stdout).unwrap());
+    for ((k, a), (_, b)) in eval_metrics(&last).iter().zip(&again) {
+        close(*a, *b, 1e-5, k);
+    }
+}

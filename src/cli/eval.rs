@@ -66,7 +66,7 @@ pub fn eval(
     let m = orpo::eval::evaluate(
         &loaded.model,
         &ds,
-        config.train.batch_size,
+        config.train.eval_batch_size(),
         config.orpo.beta,
         loaded.tokenizer.pad_id(),
         config.orpo.nll_on_prompt,

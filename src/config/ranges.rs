@@ -136,6 +136,12 @@ impl Config {
         if t.batch_size == 0 {
             return Err(o.invalid("train.batch_size", "must be at least 1"));
         }
+        if t.eval_batch_size == Some(0) {
+            return Err(o.invalid(
+                "train.eval_batch_size",
+                "must be at least 1 (omit it to evaluate in batches of train.batch_size)",
+            ));
+        }
         if t.grad_accum == 0 {
             return Err(o.invalid("train.grad_accum", "must be at least 1"));
         }

@@ -62,6 +62,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
             "train",
             &[
                 ("batch_size", UInt),
+                ("eval_batch_size", UInt),
                 ("grad_accum", UInt),
                 ("epochs", UInt),
                 ("max_steps", UInt),

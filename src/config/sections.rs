@@ -158,6 +158,10 @@ impl Default for OptimConfig {
 pub struct TrainConfig {
     /// Pairs per micro-batch.
     pub batch_size: usize,
+    /// Pairs per evaluation micro-batch (None: `batch_size`), TRL's
+    /// `per_device_eval_batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_batch_size: Option<usize>,
     pub grad_accum: usize,
     pub epochs: usize,
     /// > 0 overrides `epochs`.
@@ -176,10 +180,18 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
 }
 
+impl TrainConfig {
+    /// Pairs per evaluation micro-batch.
+    pub fn eval_batch_size(&self) -> usize {
+        self.eval_batch_size.unwrap_or(self.batch_size)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             batch_size: 8,
+            eval_batch_size: None,
             grad_accum: 1,
             epochs: 1,
             max_steps: 0,

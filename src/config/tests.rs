@@ -305,6 +305,7 @@ fn ranges() {
         ("optim.lr=inf", "optim.lr"),
         ("optim.lr=nan", "optim.lr"),
         ("train.batch_size=0", "train.batch_size"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
         ("train.grad_accum=0", "train.grad_accum"),
         ("orpo.beta=-0.1", "orpo.beta"),
         ("data.max_length=0", "data.max_length"),

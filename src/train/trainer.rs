@@ -387,7 +387,7 @@ impl Trainer {
         let metrics = evaluate(
             &self.model,
             data,
-            cfg.train.batch_size,
+            cfg.train.eval_batch_size(),
             cfg.orpo.beta,
             self.tokenizer.pad_id(),
             cfg.orpo.nll_on_prompt,
