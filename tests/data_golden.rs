@@ -553,3 +553,49 @@ fn json_array_bom_crlf_input() {
     assert_eq!(ds.stats.rows, 2);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_configured_chat_template_stands_in_for_the_models() {
+    // tiny-qwen2's tokenizer without its template, given it back by data.chat_template (inline
+    // or as a file), tokenises the chat pairs as the model's own (TRL-golden) tokenizer does.
+    let src = fixtures().join("tiny-qwen2");
+    let own = Tokenizer::from_dir(&src).unwrap();
+    let template = own.chat_template().unwrap().to_string();
+    let dir = scratch_dir("no-template");
+    for f in ["tokenizer.json", "config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let pairs = fixtures().join("golden/pairs-chat.jsonl");
+    let bare = Tokenizer::from_dir(&dir).unwrap();
+    assert!(bare.chat_template().is_none());
+    let err = load_dataset(&pairs, &bare, &OPTS).unwrap_err().to_string();
+    assert!(err.contains("data.chat_template"), "{err}");
+
+    let want = load_dataset(&pairs, &own, &OPTS).unwrap();
+    let file = dir.join("template.jinja");
+    std::fs::write(&file, &template).unwrap();
+    let file = file.display().to_string();
+    for setting in [template.as_str(), file.as_str()] {
+        let mut tok = Tokenizer::from_dir(&dir).unwrap();
+        orpo::data::apply_chat_template_setting(&mut tok, Some(setting)).unwrap();
+        assert_eq!(tok.chat_template(), Some(template.as_str()));
+        let got = load_dataset(&pairs, &tok, &OPTS).unwrap();
+        assert_eq!(got.pairs.len(), want.pairs.len());
+        for (g, w) in got.pairs.iter().zip(&want.pairs) {
+            assert_eq!(g.prompt_input_ids, w.prompt_input_ids);
+            assert_eq!(g.chosen_input_ids, w.chosen_input_ids);
+            assert_eq!(g.rejected_input_ids, w.rejected_input_ids);
+        }
+    }
+    let mut tok = Tokenizer::from_dir(&dir).unwrap();
+    let err = orpo::data::apply_chat_template_setting(&mut tok, Some("{% for m in messages %}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data.chat_template"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

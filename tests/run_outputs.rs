@@ -532,3 +532,66 @@ fn evaluation_batches_follow_eval_batch_size() {
         close(*a, *b, 1e-5, k);
     }
 }
+
+#[test]
+fn a_configured_chat_template_trains_and_is_saved_with_the_model() {
+    // tiny-opt has no template; chat rows need one, which data.chat_template gives (as TRL
+    // recipes' `chat_template`), and the trained model keeps.
+    let tmp = tempfile::tempdir().unwrap();
+    let template =
+        std::fs::read_to_string(model_dir("tiny-llama3").join("chat_template.jinja")).unwrap();
+    let file = tmp.path().join("chat.jinja");
+    std::fs::write(&file, &template).unwrap();
+    let chat = fixtures()
+        .join("golden/pairs-chat.jsonl")
+        .display()
+        .to_string();
+    let run = |out: &str, extra: &[String]| {
+        let mut args = vec![
+            "train".to_string(),
+            "--config".into(),
+            "configs/tiny-opt.toml".into(),
+        ];
+        let mut sets = vec![
+            format!("train.output_dir={}", tmp.path().join(out).display()),
+            format!("data.train={chat}"),
+            "train.max_steps=1".into(),
+            "train.eval_every=0".into(),
+        ];
+        sets.extend(extra.iter().cloned());
+        for s in sets {
+            args.extend(["--set".to_string(), s]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        orpo(&args)
+    };
+    let without = run("a", &[]);
+    assert_eq!(without.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(err.contains("data.chat_template"), "{err}");
+
+    let with = run("b", &[format!("data.chat_template={}", file.display())]);
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let saved = tmp.path().join("b");
+    assert_eq!(
+        std::fs::read_to_string(saved.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(saved.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["chat_template"].as_str(), Some(template.as_str()));
+
+    let missing = run("c", &["data.chat_template=no-such.jinja".into()]);
+    assert_eq!(missing.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("data.chat_template") && err.contains("neither a file nor a Jinja template"),
+        "{err}"
+    );
+}

@@ -14,7 +14,8 @@ pub fn data(
 ) -> Result<(), Error> {
     let config = Config::load(config_path, set)?;
     let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
-    let tok = Tokenizer::from_dir(&dir)?;
+    let mut tok = Tokenizer::from_dir(&dir)?;
+    orpo::data::apply_chat_template_setting(&mut tok, config.data.chat_template.as_deref())?;
     let opts = orpo::data::DataOptions {
         max_length: config.data.max_length,
         max_prompt_length: config.data.max_prompt_length,

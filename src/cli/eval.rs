@@ -35,11 +35,15 @@ pub fn eval(
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
-    let loaded = orpo::train::load_model(
+    let mut loaded = orpo::train::load_model(
         &config.model.id,
         config.model.revision.as_deref(),
         base.as_deref(),
         &device,
+    )?;
+    orpo::data::apply_chat_template_setting(
+        &mut loaded.tokenizer,
+        config.data.chat_template.as_deref(),
     )?;
     if let Some(limit) = loaded.model.config().max_sequence_length() {
         if !explicit_length && config.data.max_length > limit {

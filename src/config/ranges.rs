@@ -63,6 +63,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = &d.chat_template {
+            let is_template = t.contains("{{") || t.contains("{%");
+            if !is_template && !std::path::Path::new(t).is_file() {
+                return Err(o.invalid(
+                    "data.chat_template",
+                    format!("`{t}` is neither a file nor a Jinja template"),
+                ));
+            }
+        }
         if d.max_length == 0 {
             return Err(o.invalid("data.max_length", "must be at least 1"));
         }

@@ -41,6 +41,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("prompt_column", Str),
                 ("chosen_column", Str),
                 ("rejected_column", Str),
+                ("chat_template", Str),
             ],
         ),
         ("orpo", &[("beta", Float), ("nll_on_prompt", Bool)]),

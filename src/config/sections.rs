@@ -51,6 +51,10 @@ pub struct DataConfig {
     pub prompt_column: String,
     pub chosen_column: String,
     pub rejected_column: String,
+    /// A chat template for conversational rows in place of the model's: a Jinja file, or the
+    /// template itself (TRL recipes' `chat_template`). Saved with the trained model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -67,6 +71,7 @@ impl Default for DataConfig {
             prompt_column: "prompt".into(),
             chosen_column: "chosen".into(),
             rejected_column: "rejected".into(),
+            chat_template: None,
         }
     }
 }

@@ -160,7 +160,7 @@ fn row_to_text(row: RawRow, tok: &Tokenizer, cols: &ColumnMap) -> Result<Located
             let Some(tpl) = tok.template() else {
                 return Err(DataError::Row {
                     loc: row.loc,
-                    msg: "conversational row (message lists) but the model's tokenizer has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`)".into(),
+                    msg: "conversational row (message lists) but the model's tokenizer has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`); give one with data.chat_template".into(),
                 });
             };
             // It would render every answer as nothing: "identical answers" would hide why.
@@ -222,6 +222,27 @@ fn source_texts(
 
 /// Reads and validates every row of `path` and returns the texts TRL would tokenize
 /// (prompt extracted, chat template applied), in file order.
+/// Gives `tok` the template of `data.chat_template` when the config sets one: the text of the
+/// file it names, or the template itself.
+pub fn apply_chat_template_setting(
+    tok: &mut Tokenizer,
+    setting: Option<&str>,
+) -> Result<(), DataError> {
+    let Some(value) = setting else {
+        return Ok(());
+    };
+    let path = Path::new(value);
+    if path.is_file() {
+        let source = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        tok.set_chat_template(&source, &format!("data.chat_template {}", path.display()))
+    } else {
+        tok.set_chat_template(value, "data.chat_template")
+    }
+}
+
 pub fn load_pairs_text(path: &Path, tok: &Tokenizer) -> Result<Vec<PairText>, DataError> {
     load_source_text(&DataSource::new(path.display().to_string()), tok)
 }

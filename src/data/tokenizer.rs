@@ -29,6 +29,8 @@ pub struct Tokenizer {
     pad_named: bool,
     unk: Option<String>,
     template: Option<ChatTemplate>,
+    /// The special-token variables a template is rendered with (bos_token, eos_token, ...).
+    template_vars: Vec<(String, String)>,
     /// `tokenizer_config.json` as read (empty when absent).
     config: Map<String, Value>,
 }
@@ -273,7 +275,7 @@ impl Tokenizer {
         }
         let template = match template_src {
             Some(src) => Some(
-                ChatTemplate::new(&src, special)
+                ChatTemplate::new(&src, special.clone())
                     .map_err(|e| DataError::TemplateSyntax(format!("{}: {e}", dir.display())))?,
             ),
             None => None,
@@ -286,6 +288,7 @@ impl Tokenizer {
             unk,
             pad_named,
             template,
+            template_vars: special,
             config,
         })
     }
@@ -398,6 +401,15 @@ impl Tokenizer {
 
     pub fn unk_token(&self) -> Option<&str> {
         self.unk.as_deref()
+    }
+
+    /// Replaces the model's chat template, or gives one to a model without (`data.chat_template`,
+    /// the `chat_template` of TRL recipes); `origin` names it in errors.
+    pub fn set_chat_template(&mut self, source: &str, origin: &str) -> Result<(), DataError> {
+        let template = ChatTemplate::new(source, self.template_vars.clone())
+            .map_err(|e| DataError::TemplateSyntax(format!("{origin}: {e}")))?;
+        self.template = Some(template);
+        Ok(())
     }
 
     /// Source of the chat template, if the model has one.

@@ -26,7 +26,7 @@ const MAY_CHANGE: [&str; 10] = [
 
 /// Where the training pairs come from. Moving or renaming the data is fine when the pairs are
 /// the same, which the fingerprint decides (checkpoints without one compare these keys).
-const DATA_SOURCE: [&str; 7] = [
+const DATA_SOURCE: [&str; 8] = [
     "data.train",
     "data.train_split",
     "data.subset",
@@ -34,6 +34,8 @@ const DATA_SOURCE: [&str; 7] = [
     "data.prompt_column",
     "data.chosen_column",
     "data.rejected_column",
+    // Its text reaches training only through the pairs' tokens.
+    "data.chat_template",
 ];
 
 /// A fingerprint of the tokenised training pairs, in order: FNV-1a over every id and label.

@@ -152,7 +152,8 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     let device = select_device(&config.model.device)?;
     let dir = resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
     let model_config = ModelConfig::from_dir(&dir)?;
-    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let mut tokenizer = Tokenizer::from_dir(&dir)?;
+    crate::data::apply_chat_template_setting(&mut tokenizer, config.data.chat_template.as_deref())?;
     let opts = data_options(config);
     let train_src = config
         .data
