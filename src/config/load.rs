@@ -191,6 +191,18 @@ pub(super) fn check_and_normalise(
                     toml::Value::Integer(_) => {
                         return Err(wrong("a non-negative integer", v));
                     }
+                    // transformers 5 (TRL 1.16) reads a warmup_steps below 1 as a ratio.
+                    toml::Value::Float(f)
+                        if full == "optim.warmup_steps" && *f > 0.0 && *f < 1.0 =>
+                    {
+                        return Err(origin.invalid(
+                            &full,
+                            format!(
+                                "is a whole number of steps, found {f}; for a fraction of the run \
+                                 (transformers 5's warmup_steps below 1) set optim.warmup_ratio = {f}"
+                            ),
+                        ));
+                    }
                     _ => return Err(wrong("an integer", v)),
                 },
                 KeyKind::Dtype => {

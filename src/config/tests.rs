@@ -247,6 +247,8 @@ fn wrong_types() {
         e.contains("train.batch_size: expected an integer, found float 2.5"),
         "{e}"
     );
+    let e = err("[model]\nid='m'\n[optim]\nwarmup_steps = 0.1\n", &[]);
+    assert!(e.contains("optim.warmup_ratio = 0.1"), "{e}");
     let e = err("[model]\nid='m'\n[train]\nbatch_size = -1\n", &[]);
     assert!(
         e.contains("train.batch_size: expected a non-negative integer"),
