@@ -595,3 +595,42 @@ fn a_configured_chat_template_trains_and_is_saved_with_the_model() {
         "{err}"
     );
 }
+
+#[test]
+fn a_schedule_with_arguments_sets_each_steps_rate() {
+    // cosine_with_min_lr (min_lr_rate 0.1) over 10 steps with 2 of warmup: each line's
+    // learning_rate is the rate its step trained with, transformers' get_scheduler values.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    train(&config(
+        &out,
+        &[
+            "train.batch_size=1",
+            "train.shuffle=false",
+            "train.log_every=1",
+            "optim.scheduler=cosine_with_min_lr",
+            "optim.min_lr_rate=0.1",
+            "optim.warmup_steps=2",
+        ],
+    ));
+    let want = [
+        0.0,
+        0.0005,
+        0.001,
+        0.000965745789630079,
+        0.0008681980515339464,
+        0.0007222075445642904,
+        0.00055,
+        0.0003777924554357096,
+        0.00023180194846605365,
+        0.00013425421036992097,
+    ];
+    let got: Vec<f64> = json_lines(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| f(l, "learning_rate"))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        close(*g, w, 1e-12, &format!("step {}", k + 1));
+    }
+}

@@ -4,6 +4,83 @@ use super::load::Origin;
 use super::{Config, ConfigError, LoraTargets};
 
 impl Config {
+    /// The schedules' arguments: each only with a schedule that reads it, in its range.
+    fn check_schedule_args(&self, o: &Origin) -> Result<(), ConfigError> {
+        use super::Scheduler as S;
+        let p = &self.optim;
+        let args = [
+            (
+                "optim.num_cycles",
+                p.num_cycles,
+                &[S::Cosine, S::CosineWithMinLr, S::CosineWithRestarts][..],
+            ),
+            (
+                "optim.min_lr_rate",
+                p.min_lr_rate,
+                &[S::CosineWithMinLr][..],
+            ),
+            ("optim.min_lr", p.min_lr, &[S::CosineWithMinLr][..]),
+            ("optim.lr_end", p.lr_end, &[S::Polynomial][..]),
+            ("optim.power", p.power, &[S::Polynomial][..]),
+        ];
+        for (key, value, users) in args {
+            let Some(v) = value else { continue };
+            if !users.contains(&p.scheduler) {
+                let names: Vec<&str> = users.iter().map(|s| s.as_str()).collect();
+                return Err(o.invalid(
+                    key,
+                    format!(
+                        "is read only by optim.scheduler = {}; the scheduler is {}",
+                        names.join(" or "),
+                        p.scheduler
+                    ),
+                ));
+            }
+            let ok = match key {
+                "optim.min_lr_rate" => (0.0..=1.0).contains(&v),
+                "optim.min_lr" | "optim.lr_end" => v.is_finite() && v >= 0.0,
+                _ => v.is_finite() && v > 0.0,
+            };
+            if !ok {
+                let range = match key {
+                    "optim.min_lr_rate" => "in [0, 1]",
+                    "optim.min_lr" | "optim.lr_end" => "a finite number >= 0",
+                    _ => "a finite number > 0",
+                };
+                return Err(o.invalid(key, format!("must be {range}, found {v}")));
+            }
+        }
+        if p.scheduler == S::CosineWithMinLr {
+            match (p.min_lr_rate, p.min_lr) {
+                (Some(_), Some(_)) => {
+                    return Err(o.invalid(
+                        "optim.min_lr",
+                        "optim.min_lr_rate is set too; use one of them",
+                    ))
+                }
+                (None, None) => {
+                    return Err(o.invalid(
+                        "optim.scheduler",
+                        "cosine_with_min_lr needs its floor: optim.min_lr_rate (a fraction of optim.lr) or optim.min_lr",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if p.scheduler == S::Polynomial {
+            let end = p
+                .lr_end
+                .unwrap_or(crate::train::schedule::POLYNOMIAL_LR_END);
+            if end >= p.lr {
+                return Err(o.invalid(
+                    "optim.lr_end",
+                    format!("polynomial decays from optim.lr = {} to lr_end = {end}, which must be smaller", p.lr),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn check_ranges(&self, o: &Origin) -> Result<(), ConfigError> {
         let m = &self.model;
         if m.id.trim().is_empty() {
@@ -119,6 +196,7 @@ impl Config {
                 return Err(o.invalid(key, format!("must be in [0, 1), found {v}")));
             }
         }
+        self.check_schedule_args(o)?;
         if !(0.0..=1.0).contains(&p.warmup_ratio) {
             return Err(o.invalid(
                 "optim.warmup_ratio",

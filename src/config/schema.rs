@@ -57,6 +57,11 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("adam_beta1", Float),
                 ("adam_beta2", Float),
                 ("adam_epsilon", Float),
+                ("num_cycles", Float),
+                ("min_lr_rate", Float),
+                ("min_lr", Float),
+                ("lr_end", Float),
+                ("power", Float),
             ],
         ),
         (

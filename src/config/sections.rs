@@ -140,6 +140,20 @@ pub struct OptimConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// The schedules' arguments, by transformers' `lr_scheduler_kwargs` names; unset, their
+    /// defaults there. Cosine waves (`cosine`, `cosine_with_min_lr`: 0.5; `cosine_with_restarts`: 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_cycles: Option<f64>,
+    /// `cosine_with_min_lr`'s floor, as a fraction of `lr` or as a rate (one of the two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    /// `polynomial`'s final rate (1e-7) and power (1.0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_end: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power: Option<f64>,
 }
 
 impl Default for OptimConfig {
@@ -154,6 +168,11 @@ impl Default for OptimConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
+            num_cycles: None,
+            min_lr_rate: None,
+            min_lr: None,
+            lr_end: None,
+            power: None,
         }
     }
 }

@@ -292,7 +292,15 @@ fn unknown_enums() {
         load(&format!("[model]\nid='m'\ndevice = '{d}'\n"), &[]).unwrap();
     }
     for (s, k) in Scheduler::NAMES.iter().zip(Scheduler::ALL) {
-        let c = load(MINIMAL, &[&format!("optim.scheduler={s}")]).unwrap();
+        let set = format!("optim.scheduler={s}");
+        // cosine_with_min_lr has no default floor (transformers raises without one).
+        let floor = "optim.min_lr_rate=0";
+        let sets: &[&str] = if k == Scheduler::CosineWithMinLr {
+            &[&set, floor]
+        } else {
+            &[&set]
+        };
+        let c = load(MINIMAL, sets).unwrap();
         assert_eq!(c.optim.scheduler, k);
     }
     let c = load("[model]\nid='m'\ndtype='float32'", &[]).unwrap();
@@ -458,4 +466,71 @@ fn data_locations_may_be_lists() {
         &[],
     );
     assert!(e.contains("data.train: must not be empty"), "{e}");
+}
+
+#[test]
+fn schedule_arguments_belong_to_their_schedules() {
+    let ok = load(
+        MINIMAL,
+        &[
+            "optim.scheduler=cosine_with_min_lr",
+            "optim.min_lr_rate=0.1",
+        ],
+    )
+    .unwrap();
+    assert_eq!(ok.optim.min_lr_rate, Some(0.1));
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["optim.min_lr_rate=0.1"],
+            "optim.min_lr_rate",
+            "read only by optim.scheduler = cosine_with_min_lr",
+        ),
+        (&["optim.power=2"], "optim.power", "polynomial"),
+        (
+            &["optim.scheduler=cosine", "optim.num_cycles=0"],
+            "optim.num_cycles",
+            "> 0",
+        ),
+        (
+            &["optim.scheduler=cosine_with_min_lr"],
+            "optim.scheduler",
+            "optim.min_lr_rate",
+        ),
+        (
+            &[
+                "optim.scheduler=cosine_with_min_lr",
+                "optim.min_lr_rate=0.1",
+                "optim.min_lr=1e-7",
+            ],
+            "optim.min_lr",
+            "use one of them",
+        ),
+        (
+            &[
+                "optim.scheduler=cosine_with_min_lr",
+                "optim.min_lr_rate=1.5",
+            ],
+            "optim.min_lr_rate",
+            "[0, 1]",
+        ),
+        (
+            &[
+                "optim.scheduler=polynomial",
+                "optim.lr=1e-5",
+                "optim.lr_end=1e-4",
+            ],
+            "optim.lr_end",
+            "smaller",
+        ),
+        (
+            &["optim.scheduler=linear_with_restarts"],
+            "optim.scheduler",
+            "cosine_with_restarts",
+        ),
+    ];
+    for (sets, key, msg) in cases {
+        let e = load(MINIMAL, sets).unwrap_err();
+        assert_eq!(e.key(), Some(*key), "{sets:?}: {e}");
+        assert!(e.to_string().contains(msg), "{sets:?}: {e}");
+    }
 }

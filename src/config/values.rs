@@ -61,15 +61,21 @@ pub enum Scheduler {
     Linear,
     Cosine,
     InverseSqrt,
+    CosineWithMinLr,
+    CosineWithRestarts,
+    Polynomial,
 }
 
 impl Scheduler {
-    pub const ALL: [Scheduler; 5] = [
+    pub const ALL: [Scheduler; 8] = [
         Scheduler::Constant,
         Scheduler::ConstantWithWarmup,
         Scheduler::Linear,
         Scheduler::Cosine,
         Scheduler::InverseSqrt,
+        Scheduler::CosineWithMinLr,
+        Scheduler::CosineWithRestarts,
+        Scheduler::Polynomial,
     ];
     /// Every accepted name, in [`Scheduler::ALL`] order.
     pub const NAMES: &'static [&'static str] = &[
@@ -78,6 +84,9 @@ impl Scheduler {
         "linear",
         "cosine",
         "inverse_sqrt",
+        "cosine_with_min_lr",
+        "cosine_with_restarts",
+        "polynomial",
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +96,9 @@ impl Scheduler {
             Scheduler::Linear => "linear",
             Scheduler::Cosine => "cosine",
             Scheduler::InverseSqrt => "inverse_sqrt",
+            Scheduler::CosineWithMinLr => "cosine_with_min_lr",
+            Scheduler::CosineWithRestarts => "cosine_with_restarts",
+            Scheduler::Polynomial => "polynomial",
         }
     }
 }

@@ -10,7 +10,7 @@ use super::plan::Plan;
 use super::resume::{self, plan_fingerprint, ResumeState};
 use super::run_dir;
 use super::same_run;
-use super::schedule::{lr_factor, warmup_steps};
+use super::schedule::{warmup_steps, Schedule};
 use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
 use crate::eval::{evaluate, EvalMetrics};
@@ -220,6 +220,7 @@ impl Trainer {
             );
         }
         let warmup = warmup_steps(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total);
+        let schedule = Schedule::from_config(&cfg.optim);
         if warmup > 0 && cfg.optim.scheduler == crate::config::Scheduler::Constant {
             tracing::warn!(
                 "optim.scheduler = \"constant\" ignores the warmup, as transformers does; \
@@ -273,7 +274,7 @@ impl Trainer {
                     what,
                 });
             }
-            let lr = cfg.optim.lr * lr_factor(cfg.optim.scheduler, step, warmup, total);
+            let lr = cfg.optim.lr * schedule.factor(step, warmup, total);
             let scale = clip_coefficient(norm, cfg.optim.max_grad_norm);
             let t_opt = Instant::now();
             opt.step(self.model.params(), &grads, lr, scale)?;
