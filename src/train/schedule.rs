@@ -254,54 +254,50 @@ mod tests {
     fn schedules_with_arguments_match_transformers() {
         // transformers 5.25 `get_scheduler(name, SGD(lr), W, T, scheduler_specific_kwargs)`:
         // the optimizer's rate before each of steps 0..=T.
-        type Args = (
-            Option<f64>,
-            Option<f64>,
-            Option<f64>,
-            Option<f64>,
-            Option<f64>,
-        );
+        // (num_cycles, min_lr_rate, min_lr, lr_end, power)
+        type Args = [Option<f64>; 5];
+        type Case = (Scheduler, f64, usize, usize, Args, &'static [f64]);
         #[rustfmt::skip]
-        let cases: [(Scheduler, f64, usize, usize, Args, &[f64]); 7] = [
+        let cases: [Case; 7] = [
             (
-                Scheduler::CosineWithMinLr, 1e-3, 2, 10, (None, Some(0.1), None, None, None),
+                Scheduler::CosineWithMinLr, 1e-3, 2, 10, [None, Some(0.1), None, None, None],
                 &[0.0, 0.0005, 0.001, 0.000965745789630079, 0.0008681980515339464,
                   0.0007222075445642904, 0.00055, 0.0003777924554357096, 0.00023180194846605365,
                   0.00013425421036992097, 0.0001],
             ),
             (
-                Scheduler::CosineWithMinLr, 1e-5, 0, 7, (None, None, Some(1e-6), None, None),
+                Scheduler::CosineWithMinLr, 1e-5, 0, 7, [None, None, Some(1e-6), None, None],
                 &[1e-05, 9.554359905560887e-06, 8.305704108364301e-06, 6.501344202803415e-06,
                   4.498655797196586e-06, 2.6942958916356993e-06, 1.4456400944391143e-06, 1e-06],
             ),
             (
-                Scheduler::CosineWithRestarts, 1e-3, 1, 9, (Some(3.0), None, None, None, None),
+                Scheduler::CosineWithRestarts, 1e-3, 1, 9, [Some(3.0), None, None, None, None],
                 &[0.0, 0.001, 0.000691341716182545, 0.00014644660940672628,
                   0.0009619397662556434, 0.0005, 3.806023374435663e-05, 0.0008535533905932737,
                   0.0003086582838174551, 0.0],
             ),
             (
-                Scheduler::CosineWithRestarts, 1e-3, 0, 5, (None, None, None, None, None),
+                Scheduler::CosineWithRestarts, 1e-3, 0, 5, [None, None, None, None, None],
                 &[0.001, 0.0009045084971874737, 0.0006545084971874737, 0.00034549150281252633,
                   9.549150281252633e-05, 0.0],
             ),
             (
-                Scheduler::Polynomial, 1e-3, 2, 8, (None, None, None, Some(1e-4), Some(2.0)),
+                Scheduler::Polynomial, 1e-3, 2, 8, [None, None, None, Some(1e-4), Some(2.0)],
                 &[0.0, 0.0005, 0.001, 0.0007250000000000001, 0.0005000000000000001, 0.000325,
                   0.00020000000000000004, 0.000125, 0.0001],
             ),
             (
-                Scheduler::Polynomial, 1e-5, 0, 5, (None, None, None, None, None),
+                Scheduler::Polynomial, 1e-5, 0, 5, [None, None, None, None, None],
                 &[1e-05, 8.020000000000001e-06, 6.040000000000001e-06, 4.06e-06,
                   2.0799999999999996e-06, 1e-07],
             ),
             (
-                Scheduler::Cosine, 1e-3, 1, 6, (Some(1.5), None, None, None, None),
+                Scheduler::Cosine, 1e-3, 1, 6, [Some(1.5), None, None, None, None],
                 &[0.0, 0.001, 0.00034549150281252633, 9.549150281252622e-05,
                   0.0009045084971874737, 0.0006545084971874739, 0.0],
             ),
         ];
-        for (kind, lr, w, t, (num_cycles, min_lr_rate, min_lr, lr_end, power), want) in cases {
+        for (kind, lr, w, t, [num_cycles, min_lr_rate, min_lr, lr_end, power], want) in cases {
             let o = OptimConfig {
                 lr,
                 scheduler: kind,
