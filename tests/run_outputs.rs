@@ -634,3 +634,91 @@ fn a_schedule_with_arguments_sets_each_steps_rate() {
         close(*g, w, 1e-12, &format!("step {}", k + 1));
     }
 }
+
+/// Every scalar of the run's TensorBoard event file, by (step, tag), and how many event files
+/// `dir` holds.
+fn tensorboard_scalars(dir: &Path) -> (std::collections::BTreeMap<(u64, String), f32>, usize) {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for f in &files {
+        for ev in orpo::train::tensorboard::read_events(f).unwrap() {
+            for (tag, v) in ev.values {
+                out.insert((ev.step, tag), v);
+            }
+        }
+    }
+    (out, files.len())
+}
+
+#[test]
+fn tensorboard_holds_the_logged_lines_and_survives_an_interruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = data("explicit-10.jsonl");
+    let sets = |out: &Path| {
+        config(
+            out,
+            &[
+                "train.max_steps=4",
+                "train.eval_every=2",
+                "train.report_to=tensorboard",
+                &format!("data.eval={pairs}"),
+            ],
+        )
+    };
+    let full = tmp.path().join("full");
+    train(&sets(&full));
+    let (scalars, files) = tensorboard_scalars(&full);
+    assert_eq!(files, 1);
+    // Each line of metrics.jsonl and eval_metrics.jsonl under transformers' tags.
+    let mut expected = 0;
+    for (file, prefix) in [("metrics.jsonl", "train/"), ("eval_metrics.jsonl", "eval/")] {
+        for line in json_lines(&full.join(file)) {
+            let step = line["step"].as_u64().unwrap();
+            for (key, v) in line.as_object().unwrap() {
+                if key == "step" || (prefix == "eval/" && key == "epoch") {
+                    continue;
+                }
+                let tag = format!("{prefix}{}", key.strip_prefix("eval_").unwrap_or(key));
+                let got = scalars.get(&(step, tag.clone()));
+                assert_eq!(got, Some(&(v.as_f64().unwrap() as f32)), "{tag} at {step}");
+                expected += 1;
+            }
+        }
+    }
+    assert!(expected > 40, "{expected}");
+
+    // Interrupted after step 1 and resumed: one file, the same curves (times apart).
+    let cut = tmp.path().join("cut");
+    let config = sets(&cut);
+    let mut first = load_trainer(&config).unwrap();
+    first.run(None, &AtomicBool::new(true)).err().unwrap();
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed
+        .run(Some(&cut.join("checkpoint-1")), &AtomicBool::new(false))
+        .unwrap();
+    let (again, files) = tensorboard_scalars(&cut);
+    assert_eq!(files, 1);
+    let timing =
+        |t: &str| t.ends_with("elapsed_s") || t.contains("runtime") || t.contains("per_second");
+    let untimed = |m: &std::collections::BTreeMap<(u64, String), f32>| {
+        m.iter()
+            .filter(|((_, t), _)| !timing(t))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(untimed(&again), untimed(&scalars));
+
+    // --overwrite clears them with the rest of the run.
+    orpo::train::run_dir::clear_run(&cut).unwrap();
+    assert_eq!(tensorboard_scalars(&cut).1, 0);
+}

@@ -8,6 +8,9 @@ use super::schema::{
 };
 use super::{ConfigError, Dtype, Scheduler};
 
+/// The values of `train.report_to` (transformers' `report_to`) orpo knows.
+pub const REPORT_TO: [&str; 2] = ["tensorboard", "none"];
+
 /// Tracks where values came from, so that errors can say "(--set)".
 pub(super) struct Origin<'a> {
     pub(super) file: &'a str,
@@ -262,6 +265,27 @@ pub(super) fn check_and_normalise(
                     }
                     _ => return Err(wrong("a string or a list of strings", v)),
                 },
+                KeyKind::ReportTo => {
+                    let items: Vec<&toml::Value> = match v {
+                        toml::Value::Array(items) => items.iter().collect(),
+                        other => vec![other],
+                    };
+                    for item in items {
+                        let Some(name) = item.as_str() else {
+                            return Err(wrong("a string or a list of strings", item));
+                        };
+                        if !REPORT_TO.contains(&name) {
+                            return Err(origin.invalid(
+                                &full,
+                                format!(
+                                    "cannot report to `{name}`; valid: {} (metrics.jsonl and \
+                                     training_curves.svg are always written)",
+                                    REPORT_TO.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
         }
     }

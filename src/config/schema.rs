@@ -12,6 +12,8 @@ pub enum KeyKind {
     Targets,
     /// A string, or a list of strings (data locations).
     Paths,
+    /// Where to report the curves besides metrics.jsonl: a string or a list of strings.
+    ReportTo,
 }
 
 /// Every valid `section.key`, with its value type.
@@ -80,6 +82,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("eval_every", UInt),
                 ("output_dir", Str),
                 ("gradient_checkpointing", Bool),
+                ("report_to", ReportTo),
             ],
         ),
         (

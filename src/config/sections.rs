@@ -202,12 +202,24 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub output_dir: String,
     pub gradient_checkpointing: bool,
+    /// transformers' `report_to`: `"tensorboard"` also writes the curves as TensorBoard event
+    /// files under `output_dir/runs/`; `"none"` (or nothing) only metrics.jsonl and the plot.
+    #[serde(
+        deserialize_with = "super::values::one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub report_to: Vec<String>,
 }
 
 impl TrainConfig {
     /// Pairs per evaluation micro-batch.
     pub fn eval_batch_size(&self) -> usize {
         self.eval_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// Whether the curves also go to TensorBoard event files.
+    pub fn tensorboard(&self) -> bool {
+        self.report_to.iter().any(|r| r == "tensorboard")
     }
 }
 
@@ -227,6 +239,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             output_dir: "runs/example".into(),
             gradient_checkpointing: false,
+            report_to: Vec::new(),
         }
     }
 }

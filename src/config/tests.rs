@@ -534,3 +534,24 @@ fn schedule_arguments_belong_to_their_schedules() {
         assert!(e.to_string().contains(msg), "{sets:?}: {e}");
     }
 }
+
+#[test]
+fn report_to_takes_tensorboard_or_none() {
+    for sets in [
+        &["train.report_to=tensorboard"][..],
+        &["train.report_to=none"][..],
+        &["train.report_to=[\"tensorboard\", \"none\"]"][..],
+    ] {
+        load(MINIMAL, sets).unwrap();
+    }
+    assert!(load(MINIMAL, &["train.report_to=tensorboard"])
+        .unwrap()
+        .train
+        .tensorboard());
+    assert!(!load(MINIMAL, &[]).unwrap().train.tensorboard());
+    let e = load(MINIMAL, &["train.report_to=wandb"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.report_to"));
+    assert!(e.to_string().contains("valid: tensorboard, none"), "{e}");
+    let e = load(MINIMAL, &["train.report_to=[1]"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.report_to"), "{e}");
+}

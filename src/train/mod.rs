@@ -12,6 +12,7 @@ pub mod optim;
 pub mod plan;
 pub mod plot;
 pub mod randperm;
+mod report;
 pub mod resume;
 pub mod run_dir;
 pub mod same_run;
@@ -20,6 +21,7 @@ mod setup;
 pub mod shard;
 #[cfg(feature = "cuda")]
 mod sum_sq_cuda;
+pub mod tensorboard;
 mod trainer;
 
 pub use log::{EvalEntry, LogEntry};

@@ -46,19 +46,21 @@ fn is_checkpoint(name: &str) -> bool {
 }
 
 fn is_run_output(name: &str) -> bool {
-    matches!(
-        name,
-        "metrics.jsonl"
-            | "eval_metrics.json"
-            | "eval_metrics.jsonl"
-            | "training_curves.svg"
-            | "config.json"
-            | "generation_config.json"
-            | "model.safetensors"
-            | "model.safetensors.index.json"
-            | ADAPTER_WEIGHTS
-            | ADAPTER_CONFIG
-    ) || is_shard_name(name)
+    super::report::is_event_file(name)
+        || matches!(
+            name,
+            "metrics.jsonl"
+                | "eval_metrics.json"
+                | "eval_metrics.jsonl"
+                | "training_curves.svg"
+                | "config.json"
+                | "generation_config.json"
+                | "model.safetensors"
+                | "model.safetensors.index.json"
+                | ADAPTER_WEIGHTS
+                | ADAPTER_CONFIG
+        )
+        || is_shard_name(name)
         || is_checkpoint(name)
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// Settings a resumed run may change: where and how often it writes, logs and evaluates, and
 /// where and how it computes; none changes what the steps train.
-const MAY_CHANGE: [&str; 10] = [
+const MAY_CHANGE: [&str; 11] = [
     "model.device",
     "data.eval",
     "data.eval_split",
@@ -21,6 +21,7 @@ const MAY_CHANGE: [&str; 10] = [
     "train.log_every",
     "train.eval_every",
     "train.eval_batch_size",
+    "train.report_to",
     "train.gradient_checkpointing",
 ];
 

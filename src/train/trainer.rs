@@ -7,6 +7,7 @@ use super::log::{EvalEntry, JsonLines, LogEntry};
 use super::loss::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
+use super::report::TensorBoard;
 use super::resume::{self, plan_fingerprint, ResumeState};
 use super::run_dir;
 use super::same_run;
@@ -246,6 +247,16 @@ impl Trainer {
             )?),
             None => None,
         };
+        let mut tensorboard = if cfg.train.tensorboard() {
+            Some(TensorBoard::start(
+                &out_dir,
+                &st.log,
+                &st.evals,
+                st.elapsed_s,
+            )?)
+        } else {
+            None
+        };
         let bar = progress_bar(total as u64);
         bar.set_position(st.step as u64);
         let start = Instant::now();
@@ -317,6 +328,9 @@ impl Trainer {
                     elapsed_s: elapsed,
                 };
                 metrics_file.push(&entry.to_json())?;
+                if let Some(tb) = tensorboard.as_mut() {
+                    tb.line(&entry.to_json(), elapsed)?;
+                }
                 st.log.push(entry);
                 st.pending.clear();
                 st.pending_losses.clear();
@@ -328,6 +342,9 @@ impl Trainer {
             if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
                 let entry = self.evaluate_at(data, done, epoch)?;
                 file.push(&entry.to_json())?;
+                if let Some(tb) = tensorboard.as_mut() {
+                    tb.line(&entry.to_json(), elapsed)?;
+                }
                 st.evals.push(entry);
             }
             let save_every = cfg.train.save_every;
@@ -364,6 +381,9 @@ impl Trainer {
             (Some(data), Some(file)) => {
                 let entry = self.evaluate_at(data, total, epoch)?;
                 file.push(&entry.to_json())?;
+                if let Some(tb) = tensorboard.as_mut() {
+                    tb.line(&entry.to_json(), st.elapsed_s)?;
+                }
                 let path = out_dir.join("eval_metrics.json");
                 let text = serde_json::to_string_pretty(&entry.to_json()).unwrap_or_default();
                 write_atomic(&path, text.as_bytes())?;
