@@ -599,3 +599,29 @@ fn a_configured_chat_template_stands_in_for_the_models() {
     assert!(err.contains("data.chat_template"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_saved_tokenizer_lists_added_special_tokens_as_4x_reads_them() {
+    // transformers 5 saves `extra_special_tokens` as a list; 4.47-4.55 take that key for a
+    // dict and fail to load (`'list' object has no attribute 'keys'`).
+    let src = fixtures().join("tiny-llama3");
+    let dir = scratch_dir("extra-special");
+    for f in ["tokenizer.json", "chat_template.jinja", "config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let listed = serde_json::json!(["<|eot_id|>", "<|start_header_id|>"]);
+    cfg["extra_special_tokens"] = listed.clone();
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let out = dir.join("saved");
+    tok.save_to(&out).unwrap();
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["additional_special_tokens"], listed);
+    assert!(saved.get("extra_special_tokens").is_none(), "{saved}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -546,12 +546,13 @@ fn a_configured_chat_template_trains_and_is_saved_with_the_model() {
         .join("golden/pairs-chat.jsonl")
         .display()
         .to_string();
-    let run = |out: &str, extra: &[String]| {
+    let run_with = |out: &str, extra: &[String], flags: &[String]| {
         let mut args = vec![
             "train".to_string(),
             "--config".into(),
             "configs/tiny-opt.toml".into(),
         ];
+        args.extend(flags.iter().cloned());
         let mut sets = vec![
             format!("train.output_dir={}", tmp.path().join(out).display()),
             format!("data.train={chat}"),
@@ -565,12 +566,20 @@ fn a_configured_chat_template_trains_and_is_saved_with_the_model() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         orpo(&args)
     };
+    let run = |out: &str, extra: &[String]| run_with(out, extra, &[]);
     let without = run("a", &[]);
     assert_eq!(without.status.code(), Some(2));
     let err = String::from_utf8_lossy(&without.stderr);
     assert!(err.contains("data.chat_template"), "{err}");
 
-    let with = run("b", &[format!("data.chat_template={}", file.display())]);
+    let with = run(
+        "b",
+        &[
+            format!("data.chat_template={}", file.display()),
+            "train.max_steps=2".into(),
+            "train.save_every=1".into(),
+        ],
+    );
     assert!(
         with.status.success(),
         "{}",
@@ -586,6 +595,27 @@ fn a_configured_chat_template_trains_and_is_saved_with_the_model() {
     )
     .unwrap();
     assert_eq!(cfg["chat_template"].as_str(), Some(template.as_str()));
+
+    // The template file moved: the checkpoint's pairs decide, so the run resumes.
+    let moved = tmp.path().join("moved.jinja");
+    std::fs::rename(&file, &moved).unwrap();
+    let resumed = run_with(
+        "b",
+        &[
+            format!("data.chat_template={}", moved.display()),
+            "train.max_steps=2".into(),
+            "train.save_every=1".into(),
+        ],
+        &[
+            "--resume".into(),
+            saved.join("checkpoint-1").display().to_string(),
+        ],
+    );
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
 
     let missing = run("c", &["data.chat_template=no-such.jinja".into()]);
     assert_eq!(missing.status.code(), Some(2));
@@ -661,7 +691,7 @@ fn tensorboard_scalars(dir: &Path) -> (std::collections::BTreeMap<(u64, String),
 }
 
 #[test]
-fn tensorboard_holds_the_logged_lines_and_survives_an_interruption() {
+fn tensorboard_holds_the_logged_lines_and_a_resumed_run_rewrites_them() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = data("explicit-10.jsonl");
     let sets = |out: &Path| {
@@ -669,6 +699,7 @@ fn tensorboard_holds_the_logged_lines_and_survives_an_interruption() {
             out,
             &[
                 "train.max_steps=4",
+                "train.log_every=1",
                 "train.eval_every=2",
                 "train.report_to=tensorboard",
                 &format!("data.eval={pairs}"),
@@ -697,17 +728,31 @@ fn tensorboard_holds_the_logged_lines_and_survives_an_interruption() {
     }
     assert!(expected > 40, "{expected}");
 
-    // Interrupted after step 1 and resumed: one file, the same curves (times apart).
+    // Resumed from step 3 (past an evaluation) of a run that went on: one file, the same
+    // curves (times apart), each tag's steps rising as TensorBoard needs them.
     let cut = tmp.path().join("cut");
-    let config = sets(&cut);
-    let mut first = load_trainer(&config).unwrap();
-    first.run(None, &AtomicBool::new(true)).err().unwrap();
+    let mut config = sets(&cut);
+    config.train.save_every = 3;
+    train(&config);
     let mut resumed = load_trainer(&config).unwrap();
     resumed
-        .run(Some(&cut.join("checkpoint-1")), &AtomicBool::new(false))
+        .run(Some(&cut.join("checkpoint-3")), &AtomicBool::new(false))
         .unwrap();
     let (again, files) = tensorboard_scalars(&cut);
     assert_eq!(files, 1);
+    let file = std::fs::read_dir(&cut)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("tfevents"))
+        .unwrap();
+    let mut last_step = std::collections::HashMap::new();
+    for ev in orpo::train::tensorboard::read_events(&file).unwrap() {
+        for (tag, _) in ev.values {
+            let before = last_step.insert(tag.clone(), ev.step).unwrap_or(0);
+            assert!(ev.step >= before, "{tag}: step {} after {before}", ev.step);
+        }
+    }
     let timing =
         |t: &str| t.ends_with("elapsed_s") || t.contains("runtime") || t.contains("per_second");
     let untimed = |m: &std::collections::BTreeMap<(u64, String), f32>| {

@@ -72,10 +72,24 @@ impl Config {
                 .lr_end
                 .unwrap_or(crate::train::schedule::POLYNOMIAL_LR_END);
             if end >= p.lr {
-                return Err(o.invalid(
-                    "optim.lr_end",
-                    format!("polynomial decays from optim.lr = {} to lr_end = {end}, which must be smaller", p.lr),
-                ));
+                // The key the user can change: lr_end if they set it, else lr.
+                let (key, msg) = match p.lr_end {
+                    Some(_) => (
+                        "optim.lr_end",
+                        format!(
+                            "polynomial decays from optim.lr = {} to lr_end = {end}, which must be smaller",
+                            p.lr
+                        ),
+                    ),
+                    None => (
+                        "optim.lr",
+                        format!(
+                            "polynomial decays from lr = {} to optim.lr_end, {end} when unset, which must be smaller; set optim.lr_end below lr",
+                            p.lr
+                        ),
+                    ),
+                };
+                return Err(o.invalid(key, msg));
             }
         }
         Ok(())
@@ -140,14 +154,11 @@ impl Config {
                 ));
             }
         }
-        if let Some(t) = &d.chat_template {
-            let is_template = t.contains("{{") || t.contains("{%");
-            if !is_template && !std::path::Path::new(t).is_file() {
-                return Err(o.invalid(
-                    "data.chat_template",
-                    format!("`{t}` is neither a file nor a Jinja template"),
-                ));
-            }
+        if matches!(&d.chat_template, Some(t) if t.trim().is_empty()) {
+            return Err(o.invalid(
+                "data.chat_template",
+                "must not be empty (omit it for the model's own)",
+            ));
         }
         if d.max_length == 0 {
             return Err(o.invalid("data.max_length", "must be at least 1"));

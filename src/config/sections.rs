@@ -202,8 +202,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub output_dir: String,
     pub gradient_checkpointing: bool,
-    /// transformers' `report_to`: `"tensorboard"` also writes the curves as TensorBoard event
-    /// files under `output_dir/runs/`; `"none"` (or nothing) only metrics.jsonl and the plot.
+    /// transformers' `report_to`: `"tensorboard"` also writes the curves as a TensorBoard
+    /// event file in `output_dir`; `"none"` (or nothing) only metrics.jsonl and the plot.
     #[serde(
         deserialize_with = "super::values::one_or_many",
         skip_serializing_if = "Vec::is_empty"

@@ -523,6 +523,11 @@ fn schedule_arguments_belong_to_their_schedules() {
             "smaller",
         ),
         (
+            &["optim.scheduler=polynomial", "optim.lr=1e-8"],
+            "optim.lr",
+            "when unset",
+        ),
+        (
             &["optim.scheduler=linear_with_restarts"],
             "optim.scheduler",
             "cosine_with_restarts",

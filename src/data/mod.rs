@@ -220,8 +220,6 @@ fn source_texts(
     Ok((out, n, resolved))
 }
 
-/// Reads and validates every row of `path` and returns the texts TRL would tokenize
-/// (prompt extracted, chat template applied), in file order.
 /// Gives `tok` the template of `data.chat_template` when the config sets one: the text of the
 /// file it names, or the template itself.
 pub fn apply_chat_template_setting(
@@ -238,11 +236,19 @@ pub fn apply_chat_template_setting(
             source,
         })?;
         tok.set_chat_template(&source, &format!("data.chat_template {}", path.display()))
-    } else {
+    } else if value.contains("{{") || value.contains("{%") {
         tok.set_chat_template(value, "data.chat_template")
+    } else {
+        // Checked here, when the template is used, not when a config is read: a checkpoint's
+        // saved config may name a file since moved (the pairs' fingerprint decides then).
+        Err(DataError::Options(format!(
+            "data.chat_template: `{value}` is neither a file nor a Jinja template"
+        )))
     }
 }
 
+/// Reads and validates every row of `path` and returns the texts TRL would tokenize
+/// (prompt extracted, chat template applied), in file order.
 pub fn load_pairs_text(path: &Path, tok: &Tokenizer) -> Result<Vec<PairText>, DataError> {
     load_source_text(&DataSource::new(path.display().to_string()), tok)
 }

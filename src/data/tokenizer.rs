@@ -487,6 +487,16 @@ impl Tokenizer {
         for (k, v) in &specials {
             config.insert(k.clone(), v.clone());
         }
+        // transformers 5 lists added special tokens as `extra_special_tokens`, a name 4.47-4.55
+        // read as a dict (crashing on a list); `additional_special_tokens` is 4.x's name for
+        // the list, which transformers 5 still reads as `extra_special_tokens`.
+        if matches!(config.get("extra_special_tokens"), Some(Value::Array(_)))
+            && !config.contains_key("additional_special_tokens")
+        {
+            if let Some(list) = config.remove("extra_special_tokens") {
+                config.insert("additional_special_tokens".into(), list);
+            }
+        }
         // transformers 5 names its fast tokenizer `TokenizersBackend`, a class 4.x lacks;
         // `PreTrainedTokenizerFast` is the same class in 5 and loads in 4.x too.
         let class = config.get("tokenizer_class").and_then(Value::as_str);

@@ -6,7 +6,7 @@ use super::log::{EvalEntry, LogEntry};
 use super::tensorboard::EventWriter;
 use crate::Error;
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct TensorBoard {
@@ -18,6 +18,17 @@ pub struct TensorBoard {
 /// Whether `name` is a TensorBoard event file.
 pub fn is_event_file(name: &str) -> bool {
     name.starts_with("events.out.tfevents.")
+}
+
+/// The event files in `dir`.
+pub fn event_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| is_event_file(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect()
 }
 
 /// transformers' `rewrite_logs`: `eval_*` keys under `eval/`, every other under `train/`.
@@ -45,13 +56,7 @@ impl TensorBoard {
         evals: &[EvalEntry],
         elapsed_s: f64,
     ) -> Result<Self, Error> {
-        let old: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .flatten()
-            .filter(|e| is_event_file(&e.file_name().to_string_lossy()))
-            .map(|e| e.path())
-            .collect();
-        for path in old {
+        for path in event_files(dir) {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         }
         let writer = EventWriter::create(dir).map_err(|e| Error::io(dir, e))?;
@@ -59,16 +64,24 @@ impl TensorBoard {
             writer,
             started: unix_now() - elapsed_s,
         };
-        for entry in log {
-            tb.line(&entry.to_json(), entry.elapsed_s)?;
-        }
+        // In the order a live run writes them: by step, a step's log line before its
+        // evaluation (TensorBoard drops the later points of a tag whose step goes back, and
+        // evaluations carry `epoch` too).
+        let mut lines: Vec<(usize, usize, Value, f64)> = log
+            .iter()
+            .map(|l| (l.step, 0, l.to_json(), l.elapsed_s))
+            .collect();
         for entry in evals {
             // Evaluations carry no time of their own: that of the log line of their step.
             let at = log
                 .iter()
                 .rfind(|l| l.step <= entry.step)
                 .map_or(0.0, |l| l.elapsed_s);
-            tb.line(&entry.to_json(), at)?;
+            lines.push((entry.step, 1, entry.to_json(), at));
+        }
+        lines.sort_by_key(|(step, kind, _, _)| (*step, *kind));
+        for (_, _, line, at) in &lines {
+            tb.line(line, *at)?;
         }
         Ok(tb)
     }

@@ -255,6 +255,14 @@ impl Trainer {
                 st.elapsed_s,
             )?)
         } else {
+            if resume.is_some() && !super::report::event_files(&out_dir).is_empty() {
+                tracing::warn!(
+                    "{} holds TensorBoard event files of this run's earlier part, which stop \
+                     where it was interrupted; with train.report_to = \"tensorboard\" the \
+                     resumed run would rewrite them",
+                    out_dir.display()
+                );
+            }
             None
         };
         let bar = progress_bar(total as u64);
