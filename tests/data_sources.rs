@@ -503,3 +503,58 @@ fn a_list_of_locations_is_read_in_order() {
     let e = load_source(&both, &tok, &OPTS).err().unwrap().to_string();
     assert!(e.contains("no-such-file.jsonl"), "{e}");
 }
+
+#[test]
+fn eval_size_holds_out_a_seeded_share_of_the_training_pairs() {
+    let t = tok("tiny-opt");
+    let path = root().join("examples/data/hh-rlhf-64.jsonl");
+    let opts = DataOptions {
+        max_length: 2048,
+        max_prompt_length: 2048,
+    };
+    let all = load_source(&src(&path), &t, &opts).unwrap();
+    let n = all.pairs.len();
+    assert_eq!(n, 64);
+    let ids = |ds: &orpo::data::Dataset| -> Vec<Vec<u32>> {
+        ds.pairs
+            .iter()
+            .map(|p| p.chosen_input_ids.clone())
+            .collect()
+    };
+    // A fraction rounds up, as datasets' train_test_split: 64 * 0.1 = 6.4 -> 7.
+    let (train, eval) = orpo::data::split_eval(all.clone(), 0.1, 42).unwrap();
+    assert_eq!((train.pairs.len(), eval.pairs.len()), (57, 7));
+    assert_eq!((train.stats.kept, eval.stats.kept), (57, 7));
+    assert_eq!(train.locations.len() + eval.locations.len(), n);
+    // Together the parts are the data set, each in file order.
+    let mut merged: Vec<(String, Vec<u32>)> = train
+        .locations
+        .iter()
+        .cloned()
+        .zip(ids(&train))
+        .chain(eval.locations.iter().cloned().zip(ids(&eval)))
+        .collect();
+    let line = |loc: &str| -> usize { loc.rsplit(':').next().unwrap().parse().unwrap() };
+    for part in [&train, &eval] {
+        let lines: Vec<usize> = part.locations.iter().map(|l| line(l)).collect();
+        assert!(lines.windows(2).all(|w| w[0] < w[1]), "{lines:?}");
+    }
+    merged.sort_by_key(|(loc, _)| line(loc));
+    let want: Vec<(String, Vec<u32>)> = all.locations.iter().cloned().zip(ids(&all)).collect();
+    assert_eq!(merged, want);
+    // The same seed holds out the same pairs; another seed others.
+    let (_, again) = orpo::data::split_eval(all.clone(), 0.1, 42).unwrap();
+    assert_eq!(ids(&again), ids(&eval));
+    let (_, other) = orpo::data::split_eval(all.clone(), 0.1, 7).unwrap();
+    assert_ne!(ids(&other), ids(&eval));
+    // A whole number is a count; nothing left to train on is refused.
+    let (_, five) = orpo::data::split_eval(all.clone(), 5.0, 42).unwrap();
+    assert_eq!(five.pairs.len(), 5);
+    let e = orpo::data::split_eval(all, 64.0, 42)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data.eval_size") && e.contains("64 of the 64"),
+        "{e}"
+    );
+}

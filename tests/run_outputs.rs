@@ -767,3 +767,25 @@ fn tensorboard_holds_the_logged_lines_and_a_resumed_run_rewrites_them() {
     orpo::train::run_dir::clear_run(&cut).unwrap();
     assert_eq!(tensorboard_scalars(&cut).1, 0);
 }
+
+#[test]
+fn held_out_pairs_are_evaluated_during_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = config(
+        &out,
+        &[
+            "data.eval_size=3",
+            "train.eval_every=2",
+            "train.max_steps=4",
+        ],
+    );
+    let mut trainer = load_trainer(&config).unwrap();
+    assert_eq!(trainer.train.pairs.len(), 7);
+    assert_eq!(trainer.eval.as_ref().map(|e| e.pairs.len()), Some(3));
+    trainer.run(None, &AtomicBool::new(false)).unwrap();
+    let evals = json_lines(&out.join("eval_metrics.jsonl"));
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    assert!(evals.iter().all(|e| e["eval_pairs"] == 3), "{evals:?}");
+}

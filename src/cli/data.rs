@@ -26,13 +26,20 @@ pub fn data(
             config_path.display()
         )));
     };
-    let mut splits = vec![("train", train)];
-    if let Some(e) = config.data.source(true) {
-        splits.push(("eval", e));
+    // The splits as training reads them: data.eval, or pairs held out by data.eval_size.
+    let mut train = orpo::data::load_source(&train, &tok, &opts)?;
+    let mut eval = match config.data.source(true) {
+        Some(src) => Some(orpo::data::load_source(&src, &tok, &opts)?),
+        None => None,
+    };
+    if let Some(size) = config.data.eval_size {
+        let (t, e) = orpo::data::split_eval(train, size, config.train.seed)?;
+        train = t;
+        eval = Some(e);
     }
+    let splits = std::iter::once(("train", train)).chain(eval.map(|e| ("eval", e)));
     let mut json_out = serde_json::Map::new();
-    for (split, src) in splits {
-        let ds = orpo::data::load_source(&src, &tok, &opts)?;
+    for (split, ds) in splits {
         let n_show = show.min(ds.pairs.len());
         if as_json {
             let mut v = serde_json::json!({

@@ -56,7 +56,8 @@ pub enum ConfigError {
     MissingTrainData,
     #[error(
         "train.eval_every = {every} evaluates held-out pairs during training, but data.eval is \
-         not set: set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE"
+         not set: set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE \
+         (or hold out training pairs with data.eval_size)"
     )]
     EvalWithoutData { every: usize },
 }

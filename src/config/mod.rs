@@ -113,7 +113,7 @@ impl Config {
         if !matches!(&self.data.train, Some(t) if !t.0.is_empty()) {
             return Err(ConfigError::MissingTrainData);
         }
-        if self.train.eval_every > 0 && self.data.eval.is_none() {
+        if self.train.eval_every > 0 && self.data.eval.is_none() && self.data.eval_size.is_none() {
             return Err(ConfigError::EvalWithoutData {
                 every: self.train.eval_every,
             });

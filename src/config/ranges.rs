@@ -154,6 +154,20 @@ impl Config {
                 ));
             }
         }
+        if let Some(x) = d.eval_size {
+            if d.eval.is_some() {
+                return Err(o.invalid(
+                    "data.eval_size",
+                    "data.eval is set too; hold out training pairs or name eval data, not both",
+                ));
+            }
+            if !(x.is_finite() && x > 0.0 && (x < 1.0 || x.fract() == 0.0)) {
+                return Err(o.invalid(
+                    "data.eval_size",
+                    format!("must be a fraction in (0, 1) or a whole number of pairs, found {x}"),
+                ));
+            }
+        }
         if matches!(&d.chat_template, Some(t) if t.trim().is_empty()) {
             return Err(o.invalid(
                 "data.chat_template",

@@ -34,6 +34,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
             &[
                 ("train", Paths),
                 ("eval", Paths),
+                ("eval_size", Float),
                 ("max_length", UInt),
                 ("max_prompt_length", UInt),
                 ("train_split", Str),

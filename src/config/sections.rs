@@ -35,6 +35,10 @@ pub struct DataConfig {
     pub train: Option<DataFiles>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<DataFiles>,
+    /// Without `eval`: hold out this many training pairs (below 1, this fraction of them,
+    /// rounded up), as datasets' `train_test_split(test_size)`, drawn with `train.seed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_size: Option<f64>,
     pub max_length: usize,
     pub max_prompt_length: usize,
     /// Split read from folders and hub datasets for `train`.
@@ -62,6 +66,7 @@ impl Default for DataConfig {
         DataConfig {
             train: None,
             eval: None,
+            eval_size: None,
             max_length: 1024,
             max_prompt_length: 512,
             train_split: "train".into(),

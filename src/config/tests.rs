@@ -560,3 +560,21 @@ fn report_to_takes_tensorboard_or_none() {
     let e = load(MINIMAL, &["train.report_to=[1]"]).unwrap_err();
     assert_eq!(e.key(), Some("train.report_to"), "{e}");
 }
+
+#[test]
+fn eval_size_is_a_fraction_or_a_count_without_eval_data() {
+    for v in ["0.01", "0.5", "3", "200"] {
+        let c = load(MINIMAL, &[&format!("data.eval_size={v}")]).unwrap();
+        assert!(c.data.eval_size.is_some());
+    }
+    for v in ["0", "-1", "1.5", "nan"] {
+        let e = load(MINIMAL, &[&format!("data.eval_size={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("data.eval_size"), "{v}: {e}");
+    }
+    let e = load(MINIMAL, &["data.eval=held.jsonl", "data.eval_size=0.1"]).unwrap_err();
+    assert!(e.to_string().contains("not both"), "{e}");
+    // Held-out pairs count as evaluation data for eval_every.
+    let mut c = load(MINIMAL, &["data.eval_size=0.1", "train.eval_every=5"]).unwrap();
+    c.data.train = Some("pairs.jsonl".into());
+    c.validate_for_train().unwrap();
+}

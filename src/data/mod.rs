@@ -71,6 +71,20 @@ pub struct Dataset {
     pub locations: Vec<String>,
 }
 
+impl Dataset {
+    /// The data set's description without its pairs, for the parts of a split.
+    fn clone_empty(&self) -> Dataset {
+        Dataset {
+            source: self.source.clone(),
+            format: self.format.clone(),
+            pairs: Vec::new(),
+            stats: DataStats::default(),
+            files: self.files.clone(),
+            locations: Vec::new(),
+        }
+    }
+}
+
 /// A row's texts and where it came from.
 struct LocatedText {
     loc: RowLoc,
@@ -218,6 +232,69 @@ fn source_texts(
         });
     }
     Ok((out, n, resolved))
+}
+
+/// Splits `eval_size` pairs (below 1, that fraction of them rounded up, as datasets'
+/// `train_test_split(test_size)`) off `data` for evaluation, chosen by a permutation seeded
+/// with `seed`; both parts keep file order. At least one pair must remain for training.
+pub fn split_eval(
+    data: Dataset,
+    eval_size: f64,
+    seed: u64,
+) -> Result<(Dataset, Dataset), DataError> {
+    let n = data.pairs.len();
+    let n_eval = if eval_size < 1.0 {
+        (n as f64 * eval_size).ceil() as usize
+    } else {
+        eval_size as usize
+    };
+    if n_eval == 0 || n_eval >= n {
+        return Err(DataError::Options(format!(
+            "data.eval_size = {eval_size} holds out {n_eval} of the {n} training pairs of {}; \
+             at least one must be held out and one left to train on",
+            data.source
+        )));
+    }
+    let mut held = vec![false; n];
+    for i in crate::train::randperm::torch_randperm(n, seed)
+        .into_iter()
+        .take(n_eval)
+    {
+        held[i] = true;
+    }
+    let mut train = Dataset {
+        pairs: Vec::with_capacity(n - n_eval),
+        locations: Vec::with_capacity(n - n_eval),
+        ..data.clone_empty()
+    };
+    let mut eval = Dataset {
+        source: format!(
+            "{} ({n_eval} pairs held out by data.eval_size)",
+            data.source
+        ),
+        pairs: Vec::with_capacity(n_eval),
+        locations: Vec::with_capacity(n_eval),
+        ..data.clone_empty()
+    };
+    let locations = data
+        .locations
+        .into_iter()
+        .map(Some)
+        .chain(std::iter::repeat(None));
+    for ((pair, loc), is_held) in data.pairs.into_iter().zip(locations).zip(held) {
+        let part = if is_held { &mut eval } else { &mut train };
+        part.pairs.push(pair);
+        part.locations.extend(loc);
+    }
+    let skipped: Vec<(String, SkipReason)> = data.stats.skipped_examples.clone();
+    train.stats = DataStats {
+        rows: data.stats.rows - n_eval,
+        skipped: data.stats.skipped.clone(),
+        skipped_examples: skipped,
+        ..DataStats::new(0, &train.pairs, &[])
+    };
+    eval.stats = DataStats::new(n_eval, &eval.pairs, &[]);
+    Ok((train, eval))
 }
 
 /// Gives `tok` the template of `data.chat_template` when the config sets one: the text of the

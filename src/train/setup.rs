@@ -166,15 +166,21 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
             train.source
         )));
     }
+    let (train, held_out) = match config.data.eval_size {
+        Some(size) => {
+            let (train, eval) = crate::data::split_eval(train, size, config.train.seed)?;
+            (train, Some(eval))
+        }
+        None => (train, None),
+    };
     log_dataset("train", &train);
     let eval = match config.data.source(true) {
-        Some(src) => {
-            let ds = load_source(&src, &tokenizer, &opts)?;
-            log_dataset("eval", &ds);
-            Some(ds)
-        }
-        None => None,
+        Some(src) => Some(load_source(&src, &tokenizer, &opts)?),
+        None => held_out,
     };
+    if let Some(ds) = &eval {
+        log_dataset("eval", ds);
+    }
     check_data_fits(
         config,
         &model_config,
