@@ -789,3 +789,61 @@ fn held_out_pairs_are_evaluated_during_training() {
     assert_eq!(steps, [2, 4]);
     assert!(evals.iter().all(|e| e["eval_pairs"] == 3), "{evals:?}");
 }
+
+#[test]
+fn a_saved_model_passes_on_the_bases_sentencepiece_files() {
+    // llama.cpp's GGUF converter (and transformers' slow tokenizers) read tokenizer.model;
+    // orpo does not, but the model it saves must keep it.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(model_dir("tiny-llama3")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+    }
+    let spm = b"\x0a\x05<unk>not really a sentencepiece model".to_vec();
+    let added = br#"{"<|extra|>": 1005}"#.to_vec();
+    std::fs::write(base.join("tokenizer.model"), &spm).unwrap();
+    std::fs::write(base.join("added_tokens.json"), &added).unwrap();
+    let chat = fixtures()
+        .join("golden/pairs-chat.jsonl")
+        .display()
+        .to_string();
+    let run = |out: &Path, model: &Path, extra: &[&str]| {
+        let mut sets = vec![
+            format!("model.id={}", model.display()),
+            format!("data.train={chat}"),
+            "train.max_steps=2".to_string(),
+            "train.save_every=1".to_string(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let mut config = config(out, &[]);
+        config = config.with_overrides("test", &sets).unwrap();
+        train(&config);
+    };
+    let full = tmp.path().join("full");
+    run(&full, &base, &[]);
+    for dir in [full.clone(), full.join("checkpoint-1")] {
+        assert_eq!(std::fs::read(dir.join("tokenizer.model")).unwrap(), spm);
+        assert_eq!(std::fs::read(dir.join("added_tokens.json")).unwrap(), added);
+    }
+    // A merged adapter too.
+    let lora = tmp.path().join("lora");
+    run(&lora, &base, &["lora.enabled=true"]);
+    let merged = tmp.path().join("merged");
+    let (b, a, m) = (
+        base.display().to_string(),
+        lora.display().to_string(),
+        merged.display().to_string(),
+    );
+    let r = orpo(&["merge", "--base", &b, "--adapter", &a, "--out", &m]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(merged.join("tokenizer.model")).unwrap(), spm);
+    // A model without them saved over it (as --overwrite: tokenizer files stay until then):
+    // no stale tokenizer.model of the other model.
+    orpo::train::run_dir::clear_run(&full).unwrap();
+    assert!(full.join("tokenizer.model").exists());
+    run(&full, &model_dir("tiny-llama3"), &[]);
+    assert!(!full.join("tokenizer.model").exists());
+    assert!(!full.join("added_tokens.json").exists());
+}

@@ -34,6 +34,9 @@ const HUB_FILES: &[&str] = &[
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",
+    // Not read by orpo; passed on to saved models (see `train::checkpoint`).
+    "tokenizer.model",
+    "added_tokens.json",
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
@@ -85,7 +88,18 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
                 .map_err(|e| hub_err(format!("config.json: {e}")))?,
         );
         for f in &HUB_FILES[1..] {
-            // Optional files: a model has only some of them.
+            // Optional files: a model has only some of them. The legacy weights only where
+            // there are no safetensors (many repositories hold both).
+            if *f == "pytorch_model.bin" {
+                let dir = config_path.as_ref().and_then(|p| p.parent());
+                let has_safetensors = dir.is_some_and(|d| {
+                    d.join("model.safetensors").exists()
+                        || d.join("model.safetensors.index.json").exists()
+                });
+                if has_safetensors {
+                    continue;
+                }
+            }
             let _ = api.get(f);
         }
         let index = config_path

@@ -74,6 +74,9 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     std::fs::remove_dir_all(&tmp_dir).map_err(io(&tmp_dir))
 }
 
+/// Files of the base model's folder a saved model carries over as they are.
+pub(crate) const PASSED_ON: [&str; 2] = ["tokenizer.model", "added_tokens.json"];
+
 /// The header metadata `save_pretrained` writes. transformers before 4.48 or so reads
 /// `metadata.get("format")` without a None check, so a file without it fails to load there.
 fn pt_format() -> HashMap<String, String> {
@@ -122,6 +125,18 @@ fn write_model_files(
         match serde_json::from_slice::<serde_json::Value>(&bytes) {
             Ok(_) => write_atomic(&dir.join("generation_config.json"), &bytes)?,
             Err(e) => tracing::warn!("{} is not valid JSON ({e}); not copied", gen.display()),
+        }
+    }
+    // Tokenizer files orpo does not read but others do (a slow tokenizer, llama.cpp's GGUF
+    // converter for SentencePiece models): the base model's, unchanged, or none.
+    for name in PASSED_ON {
+        let src = base.dir.join(name);
+        let path = dir.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(io(&src))?;
+            write_atomic(&path, &bytes)?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(io(&path))?;
         }
     }
     for (name, bytes) in tok.saved_files(dir).map_err(|e| other(dir, e))? {

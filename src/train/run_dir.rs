@@ -101,12 +101,15 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// What a save writes beside the run's outputs (`Tokenizer::saved_files`).
-const TOKENIZER_FILES: [&str; 4] = [
+/// What a save writes beside the run's outputs (`Tokenizer::saved_files`, and the base
+/// model's files passed on as they are).
+const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "tokenizer.model",
+    "added_tokens.json",
 ];
 
 /// Removes the hidden temporaries and set-aside folders of the run's files that processes no
