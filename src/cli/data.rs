@@ -20,23 +20,14 @@ pub fn data(
         max_length: config.data.max_length,
         max_prompt_length: config.data.max_prompt_length,
     };
-    let Some(train) = config.data.source(false) else {
+    if config.data.train.is_none() {
         return Err(Error::Input(format!(
             "{}: data.train is not set",
             config_path.display()
         )));
-    };
-    // The splits as training reads them: data.eval, or pairs held out by data.eval_size.
-    let mut train = orpo::data::load_source(&train, &tok, &opts)?;
-    let mut eval = match config.data.source(true) {
-        Some(src) => Some(orpo::data::load_source(&src, &tok, &opts)?),
-        None => None,
-    };
-    if let Some(size) = config.data.eval_size {
-        let (t, e) = orpo::data::split_eval(train, size, config.train.seed)?;
-        train = t;
-        eval = Some(e);
     }
+    // The splits as training reads them: data.eval, or pairs held out by data.eval_size.
+    let (train, eval) = orpo::train::load_splits(&config, &tok)?;
     let splits = std::iter::once(("train", train)).chain(eval.map(|e| ("eval", e)));
     let mut json_out = serde_json::Map::new();
     for (split, ds) in splits {

@@ -276,17 +276,12 @@ pub fn split_eval(
         locations: Vec::with_capacity(n_eval),
         ..data.clone_empty()
     };
-    let locations = data
-        .locations
-        .into_iter()
-        .map(Some)
-        .chain(std::iter::repeat(None));
-    for ((pair, loc), is_held) in data.pairs.into_iter().zip(locations).zip(held) {
+    for ((pair, loc), is_held) in data.pairs.into_iter().zip(data.locations).zip(held) {
         let part = if is_held { &mut eval } else { &mut train };
         part.pairs.push(pair);
-        part.locations.extend(loc);
+        part.locations.push(loc);
     }
-    let skipped: Vec<(String, SkipReason)> = data.stats.skipped_examples.clone();
+    let skipped = data.stats.skipped_examples.clone();
     train.stats = DataStats {
         rows: data.stats.rows - n_eval,
         skipped: data.stats.skipped.clone(),

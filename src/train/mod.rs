@@ -25,5 +25,5 @@ pub mod tensorboard;
 mod trainer;
 
 pub use log::{EvalEntry, LogEntry};
-pub use setup::{check_data_fits, load_model, load_trainer, LoadedModel};
+pub use setup::{check_data_fits, load_model, load_splits, load_trainer, LoadedModel};
 pub use trainer::{TrainSummary, Trainer};

@@ -154,30 +154,14 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     let model_config = ModelConfig::from_dir(&dir)?;
     let mut tokenizer = Tokenizer::from_dir(&dir)?;
     crate::data::apply_chat_template_setting(&mut tokenizer, config.data.chat_template.as_deref())?;
-    let opts = data_options(config);
-    let train_src = config
-        .data
-        .source(false)
-        .ok_or_else(|| Error::Input("data.train is not set".into()))?;
-    let train = load_source(&train_src, &tokenizer, &opts)?;
+    let (train, eval) = load_splits(config, &tokenizer)?;
     if train.pairs.is_empty() {
         return Err(Error::Input(format!(
             "{}: no usable pairs (all were skipped)",
             train.source
         )));
     }
-    let (train, held_out) = match config.data.eval_size {
-        Some(size) => {
-            let (train, eval) = crate::data::split_eval(train, size, config.train.seed)?;
-            (train, Some(eval))
-        }
-        None => (train, None),
-    };
     log_dataset("train", &train);
-    let eval = match config.data.source(true) {
-        Some(src) => Some(load_source(&src, &tokenizer, &opts)?),
-        None => held_out,
-    };
     if let Some(ds) = &eval {
         log_dataset("eval", ds);
     }
@@ -215,6 +199,29 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         memory: crate::memory::MemoryMeter::new(&device),
         device,
     })
+}
+
+/// The training and evaluation pairs as a run reads them: `data.train`, and `data.eval` or the
+/// pairs `data.eval_size` holds out of the training ones.
+pub fn load_splits(
+    config: &Config,
+    tokenizer: &Tokenizer,
+) -> Result<(crate::data::Dataset, Option<crate::data::Dataset>), Error> {
+    let opts = data_options(config);
+    let train_src = config
+        .data
+        .source(false)
+        .ok_or_else(|| Error::Input("data.train is not set".into()))?;
+    let train = load_source(&train_src, tokenizer, &opts)?;
+    if let Some(size) = config.data.eval_size {
+        let (train, eval) = crate::data::split_eval(train, size, config.train.seed)?;
+        return Ok((train, Some(eval)));
+    }
+    let eval = match config.data.source(true) {
+        Some(src) => Some(load_source(&src, tokenizer, &opts)?),
+        None => None,
+    };
+    Ok((train, eval))
 }
 
 fn log_dataset(split: &str, ds: &crate::data::Dataset) {

@@ -335,9 +335,10 @@ impl Trainer {
                     tokens: st.pending_tokens,
                     elapsed_s: elapsed,
                 };
-                metrics_file.push(&entry.to_json())?;
+                let line = entry.to_json();
+                metrics_file.push(&line)?;
                 if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&entry.to_json(), elapsed)?;
+                    tb.line(&line, elapsed)?;
                 }
                 st.log.push(entry);
                 st.pending.clear();
@@ -349,9 +350,10 @@ impl Trainer {
             let due = eval_every > 0 && done % eval_every == 0 && done < total;
             if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
                 let entry = self.evaluate_at(data, done, epoch)?;
-                file.push(&entry.to_json())?;
+                let line = entry.to_json();
+                file.push(&line)?;
                 if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&entry.to_json(), elapsed)?;
+                    tb.line(&line, elapsed)?;
                 }
                 st.evals.push(entry);
             }
@@ -388,12 +390,13 @@ impl Trainer {
         let eval = match (&self.eval, eval_file.as_mut()) {
             (Some(data), Some(file)) => {
                 let entry = self.evaluate_at(data, total, epoch)?;
-                file.push(&entry.to_json())?;
+                let line = entry.to_json();
+                file.push(&line)?;
                 if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&entry.to_json(), st.elapsed_s)?;
+                    tb.line(&line, st.elapsed_s)?;
                 }
                 let path = out_dir.join("eval_metrics.json");
-                let text = serde_json::to_string_pretty(&entry.to_json()).unwrap_or_default();
+                let text = serde_json::to_string_pretty(&line).unwrap_or_default();
                 write_atomic(&path, text.as_bytes())?;
                 st.evals.push(entry.clone());
                 Some(entry.metrics)
