@@ -106,11 +106,13 @@ fn steps_leave_nothing_behind(model: &str) {
         drop(g);
         live.push(meter.read().now);
     }
-    // Step 1 creates the moments; later steps allocate and free the same. A 1 MiB margin for
-    // the harness's own threads (a leak here grew ~5 MB a step).
+    // Step 1 creates the moments; later steps allocate and free the same. A 4 MiB margin for
+    // the harness's own threads and gemm's packing buffer, which each thread allocates once,
+    // the first time it packs a product (on a loaded machine a worker may first do so in step
+    // 3: +2 MiB, seen); a leak here grew ~5 MB a step.
     let (lo, hi) = (live[1..].iter().min(), live[1..].iter().max());
     assert!(
-        hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 1 << 20),
+        hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 4 << 20),
         "{model}: bytes in use after each step {live:?}"
     );
 }
