@@ -10,15 +10,31 @@ Model, pairs in file order and dropout handling are those of the shared tools/tr
 imported from ../shared/tools beside this checkout (or from TRL_GOLDEN_DIR). With shuffle=1 the
 pairs come in the Trainer's own shuffled order for `seed` (orpo's `train.shuffle`, `train.seed`).
 
+With epochs=E > 0 the run is `num_train_epochs=E` (may be fractional) with max_steps left at -1:
+transformers takes ceil(E * steps per epoch) optimizer steps, an epoch being
+ceil(micro-batches / grad_accum) steps (the last one possibly short), and `steps` is unused.
+eval_strategy ("steps" or "epoch") and save_strategy ("no", "steps" or "epoch", saving each
+eval_steps steps with "steps") are the Trainer's own. The output then also records the Trainer's
+`state.max_steps` as "max_steps" and the steps of the checkpoint-N folders it wrote as
+"checkpoints" (sorted), and its settings leave out the ones that run did not use (steps with
+epochs > 0, eval_steps with neither strategy "steps"). At the defaults (epochs=0 eval_strategy=steps
+save_strategy=no) none of these keys is written: the output is the same as before these settings.
+
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
 Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-64.jsonl
 eval=examples/data/hh-rlhf-eval-16.jsonl steps=15 batch=6 grad_accum=3 lr=1e-3 beta=0.1
 max_length=512 weight_decay=0.05 max_grad_norm=1.0 scheduler=linear warmup_ratio=0.1
-logging_steps=3 eval_steps=4 shuffle=0 seed=0
+logging_steps=3 eval_steps=4 shuffle=0 seed=0 epochs=0 eval_strategy=steps save_strategy=no
+
+tests/fixtures/golden/extra/tiny-opt.epochs.trl.json (2.5 epochs of 4 steps, the 4th of each
+epoch over 2 micro-batches: 10 steps, evaluations and checkpoints at each epoch's end) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.epochs.trl.json \
+    epochs=2.5 eval_strategy=epoch save_strategy=epoch logging_steps=1 batch=6 grad_accum=3
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +51,9 @@ DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64
                 eval="examples/data/hh-rlhf-eval-16.jsonl", steps=15, batch=6, grad_accum=3,
                 lr=1e-3, beta=0.1, max_length=512, weight_decay=0.05, max_grad_norm=1.0,
                 scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4, shuffle=0, seed=0)
+# Settings added after the goldens above: written to the output only away from these defaults.
+LATER = dict(epochs=0.0, eval_strategy="steps", save_strategy="no")
+DEFAULTS.update(LATER)
 
 
 def main():
@@ -53,15 +72,20 @@ def main():
     disable_all_dropout(model)
 
     assert 0 < s["warmup_ratio"] < 1
+    assert s["epochs"] >= 0 and s["eval_strategy"] in ("steps", "epoch")
+    assert s["save_strategy"] in ("no", "steps", "epoch")
+    by_epochs = s["epochs"] > 0
+    length = dict(num_train_epochs=s["epochs"], max_steps=-1) if by_epochs else dict(max_steps=s["steps"])
+    output_dir = tempfile.mkdtemp()
     args = ORPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=s["batch"],
-        per_device_eval_batch_size=s["batch"], max_steps=s["steps"], learning_rate=s["lr"],
+        output_dir=output_dir, per_device_train_batch_size=s["batch"],
+        per_device_eval_batch_size=s["batch"], **length, learning_rate=s["lr"],
         lr_scheduler_type=s["scheduler"], warmup_steps=s["warmup_ratio"],
         weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"],
         gradient_accumulation_steps=s["grad_accum"], logging_steps=s["logging_steps"],
-        eval_strategy="steps", eval_steps=s["eval_steps"], beta=s["beta"],
+        eval_strategy=s["eval_strategy"], eval_steps=s["eval_steps"], save_steps=s["eval_steps"], beta=s["beta"],
         max_length=s["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to=[], seed=s["seed"], use_cpu=True, save_strategy="no", remove_unused_columns=False,
+        report_to=[], seed=s["seed"], use_cpu=True, save_strategy=s["save_strategy"], remove_unused_columns=False,
         dataloader_num_workers=0)
     trainer_class = ORPOTrainer if s["shuffle"] else SequentialORPOTrainer
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
@@ -72,12 +96,20 @@ def main():
     trainer.train()
 
     hist = trainer.state.log_history
+    max_steps = trainer.state.max_steps
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*"))
+    shutil.rmtree(output_dir)
+    later = any(s[k] != v for k, v in LATER.items())
+    settings = {k: v for k, v in s.items() if not (k in LATER and v == LATER[k])
+                and not (k == "steps" and by_epochs)
+                and not (k == "eval_steps" and "steps" not in (s["eval_strategy"], s["save_strategy"]))}
     out = dict(
         source="TRL ORPOTrainer (trl.experimental.orpo), float32, CPU, every dropout zeroed, pairs in "
                + ("the Trainer's shuffled order" if s["shuffle"] else "file order") + "; train_log: the log_history entries with `loss`, eval_log: those with `eval_loss`",
         versions=dict(trl=__import__("trl").__version__, transformers=__import__("transformers").__version__,
                       torch=torch.__version__),
-        settings=s, warmup_steps=args.get_warmup_steps(s["steps"]),
+        settings=settings, **(dict(max_steps=max_steps, checkpoints=checkpoints) if later else {}),
+        warmup_steps=args.get_warmup_steps(max_steps),
         train_pairs=len(trainer.train_dataset), eval_pairs=len(trainer.eval_dataset),
         at_max_length=[sum(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) == s["max_length"]
                            for r in ds) for ds in (trainer.train_dataset, trainer.eval_dataset)],

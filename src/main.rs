@@ -1,6 +1,7 @@
 //! The `orpo` command line: its flags, the dispatch to `cli`'s commands, and the error report.
 
 use clap::{Args, Parser, Subcommand};
+use orpo::config::SaveDtype;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,6 +76,9 @@ enum Command {
         /// Replace the model (or run) in an --out folder that is not empty
         #[arg(long)]
         overwrite: bool,
+        /// dtype of the merged weights: float32, bfloat16, float16, or auto (the base's)
+        #[arg(long, default_value = "float32")]
+        dtype: SaveDtype,
     },
     /// Load and tokenise a dataset exactly as training would, and describe it
     Data {
@@ -133,14 +137,17 @@ fn main() -> ExitCode {
             adapter,
             out,
             overwrite,
-        } => orpo::merge::merge(base.as_deref(), &adapter, &out, overwrite).map(|base_dir| {
-            eprintln!(
-                "merged {} into {}; full model written to {}",
-                adapter.display(),
-                base_dir.display(),
-                out.display()
-            )
-        }),
+            dtype,
+        } => {
+            orpo::merge::merge(base.as_deref(), &adapter, &out, overwrite, dtype).map(|base_dir| {
+                eprintln!(
+                    "merged {} into {}; full model written to {}",
+                    adapter.display(),
+                    base_dir.display(),
+                    out.display()
+                )
+            })
+        }
         Command::Data {
             config,
             json,

@@ -1,22 +1,26 @@
 //! `orpo merge`: fold a LoRA adapter into its base model (W + s·B·A) and write a full model in
 //! Hugging Face layout, loadable without PEFT.
 
+use crate::config::SaveDtype;
 use crate::data::Tokenizer;
 use crate::model::lora::{self, AdapterInit};
 use crate::model::{resolve_model_dir, CausalLm, LoadOptions};
 use crate::train::checkpoint::{save_model, BaseModel};
+use crate::train::save_dtype;
 use crate::Error;
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 /// Merges the adapter in `adapter` into `base` (or the base its adapter_config.json names) and
-/// saves the result to `out`; returns the base model's folder. An `out` that exists and is not
+/// saves the result to `out`, its weights in `dtype` (`auto`: the base's); returns the base
+/// model's folder. An `out` that exists and is not
 /// empty is refused unless `overwrite`, which first removes the run or model files there.
 pub fn merge(
     base: Option<&str>,
     adapter: &Path,
     out: &Path,
     overwrite: bool,
+    dtype: SaveDtype,
 ) -> Result<PathBuf, Error> {
     if !lora::is_adapter_dir(adapter) {
         return Err(Error::Input(format!(
@@ -64,11 +68,20 @@ pub fn merge(
         // An adapter left there would be loaded in place of the merged model.
         crate::train::run_dir::clear_run(out)?;
     }
-    save_model(
+    let wanted = save_dtype::resolve(dtype, &base_dir);
+    let saved = save_model(
         out,
         &model,
         &tokenizer,
         &BaseModel::new(&base_id, &base_dir),
+        wanted,
     )?;
+    if saved != wanted {
+        tracing::warn!(
+            "merged weights saved in {} rather than {}",
+            save_dtype::config_name(saved),
+            save_dtype::config_name(wanted)
+        );
+    }
     Ok(base_dir)
 }

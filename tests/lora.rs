@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use orpo::config::Config;
+use orpo::config::{Config, SaveDtype};
 use orpo::model::CausalLm;
 use orpo::train::{load_model, load_trainer};
 use std::path::Path;
@@ -89,7 +89,7 @@ fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
 
         // The merged model gives the same logits up to rounding, and differs from the base.
         let merged_dir = tmp.path().join("merged");
-        orpo::merge::merge(None, tmp.path(), &merged_dir, false).unwrap();
+        orpo::merge::merge(None, tmp.path(), &merged_dir, false, SaveDtype::F32).unwrap();
         let merged = CausalLm::load(&merged_dir, &Device::Cpu).unwrap();
         assert!(merged.adapter().is_none());
         let merged_logits = merged.logits(&ids, &mask).unwrap();
@@ -99,6 +99,25 @@ fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
         );
         let base = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
         assert!(max_diff(&base.logits(&ids, &mask).unwrap(), &merged_logits) > 1e-4);
+
+        // `--dtype auto` writes the same weights in the base's dtype (bf16 or f16 here).
+        let auto_dir = tmp.path().join("merged-auto");
+        orpo::merge::merge(None, tmp.path(), &auto_dir, false, SaveDtype::Auto).unwrap();
+        let want = orpo::train::save_dtype::base_dtype(&model_dir(name)).unwrap();
+        let read = |d: &Path| {
+            candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+        };
+        let (full, auto) = (read(&merged_dir), read(&auto_dir));
+        assert_eq!(full.len(), auto.len());
+        for (n, t) in &auto {
+            assert_eq!(t.dtype(), want, "{name}: {n}");
+            let rounded = full[n]
+                .to_dtype(want)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32);
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            assert_eq!(max_diff(&t, &rounded.unwrap()), 0.0, "{name}: {n}");
+        }
     }
 }
 
@@ -166,10 +185,19 @@ fn cli_evaluates_an_adapter_folder_and_merges_it() {
     // A folder that holds something is replaced only with --overwrite.
     let again = ["merge", "--adapter", &run_s, "--out", &merged];
     assert_eq!(orpo(&again).status.code(), Some(2));
-    assert!(orpo(&[&again[..], &["--overwrite"]].concat())
-        .status
-        .success());
-    assert!(Path::new(&merged).join("model.safetensors").is_file());
+    assert!(
+        orpo(&[&again[..], &["--overwrite", "--dtype", "bf16"]].concat())
+            .status
+            .success()
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&merged).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+    let r = orpo(&[&again[..], &["--overwrite", "--dtype", "int8"]].concat());
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("bfloat16"));
     // Merging into the base folder itself is refused.
     let r = orpo(&["merge", "--adapter", &run_s, "--out", &base]);
     assert_eq!(r.status.code(), Some(2));

@@ -341,7 +341,7 @@ fn a_config_that_changes_what_the_run_trains_is_refused_by_key() {
 
     // Where and how often it writes may change.
     run.trainer.config.train.log_every = 2;
-    run.trainer.config.train.save_every = 1;
+    run.trainer.config.train.save_every = orpo::config::Interval::Steps(1);
     run.trainer.config.train.save_total_limit = Some(1);
     run.trainer
         .run(Some(&ckpt), &AtomicBool::new(false))

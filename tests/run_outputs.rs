@@ -732,7 +732,7 @@ fn tensorboard_holds_the_logged_lines_and_a_resumed_run_rewrites_them() {
     // curves (times apart), each tag's steps rising as TensorBoard needs them.
     let cut = tmp.path().join("cut");
     let mut config = sets(&cut);
-    config.train.save_every = 3;
+    config.train.save_every = orpo::config::Interval::Steps(3);
     train(&config);
     let mut resumed = load_trainer(&config).unwrap();
     resumed
@@ -788,6 +788,165 @@ fn held_out_pairs_are_evaluated_during_training() {
     let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [2, 4]);
     assert!(evals.iter().all(|e| e["eval_pairs"] == 3), "{evals:?}");
+}
+
+#[test]
+fn epoch_intervals_save_and_evaluate_at_each_epochs_end() {
+    // 7 training pairs in batches of 2 with grad_accum 2: 2 steps an epoch (the second of one
+    // micro-batch of 2 and one of 1); 2.5 epochs are ceil(2.5 × 2) = 5 steps, as
+    // transformers' num_train_epochs = 2.5. transformers' "epoch" strategies then save and
+    // evaluate after steps 2 and 4 and the last.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = config(
+        &out,
+        &[
+            "data.eval_size=3",
+            "train.grad_accum=2",
+            "train.epochs=2.5",
+            "train.shuffle=false",
+            "train.log_every=1",
+            "train.eval_every=epoch",
+            "train.save_every=epoch",
+        ],
+    );
+    train(&config);
+    let steps = |file: &str| -> Vec<(u64, f64)> {
+        json_lines(&out.join(file))
+            .iter()
+            .map(|e| (e["step"].as_u64().unwrap(), f(e, "epoch")))
+            .collect()
+    };
+    assert_eq!(
+        steps("metrics.jsonl"),
+        [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0), (5, 2.5)]
+    );
+    assert_eq!(steps("eval_metrics.jsonl"), [(2, 1.0), (4, 2.0), (5, 2.5)]);
+    let mut checkpoints: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    checkpoints.sort();
+    assert_eq!(checkpoints, ["checkpoint-2", "checkpoint-4"]);
+    // The run resumed from the first epoch's checkpoint ends where it did.
+    let again = tmp.path().join("again");
+    let mut config2 = config.clone();
+    config2.train.output_dir = again.display().to_string();
+    std::fs::create_dir(&again).unwrap();
+    copy_dir(&out.join("checkpoint-2"), &again.join("checkpoint-2"));
+    let mut trainer = load_trainer(&config2).unwrap();
+    trainer
+        .run(Some(&again.join("checkpoint-2")), &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(again.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+}
+
+/// Each tensor's dtype in a safetensors file, by name.
+fn stored_dtypes(path: &Path) -> std::collections::BTreeMap<String, candle_core::DType> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype()))
+        .collect()
+}
+
+#[test]
+fn the_final_model_is_saved_in_save_dtype_and_checkpoints_in_f32() {
+    use candle_core::DType;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = config(
+        &out,
+        &[
+            "train.max_steps=2",
+            "train.save_every=1",
+            "train.save_dtype=bf16",
+        ],
+    );
+    let mut trainer = load_trainer(&config).unwrap();
+    trainer.run(None, &AtomicBool::new(false)).unwrap();
+    let saved =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    // The f32 master weights rounded to bf16, every one.
+    let params = trainer.model.params();
+    assert!(!saved.is_empty());
+    for (name, t) in &saved {
+        assert_eq!(t.dtype(), DType::BF16, "{name}");
+        let master = params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is no parameter"))
+            .1
+            .as_tensor()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let f32 = |t: &candle_core::Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(max_diff(&f32(t), &f32(&master)), 0.0, "{name}");
+    }
+    let config_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config_json["dtype"], "bfloat16");
+    assert!(config_json.get("torch_dtype").is_none());
+    // The checkpoint keeps the masters for an exact resume.
+    let ckpt = out.join("checkpoint-1");
+    assert!(stored_dtypes(&ckpt.join("model.safetensors"))
+        .values()
+        .all(|d| *d == DType::F32));
+    let ckpt_config: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(ckpt_config["dtype"], "float32");
+    // A bf16 model evaluates like any other.
+    let r = orpo(&[
+        "eval",
+        "--model",
+        &out.display().to_string(),
+        "--data",
+        &data("explicit-10.jsonl"),
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // `auto` follows the base: config.json's dtype, here bf16 in a copy of the f16 fixture.
+    let base = tmp.path().join("base");
+    edited_copy("tiny-opt", &base, "config.json", |c| {
+        c["dtype"] = "bfloat16".into();
+    });
+    let auto = tmp.path().join("auto");
+    let mut config = config.clone();
+    config.model.id = base.display().to_string();
+    config.train.output_dir = auto.display().to_string();
+    config.train.save_dtype = orpo::config::SaveDtype::Auto;
+    config.train.save_every = orpo::config::Interval::Never;
+    train(&config);
+    assert!(stored_dtypes(&auto.join("model.safetensors"))
+        .values()
+        .all(|d| *d == DType::BF16));
+    // ... and the fixture itself (float16 on file and in config.json) saves f16.
+    let plain = tmp.path().join("plain");
+    config.model.id = model_dir("tiny-opt").display().to_string();
+    config.train.output_dir = plain.display().to_string();
+    train(&config);
+    assert!(stored_dtypes(&plain.join("model.safetensors"))
+        .values()
+        .all(|d| *d == DType::F16));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub enum ConfigError {
          not set: set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE \
          (or hold out training pairs with data.eval_size)"
     )]
-    EvalWithoutData { every: usize },
+    EvalWithoutData { every: super::Interval },
 }
 
 impl ConfigError {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::schema::{
     describe, key_hint, key_kind, section_keys, suggest_key, suggest_section, KeyKind,
 };
-use super::{ConfigError, Dtype, Scheduler};
+use super::{ConfigError, Dtype, Interval, SaveDtype, Scheduler};
 
 /// The values of `train.report_to` (transformers' `report_to`) orpo knows.
 pub const REPORT_TO: [&str; 2] = ["tensorboard", "none"];
@@ -44,8 +44,11 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
         .and_then(|mut t| t.remove("v"));
     match (kind, parsed) {
         // Strings stay strings even when they look like numbers (`model.revision=2024`).
-        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler, Some(v @ toml::Value::String(_))) => v,
-        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler, _) => {
+        (
+            KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler | KeyKind::SaveDtype,
+            Some(v @ toml::Value::String(_)),
+        ) => v,
+        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler | KeyKind::SaveDtype, _) => {
             toml::Value::String(text.to_string())
         }
         (
@@ -216,6 +219,14 @@ pub(super) fn check_and_normalise(
                         return Err(origin.invalid(&full, m));
                     }
                 }
+                KeyKind::SaveDtype => {
+                    let Some(s) = v.as_str() else {
+                        return Err(wrong("a string", v));
+                    };
+                    if let Err(m) = s.parse::<SaveDtype>() {
+                        return Err(origin.invalid(&full, m));
+                    }
+                }
                 KeyKind::Scheduler => {
                     let Some(s) = v.as_str() else {
                         return Err(wrong("a string", v));
@@ -265,6 +276,21 @@ pub(super) fn check_and_normalise(
                     }
                     _ => return Err(wrong("a string or a list of strings", v)),
                 },
+                KeyKind::Interval => match v {
+                    toml::Value::Integer(i) if *i >= 0 => {}
+                    toml::Value::String(s) if s == Interval::EPOCH => {}
+                    toml::Value::String(s) => {
+                        return Err(origin.invalid(
+                            &full,
+                            format!(
+                                "expected a number of steps (0: never) or \"epoch\", found \
+                                 {s:?}{}",
+                                strategy_hint(&full, s)
+                            ),
+                        ))
+                    }
+                    _ => return Err(wrong("a non-negative integer or \"epoch\"", v)),
+                },
                 KeyKind::ReportTo => {
                     let items: Vec<&toml::Value> = match v {
                         toml::Value::Array(items) => items.iter().collect(),
@@ -290,4 +316,21 @@ pub(super) fn check_and_normalise(
         }
     }
     Ok(())
+}
+
+/// For transformers' strategy names given where orpo takes the interval itself.
+fn strategy_hint(key: &str, value: &str) -> String {
+    let steps_key = if key == "train.save_every" {
+        "save_steps"
+    } else {
+        "eval_steps"
+    };
+    match value {
+        "steps" => {
+            format!(" (transformers' \"steps\" strategy: give {steps_key}'s number of steps here)")
+        }
+        "no" => " (transformers' \"no\" strategy: 0 here)".to_string(),
+        "epochs" => " (\"epoch\", singular)".to_string(),
+        _ => String::new(),
+    }
 }

@@ -25,7 +25,7 @@ pub use schema::{KeyKind, SCHEMA};
 pub use sections::{
     Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, OrpoConfig, TrainConfig,
 };
-pub use values::{DataFiles, Dtype, LoraTargets, Scheduler};
+pub use values::{DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
 
 use load::{apply_overrides, check_and_normalise, Origin};
 
@@ -113,7 +113,10 @@ impl Config {
         if !matches!(&self.data.train, Some(t) if !t.0.is_empty()) {
             return Err(ConfigError::MissingTrainData);
         }
-        if self.train.eval_every > 0 && self.data.eval.is_none() && self.data.eval_size.is_none() {
+        if self.train.eval_every.is_set()
+            && self.data.eval.is_none()
+            && self.data.eval_size.is_none()
+        {
             return Err(ConfigError::EvalWithoutData {
                 every: self.train.eval_every,
             });

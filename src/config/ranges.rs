@@ -257,7 +257,16 @@ impl Config {
         if t.grad_accum == 0 {
             return Err(o.invalid("train.grad_accum", "must be at least 1"));
         }
-        if t.epochs == 0 && t.max_steps == 0 {
+        if !t.epochs.is_finite() || t.epochs < 0.0 {
+            return Err(o.invalid(
+                "train.epochs",
+                format!(
+                    "must be a non-negative number of passes, found {}",
+                    t.epochs
+                ),
+            ));
+        }
+        if t.epochs == 0.0 && t.max_steps == 0 {
             let key = if o.overridden.contains("train.max_steps") {
                 "train.max_steps"
             } else {

@@ -14,6 +14,9 @@ pub enum KeyKind {
     Paths,
     /// Where to report the curves besides metrics.jsonl: a string or a list of strings.
     ReportTo,
+    /// A number of optimizer steps, or `"epoch"`.
+    Interval,
+    SaveDtype,
 }
 
 /// Every valid `section.key`, with its value type.
@@ -73,17 +76,18 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("batch_size", UInt),
                 ("eval_batch_size", UInt),
                 ("grad_accum", UInt),
-                ("epochs", UInt),
+                ("epochs", Float),
                 ("max_steps", UInt),
                 ("shuffle", Bool),
                 ("seed", UInt),
                 ("log_every", UInt),
-                ("save_every", UInt),
+                ("save_every", Interval),
                 ("save_total_limit", UInt),
-                ("eval_every", UInt),
+                ("eval_every", Interval),
                 ("output_dir", Str),
                 ("gradient_checkpointing", Bool),
                 ("report_to", ReportTo),
+                ("save_dtype", SaveDtype),
             ],
         ),
         (

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DataFiles, Dtype, LoraTargets, Scheduler};
+use super::{DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -192,19 +192,22 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_batch_size: Option<usize>,
     pub grad_accum: usize,
-    pub epochs: usize,
+    /// Passes over the data; a fraction trains the first steps of the last pass, as
+    /// transformers' `num_train_epochs` (steps rounded up).
+    pub epochs: f64,
     /// > 0 overrides `epochs`.
     pub max_steps: usize,
     pub shuffle: bool,
     pub seed: u64,
     pub log_every: usize,
-    /// 0: only the final model.
-    pub save_every: usize,
+    /// A checkpoint every N steps or at every epoch's end (never: only the final model).
+    pub save_every: Interval,
     /// Keep at most this many `checkpoint-*` folders (None: keep all).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_total_limit: Option<usize>,
-    /// Evaluate on `data.eval` every this many optimizer steps (0: only at the end).
-    pub eval_every: usize,
+    /// Evaluate on `data.eval` every N optimizer steps or at every epoch's end (never: only
+    /// at the end).
+    pub eval_every: Interval,
     pub output_dir: String,
     pub gradient_checkpointing: bool,
     /// transformers' `report_to`: `"tensorboard"` also writes the curves as a TensorBoard
@@ -214,6 +217,8 @@ pub struct TrainConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub report_to: Vec<String>,
+    /// The dtype of the final full model's weights (checkpoints and LoRA adapters stay f32).
+    pub save_dtype: SaveDtype,
 }
 
 impl TrainConfig {
@@ -234,17 +239,18 @@ impl Default for TrainConfig {
             batch_size: 8,
             eval_batch_size: None,
             grad_accum: 1,
-            epochs: 1,
+            epochs: 1.0,
             max_steps: 0,
             shuffle: true,
             seed: 42,
             log_every: 10,
-            save_every: 0,
+            save_every: Interval::Never,
             save_total_limit: None,
-            eval_every: 0,
+            eval_every: Interval::Never,
             output_dir: "runs/example".into(),
             gradient_checkpointing: false,
             report_to: Vec::new(),
+            save_dtype: SaveDtype::F32,
         }
     }
 }

@@ -40,10 +40,13 @@ fn defaults() {
     let t = &c.train;
     assert_eq!(
         (t.batch_size, t.grad_accum, t.epochs, t.max_steps),
-        (8, 1, 1, 0)
+        (8, 1, 1.0, 0)
     );
     assert!(t.shuffle);
-    assert_eq!((t.seed, t.log_every, t.save_every), (42, 10, 0));
+    assert_eq!(
+        (t.seed, t.log_every, t.save_every),
+        (42, 10, Interval::Never)
+    );
     assert_eq!(t.save_total_limit, None);
     assert_eq!(t.output_dir, "runs/example");
     assert!(!t.gradient_checkpointing);
@@ -577,4 +580,77 @@ fn eval_size_is_a_fraction_or_a_count_without_eval_data() {
     let mut c = load(MINIMAL, &["data.eval_size=0.1", "train.eval_every=5"]).unwrap();
     c.data.train = Some("pairs.jsonl".into());
     c.validate_for_train().unwrap();
+}
+
+#[test]
+fn save_and_eval_every_take_steps_or_epoch() {
+    let c = load(
+        "[model]\nid = \"m\"\n[train]\nsave_every = \"epoch\"\neval_every = 4\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.train.save_every, Interval::Epoch);
+    assert_eq!(c.train.eval_every, Interval::Steps(4));
+    let c = load(MINIMAL, &["train.eval_every=epoch", "train.save_every=0"]).unwrap();
+    assert_eq!(c.train.eval_every, Interval::Epoch);
+    assert_eq!(c.train.save_every, Interval::Never);
+    // Saved next to checkpoints and read back equal.
+    let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+    assert_eq!(back, c);
+    for (v, hint) in [
+        ("steps", "eval_steps"),
+        ("no", "0 here"),
+        ("epochs", "singular"),
+        ("-1", "non-negative"),
+        ("1.5", "non-negative integer"),
+    ] {
+        let e = load(MINIMAL, &[&format!("train.eval_every={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("train.eval_every"), "{v}: {e}");
+        assert!(e.to_string().contains(hint), "{v}: {e}");
+    }
+    let e = load(MINIMAL, &["train.save_every=steps"]).unwrap_err();
+    assert!(e.to_string().contains("save_steps"), "{e}");
+    // An epoch's evaluations need held-out pairs as a step interval's do.
+    let mut c = load(MINIMAL, &["train.eval_every=epoch"]).unwrap();
+    c.data.train = Some("pairs.jsonl".into());
+    let e = c.validate_for_train().unwrap_err();
+    assert!(e.to_string().contains("eval_every = \"epoch\""), "{e}");
+}
+
+#[test]
+fn epochs_may_be_a_fraction() {
+    let c = load(MINIMAL, &["train.epochs=2.5"]).unwrap();
+    assert_eq!(c.train.epochs, 2.5);
+    assert_eq!(
+        load(MINIMAL, &["train.epochs=3"]).unwrap().train.epochs,
+        3.0
+    );
+    for v in ["-1", "nan", "inf", "\"two\""] {
+        let e = load(MINIMAL, &[&format!("train.epochs={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("train.epochs"), "{v}: {e}");
+    }
+    let e = load(MINIMAL, &["train.epochs=0"]).unwrap_err();
+    assert!(e.to_string().contains("would train nothing"), "{e}");
+}
+
+#[test]
+fn save_dtype_takes_transformers_names() {
+    assert_eq!(load(MINIMAL, &[]).unwrap().train.save_dtype, SaveDtype::F32);
+    for (v, want) in [
+        ("bfloat16", SaveDtype::Bf16),
+        ("bf16", SaveDtype::Bf16),
+        ("float16", SaveDtype::F16),
+        ("f32", SaveDtype::F32),
+        ("auto", SaveDtype::Auto),
+    ] {
+        let c = load(MINIMAL, &[&format!("train.save_dtype={v}")]).unwrap();
+        assert_eq!(c.train.save_dtype, want, "{v}");
+        let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+        assert_eq!(back, c);
+    }
+    let e = load(MINIMAL, &["train.save_dtype=int8"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.save_dtype"), "{e}");
+    assert!(e.to_string().contains("bfloat16"), "{e}");
+    let e = load("[model]\nid = \"m\"\n[train]\nsave_dtype = 16\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("train.save_dtype"), "{e}");
 }

@@ -237,3 +237,145 @@ fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> 
     }
     Ok(out)
 }
+
+/// How often something happens during training (`train.save_every`, `train.eval_every`):
+/// every N optimizer steps (0: never), or at the end of every epoch, as transformers'
+/// `save_strategy` / `eval_strategy` `"steps"` and `"epoch"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interval {
+    Steps(usize),
+    #[default]
+    Never,
+    Epoch,
+}
+
+impl Interval {
+    /// What the key accepts besides a number.
+    pub const EPOCH: &'static str = "epoch";
+
+    pub fn steps(n: usize) -> Self {
+        if n == 0 {
+            Interval::Never
+        } else {
+            Interval::Steps(n)
+        }
+    }
+
+    pub fn is_set(self) -> bool {
+        self != Interval::Never
+    }
+
+    /// Whether it falls after optimizer step `done` (from 1), `steps_per_epoch` steps making
+    /// an epoch.
+    pub fn due(self, done: usize, steps_per_epoch: usize) -> bool {
+        match self {
+            Interval::Never => false,
+            Interval::Steps(n) => done.is_multiple_of(n),
+            Interval::Epoch => done.is_multiple_of(steps_per_epoch.max(1)),
+        }
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Interval::Steps(n) => write!(f, "{n}"),
+            Interval::Never => f.write_str("0"),
+            Interval::Epoch => write!(f, "\"{}\"", Interval::EPOCH),
+        }
+    }
+}
+
+impl Serialize for Interval {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Interval::Steps(n) => s.serialize_u64(*n as u64),
+            Interval::Never => s.serialize_u64(0),
+            Interval::Epoch => s.serialize_str(Interval::EPOCH),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Interval;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of steps or \"epoch\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Interval, E> {
+                usize::try_from(v)
+                    .map(Interval::steps)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Interval, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                    .and_then(|u| self.visit_u64(u))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Interval, E> {
+                if v == Interval::EPOCH {
+                    Ok(Interval::Epoch)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The dtype the trained full model's weights are saved in (`train.save_dtype`). Training
+/// keeps f32 master weights whatever this says, and checkpoints keep them (exact resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum SaveDtype {
+    #[default]
+    #[serde(rename = "float32", alias = "f32")]
+    F32,
+    #[serde(rename = "bfloat16", alias = "bf16")]
+    Bf16,
+    #[serde(rename = "float16", alias = "f16")]
+    F16,
+    /// The base model's: config.json's `dtype` (or `torch_dtype`), else its stored weights'.
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl SaveDtype {
+    /// Every accepted spelling.
+    pub const NAMES: &'static [&'static str] = &[
+        "float32", "f32", "bfloat16", "bf16", "float16", "f16", "auto",
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "float32",
+            SaveDtype::Bf16 => "bfloat16",
+            SaveDtype::F16 => "float16",
+            SaveDtype::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for SaveDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SaveDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "float32" | "f32" => Ok(SaveDtype::F32),
+            "bfloat16" | "bf16" => Ok(SaveDtype::Bf16),
+            "float16" | "f16" => Ok(SaveDtype::F16),
+            "auto" => Ok(SaveDtype::Auto),
+            _ => Err(format!(
+                "unknown save dtype `{s}`; valid: {}",
+                SaveDtype::NAMES.join(", ")
+            )),
+        }
+    }
+}

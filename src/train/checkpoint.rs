@@ -1,9 +1,10 @@
 //! Writing models in Hugging Face layout, atomically: everything goes to a temporary sibling
 //! folder (or file) first and is renamed into place only when complete.
 
+use super::save_dtype;
 use crate::data::Tokenizer;
 use crate::model::{lora, CausalLm};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -83,23 +84,26 @@ fn pt_format() -> HashMap<String, String> {
     HashMap::from([("format".to_string(), "pt".to_string())])
 }
 
-/// The files of a model folder: config.json (dtype float32), the weights under their Hugging
-/// Face names (model.safetensors, or shards above 5 GB: see `shard`), generation_config.json
-/// when the source had one, tokenizer files. A LoRA model writes PEFT's adapter_config.json
-/// and adapter_model.safetensors instead of the first two (the base stays where it is;
-/// `orpo merge` makes a full model).
+/// The files of a model folder: config.json (its `dtype` the weights'), the weights in `dtype`
+/// (f16 falls back to f32 for weights beyond its range) under their Hugging Face names
+/// (model.safetensors, or shards above 5 GB: see `shard`), generation_config.json when the
+/// source had one, tokenizer files. A LoRA model writes PEFT's adapter_config.json and
+/// adapter_model.safetensors (f32, as PEFT keeps adapters) instead of the first two (the base
+/// stays where it is; `orpo merge` makes a full model). Returns the weights' dtype.
 fn write_model_files(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
     base: &BaseModel,
-) -> Result<(), SaveError> {
+    dtype: DType,
+) -> Result<DType, SaveError> {
     // The parameters as they are (no copy: nothing updates them while they are written).
     let tensors: Vec<(String, Tensor)> = model
         .params()
         .iter()
         .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
         .collect();
+    let mut saved = DType::F32;
     if let Some(info) = model.adapter() {
         let config = crate::model::lora::adapter_config(&info.spec, &base.name, &info.modules);
         let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
@@ -109,10 +113,12 @@ fn write_model_files(
             &dir.join(lora::ADAPTER_WEIGHTS),
         )?;
     } else {
+        let (tensors, in_dtype) = save_dtype::convert(tensors, dtype).map_err(|e| other(dir, e))?;
+        saved = in_dtype;
         let mut config = model.config().raw.clone();
         if let Some(obj) = config.as_object_mut() {
             obj.remove("torch_dtype");
-            obj.insert("dtype".into(), "float32".into());
+            obj.insert("dtype".into(), save_dtype::config_name(saved).into());
         }
         let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
@@ -147,7 +153,7 @@ fn write_model_files(
             None => {}
         }
     }
-    Ok(())
+    Ok(saved)
 }
 
 /// The model a run started from: its folder, and the name an adapter records for it (the hub
@@ -175,15 +181,17 @@ impl BaseModel {
     }
 }
 
-/// Saves the model at the root of `dir` (each file replaced atomically).
+/// Saves the model at the root of `dir` (each file replaced atomically), a full model's
+/// weights in `dtype` where it holds them; returns the dtype they were saved in.
 pub fn save_model(
     dir: &Path,
     model: &CausalLm,
     tok: &Tokenizer,
     base: &BaseModel,
-) -> Result<(), SaveError> {
+    dtype: DType,
+) -> Result<DType, SaveError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    write_model_files(dir, model, tok, base)
+    write_model_files(dir, model, tok, base, dtype)
 }
 
 /// Writes a whole checkpoint folder: built under a temporary name, renamed when complete, so
@@ -202,7 +210,8 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write_model_files(&tmp, model, tok, base)?;
+    // f32, the master weights themselves: a resumed run continues from them exactly.
+    write_model_files(&tmp, model, tok, base, DType::F32)?;
     extra(&tmp)?;
     if dir.exists() {
         // Replaced, never deleted in place: a crash leaves the old folder or the new one under

@@ -16,6 +16,7 @@ mod report;
 pub mod resume;
 pub mod run_dir;
 pub mod same_run;
+pub mod save_dtype;
 pub mod schedule;
 mod setup;
 pub mod shard;

@@ -59,7 +59,7 @@ impl Plan {
         n_pairs: usize,
         batch_size: usize,
         grad_accum: usize,
-        epochs: usize,
+        epochs: f64,
         max_steps: usize,
         shuffle: bool,
         seed: u64,
@@ -69,7 +69,8 @@ impl Plan {
         let total_steps = if max_steps > 0 {
             max_steps
         } else {
-            epochs * steps_per_epoch
+            // transformers: `ceil(num_train_epochs * steps_per_epoch)`.
+            (epochs * steps_per_epoch as f64).ceil() as usize
         };
         Plan {
             n_pairs,
@@ -137,7 +138,7 @@ mod tests {
     #[test]
     fn partial_last_step_and_wraparound() {
         // 7 pairs, batch 2 -> 4 micro-batches (last has 1); grad_accum 3 -> steps of 3 and 1.
-        let p = Plan::new(7, 2, 3, 1, 5, false, 0);
+        let p = Plan::new(7, 2, 3, 1.0, 5, false, 0);
         assert_eq!(p.steps_per_epoch, 2);
         assert_eq!(
             p.step(0).micro_batches,
@@ -157,7 +158,7 @@ mod tests {
     fn shuffled_epochs_are_transformers_order() {
         // TRL 1.16's ORPOTrainer, seed 42, 10 pairs, batch 2, 3 epochs: the pairs its
         // training_step received, in order.
-        let p = Plan::new(10, 2, 1, 3, 0, true, 42);
+        let p = Plan::new(10, 2, 1, 3.0, 0, true, 42);
         let trained: Vec<usize> = (0..p.total_steps)
             .flat_map(|s| p.step(s).micro_batches.concat())
             .collect();
@@ -169,9 +170,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fraction_of_an_epoch_rounds_up_to_whole_steps() {
+        // 10 pairs, batch 2, grad_accum 2 -> 3 steps an epoch; transformers:
+        // max_steps = ceil(num_train_epochs * 3).
+        for (epochs, steps) in [(1.0, 3), (2.5, 8), (0.1, 1), (1.34, 5), (2.0, 6)] {
+            assert_eq!(Plan::new(10, 2, 2, epochs, 0, false, 0).total_steps, steps);
+        }
+        // max_steps still overrides.
+        assert_eq!(Plan::new(10, 2, 2, 2.5, 4, false, 0).total_steps, 4);
+    }
+
+    #[test]
     fn shuffle_is_a_seeded_permutation() {
         for order in [ShuffleOrder::Torch, ShuffleOrder::ChaCha8] {
-            let mut p = Plan::new(10, 2, 1, 2, 0, true, 42);
+            let mut p = Plan::new(10, 2, 1, 2.0, 0, true, 42);
             p.order = order;
             let mut a = p.order(0);
             assert_eq!(a, p.order(0));

@@ -18,7 +18,7 @@ use crate::eval::{evaluate, EvalMetrics};
 use crate::memory::{MemoryMeter, Usage};
 use crate::model::CausalLm;
 use crate::Error;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -346,8 +346,7 @@ impl Trainer {
                 st.pending_tokens = 0;
             }
             // The last step's evaluation is the final one, below.
-            let eval_every = cfg.train.eval_every;
-            let due = eval_every > 0 && done % eval_every == 0 && done < total;
+            let due = cfg.train.eval_every.due(done, plan.steps_per_epoch) && done < total;
             if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
                 let entry = self.evaluate_at(data, done, epoch)?;
                 let line = entry.to_json();
@@ -357,9 +356,9 @@ impl Trainer {
                 }
                 st.evals.push(entry);
             }
-            let save_every = cfg.train.save_every;
             let interrupted = stop.load(Ordering::SeqCst);
-            if done < total && (interrupted || (save_every > 0 && done % save_every == 0)) {
+            let due = cfg.train.save_every.due(done, plan.steps_per_epoch);
+            if done < total && (interrupted || due) {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
                 let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
                 written.push(done);
@@ -386,7 +385,23 @@ impl Trainer {
             "done"
         );
         remove_replaced_checkpoints(&out_dir, start_step, &written)?;
-        save_model(&out_dir, &self.model, &self.tokenizer, &self.base)?;
+        // The moments are done with: the final save and evaluation get their memory.
+        drop(opt);
+        let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
+        let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
+        if self.model.adapter().is_some() && wanted != DType::F32 {
+            tracing::info!(
+                "the adapter is saved in float32 as PEFT keeps adapters (train.save_dtype = {} \
+                 applies to full models; `orpo merge --dtype` writes the merged model in it)",
+                cfg.train.save_dtype
+            );
+        } else if saved != DType::F32 {
+            tracing::info!(
+                "model saved in {} (train.save_dtype = {})",
+                super::save_dtype::config_name(saved),
+                cfg.train.save_dtype
+            );
+        }
         let eval = match (&self.eval, eval_file.as_mut()) {
             (Some(data), Some(file)) => {
                 let entry = self.evaluate_at(data, total, epoch)?;
