@@ -58,7 +58,8 @@ class SequentialORPOTrainer(ORPOTrainer):
 
 
 def peft_name(n):
-    return n.replace(".default.", ".")
+    # As adapter_model.safetensors names them: DoRA's magnitude is saved without `.weight`.
+    return n.replace(".default.", ".").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
 
 
 def scalars(metrics):

@@ -65,8 +65,17 @@ output_dir = "{dir}/run"
     // LoRA goldens: TRL trained the adapter orpo initialises from train.seed (42).
     let lora = match g.get("lora") {
         Some(l) => format!(
-            "[lora]\nenabled = true\nr = {}\nalpha = {}\ntargets = {}\nuse_rslora = {}\n",
-            l["r"], l["lora_alpha"], l["target_modules"], l["use_rslora"]
+            "[lora]\nenabled = true\nr = {}\nalpha = {}\ntargets = {}\nuse_rslora = {}\n\
+             use_dora = {}\n",
+            l["r"],
+            l["lora_alpha"],
+            // A pattern as a TOML literal string (no escapes), a list as it is.
+            match &l["target_modules"] {
+                Value::String(p) => format!("'{p}'"),
+                list => list.to_string(),
+            },
+            l["use_rslora"],
+            l["use_dora"].as_bool().unwrap_or(false)
         ),
         None => String::new(),
     };
@@ -252,6 +261,20 @@ fn lora_subset_targets_with_rslora_and_accumulation_match_trl_with_peft() {
 }
 
 #[test]
+fn dora_training_matches_trl_with_peft() {
+    // DoRA on every OPT linear layer (biases outside the rescaling), weight decay on the
+    // magnitudes as transformers decays them.
+    check_extra("tiny-opt", "tiny-opt.dora.trl.json");
+}
+
+#[test]
+fn dora_on_a_pattern_of_modules_with_rslora_matches_trl_with_peft() {
+    // PEFT's string target_modules picks layer 1's q, v and down projections of a tied
+    // Llama 3; rsLoRA scaling and accumulation over two micro-batches.
+    check_extra("tiny-llama3", "tiny-llama3.dora-pattern.trl.json");
+}
+
+#[test]
 fn training_with_gradient_checkpointing_matches_trl() {
     let on = ["train.gradient_checkpointing=true"];
     for name in [
@@ -262,7 +285,12 @@ fn training_with_gradient_checkpointing_matches_trl() {
     ] {
         check_golden(name, &golden(name), &on);
     }
-    let path = fixtures().join("golden/extra/tiny-qwen2.lora-rslora.trl.json");
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    check_golden("tiny-qwen2", &g, &on);
+    for (name, file) in [
+        ("tiny-qwen2", "tiny-qwen2.lora-rslora.trl.json"),
+        ("tiny-llama3", "tiny-llama3.dora-pattern.trl.json"),
+    ] {
+        let path = fixtures().join("golden/extra").join(file);
+        let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        check_golden(name, &g, &on);
+    }
 }

@@ -219,10 +219,18 @@ fn cli_evaluates_an_adapter_folder_and_merges_it() {
 
 #[test]
 fn interrupted_lora_run_resumes_bit_identical() {
+    for dora in [false, true] {
+        interrupted_run_resumes_bit_identical(dora);
+    }
+}
+
+fn interrupted_run_resumes_bit_identical(dora: bool) {
+    let dora = format!("lora.use_dora={dora}");
     let extra = [
         "train.max_steps=3",
         "train.shuffle=true",
         "train.batch_size=3",
+        &dora,
     ];
     let full_dir = tempfile::tempdir().unwrap();
     let mut full = load_trainer(&lora_config("tiny-qwen2", full_dir.path(), &extra)).unwrap();
@@ -243,7 +251,10 @@ fn interrupted_lora_run_resumes_bit_identical() {
     resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
     let a = std::fs::read(full_dir.path().join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(cut_dir.path().join("adapter_model.safetensors")).unwrap();
-    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    assert!(
+        a == b,
+        "{dora}: resumed adapter differs from the uninterrupted one"
+    );
 }
 
 #[test]
@@ -398,4 +409,152 @@ fn bf16_lora_on_one_mlp_projection_trains() {
     let one = run("[\"gate_proj\"]");
     let both = run("[\"gate_proj\", \"up_proj\"]");
     assert!((one - both).abs() <= 1e-6 * both.abs(), "{one} vs {both}");
+}
+
+#[test]
+fn a_pattern_target_adapts_the_modules_whose_whole_name_it_matches() {
+    // PEFT's string target_modules: re.fullmatch over names like
+    // `model.layers.0.self_attn.q_proj`; here layer 0's q_proj and v_proj of two layers.
+    let pattern = r"model\.layers\.0\.self_attn\.(q|v)_proj";
+    let tmp = tempfile::tempdir().unwrap();
+    let config = lora_config(
+        "tiny-llama3",
+        tmp.path(),
+        &[&format!("lora.targets={pattern}")],
+    );
+    let mut trainer = load_trainer(&config).unwrap();
+    let mut names: Vec<String> = trainer
+        .model
+        .params()
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    names.sort();
+    let want: Vec<String> = [
+        "q_proj.lora_A",
+        "q_proj.lora_B",
+        "v_proj.lora_A",
+        "v_proj.lora_B",
+    ]
+    .iter()
+    .map(|m| format!("base_model.model.model.layers.0.self_attn.{m}.weight"))
+    .collect();
+    assert_eq!(names, want);
+    trainer.run(None, &AtomicBool::new(false)).unwrap();
+    // adapter_config.json keeps the pattern (the module names alone would adapt layer 1 too).
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["target_modules"], pattern);
+    // ... and the adapter folder reloads onto the same four modules, to the same logits.
+    let (ids, mask) = probe();
+    let live = trainer.model.logits(&ids, &mask).unwrap();
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
+    assert_eq!(
+        max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
+        0.0
+    );
+
+    // A bare module name as a string matches no whole name, as in PEFT; the error says how to
+    // name modules.
+    let other = tmp.path().join("bare");
+    let config = lora_config("tiny-llama3", &other, &["lora.targets='q_proj'"]);
+    let e = match load_trainer(&config) {
+        Ok(_) => panic!("a bare name as a pattern trained"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("match no linear layer") && e.contains(r#"targets = ["q_proj"]"#),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
+    for name in ["tiny-opt", "tiny-phi3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = lora_config(name, tmp.path(), &["lora.use_dora=true"]);
+        let mut trainer = load_trainer(&config).unwrap();
+        let before = trainer.model.params().snapshot().unwrap();
+        trainer.run(None, &AtomicBool::new(false)).unwrap();
+        // Every adapter tensor moved, magnitudes included (one per adapted layer).
+        let mut magnitudes = 0;
+        for (pname, var) in trainer.model.params().iter() {
+            magnitudes += usize::from(pname.ends_with(".lora_magnitude_vector"));
+            assert!(
+                max_diff(var.as_tensor(), &before[pname]) > 0.0,
+                "{name}: {pname} did not change"
+            );
+        }
+        assert!(magnitudes > 0, "{name}");
+        let saved: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(saved["use_dora"], true);
+        // The folder reloads to the same logits; the merged model (each row of W + s·B·A
+        // rescaled to its magnitude) gives them up to rounding, and differs from the base.
+        let (ids, mask) = probe();
+        let live = trainer.model.logits(&ids, &mask).unwrap();
+        let dir = tmp.path().to_string_lossy().into_owned();
+        let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
+        assert_eq!(
+            max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
+            0.0,
+            "{name}"
+        );
+        let merged_dir = tmp.path().join("merged");
+        orpo::merge::merge(None, tmp.path(), &merged_dir, false, SaveDtype::F32).unwrap();
+        let merged = CausalLm::load(&merged_dir, &Device::Cpu).unwrap();
+        let merged_logits = merged.logits(&ids, &mask).unwrap();
+        assert!(max_diff(&live, &merged_logits) < 1e-5, "{name}: merged");
+        let base = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
+        assert!(max_diff(&base.logits(&ids, &mask).unwrap(), &merged_logits) > 1e-4);
+        // An adapter file without its magnitudes is refused by name.
+        let broken = tmp.path().join("broken");
+        std::fs::create_dir(&broken).unwrap();
+        for f in [
+            "adapter_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            if tmp.path().join(f).exists() {
+                std::fs::copy(tmp.path().join(f), broken.join(f)).unwrap();
+            }
+        }
+        let tensors: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(
+            tmp.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("lora_magnitude_vector"))
+        .collect();
+        candle_core::safetensors::save(&tensors, broken.join("adapter_model.safetensors")).unwrap();
+        let e = match load_model(&broken.to_string_lossy(), None, None, &Device::Cpu) {
+            Ok(_) => panic!("{name}: an adapter without magnitudes loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("lora_magnitude_vector"), "{name}: {e}");
+    }
+    // bf16 products: the same first loss as f32 within bf16's rounding, and training runs.
+    let first_loss = |dtype: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let extra = [
+            "lora.use_dora=true",
+            &format!("model.dtype={dtype}"),
+            "train.log_every=1",
+        ];
+        let mut trainer = load_trainer(&lora_config("tiny-mistral", out.path(), &extra)).unwrap();
+        let summary = trainer.run(None, &AtomicBool::new(false)).unwrap();
+        assert!(summary.log.iter().all(|s| s.metrics.loss.is_finite()));
+        summary.log[0].metrics.loss
+    };
+    let (f32_loss, bf16_loss) = (first_loss("f32"), first_loss("bf16"));
+    assert!(
+        (f32_loss - bf16_loss).abs() <= 2e-3 * f32_loss.abs(),
+        "{f32_loss} vs {bf16_loss}"
+    );
 }

@@ -237,15 +237,9 @@ pub(super) fn check_and_normalise(
                 }
                 KeyKind::Targets => match v {
                     toml::Value::String(s) if s == "all-linear" => {}
-                    toml::Value::String(s) => {
-                        return Err(origin.invalid(
-                            &full,
-                            format!(
-                                "expected \"all-linear\" or a list of module names, found \
-                                 string {s:?} (write a list: targets = [{s:?}])"
-                            ),
-                        ))
-                    }
+                    // Any other string is PEFT's regular expression over module names (checked
+                    // with the ranges).
+                    toml::Value::String(_) => {}
                     toml::Value::Array(items) => {
                         if items.is_empty() {
                             return Err(origin.invalid(&full, "the list of modules is empty"));
@@ -262,7 +256,12 @@ pub(super) fn check_and_normalise(
                             }
                         }
                     }
-                    _ => return Err(wrong("\"all-linear\" or a list of module names", v)),
+                    _ => {
+                        return Err(wrong(
+                            "\"all-linear\", a list of module names or a pattern",
+                            v,
+                        ))
+                    }
                 },
                 KeyKind::Paths => match v {
                     toml::Value::String(_) => {}

@@ -306,6 +306,11 @@ impl Config {
                 format!("must be in [0, 1), found {}", l.dropout),
             ));
         }
+        if let LoraTargets::Pattern(p) = &l.targets {
+            if let Err(e) = crate::model::lora::TargetPattern::new(p) {
+                return Err(o.invalid("lora.targets", e));
+            }
+        }
         if let LoraTargets::Modules(m) = &l.targets {
             if m.is_empty() {
                 return Err(o.invalid("lora.targets", "the list of modules is empty"));

@@ -99,6 +99,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("dropout", Float),
                 ("targets", Targets),
                 ("use_rslora", Bool),
+                ("use_dora", Bool),
             ],
         ),
     ]

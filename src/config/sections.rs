@@ -265,6 +265,8 @@ pub struct LoraConfig {
     pub targets: LoraTargets,
     /// Scale by alpha / sqrt(r) instead of alpha / r.
     pub use_rslora: bool,
+    /// DoRA (arXiv 2402.09353) as PEFT's `use_dora`: a trainable magnitude per output row.
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -276,6 +278,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             targets: LoraTargets::AllLinear,
             use_rslora: false,
+            use_dora: false,
         }
     }
 }

@@ -266,9 +266,9 @@ fn wrong_types() {
     );
     let e = err("[model]\nid='m'\n[lora]\ntargets = [1]\n", &[]);
     assert!(e.contains("lora.targets"), "{e}");
-    let e = err("[model]\nid='m'\n[lora]\ntargets = 'q_proj'\n", &[]);
+    let e = err("[model]\nid='m'\n[lora]\ntargets = '(q_proj'\n", &[]);
     assert!(
-        e.contains("lora.targets") && e.contains("all-linear"),
+        e.contains("lora.targets") && e.contains("not a valid regular expression"),
         "{e}"
     );
     let e = err("[model]\nid='m'\n[lora]\ntargets = []\n", &[]);
@@ -653,4 +653,27 @@ fn save_dtype_takes_transformers_names() {
     assert!(e.to_string().contains("bfloat16"), "{e}");
     let e = load("[model]\nid = \"m\"\n[train]\nsave_dtype = 16\n", &[]).unwrap_err();
     assert_eq!(e.key(), Some("train.save_dtype"), "{e}");
+}
+
+#[test]
+fn a_string_target_is_a_peft_pattern() {
+    let text = "[model]\nid = \"m\"\n[lora]\ntargets = 'model\\.layers\\.0\\..*(q|v)_proj'\n";
+    let c = load(text, &[]).unwrap();
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Pattern(r"model\.layers\.0\..*(q|v)_proj".into())
+    );
+    let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+    assert_eq!(back, c);
+    let c = load(MINIMAL, &[r"lora.targets=.*\.(q|v)_proj"]).unwrap();
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Pattern(r".*\.(q|v)_proj".into())
+    );
+    // Python's look-around reads as PEFT's re does.
+    load(MINIMAL, &[r"lora.targets=.*(?<!o)_proj"]).unwrap();
+    for bad in ["(q_proj", "", "*q"] {
+        let e = load(MINIMAL, &[&format!("lora.targets='{bad}'")]).unwrap_err();
+        assert_eq!(e.key(), Some("lora.targets"), "{bad}: {e}");
+    }
 }

@@ -124,7 +124,8 @@ impl FromStr for Scheduler {
     }
 }
 
-/// Which modules get LoRA adapters: `"all-linear"` or an explicit list of module names.
+/// Which modules get LoRA adapters: `"all-linear"`, an explicit list of module names, or (any
+/// other string) a regular expression over full module names, as PEFT reads `target_modules`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LoraTargets {
     /// PEFT's `"all-linear"`: every linear layer except the output head.
@@ -132,6 +133,9 @@ pub enum LoraTargets {
     AllLinear,
     /// Module-name suffixes, e.g. `["q_proj", "v_proj"]`.
     Modules(Vec<String>),
+    /// A pattern the whole module name must match (`re.fullmatch`), e.g.
+    /// `'.*layers\.(0|1)\..*(q|v)_proj'`.
+    Pattern(String),
 }
 
 impl Serialize for LoraTargets {
@@ -139,6 +143,7 @@ impl Serialize for LoraTargets {
         match self {
             LoraTargets::AllLinear => s.serialize_str("all-linear"),
             LoraTargets::Modules(m) => m.serialize(s),
+            LoraTargets::Pattern(p) => s.serialize_str(p),
         }
     }
 }
@@ -149,13 +154,13 @@ impl<'de> Deserialize<'de> for LoraTargets {
         impl<'de> Visitor<'de> for V {
             type Value = LoraTargets;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"all-linear\" or a list of module names")
+                f.write_str("\"all-linear\", a list of module names or a pattern")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<LoraTargets, E> {
                 if v == "all-linear" {
                     Ok(LoraTargets::AllLinear)
                 } else {
-                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                    Ok(LoraTargets::Pattern(v.to_string()))
                 }
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<LoraTargets, A::Error> {

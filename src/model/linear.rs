@@ -11,6 +11,20 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// DoRA's trainable magnitude `[out]` (None: plain LoRA).
+    pub magnitude: Option<Tensor>,
+}
+
+impl LoraPair {
+    /// Row norms `[out]` of `W + s·B·A` in f32, detached (PEFT detaches DoRA's denominator, as
+    /// the paper's §4.3 proposes, so no gradient flows through it).
+    pub fn dora_norm(&self, w: &Tensor) -> Result<Tensor> {
+        let ba = self.b.detach().matmul(&self.a.detach())?;
+        (w.detach().to_dtype(DType::F32)? + (ba * self.scale)?)?
+            .sqr()?
+            .sum(1)?
+            .sqrt()
+    }
 }
 
 #[derive(Clone)]
@@ -27,6 +41,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            if let Some(m) = &l.magnitude {
+                return self.forward_dora(x, l, m);
+            }
+        }
         let y = match self.compute {
             DType::BF16 => {
                 let xb = x.to_dtype(DType::BF16)?;
@@ -54,6 +73,30 @@ impl Linear {
             }
         };
         Ok(y)
+    }
+
+    /// DoRA as PEFT computes it: `b + m / ‖W + s·B·A‖ · (W x + s·B (A x))`, row by row.
+    fn forward_dora(&self, x: &Tensor, l: &LoraPair, m: &Tensor) -> Result<Tensor> {
+        let (base, update) = match self.compute {
+            DType::BF16 => {
+                let xb = x.to_dtype(DType::BF16)?;
+                let ax = matmul_bf16(&xb, &l.a)?.to_dtype(DType::BF16)?;
+                (
+                    matmul_bf16(&xb, &self.weight_bf16()?)?,
+                    (matmul_bf16(&ax, &l.b)? * l.scale)?,
+                )
+            }
+            _ => (
+                linear(x, &self.w, None)?,
+                linear(&linear(x, &l.a, None)?, &(&l.b * l.scale)?, None)?,
+            ),
+        };
+        let factor = (m / l.dora_norm(&self.w)?)?;
+        let y = (base + update)?.broadcast_mul(&factor)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// `forward` in the compute dtype where that is free: under bf16 products a layer without
@@ -88,6 +131,7 @@ impl Linear {
                     a: l.a.clone(),
                     b: rows(&l.b)?,
                     scale: l.scale,
+                    magnitude: l.magnitude.as_ref().map(rows).transpose()?,
                 }),
                 None => None,
             },
@@ -109,6 +153,7 @@ impl Linear {
         out.extend(self.b.iter());
         if let Some(l) = &self.lora {
             out.extend([&l.a, &l.b]);
+            out.extend(l.magnitude.iter());
         }
         out
     }
@@ -122,6 +167,7 @@ impl Linear {
                 a: l.a.detach(),
                 b: l.b.detach(),
                 scale: l.scale,
+                magnitude: l.magnitude.as_ref().map(Tensor::detach),
             }),
             compute: self.compute,
             wb: self.wb.as_ref().map(Tensor::detach),

@@ -428,9 +428,15 @@ impl WeightSource {
         };
         let mut lora = None;
         let mut w = w;
-        if let Some(pair) = pair {
+        if let Some(mut pair) = pair {
+            pair.magnitude = self.dora_magnitude(prefix, out_f, &w, &pair)?;
             if self.lora.as_ref().is_some_and(|p| p.merge) {
-                w = (w + (pair.b.matmul(&pair.a)? * pair.scale)?)?;
+                let merged = (&w + (pair.b.matmul(&pair.a)? * pair.scale)?)?;
+                w = match &pair.magnitude {
+                    // PEFT's DoRA merge: each row of W + s·B·A rescaled to its magnitude.
+                    Some(m) => merged.broadcast_mul(&(m / pair.dora_norm(&w)?)?.unsqueeze(1)?)?,
+                    None => merged,
+                };
             } else {
                 lora = Some(pair);
             }
@@ -444,6 +450,46 @@ impl WeightSource {
             compute: self.compute,
             wb: None,
         })
+    }
+
+    /// A DoRA layer's magnitude `[out_f]`: fresh, the row norms of `W + s·B·A` (of W, B being
+    /// zeros), as PEFT initialises it; or the saved adapter's. A trainable `Var` unless merging.
+    fn dora_magnitude(
+        &mut self,
+        prefix: &str,
+        out_f: usize,
+        w: &Tensor,
+        pair: &LoraPair,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let Some(plan) = self.lora.as_mut() else {
+            return Ok(None);
+        };
+        if !plan.spec.use_dora {
+            return Ok(None);
+        }
+        let name = lora::magnitude_name(prefix);
+        let m = match &mut plan.init {
+            AdapterInit::Fresh { .. } => pair.dora_norm(w)?,
+            AdapterInit::Saved(saved) => {
+                let m = saved.remove(&name).ok_or_else(|| {
+                    self_err(&self.dir, format!("the DoRA adapter lacks `{name}`"))
+                })?;
+                if m.dims() != [out_f] {
+                    return Err(self_err(
+                        &self.dir,
+                        format!(
+                            "adapter tensor `{name}` has shape {:?}, expected [{out_f}]",
+                            m.dims()
+                        ),
+                    ));
+                }
+                m.contiguous()?
+            }
+        };
+        if plan.merge {
+            return Ok(Some(m));
+        }
+        Ok(Some(self.params.insert(name, Var::from_tensor(&m)?)))
     }
 
     fn lora_pair(
@@ -491,12 +537,21 @@ impl WeightSource {
                 (a.contiguous()?, b.contiguous()?)
             }
         };
-        if plan.merge {
-            return Ok(Some(LoraPair { a, b, scale }));
-        }
-        let a = self.params.insert(na, Var::from_tensor(&a)?);
-        let b = self.params.insert(nb, Var::from_tensor(&b)?);
-        Ok(Some(LoraPair { a, b, scale }))
+        // DoRA's magnitude needs the weight (`dora_magnitude`).
+        let (a, b) = if plan.merge {
+            (a, b)
+        } else {
+            (
+                self.params.insert(na, Var::from_tensor(&a)?),
+                self.params.insert(nb, Var::from_tensor(&b)?),
+            )
+        };
+        Ok(Some(LoraPair {
+            a,
+            b,
+            scale,
+            magnitude: None,
+        }))
     }
 
     /// The trainable tensors, after checking that LoRA found its targets and used every
@@ -507,11 +562,24 @@ impl WeightSource {
             Some(plan) => {
                 if plan.modules.is_empty() {
                     let want = match &plan.spec.targets {
-                        Targets::AllLinear => "all-linear".to_string(),
-                        Targets::Modules(m) => m.join(", "),
+                        Targets::AllLinear => "[all-linear]".to_string(),
+                        Targets::Modules(m) => format!("[{}]", m.join(", ")),
+                        Targets::Pattern(p) => format!("pattern {:?}", p.text),
+                    };
+                    // PEFT matches a string against whole names such as
+                    // `model.layers.0.self_attn.q_proj`: a bare module name matches none.
+                    let hint = match &plan.spec.targets {
+                        Targets::Pattern(p) if !p.text.contains(['.', '*', '(', '|', '[']) => {
+                            format!(
+                                " (a string is a regular expression over whole module names; \
+                                 for the modules named so, write a list: targets = [{:?}])",
+                                p.text
+                            )
+                        }
+                        _ => String::new(),
                     };
                     return Err(self.err(format!(
-                        "LoRA targets [{want}] match no linear layer of this model"
+                        "LoRA targets {want} match no linear layer of this model{hint}"
                     )));
                 }
                 // PEFT ignores a listed target that matches nothing when others match; a

@@ -19,6 +19,41 @@ pub enum Targets {
     AllLinear,
     /// Module names or dotted suffixes (`q_proj`, `self_attn.v_proj`), matched as PEFT does.
     Modules(Vec<String>),
+    /// PEFT's string `target_modules`: a regular expression the whole module name must match.
+    Pattern(TargetPattern),
+}
+
+/// A `target_modules` regular expression, matched as PEFT's `re.fullmatch(pattern, name)`
+/// against names such as `model.layers.0.self_attn.q_proj` (fancy-regex, which reads Python's
+/// syntax, look-around included).
+#[derive(Debug, Clone)]
+pub struct TargetPattern {
+    pub text: String,
+    re: fancy_regex::Regex,
+}
+
+impl TargetPattern {
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Err("the pattern is empty".into());
+        }
+        fancy_regex::Regex::new(&format!("^(?:{text})$"))
+            .map(|re| TargetPattern {
+                text: text.to_string(),
+                re,
+            })
+            .map_err(|e| format!("{text:?} is not a valid regular expression: {e}"))
+    }
+
+    pub fn is_match(&self, name: &str) -> bool {
+        self.re.is_match(name).unwrap_or(false)
+    }
+}
+
+impl PartialEq for TargetPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +63,9 @@ pub struct LoraSpec {
     /// Recorded in adapter_config.json; ORPO training disables dropout, as TRL does.
     pub dropout: f64,
     pub use_rslora: bool,
+    /// DoRA: each adapted layer's output rows rescaled by a trainable magnitude over the row
+    /// norms of `W + s·B·A` (PEFT's `use_dora`).
+    pub use_dora: bool,
     pub targets: Targets,
 }
 
@@ -47,6 +85,7 @@ impl LoraSpec {
             Targets::Modules(names) => names
                 .iter()
                 .any(|t| prefix == t || prefix.ends_with(&format!(".{t}"))),
+            Targets::Pattern(p) => p.is_match(prefix),
         }
     }
 }
@@ -62,6 +101,11 @@ pub enum AdapterInit {
 /// PEFT's saved name of a LoRA matrix (`which` is `A` or `B`).
 pub fn peft_name(prefix: &str, which: char) -> String {
     format!("base_model.model.{prefix}.lora_{which}.weight")
+}
+
+/// PEFT's saved name of a DoRA layer's magnitude vector `[out]`.
+pub fn magnitude_name(prefix: &str) -> String {
+    format!("base_model.model.{prefix}.lora_magnitude_vector")
 }
 
 /// The module name PEFT records in `target_modules` (the last path component).
@@ -100,7 +144,11 @@ pub fn adapter_config(spec: &LoraSpec, base: &str, modules: &BTreeSet<String>) -
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora,
-        "target_modules": modules.iter().collect::<Vec<_>>(),
+        // A pattern may pick some layers' modules only: PEFT gets it as it is.
+        "target_modules": match &spec.targets {
+            Targets::Pattern(p) => json!(p.text),
+            _ => json!(modules.iter().collect::<Vec<_>>()),
+        },
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": true,
@@ -110,7 +158,7 @@ pub fn adapter_config(spec: &LoraSpec, base: &str, modules: &BTreeSet<String>) -
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": false,
+        "use_dora": spec.use_dora,
         "revision": null,
     })
 }
@@ -160,7 +208,6 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
             "fan_in_fan_out",
             !v["fan_in_fan_out"].as_bool().unwrap_or(false),
         ),
-        ("use_dora", !v["use_dora"].as_bool().unwrap_or(false)),
         ("modules_to_save", v["modules_to_save"].is_null()),
         (
             "rank_pattern",
@@ -182,11 +229,15 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
                 .collect(),
         ),
         Value::String(s) if s == "all-linear" => Targets::AllLinear,
+        Value::String(s) => {
+            Targets::Pattern(TargetPattern::new(s).map_err(|e| bad(&path, e.to_string()))?)
+        }
         other => {
             return Err(bad(
                 &path,
                 format!(
-                    "target_modules {other} is not supported (a list of names or \"all-linear\")"
+                    "target_modules {other} is not supported (a list of names, a pattern or \
+                     \"all-linear\")"
                 ),
             ))
         }
@@ -202,7 +253,11 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
         // PEFT drops the adapter name when saving; tolerate files that kept it.
         let name = name
             .replace(".lora_A.default.", ".lora_A.")
-            .replace(".lora_B.default.", ".lora_B.");
+            .replace(".lora_B.default.", ".lora_B.")
+            .replace(
+                ".lora_magnitude_vector.default.weight",
+                ".lora_magnitude_vector",
+            );
         let t = if t.dtype() == DType::F32 {
             t
         } else {
@@ -217,6 +272,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
             alpha,
             dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
             use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
+            use_dora: v["use_dora"].as_bool().unwrap_or(false),
             targets,
         },
         base: v["base_model_name_or_path"].as_str().map(str::to_string),

@@ -6,7 +6,7 @@ use super::trainer::Trainer;
 use crate::config::{Config, Dtype, LoraTargets};
 use crate::data::{load_source, DataOptions, Dataset, Tokenizer};
 use crate::device::select_device;
-use crate::model::lora::{self, AdapterInit, LoraSpec, Targets};
+use crate::model::lora::{self, AdapterInit, LoraSpec, TargetPattern, Targets};
 use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig};
 use crate::Error;
 use candle_core::{DType, Device};
@@ -69,38 +69,45 @@ pub fn load_model(
     })
 }
 
-/// The `[lora]` section as the model loader takes it.
-pub fn lora_spec(l: &crate::config::LoraConfig) -> LoraSpec {
-    LoraSpec {
+/// The `[lora]` section as the model loader takes it (an invalid pattern, which reading a
+/// config file refuses, is an error naming `lora.targets`).
+pub fn lora_spec(l: &crate::config::LoraConfig) -> Result<LoraSpec, Error> {
+    Ok(LoraSpec {
         r: l.r,
         alpha: l.alpha,
         dropout: l.dropout,
         use_rslora: l.use_rslora,
+        use_dora: l.use_dora,
         targets: match &l.targets {
             LoraTargets::AllLinear => Targets::AllLinear,
             LoraTargets::Modules(m) => Targets::Modules(m.clone()),
+            LoraTargets::Pattern(p) => Targets::Pattern(
+                TargetPattern::new(p).map_err(|e| Error::Input(format!("lora.targets: {e}")))?,
+            ),
         },
-    }
+    })
 }
 
 /// How the config wants the model set up for training.
-pub fn load_options(config: &Config) -> LoadOptions {
-    let lora = config.lora.enabled.then(|| {
-        (
-            lora_spec(&config.lora),
+pub fn load_options(config: &Config) -> Result<LoadOptions, Error> {
+    let lora = if config.lora.enabled {
+        Some((
+            lora_spec(&config.lora)?,
             AdapterInit::Fresh {
                 seed: config.train.seed,
             },
-        )
-    });
-    LoadOptions {
+        ))
+    } else {
+        None
+    };
+    Ok(LoadOptions {
         lora,
         merge: false,
         compute: match config.model.dtype {
             Dtype::F32 => DType::F32,
             Dtype::Bf16 => DType::BF16,
         },
-    }
+    })
 }
 
 pub fn data_options(config: &Config) -> DataOptions {
@@ -170,7 +177,7 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         &model_config,
         &[&train].into_iter().chain(&eval).collect::<Vec<_>>(),
     )?;
-    let mut model = CausalLm::load_with(&dir, &device, load_options(config))?;
+    let mut model = CausalLm::load_with(&dir, &device, load_options(config)?)?;
     if config.train.gradient_checkpointing {
         model.enable_recompute();
     }
