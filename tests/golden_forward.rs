@@ -56,56 +56,54 @@ fn per_pair_loss_and_metrics_match_trl() {
 #[test]
 fn first_batch_gradient_norms_match_trl() {
     for name in MODELS {
-        let g = golden(name);
         let model = CausalLm::load(&model_dir(name), &Device::Cpu).unwrap();
-        let beta = g["settings"]["beta"].as_f64().unwrap();
-        let bsz = g["settings"]["batch"].as_u64().unwrap() as usize;
-        let pairs = golden_pairs(&g, "tokenized");
-        let refs: Vec<_> = pairs.iter().take(bsz).collect();
-        let batch = collate(
-            &refs,
-            pad_id(&g),
-            true,
-            model.packed_padding(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let out = forward(&model, &batch, beta).unwrap();
-        let want = &g["initial_first_batch"];
-        assert_close(
-            &format!("{name} batch loss"),
-            out.readout.metrics(None).unwrap().loss,
-            want["loss"].as_f64().unwrap(),
-            1e-4,
-            1e-6,
-        );
-        let grads = out.objective.backward().unwrap();
-        let norms = want["grad_norm_by_param"].as_object().unwrap();
-        assert_eq!(norms.len(), model.params().len(), "{name}: parameter count");
-        for (pname, w) in norms {
-            let var = model
-                .params()
-                .get(pname)
-                .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
-            let gt = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
-            let got = gt
+        check_first_batch(name, &model, &golden(name));
+    }
+}
+
+/// The golden's first batch through `model`: its loss, and every parameter's gradient norm
+/// (none only where TRL's is exactly 0: LoRA's A while B is zeros).
+fn check_first_batch(label: &str, model: &CausalLm, g: &serde_json::Value) {
+    let beta = g["settings"]["beta"].as_f64().unwrap();
+    let bsz = g["settings"]["batch"].as_u64().unwrap() as usize;
+    let pairs = golden_pairs(g, "tokenized");
+    let refs: Vec<_> = pairs.iter().take(bsz).collect();
+    let batch = collate(&refs, pad_id(g), true, model.packed_padding(), &Device::Cpu).unwrap();
+    let out = forward(model, &batch, beta).unwrap();
+    let want = &g["initial_first_batch"];
+    assert_close(
+        &format!("{label} batch loss"),
+        out.readout.metrics(None).unwrap().loss,
+        want["loss"].as_f64().unwrap(),
+        1e-4,
+        1e-6,
+    );
+    let grads = out.objective.backward().unwrap();
+    let norms = want["grad_norm_by_param"].as_object().unwrap();
+    assert_eq!(
+        norms.len(),
+        model.params().len(),
+        "{label}: parameter count"
+    );
+    for (pname, w) in norms {
+        let var = model
+            .params()
+            .get(pname)
+            .unwrap_or_else(|| panic!("{label}: no parameter {pname}"));
+        let w = w.as_f64().unwrap();
+        let got = match grads.get(var.as_tensor()) {
+            Some(gt) => gt
                 .sqr()
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()
-                .sqrt() as f64;
-            assert_close(
-                &format!("{name} grad {pname}"),
-                got,
-                w.as_f64().unwrap(),
-                1e-3,
-                1e-7,
-            );
-        }
+                .sqrt() as f64,
+            None if w == 0.0 => 0.0,
+            None => panic!("{label}: no gradient for {pname}"),
+        };
+        assert_close(&format!("{label} grad {pname}"), got, w, 1e-3, 1e-7);
     }
 }
 
@@ -148,55 +146,7 @@ fn lora_and_dora_first_batch_gradient_norms_match_trl() {
             ..LoadOptions::default()
         };
         let model = CausalLm::load_with(&model_dir(name), &Device::Cpu, opts).unwrap();
-        let beta = g["settings"]["beta"].as_f64().unwrap();
-        let bsz = g["settings"]["batch"].as_u64().unwrap() as usize;
-        let pairs = golden_pairs(&g, "tokenized");
-        let refs: Vec<_> = pairs.iter().take(bsz).collect();
-        let batch = collate(
-            &refs,
-            pad_id(&g),
-            true,
-            model.packed_padding(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let out = forward(&model, &batch, beta).unwrap();
-        let want = &g["initial_first_batch"];
-        assert_close(
-            &format!("{file} batch loss"),
-            out.readout.metrics(None).unwrap().loss,
-            want["loss"].as_f64().unwrap(),
-            1e-4,
-            1e-6,
-        );
-        let grads = out.objective.backward().unwrap();
-        let norms = want["grad_norm_by_param"].as_object().unwrap();
-        assert_eq!(norms.len(), model.params().len(), "{file}: parameter count");
-        for (pname, w) in norms {
-            let var = model
-                .params()
-                .get(pname)
-                .unwrap_or_else(|| panic!("{file}: no parameter {pname}"));
-            let got = match grads.get(var.as_tensor()) {
-                Some(gt) => gt
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt() as f64,
-                // A with B at zero gets none (TRL: 0 exactly).
-                None => 0.0,
-            };
-            assert_close(
-                &format!("{file} grad {pname}"),
-                got,
-                w.as_f64().unwrap(),
-                1e-3,
-                1e-7,
-            );
-        }
+        check_first_batch(file, &model, &g);
     }
 }
 

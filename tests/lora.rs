@@ -30,6 +30,27 @@ fn lora_config(model: &str, out: &Path, extra: &[&str]) -> Config {
     Config::from_toml_str("", "test.toml", &sets).unwrap()
 }
 
+/// adapter_config.json of an adapter folder.
+fn adapter_config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+        .unwrap()
+}
+
+/// The adapter folder `dir` loads (on the base its adapter_config.json names) to `model`'s
+/// logits on the probe exactly; returns them.
+fn assert_reloads(model: &CausalLm, dir: &Path, what: &str) -> Tensor {
+    let (ids, mask) = probe();
+    let live = model.logits(&ids, &mask).unwrap();
+    let reloaded = load_model(&dir.to_string_lossy(), None, None, &Device::Cpu).unwrap();
+    let again = reloaded.model.logits(&ids, &mask).unwrap();
+    assert_eq!(
+        max_diff(&live, &again),
+        0.0,
+        "{what}: reloaded logits differ"
+    );
+    live
+}
+
 fn probe() -> (Tensor, Tensor) {
     let ids = Tensor::new(&[[5u32, 17, 300, 42, 9], [7, 8, 9, 100, 100]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
@@ -78,14 +99,8 @@ fn only_adapters_train_and_the_saved_adapter_merges_and_reloads() {
         assert!(!tmp.path().join("model.safetensors").exists());
 
         // The adapter folder loads on its base (from adapter_config.json) to the same logits.
+        let live = assert_reloads(&trainer.model, tmp.path(), name);
         let (ids, mask) = probe();
-        let live = trainer.model.logits(&ids, &mask).unwrap();
-        let dir = tmp.path().to_string_lossy().into_owned();
-        let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
-        assert_eq!(
-            max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
-            0.0
-        );
 
         // The merged model gives the same logits up to rounding, and differs from the base.
         let merged_dir = tmp.path().join("merged");
@@ -442,20 +457,9 @@ fn a_pattern_target_adapts_the_modules_whose_whole_name_it_matches() {
     assert_eq!(names, want);
     trainer.run(None, &AtomicBool::new(false)).unwrap();
     // adapter_config.json keeps the pattern (the module names alone would adapt layer 1 too).
-    let saved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(saved["target_modules"], pattern);
+    assert_eq!(adapter_config_json(tmp.path())["target_modules"], pattern);
     // ... and the adapter folder reloads onto the same four modules, to the same logits.
-    let (ids, mask) = probe();
-    let live = trainer.model.logits(&ids, &mask).unwrap();
-    let dir = tmp.path().to_string_lossy().into_owned();
-    let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
-    assert_eq!(
-        max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
-        0.0
-    );
+    assert_reloads(&trainer.model, tmp.path(), pattern);
 
     // A bare module name as a string matches no whole name, as in PEFT; the error says how to
     // name modules.
@@ -489,22 +493,11 @@ fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
             );
         }
         assert!(magnitudes > 0, "{name}");
-        let saved: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(saved["use_dora"], true);
+        assert_eq!(adapter_config_json(tmp.path())["use_dora"], true);
         // The folder reloads to the same logits; the merged model (each row of W + s·B·A
         // rescaled to its magnitude) gives them up to rounding, and differs from the base.
+        let live = assert_reloads(&trainer.model, tmp.path(), name);
         let (ids, mask) = probe();
-        let live = trainer.model.logits(&ids, &mask).unwrap();
-        let dir = tmp.path().to_string_lossy().into_owned();
-        let reloaded = load_model(&dir, None, None, &Device::Cpu).unwrap();
-        assert_eq!(
-            max_diff(&live, &reloaded.model.logits(&ids, &mask).unwrap()),
-            0.0,
-            "{name}"
-        );
         let merged_dir = tmp.path().join("merged");
         orpo::merge::merge(None, tmp.path(), &merged_dir, false, SaveDtype::F32).unwrap();
         let merged = CausalLm::load(&merged_dir, &Device::Cpu).unwrap();
