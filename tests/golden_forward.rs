@@ -150,6 +150,27 @@ fn lora_and_dora_first_batch_gradient_norms_match_trl() {
     }
 }
 
+/// The same for an adapter trained on from a saved one (`lora.init_from`): its B is far from
+/// zero, so every A has a gradient.
+#[test]
+fn a_continued_adapters_first_batch_gradient_norms_match_trl() {
+    let path = fixtures().join("golden/extra/tiny-opt.lora-continued.trl.json");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let saved =
+        orpo::model::lora::read_adapter(&fixtures().join("adapters/tiny-opt-orpo3"), &Device::Cpu)
+            .unwrap();
+    let opts = orpo::model::LoadOptions {
+        lora: Some((
+            saved.spec,
+            orpo::model::lora::AdapterInit::Saved(saved.tensors),
+        )),
+        ..orpo::model::LoadOptions::default()
+    };
+    let model = CausalLm::load_with(&model_dir("tiny-opt"), &Device::Cpu, opts).unwrap();
+    check_first_batch("tiny-opt.lora-continued", &model, &g);
+}
+
 /// The packed batch (`forward` on `model`) against the padded one (`forward_padded` on
 /// `reference`, the same weights): loss, metrics and every parameter gradient, with
 /// nll_on_prompt both ways; rejected sequences must read the prompt from their chosen

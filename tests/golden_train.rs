@@ -261,6 +261,20 @@ fn lora_subset_targets_with_rslora_and_accumulation_match_trl_with_peft() {
 }
 
 #[test]
+fn continuing_a_trained_adapter_matches_trl_with_peft() {
+    // lora.init_from: TRL trained PeftModel.from_pretrained(base, ADAPTER, is_trainable=True)
+    // on an adapter orpo trained 3 steps (B far from zero, so A has gradients from step 1).
+    let path = fixtures().join("golden/extra/tiny-opt.lora-continued.trl.json");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let from = fixtures().join("adapters/tiny-opt-orpo3");
+    check_golden(
+        "tiny-opt",
+        &g,
+        &[&format!("lora.init_from={}", from.display())],
+    );
+}
+
+#[test]
 fn dora_training_matches_trl_with_peft() {
     // DoRA on every OPT linear layer (biases outside the rescaling), weight decay on the
     // magnitudes as transformers decays them.

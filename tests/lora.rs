@@ -551,3 +551,78 @@ fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
         "{f32_loss} vs {bf16_loss}"
     );
 }
+
+#[test]
+fn init_from_goes_on_training_a_saved_adapter_with_its_own_settings() {
+    let from = fixtures().join("adapters/tiny-opt-orpo3");
+    let tmp = tempfile::tempdir().unwrap();
+    // lora_config sets r 4 and alpha 8; the adapter's alpha is 16: its own applies.
+    let config = lora_config(
+        "tiny-opt",
+        tmp.path(),
+        &[&format!("lora.init_from={}", from.display())],
+    );
+    let trainer = load_trainer(&config).unwrap();
+    let info = trainer.model.adapter().unwrap();
+    assert_eq!((info.spec.r, info.spec.alpha), (4, 16.0));
+    let modules: Vec<&str> = info.modules.iter().map(String::as_str).collect();
+    assert_eq!(modules, ["fc2", "q_proj", "v_proj"]);
+    // Training starts from the saved weights, every one of them.
+    let saved =
+        candle_core::safetensors::load(from.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(saved.len(), trainer.model.params().len());
+    for (name, t) in &saved {
+        let var = trainer.model.params().get(name).unwrap();
+        assert_eq!(max_diff(var.as_tensor(), t), 0.0, "{name}");
+    }
+    // A setting the config makes otherwise is named as ignored.
+    let r = orpo(&[
+        "train",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "lora.enabled=true",
+        "--set",
+        "lora.alpha=64",
+        "--set",
+        &format!("lora.init_from={}", from.display()),
+        "--set",
+        &format!("train.output_dir={}", tmp.path().join("cli").display()),
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ignored: lora.alpha = 64 (the adapter's: 16)"),
+        "{stderr}"
+    );
+    // Errors name the key: an init_from without LoRA, and a folder that is no adapter.
+    let e = Config::from_toml_str(
+        "",
+        "c.toml",
+        &[
+            "model.id=m".into(),
+            format!("lora.init_from={}", from.display()),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(e.key(), Some("lora.init_from"), "{e}");
+    let config = lora_config(
+        "tiny-opt",
+        tmp.path(),
+        &[&format!(
+            "lora.init_from={}",
+            model_dir("tiny-opt").display()
+        )],
+    );
+    let e = match load_trainer(&config) {
+        Ok(_) => panic!("a full model as init_from loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("lora.init_from") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+}

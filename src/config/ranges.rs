@@ -306,6 +306,12 @@ impl Config {
                 format!("must be in [0, 1), found {}", l.dropout),
             ));
         }
+        if l.init_from.is_some() && !l.enabled {
+            return Err(o.invalid(
+                "lora.init_from",
+                "goes on training an adapter, which needs lora.enabled = true",
+            ));
+        }
         if let LoraTargets::Pattern(p) = &l.targets {
             if let Err(e) = crate::model::lora::TargetPattern::new(p) {
                 return Err(o.invalid("lora.targets", e));

@@ -100,6 +100,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("targets", Targets),
                 ("use_rslora", Bool),
                 ("use_dora", Bool),
+                ("init_from", Str),
             ],
         ),
     ]

@@ -267,6 +267,10 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// DoRA (arXiv 2402.09353) as PEFT's `use_dora`: a trainable magnitude per output row.
     pub use_dora: bool,
+    /// An adapter folder to go on training (its settings and weights replace a fresh
+    /// adapter's), as TRL given `PeftModel.from_pretrained(base, dir, is_trainable=True)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for LoraConfig {
@@ -279,6 +283,7 @@ impl Default for LoraConfig {
             targets: LoraTargets::AllLinear,
             use_rslora: false,
             use_dora: false,
+            init_from: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::model::lora::{self, AdapterInit, LoraSpec, TargetPattern, Targets};
 use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig};
 use crate::Error;
 use candle_core::{DType, Device};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub struct LoadedModel {
     /// The model folder, or for an adapter the base model's folder.
@@ -88,17 +88,18 @@ pub fn lora_spec(l: &crate::config::LoraConfig) -> Result<LoraSpec, Error> {
     })
 }
 
-/// How the config wants the model set up for training.
-pub fn load_options(config: &Config) -> Result<LoadOptions, Error> {
-    let lora = if config.lora.enabled {
-        Some((
+/// How the config wants the model set up for training (an adapter to go on training read
+/// onto `device`).
+pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Error> {
+    let lora = match (&config.lora.init_from, config.lora.enabled) {
+        (_, false) => None,
+        (Some(dir), true) => Some(adapter_to_continue(config, Path::new(dir), device)?),
+        (None, true) => Some((
             lora_spec(&config.lora)?,
             AdapterInit::Fresh {
                 seed: config.train.seed,
             },
-        ))
-    } else {
-        None
+        )),
     };
     Ok(LoadOptions {
         lora,
@@ -108,6 +109,86 @@ pub fn load_options(config: &Config) -> Result<LoadOptions, Error> {
             Dtype::Bf16 => DType::BF16,
         },
     })
+}
+
+/// `lora.init_from`'s adapter: its own settings (the `[lora]` ones the config sets otherwise
+/// are named in a warning) and weights, trained on from where they are.
+fn adapter_to_continue(
+    config: &Config,
+    dir: &Path,
+    device: &Device,
+) -> Result<(LoraSpec, AdapterInit), Error> {
+    if !lora::is_adapter_dir(dir) {
+        return Err(Error::Input(format!(
+            "lora.init_from = {:?}: no {} there; it must be a LoRA adapter folder (written by \
+             orpo or PEFT)",
+            dir.display().to_string(),
+            lora::ADAPTER_CONFIG
+        )));
+    }
+    let saved = lora::read_adapter(dir, device)?;
+    let mine = lora_spec(&config.lora)?;
+    let defaults = crate::config::LoraConfig::default();
+    let spec = &saved.spec;
+    let mut ignored = Vec::new();
+    let mut differs = |key: &str, set: String, default: String, theirs: String| {
+        if set != default && set != theirs {
+            ignored.push(format!("lora.{key} = {set} (the adapter's: {theirs})"));
+        }
+    };
+    differs(
+        "r",
+        mine.r.to_string(),
+        defaults.r.to_string(),
+        spec.r.to_string(),
+    );
+    differs(
+        "alpha",
+        mine.alpha.to_string(),
+        defaults.alpha.to_string(),
+        spec.alpha.to_string(),
+    );
+    differs(
+        "use_rslora",
+        mine.use_rslora.to_string(),
+        defaults.use_rslora.to_string(),
+        spec.use_rslora.to_string(),
+    );
+    differs(
+        "use_dora",
+        mine.use_dora.to_string(),
+        defaults.use_dora.to_string(),
+        spec.use_dora.to_string(),
+    );
+    let targets = |t: &Targets| match t {
+        Targets::AllLinear => "\"all-linear\"".to_string(),
+        Targets::Modules(m) => format!("{m:?}"),
+        Targets::Pattern(p) => format!("{:?}", p.text),
+    };
+    let default_targets = lora_spec(&defaults)?.targets;
+    differs(
+        "targets",
+        targets(&mine.targets),
+        targets(&default_targets),
+        targets(&spec.targets),
+    );
+    if !ignored.is_empty() {
+        tracing::warn!(
+            "lora.init_from: the adapter's own settings apply; ignored: {}",
+            ignored.join(", ")
+        );
+    }
+    if let Some(base) = &saved.base {
+        let same = Path::new(base).is_dir()
+            && std::fs::canonicalize(base).ok() == std::fs::canonicalize(&config.model.id).ok();
+        if !same && base != &config.model.id {
+            tracing::warn!(
+                "lora.init_from: the adapter was trained on {base}, this run's model.id is {}",
+                config.model.id
+            );
+        }
+    }
+    Ok((saved.spec, AdapterInit::Saved(saved.tensors)))
 }
 
 pub fn data_options(config: &Config) -> DataOptions {
@@ -177,7 +258,7 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
         &model_config,
         &[&train].into_iter().chain(&eval).collect::<Vec<_>>(),
     )?;
-    let mut model = CausalLm::load_with(&dir, &device, load_options(config)?)?;
+    let mut model = CausalLm::load_with(&dir, &device, load_options(config, &device)?)?;
     if config.train.gradient_checkpointing {
         model.enable_recompute();
     }
