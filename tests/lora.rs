@@ -461,6 +461,22 @@ fn a_pattern_target_adapts_the_modules_whose_whole_name_it_matches() {
     // ... and the adapter folder reloads onto the same four modules, to the same logits.
     assert_reloads(&trainer.model, tmp.path(), pattern);
 
+    // A pattern that also matches a container or the head is refused, naming it: PEFT cannot
+    // load the first and would adapt the second.
+    for (pattern, named) in [
+        (".*mlp.*", "`model.layers.0.mlp`"),
+        (".*(q_proj|lm_head)", "`lm_head`"),
+        (r"model\.layers\.0\..*", "`model.layers.0.input_layernorm`"),
+    ] {
+        let other = tmp.path().join("stray");
+        let config = lora_config("tiny-llama3", &other, &[&format!("lora.targets={pattern}")]);
+        let e = match load_trainer(&config) {
+            Ok(_) => panic!("{pattern} loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(named), "{pattern}: {e}");
+    }
+
     // A bare module name as a string matches no whole name, as in PEFT; the error says how to
     // name modules.
     let other = tmp.path().join("bare");
@@ -470,7 +486,7 @@ fn a_pattern_target_adapts_the_modules_whose_whole_name_it_matches() {
         Err(e) => e.to_string(),
     };
     assert!(
-        e.contains("match no linear layer") && e.contains(r#"targets = ["q_proj"]"#),
+        e.contains("matches no linear layer") && e.contains(r#"targets = ["q_proj"]"#),
         "{e}"
     );
 }
@@ -532,6 +548,31 @@ fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
         };
         assert!(e.contains("lora_magnitude_vector"), "{name}: {e}");
     }
+    // Under bf16 products the frozen base is kept in bf16, but a fresh magnitude is the row
+    // norms of the file's f32 weights, as PEFT computes them.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = lora_config(
+        "tiny-phi3",
+        tmp.path(),
+        &["lora.use_dora=true", "model.dtype=bf16"],
+    );
+    let trainer = load_trainer(&config).unwrap();
+    let file = candle_core::safetensors::load(
+        model_dir("tiny-phi3").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w = &file["model.layers.0.mlp.down_proj.weight"];
+    assert_eq!(w.dtype(), candle_core::DType::F32);
+    let m = trainer
+        .model
+        .params()
+        .get("base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector")
+        .unwrap()
+        .as_tensor()
+        .clone();
+    let want = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    assert_eq!(max_diff(&m, &want), 0.0);
     // bf16 products: the same first loss as f32 within bf16's rounding, and training runs.
     let first_loss = |dtype: &str| {
         let out = tempfile::tempdir().unwrap();

@@ -57,14 +57,22 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
         ) => v,
         // Paths are not split at commas: a file name may hold one.
         (KeyKind::Paths, _) => toml::Value::String(text.to_string()),
-        (KeyKind::Targets, _) if text.contains(',') => toml::Value::Array(
-            text.split(',')
-                .map(|s| toml::Value::String(s.trim().to_string()))
-                .collect(),
-        ),
+        // Nor is a pattern (`[0-9]{1,2}`): module names hold no regex syntax.
+        (KeyKind::Targets, _) if text.contains(',') && !looks_like_pattern(text) => {
+            toml::Value::Array(
+                text.split(',')
+                    .map(|s| toml::Value::String(s.trim().to_string()))
+                    .collect(),
+            )
+        }
         (_, Some(v)) => v,
         (_, None) => toml::Value::String(text.to_string()),
     }
+}
+
+/// Whether a `--set` value holds regular-expression syntax (a LoRA target pattern).
+fn looks_like_pattern(text: &str) -> bool {
+    text.contains(['\\', '*', '(', '[', '{', '|', '^', '$', '+', '?'])
 }
 
 pub(super) fn apply_overrides(
@@ -106,7 +114,15 @@ pub(super) fn apply_overrides(
                 hint: key_hint(Some(section), key),
             });
         };
+        let quoted =
+            raw.trim().starts_with('"') && raw.trim().ends_with('"') && raw.trim().len() > 1;
         let value = parse_override_value(raw, kind);
+        if quoted && !matches!(&value, toml::Value::String(s) if !s.starts_with('"')) {
+            return Err(bad(
+                "the value in double quotes is not a valid TOML string (a backslash there starts \
+                 an escape); write it in single quotes, e.g. lora.targets='model\\.layers\\..*'",
+            ));
+        }
         let entry = table
             .entry(section.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -236,7 +252,7 @@ pub(super) fn check_and_normalise(
                     }
                 }
                 KeyKind::Targets => match v {
-                    toml::Value::String(s) if s == "all-linear" => {}
+                    toml::Value::String(s) if s.eq_ignore_ascii_case("all-linear") => {}
                     // Any other string is PEFT's regular expression over module names (checked
                     // with the ranges).
                     toml::Value::String(_) => {}

@@ -672,8 +672,48 @@ fn a_string_target_is_a_peft_pattern() {
     );
     // Python's look-around reads as PEFT's re does.
     load(MINIMAL, &[r"lora.targets=.*(?<!o)_proj"]).unwrap();
-    for bad in ["(q_proj", "", "*q"] {
+    // An unbalanced `)` must not escape the full-match anchoring (Python refuses it), and a
+    // verbose flag's comment would swallow it.
+    for bad in [
+        "(q_proj",
+        "",
+        "*q",
+        ".*gate)|(.*q_proj",
+        "(?x) .*q_proj # c",
+    ] {
         let e = load(MINIMAL, &[&format!("lora.targets='{bad}'")]).unwrap_err();
         assert_eq!(e.key(), Some("lora.targets"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn lora_target_overrides_keep_patterns_whole() {
+    // PEFT compares "all-linear" without case.
+    let c = load(MINIMAL, &["lora.targets=All-Linear"]).unwrap();
+    assert_eq!(c.lora.targets, LoraTargets::AllLinear);
+    // A comma inside a pattern's repetition does not split it into module names.
+    let c = load(
+        MINIMAL,
+        &[r"lora.targets=.*layers\.[0-9]{1,2}\.self_attn\.q_proj"],
+    )
+    .unwrap();
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Pattern(r".*layers\.[0-9]{1,2}\.self_attn\.q_proj".into())
+    );
+    assert_eq!(
+        load(MINIMAL, &["lora.targets=q_proj, v_proj"])
+            .unwrap()
+            .lora
+            .targets,
+        LoraTargets::Modules(vec!["q_proj".into(), "v_proj".into()])
+    );
+    // A backslash in double quotes is a TOML escape: refused with the single-quote spelling.
+    let e = load(MINIMAL, &[r#"lora.targets="model\.layers\..*""#]).unwrap_err();
+    assert!(e.to_string().contains("single quotes"), "{e}");
+    let c = load(MINIMAL, &[r"lora.targets='model\.layers\..*'"]).unwrap();
+    assert_eq!(
+        c.lora.targets,
+        LoraTargets::Pattern(r"model\.layers\..*".into())
+    );
 }

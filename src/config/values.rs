@@ -157,7 +157,7 @@ impl<'de> Deserialize<'de> for LoraTargets {
                 f.write_str("\"all-linear\", a list of module names or a pattern")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<LoraTargets, E> {
-                if v == "all-linear" {
+                if v.eq_ignore_ascii_case("all-linear") {
                     Ok(LoraTargets::AllLinear)
                 } else {
                     Ok(LoraTargets::Pattern(v.to_string()))

@@ -11,20 +11,42 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
-    /// DoRA's trainable magnitude `[out]` (None: plain LoRA).
-    pub magnitude: Option<Tensor>,
+    /// DoRA's magnitudes (None: plain LoRA).
+    pub dora: Option<Dora>,
+}
+
+/// A DoRA layer's trainable magnitude `[out]`, and the squared row norms `[out]` of its frozen
+/// weight in f32 (from the file's values, before any bf16 rounding).
+#[derive(Clone)]
+pub struct Dora {
+    pub magnitude: Tensor,
+    pub w_sq: Tensor,
 }
 
 impl LoraPair {
     /// Row norms `[out]` of `W + s·B·A` in f32, detached (PEFT detaches DoRA's denominator, as
-    /// the paper's §4.3 proposes, so no gradient flows through it).
+    /// the paper's §4.3 proposes, so no gradient flows through it). Expanded as
+    /// `‖W‖² + 2s·(W Aᵀ)·B + s²·(B A Aᵀ)·B` row by row: no weight-sized temporary, and W's
+    /// own norms exact where the products run on its bf16 copy.
     pub fn dora_norm(&self, w: &Tensor) -> Result<Tensor> {
-        let ba = self.b.detach().matmul(&self.a.detach())?;
-        (w.detach().to_dtype(DType::F32)? + (ba * self.scale)?)?
-            .sqr()?
-            .sum(1)?
-            .sqrt()
+        let Some(d) = &self.dora else {
+            candle_core::bail!("dora_norm of a LoRA pair without DoRA magnitudes")
+        };
+        let (a, b) = (self.a.detach(), self.b.detach());
+        let wa = w
+            .detach()
+            .matmul(&a.to_dtype(w.dtype())?.t()?)?
+            .to_dtype(DType::F32)?;
+        let cross = (wa * &b)?.sum(1)?;
+        let ba_sq = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?;
+        let s = self.scale;
+        ((&d.w_sq + (cross * (2.0 * s))?)? + (ba_sq * (s * s))?)?.sqrt()
     }
+}
+
+/// Squared row norms `[out]` of a weight, in f32.
+pub fn row_norms_sq(w: &Tensor) -> Result<Tensor> {
+    w.to_dtype(DType::F32)?.sqr()?.sum(1)
 }
 
 #[derive(Clone)]
@@ -42,8 +64,8 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(l) = &self.lora {
-            if let Some(m) = &l.magnitude {
-                return self.forward_dora(x, l, m);
+            if let Some(d) = &l.dora {
+                return self.forward_dora(x, l, &d.magnitude);
             }
         }
         let y = match self.compute {
@@ -131,7 +153,13 @@ impl Linear {
                     a: l.a.clone(),
                     b: rows(&l.b)?,
                     scale: l.scale,
-                    magnitude: l.magnitude.as_ref().map(rows).transpose()?,
+                    dora: match &l.dora {
+                        Some(d) => Some(Dora {
+                            magnitude: rows(&d.magnitude)?,
+                            w_sq: rows(&d.w_sq)?,
+                        }),
+                        None => None,
+                    },
                 }),
                 None => None,
             },
@@ -153,7 +181,7 @@ impl Linear {
         out.extend(self.b.iter());
         if let Some(l) = &self.lora {
             out.extend([&l.a, &l.b]);
-            out.extend(l.magnitude.iter());
+            out.extend(l.dora.iter().map(|d| &d.magnitude));
         }
         out
     }
@@ -167,7 +195,10 @@ impl Linear {
                 a: l.a.detach(),
                 b: l.b.detach(),
                 scale: l.scale,
-                magnitude: l.magnitude.as_ref().map(Tensor::detach),
+                dora: l.dora.as_ref().map(|d| Dora {
+                    magnitude: d.magnitude.detach(),
+                    w_sq: d.w_sq.clone(),
+                }),
             }),
             compute: self.compute,
             wb: self.wb.as_ref().map(Tensor::detach),

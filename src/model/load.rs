@@ -1,7 +1,7 @@
 //! Reading checkpoints: local folders or hub ids, single or sharded safetensors, or the
 //! legacy `pytorch_model.bin` (names without the `model.` prefix), any float dtype -> f32.
 
-use super::linear::{Linear, LoraPair};
+use super::linear::{row_norms_sq, Dora, Linear, LoraPair};
 use super::lora::{self, AdapterInit, LoraSpec, Targets};
 use super::params::Params;
 use candle_core::{DType, Device, Tensor, Var};
@@ -284,6 +284,12 @@ struct LoraPlan {
     merge: bool,
     /// Names of the adapted modules, for adapter_config.json's target_modules.
     modules: BTreeSet<String>,
+    /// Full names of the adapted layers (`model.layers.0.self_attn.q_proj`).
+    adapted: BTreeSet<String>,
+    /// Every module name the checkpoint's tensors imply (each dot-prefix of a tensor's name,
+    /// and `lm_head`), which a pattern target must not match unless adapted: PEFT would adapt
+    /// the head, and refuses an adapter whose pattern matches a container or a norm.
+    modules_in_file: BTreeSet<String>,
 }
 
 /// What a LoRA model needs to save its adapter.
@@ -296,6 +302,16 @@ pub struct AdapterInfo {
 impl WeightSource {
     pub fn new(dir: &Path, tensors: HashMap<String, Tensor>, opts: LoadOptions) -> Self {
         let frozen = opts.lora.is_some() && !opts.merge;
+        let mut modules_in_file: BTreeSet<String> = tensors
+            .keys()
+            .flat_map(|name| {
+                let parts: Vec<&str> = name.split('.').collect();
+                (1..parts.len())
+                    .map(|n| parts[..n].join("."))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        modules_in_file.insert("lm_head".into());
         WeightSource {
             dir: dir.to_path_buf(),
             tensors,
@@ -308,6 +324,8 @@ impl WeightSource {
                 init,
                 merge: opts.merge,
                 modules: BTreeSet::new(),
+                adapted: BTreeSet::new(),
+                modules_in_file,
             }),
         }
     }
@@ -417,24 +435,32 @@ impl WeightSource {
     ) -> Result<Linear, ModelError> {
         let name = format!("{prefix}.weight");
         let pair = self.lora_pair(prefix, out_f, in_f)?;
-        let w = if self.frozen && self.compute == DType::BF16 {
+        let dora = pair.is_some() && self.lora.as_ref().is_some_and(|p| p.spec.use_dora);
+        // DoRA's weight norms from the file's values, before any bf16 rounding.
+        let norms = |w: &Tensor| dora.then(|| row_norms_sq(w)).transpose();
+        let (w, w_sq) = if self.frozen && self.compute == DType::BF16 {
             // A frozen weight is only ever read by bf16 products: keep it in bf16 from the
             // file on, so a 7B base never exists in f32.
-            self.take_raw(&name, &[out_f, in_f])?
-                .to_dtype(DType::BF16)?
-                .contiguous()?
+            let raw = self.take_raw(&name, &[out_f, in_f])?;
+            let w_sq = norms(&raw)?;
+            (raw.to_dtype(DType::BF16)?.contiguous()?, w_sq)
         } else {
-            self.take(&name, &[out_f, in_f])?
+            let w = self.take(&name, &[out_f, in_f])?;
+            let w_sq = norms(&w)?;
+            (w, w_sq)
         };
         let mut lora = None;
         let mut w = w;
         if let Some(mut pair) = pair {
-            pair.magnitude = self.dora_magnitude(prefix, out_f, &w, &pair)?;
+            if let Some(w_sq) = w_sq {
+                pair.dora = Some(self.dora(prefix, out_f, w_sq)?);
+            }
             if self.lora.as_ref().is_some_and(|p| p.merge) {
                 let merged = (&w + (pair.b.matmul(&pair.a)? * pair.scale)?)?;
-                w = match &pair.magnitude {
+                w = match &pair.dora {
                     // PEFT's DoRA merge: each row of W + s·B·A rescaled to its magnitude.
-                    Some(m) => merged.broadcast_mul(&(m / pair.dora_norm(&w)?)?.unsqueeze(1)?)?,
+                    Some(d) => merged
+                        .broadcast_mul(&(&d.magnitude / pair.dora_norm(&w)?)?.unsqueeze(1)?)?,
                     None => merged,
                 };
             } else {
@@ -452,27 +478,25 @@ impl WeightSource {
         })
     }
 
-    /// A DoRA layer's magnitude `[out_f]`: fresh, the row norms of `W + s·B·A` (of W, B being
-    /// zeros), as PEFT initialises it; or the saved adapter's. A trainable `Var` unless merging.
-    fn dora_magnitude(
-        &mut self,
-        prefix: &str,
-        out_f: usize,
-        w: &Tensor,
-        pair: &LoraPair,
-    ) -> Result<Option<Tensor>, ModelError> {
-        let Some(plan) = self.lora.as_mut() else {
-            return Ok(None);
-        };
-        if !plan.spec.use_dora {
-            return Ok(None);
-        }
+    /// A DoRA layer's magnitude `[out_f]`: fresh, the row norms of W (`w_sq`'s roots: B starts
+    /// at zero), as PEFT initialises it; or the saved adapter's. A trainable `Var` unless
+    /// merging.
+    fn dora(&mut self, prefix: &str, out_f: usize, w_sq: Tensor) -> Result<Dora, ModelError> {
         let name = lora::magnitude_name(prefix);
+        let Some(plan) = self.lora.as_mut() else {
+            return Err(self_err(&self.dir, format!("no LoRA plan for `{name}`")));
+        };
         let m = match &mut plan.init {
-            AdapterInit::Fresh { .. } => pair.dora_norm(w)?,
+            AdapterInit::Fresh { .. } => w_sq.sqrt()?,
             AdapterInit::Saved(saved) => {
                 let m = saved.remove(&name).ok_or_else(|| {
-                    self_err(&self.dir, format!("the DoRA adapter lacks `{name}`"))
+                    self_err(
+                        &self.dir,
+                        format!(
+                            "the adapter's adapter_config.json sets use_dora = true, but it \
+                             lacks `{name}`"
+                        ),
+                    )
                 })?;
                 if m.dims() != [out_f] {
                     return Err(self_err(
@@ -486,10 +510,12 @@ impl WeightSource {
                 m.contiguous()?
             }
         };
-        if plan.merge {
-            return Ok(Some(m));
-        }
-        Ok(Some(self.params.insert(name, Var::from_tensor(&m)?)))
+        let magnitude = if plan.merge {
+            m
+        } else {
+            self.params.insert(name, Var::from_tensor(&m)?)
+        };
+        Ok(Dora { magnitude, w_sq })
     }
 
     fn lora_pair(
@@ -505,6 +531,7 @@ impl WeightSource {
             return Ok(None);
         }
         plan.modules.insert(lora::module_name(prefix).to_string());
+        plan.adapted.insert(prefix.to_string());
         let r = plan.spec.r;
         let scale = plan.spec.scale();
         let (na, nb) = (lora::peft_name(prefix, 'A'), lora::peft_name(prefix, 'B'));
@@ -537,7 +564,7 @@ impl WeightSource {
                 (a.contiguous()?, b.contiguous()?)
             }
         };
-        // DoRA's magnitude needs the weight (`dora_magnitude`).
+        // DoRA's magnitude needs the weight (`WeightSource::dora`).
         let (a, b) = if plan.merge {
             (a, b)
         } else {
@@ -550,7 +577,7 @@ impl WeightSource {
             a,
             b,
             scale,
-            magnitude: None,
+            dora: None,
         }))
     }
 
@@ -562,9 +589,9 @@ impl WeightSource {
             Some(plan) => {
                 if plan.modules.is_empty() {
                     let want = match &plan.spec.targets {
-                        Targets::AllLinear => "[all-linear]".to_string(),
-                        Targets::Modules(m) => format!("[{}]", m.join(", ")),
-                        Targets::Pattern(p) => format!("pattern {:?}", p.text),
+                        Targets::AllLinear => "LoRA targets [all-linear] match".to_string(),
+                        Targets::Modules(m) => format!("LoRA targets [{}] match", m.join(", ")),
+                        Targets::Pattern(p) => format!("lora.targets pattern {:?} matches", p.text),
                     };
                     // PEFT matches a string against whole names such as
                     // `model.layers.0.self_attn.q_proj`: a bare module name matches none.
@@ -578,9 +605,27 @@ impl WeightSource {
                         }
                         _ => String::new(),
                     };
-                    return Err(self.err(format!(
-                        "LoRA targets {want} match no linear layer of this model{hint}"
-                    )));
+                    return Err(self.err(format!("{want} no linear layer of this model{hint}")));
+                }
+                if let Targets::Pattern(p) = &plan.spec.targets {
+                    let stray = plan
+                        .modules_in_file
+                        .iter()
+                        .find(|m| p.is_match(m) && !plan.adapted.contains(*m));
+                    if let Some(m) = stray {
+                        let why = if m == "lm_head" {
+                            "the output head, which orpo gives no adapter (PEFT would)".to_string()
+                        } else {
+                            "no linear layer orpo adapts (PEFT refuses to load an adapter whose \
+                             pattern matches a container, norm or embedding)"
+                                .to_string()
+                        };
+                        return Err(self.err(format!(
+                            "lora.targets pattern {:?} matches `{m}`, {why}; narrow it to linear \
+                             layers' names",
+                            p.text
+                        )));
+                    }
                 }
                 // PEFT ignores a listed target that matches nothing when others match; a
                 // misspelt name would then go unnoticed.
@@ -596,6 +641,13 @@ impl WeightSource {
                     }
                 }
                 if let AdapterInit::Saved(rest) = &plan.init {
+                    if let Some(name) = rest.keys().find(|n| n.ends_with(".lora_magnitude_vector"))
+                    {
+                        return Err(self.err(format!(
+                            "the adapter holds DoRA magnitudes (`{name}`) but its \
+                             adapter_config.json does not set use_dora = true"
+                        )));
+                    }
                     if let Some(name) = rest.keys().min() {
                         return Err(self.err(format!(
                             "adapter tensor `{name}` has no matching layer in this model"

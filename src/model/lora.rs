@@ -37,12 +37,24 @@ impl TargetPattern {
         if text.trim().is_empty() {
             return Err("the pattern is empty".into());
         }
+        let invalid =
+            |e: fancy_regex::Error| format!("{text:?} is not a valid regular expression: {e}");
+        // On its own first: inside the anchoring group an unbalanced `)` would close it early
+        // (`a)|(b` would become a prefix-or-suffix match that Python refuses).
+        fancy_regex::Regex::new(text).map_err(invalid)?;
+        // A verbose flag's `#` comment would swallow the closing anchor.
+        let verbose = fancy_regex::Regex::new(r"\(\?[a-zA-Z]*x[a-zA-Z-]*[:)]").map_err(invalid)?;
+        if verbose.is_match(text).unwrap_or(false) {
+            return Err(format!(
+                "{text:?}: the verbose flag (?x) is not supported; write the pattern without it"
+            ));
+        }
         fancy_regex::Regex::new(&format!("^(?:{text})$"))
             .map(|re| TargetPattern {
                 text: text.to_string(),
                 re,
             })
-            .map_err(|e| format!("{text:?} is not a valid regular expression: {e}"))
+            .map_err(invalid)
     }
 
     pub fn is_match(&self, name: &str) -> bool {
@@ -228,7 +240,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
                 .filter_map(|x| x.as_str().map(str::to_string))
                 .collect(),
         ),
-        Value::String(s) if s == "all-linear" => Targets::AllLinear,
+        Value::String(s) if s.eq_ignore_ascii_case("all-linear") => Targets::AllLinear,
         Value::String(s) => {
             Targets::Pattern(TargetPattern::new(s).map_err(|e| bad(&path, e.to_string()))?)
         }

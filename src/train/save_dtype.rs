@@ -15,7 +15,14 @@ pub fn resolve(setting: SaveDtype, base_dir: &Path) -> DType {
         SaveDtype::F32 => DType::F32,
         SaveDtype::Bf16 => DType::BF16,
         SaveDtype::F16 => DType::F16,
-        SaveDtype::Auto => base_dtype(base_dir).unwrap_or(DType::F32),
+        SaveDtype::Auto => base_dtype(base_dir).unwrap_or_else(|| {
+            tracing::warn!(
+                "save_dtype = auto: {} names no dtype in config.json and has no safetensors to \
+                 read one from; saving float32",
+                base_dir.display()
+            );
+            DType::F32
+        }),
     }
 }
 
