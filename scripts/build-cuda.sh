@@ -24,9 +24,19 @@ fi
 # libcuda comes with the driver, in no wheel: link against a stub that defines the driver API
 # symbols candle's dependencies reference; the device's real libcuda.so.1 is loaded at run time.
 STUBS="$C/lib/stubs"
+# The symbols come from cudarc's sources, which a fresh machine has only once cargo fetched
+# them; a stub made before that defines nothing and the link fails (seen), so it is remade.
+if [ ! -s "$STUBS/cuda_stub.c" ] || [ "$(wc -l < "$STUBS/cuda_stub.c")" -lt 2 ]; then
+  rm -f "$STUBS/libcuda.so" "$STUBS/libcuda.so.1"
+fi
 if [ ! -e "$STUBS/libcuda.so" ]; then
   mkdir -p "$STUBS"
+  cargo fetch --locked
   syms=$(grep -rhoE '\bcu[A-Z][A-Za-z0-9_]*(_v[0-9]+)?\b' ~/.cargo/registry/src/*/cudarc-*/src/driver/sys/ 2>/dev/null | sort -u || true)
+  if [ -z "$syms" ]; then
+    echo "build-cuda.sh: no cudarc driver sources under ~/.cargo/registry/src to take the libcuda stub's symbols from" >&2
+    exit 1
+  fi
   {
     echo "/* generated stub: never called, replaced by the driver's libcuda at run time */"
     for s in $syms; do echo "void $s(void) {}"; done
