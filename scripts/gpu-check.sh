@@ -30,7 +30,8 @@
 #             metric of every step, eval metrics, every saved tensor); plus LoRA + gradient
 #             checkpointing + bf16 on tiny-opt, tiny-mistral, tiny-phi3 and tiny-gemma2, and
 #             tiny-mistral
-#             with a sliding window of 3 (f32; bf16 + checkpointing). Each case also
+#             with a sliding window of 3 (f32; bf16 + checkpointing); DoRA on tiny-opt (biases)
+#             and tiny-phi3 (fused projections), f32 and bf16 + checkpointing. Each case also
 #             runs a gradient probe (one AdamW step with lr = eps = 1e4, so the weight update
 #             is the gradient) and compares every parameter's gradient and gradient norm
 #             against the CPU's (norms: f32 1e-4, bf16 3e-2 as tests/bf16.rs).
@@ -422,6 +423,14 @@ lora_block() { # FIXTURE: LoRA + gradient checkpointing + bf16
   parity_case "$fx-lora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-lora-init" "${lora[@]}"
 }
 
+dora_block() { # FIXTURE: DoRA (its weight norms and magnitudes), f32 and bf16 + checkpointing
+  local fx=$1 dora=(--set lora.enabled=true --set lora.use_dora=true)
+  train_tiny "$fx-dora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${dora[@]}"
+  parity_case "$fx-dora-f32" "$fx" f32 F32_TOL "$fx-dora-init" "${dora[@]}"
+  parity_case "$fx-dora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-dora-init" "${dora[@]}" \
+    --set train.gradient_checkpointing=true
+}
+
 # A sliding window (3) shorter than every sequence: padding positions past it have no key at
 # all (the fully masked rows that gave NaN on the plain-op path until fixed).
 window_block() {
@@ -446,6 +455,7 @@ run_parity() {
   export RAYON_NUM_THREADS=$(( ncpu / (2 * PAR) > 1 ? ncpu / (2 * PAR) : 1 ))
   parallel window_block
   for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do parallel lora_block "$fx"; done
+  for fx in tiny-opt tiny-phi3; do parallel dora_block "$fx"; done
   for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
     tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
     parallel fixture_block "$fx"
