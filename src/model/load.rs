@@ -302,16 +302,23 @@ pub struct AdapterInfo {
 impl WeightSource {
     pub fn new(dir: &Path, tensors: HashMap<String, Tensor>, opts: LoadOptions) -> Self {
         let frozen = opts.lora.is_some() && !opts.merge;
-        let mut modules_in_file: BTreeSet<String> = tensors
-            .keys()
-            .flat_map(|name| {
-                let parts: Vec<&str> = name.split('.').collect();
-                (1..parts.len())
-                    .map(|n| parts[..n].join("."))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        modules_in_file.insert("lm_head".into());
+        // Only a pattern target is checked against them.
+        let modules_in_file = match &opts.lora {
+            Some((spec, _)) if matches!(spec.targets, Targets::Pattern(_)) => {
+                let mut names: BTreeSet<String> = tensors
+                    .keys()
+                    .flat_map(|name| {
+                        let parts: Vec<&str> = name.split('.').collect();
+                        (1..parts.len())
+                            .map(|n| parts[..n].join("."))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                names.insert("lm_head".into());
+                names
+            }
+            _ => BTreeSet::new(),
+        };
         WeightSource {
             dir: dir.to_path_buf(),
             tensors,

@@ -111,6 +111,22 @@ pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Err
     })
 }
 
+/// The `[lora]` settings an adapter carries, by key, as values to compare and show.
+fn lora_settings(spec: &LoraSpec) -> [(&'static str, String); 5] {
+    let targets = match &spec.targets {
+        Targets::AllLinear => "\"all-linear\"".to_string(),
+        Targets::Modules(m) => format!("{m:?}"),
+        Targets::Pattern(p) => format!("{:?}", p.text),
+    };
+    [
+        ("r", spec.r.to_string()),
+        ("alpha", spec.alpha.to_string()),
+        ("targets", targets),
+        ("use_rslora", spec.use_rslora.to_string()),
+        ("use_dora", spec.use_dora.to_string()),
+    ]
+}
+
 /// `lora.init_from`'s adapter: its own settings (the `[lora]` ones the config sets otherwise
 /// are named in a warning) and weights, trained on from where they are.
 fn adapter_to_continue(
@@ -127,51 +143,16 @@ fn adapter_to_continue(
         )));
     }
     let saved = lora::read_adapter(dir, device)?;
-    let mine = lora_spec(&config.lora)?;
-    let defaults = crate::config::LoraConfig::default();
-    let spec = &saved.spec;
-    let mut ignored = Vec::new();
-    let mut differs = |key: &str, set: String, default: String, theirs: String| {
-        if set != default && set != theirs {
-            ignored.push(format!("lora.{key} = {set} (the adapter's: {theirs})"));
-        }
-    };
-    differs(
-        "r",
-        mine.r.to_string(),
-        defaults.r.to_string(),
-        spec.r.to_string(),
-    );
-    differs(
-        "alpha",
-        mine.alpha.to_string(),
-        defaults.alpha.to_string(),
-        spec.alpha.to_string(),
-    );
-    differs(
-        "use_rslora",
-        mine.use_rslora.to_string(),
-        defaults.use_rslora.to_string(),
-        spec.use_rslora.to_string(),
-    );
-    differs(
-        "use_dora",
-        mine.use_dora.to_string(),
-        defaults.use_dora.to_string(),
-        spec.use_dora.to_string(),
-    );
-    let targets = |t: &Targets| match t {
-        Targets::AllLinear => "\"all-linear\"".to_string(),
-        Targets::Modules(m) => format!("{m:?}"),
-        Targets::Pattern(p) => format!("{:?}", p.text),
-    };
-    let default_targets = lora_spec(&defaults)?.targets;
-    differs(
-        "targets",
-        targets(&mine.targets),
-        targets(&default_targets),
-        targets(&spec.targets),
-    );
+    let defaults = lora_spec(&crate::config::LoraConfig::default())?;
+    let ignored: Vec<String> = lora_settings(&lora_spec(&config.lora)?)
+        .into_iter()
+        .zip(lora_settings(&defaults))
+        .zip(lora_settings(&saved.spec))
+        .filter(|(((_, set), (_, default)), (_, theirs))| set != default && set != theirs)
+        .map(|(((key, set), _), (_, theirs))| {
+            format!("lora.{key} = {set} (the adapter's: {theirs})")
+        })
+        .collect();
     if !ignored.is_empty() {
         tracing::warn!(
             "lora.init_from: the adapter's own settings apply; ignored: {}",
