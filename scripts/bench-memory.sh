@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Peak memory of the CPU benchmark shape (OPT-125M, 4 pairs per step, max_length 256, the
 # 64 HH-RLHF pairs, 4 steps) under each memory setting: full fine-tuning or LoRA r16
-# all-linear, gradient checkpointing off/on, f32 or bf16 products. Prints one line per setting
+# all-linear (QLoRA: its base 4-bit NF4), gradient checkpointing off/on, f32 or bf16 products.
+# Prints one line per setting
 # (peak RSS from /usr/bin/time, tokens/s of steps 2-4); the model comes from
 # scripts/bench-cpu.sh's generator.
 set -euo pipefail
@@ -50,3 +51,5 @@ run "full bf16 + checkpointing" train.gradient_checkpointing=true model.dtype=bf
 run "LoRA f32" lora.enabled=true
 run "LoRA f32 + checkpointing" lora.enabled=true train.gradient_checkpointing=true
 run "LoRA bf16 + checkpointing" lora.enabled=true train.gradient_checkpointing=true model.dtype=bf16
+run "QLoRA nf4 f32 + checkpointing" lora.enabled=true lora.quantize=nf4 train.gradient_checkpointing=true
+run "QLoRA nf4 bf16 + checkpointing" lora.enabled=true lora.quantize=nf4 train.gradient_checkpointing=true model.dtype=bf16

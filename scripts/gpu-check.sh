@@ -431,6 +431,14 @@ dora_block() { # FIXTURE: DoRA (its weight norms and magnitudes), f32 and bf16 +
     --set train.gradient_checkpointing=true
 }
 
+qlora_block() { # FIXTURE: a 4-bit NF4 base (double-quantized scales), f32 and bf16 + checkpointing
+  local fx=$1 q=(--set lora.enabled=true --set lora.quantize=nf4 --set lora.double_quant=true)
+  train_tiny "$fx-qlora-init" "$fx" ref cpu f32 "${PROBE[@]}" --set optim.lr=1e-30 "${q[@]}"
+  parity_case "$fx-qlora-f32" "$fx" f32 F32_TOL "$fx-qlora-init" "${q[@]}"
+  parity_case "$fx-qlora-ckpt-bf16" "$fx" bf16 BF16_TOL "$fx-qlora-init" "${q[@]}" \
+    --set train.gradient_checkpointing=true
+}
+
 # A sliding window (3) shorter than every sequence: padding positions past it have no key at
 # all (the fully masked rows that gave NaN on the plain-op path until fixed).
 window_block() {
@@ -456,6 +464,7 @@ run_parity() {
   parallel window_block
   for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do parallel lora_block "$fx"; done
   for fx in tiny-opt tiny-phi3; do parallel dora_block "$fx"; done
+  for fx in tiny-opt tiny-phi3; do parallel qlora_block "$fx"; done
   for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
     tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
     parallel fixture_block "$fx"

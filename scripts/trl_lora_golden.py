@@ -19,10 +19,20 @@ PeftModel.from_pretrained(MODEL_DIR, ADAPTER_INIT, is_trainable=True), so TRL tr
 same initial adapter orpo starts from (write it with `orpo train` at lr 0); the parameter
 names in the output are PEFT's (`.default` dropped, as in adapter_model.safetensors).
 Usage: python3 trl_lora_golden.py MODEL_DIR ADAPTER_INIT PAIRS.jsonl OUT.json [key=value ...]
+QLoRA (quant=nf4): the base is loaded with transformers' BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=float32)
+(needs bitsandbytes); its nn.Linear layers but the head become bnb Linear4bit and PEFT wraps them
+with its bnb LoRA layers. Two CPU-only pins: bitsandbytes 0.50.2's AVX-512 C kernel for
+dequantize_4bit misreads absmax when a weight's rows are a multiple of 16 but not of 64 values
+(tiny-llama3's down_proj, 176), so with fix_bnb_cpu_dequant=1 (default) its CPU kernel is
+replaced by bitsandbytes' own torch kernel (flat 64-value blocks, as CUDA; identical results
+wherever the C kernel is right); and Linear4bit's AVX512-BF16 inference repacking is switched off
+so evaluation stays in float32.
 PAIRS.jsonl: one pair a line, any TRL preference format; the last
 `eval_pairs` lines are held out for evaluation.
 Settings (defaults): steps=4 batch=2 lr=1e-3 beta=0.1 max_length=128
 weight_decay=0.1 max_grad_norm=1.0 grad_accum=1 eval_pairs=4 scheduler=linear warmup=0
+quant=none double_quant=0 fix_bnb_cpu_dequant=1
 """
 import json
 import sys
@@ -32,11 +42,38 @@ import datasets
 import torch
 from torch.utils.data import SequentialSampler
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 DEFAULTS = dict(steps=4, batch=2, lr=1e-3, beta=0.1, max_length=128, weight_decay=0.1,
-                max_grad_norm=1.0, grad_accum=1, eval_pairs=4, scheduler="linear", warmup=0)
+                max_grad_norm=1.0, grad_accum=1, eval_pairs=4, scheduler="linear", warmup=0,
+                quant="none", double_quant=0, fix_bnb_cpu_dequant=1)
+
+
+def bnb_cpu_dequant_is_wrong():
+    """bitsandbytes' CPU dequantize_4bit against its flat-block definition, on rows of 48."""
+    import bitsandbytes.functional as bnbf
+    a = torch.randn(4, 48, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbf.quantize_4bit(a, blocksize=64, quant_type="nf4")
+    code = bnbf.get_4bit_type("nf4", device="cpu")
+    flat = packed.reshape(-1)
+    q = torch.stack([flat >> 4, flat & 15], 1).reshape(-1).long()
+    want = (code[q] * state.absmax[torch.arange(a.numel()) // 64]).reshape(a.shape)
+    return not torch.equal(bnbf.dequantize_4bit(packed, state), want)
+
+
+def use_bnb_torch_dequant_on_cpu():
+    """Route bitsandbytes::dequantize_4bit on CPU to bitsandbytes' own torch kernel (uncompiled)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        if A.dtype != torch.uint8:
+            A = A.view(torch.uint8)
+        return compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
 
 
 def disable_all_dropout(model):
@@ -80,7 +117,29 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    quant = None
+    if settings["quant"] == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    elif settings["quant"] == "nf4":
+        import bitsandbytes
+        fixed = bool(settings["fix_bnb_cpu_dequant"]) and bnb_cpu_dequant_is_wrong()
+        if fixed:
+            use_bnb_torch_dequant_on_cpu()
+            assert not bnb_cpu_dequant_is_wrong()
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=bool(settings["double_quant"]),
+                                    bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config)
+        quantized = [n for n, m in model.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+        assert quantized, "no Linear4bit in the model"
+        for m in model.modules():
+            if isinstance(m, bitsandbytes.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False  # no bf16 repacking in eval mode
+        quant = dict(bitsandbytes=bitsandbytes.__version__, config=config.to_dict(), quantized_modules=quantized,
+                     blocksize=model.get_submodule(quantized[0]).weight.quant_state.blocksize,
+                     cpu_dequant_replaced_by_bnb_torch_kernel=fixed)
+    else:
+        raise ValueError(f"quant must be none or nf4, not {settings['quant']}")
     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     disable_all_dropout(model)
 
@@ -120,6 +179,11 @@ def main():
     loss, metrics = trainer.get_batch_loss_metrics(model, trainer.data_collator(first), "train")
     loss.backward()
     grad_norms = {peft_name(n): float(p.grad.norm()) for n, p in model.named_parameters() if p.grad is not None}
+    if quant is not None:
+        assert torch.isfinite(loss)
+        lora = [n for n, p in model.named_parameters() if ".lora_" in n]
+        assert lora and all(model.get_parameter(n).grad is not None for n in lora), "a LoRA matrix has no gradient"
+        assert not any(".lora_" not in n for n, p in model.named_parameters() if p.grad is not None)
     first_batch = dict(loss=float(loss), **scalars(metrics), grad_norm_by_param=grad_norms)
     model.zero_grad()
 
@@ -140,6 +204,8 @@ def main():
         initial_first_batch=first_batch, train_log=log, weight_decay_params=decayed,
         final_param_norms=final_norms, eval_after_training=eval_metrics,
         lora=json.load(open(f"{adapter_dir}/adapter_config.json")))
+    if quant is not None:
+        out["quantization"] = quant
     json.dump(out, open(out_path, "w"), indent=1)
 
 

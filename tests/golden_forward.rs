@@ -108,7 +108,8 @@ fn check_first_batch(label: &str, model: &CausalLm, g: &serde_json::Value) {
 }
 
 /// The first batch's loss and every adapter parameter's gradient norm against TRL with PEFT,
-/// for each LoRA golden: the adapter TRL trained is the one orpo draws from train.seed 42.
+/// for each LoRA golden (QLoRA's on a bitsandbytes 4-bit base): the adapter TRL trained is the
+/// one orpo draws from train.seed 42.
 #[test]
 fn lora_and_dora_first_batch_gradient_norms_match_trl() {
     use orpo::model::lora::{AdapterInit, LoraSpec, TargetPattern, Targets};
@@ -118,6 +119,8 @@ fn lora_and_dora_first_batch_gradient_norms_match_trl() {
         ("tiny-qwen2", "tiny-qwen2.lora-rslora.trl.json"),
         ("tiny-opt", "tiny-opt.dora.trl.json"),
         ("tiny-llama3", "tiny-llama3.dora-pattern.trl.json"),
+        ("tiny-opt", "tiny-opt.qlora.trl.json"),
+        ("tiny-llama3", "tiny-llama3.qlora-dq.trl.json"),
     ] {
         let path = fixtures().join("golden/extra").join(file);
         let g: serde_json::Value =
@@ -141,8 +144,12 @@ fn lora_and_dora_first_batch_gradient_norms_match_trl() {
             use_dora: l["use_dora"].as_bool().unwrap(),
             targets,
         };
+        let s = &g["settings"];
         let opts = LoadOptions {
             lora: Some((spec, AdapterInit::Fresh { seed: 42 })),
+            quantize: (s["quant"].as_str() == Some("nf4")).then_some(orpo::model::Quantize {
+                double_quant: s["double_quant"].as_i64() == Some(1),
+            }),
             ..LoadOptions::default()
         };
         let model = CausalLm::load_with(&model_dir(name), &Device::Cpu, opts).unwrap();

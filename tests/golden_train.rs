@@ -79,8 +79,16 @@ output_dir = "{dir}/run"
         ),
         None => String::new(),
     };
+    // QLoRA goldens: TRL + PEFT on a bitsandbytes 4-bit base.
+    let quant = match s["quant"].as_str() {
+        Some("nf4") => format!(
+            "quantize = \"nf4\"\ndouble_quant = {}\n",
+            s["double_quant"].as_i64() == Some(1)
+        ),
+        _ => String::new(),
+    };
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    Config::from_toml_str(&(toml + &lora), "golden.toml", &sets).unwrap()
+    Config::from_toml_str(&(toml + &lora + &quant), "golden.toml", &sets).unwrap()
 }
 
 fn check_run(name: &str) {
@@ -286,6 +294,18 @@ fn dora_on_a_pattern_of_modules_with_rslora_matches_trl_with_peft() {
     // PEFT's string target_modules picks layer 1's q, v and down projections of a tied
     // Llama 3; rsLoRA scaling and accumulation over two micro-batches.
     check_extra("tiny-llama3", "tiny-llama3.dora-pattern.trl.json");
+}
+
+#[test]
+fn qlora_training_matches_trl_with_peft_on_a_bitsandbytes_base() {
+    // Every OPT linear layer 4-bit NF4 (biases kept), adapters on all of them.
+    check_extra("tiny-opt", "tiny-opt.qlora.trl.json");
+}
+
+#[test]
+fn qlora_with_double_quantization_matches_trl_with_peft() {
+    // A tied Llama 3 with double-quantized scales, accumulation over two micro-batches.
+    check_extra("tiny-llama3", "tiny-llama3.qlora-dq.trl.json");
 }
 
 #[test]

@@ -22,7 +22,7 @@ fn every_kernel_check_passes_on_the_cpu() {
             .filter(|o| o.mode == mode && o.errors.iter().any(|(k, _)| k == "out"))
             .map(|o| o.op)
             .collect();
-        assert_eq!(ops.len(), 18, "{mode:?}: {ops:?}");
+        assert_eq!(ops.len(), 19, "{mode:?}: {ops:?}");
     }
     // Gradients compared wherever an input is trained (all but the forward-only ops).
     let graded = outcomes

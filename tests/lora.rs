@@ -41,7 +41,7 @@ fn adapter_config_json(dir: &Path) -> serde_json::Value {
 fn assert_reloads(model: &CausalLm, dir: &Path, what: &str) -> Tensor {
     let (ids, mask) = probe();
     let live = model.logits(&ids, &mask).unwrap();
-    let reloaded = load_model(&dir.to_string_lossy(), None, None, &Device::Cpu).unwrap();
+    let reloaded = load_model(&dir.to_string_lossy(), None, None, None, &Device::Cpu).unwrap();
     let again = reloaded.model.logits(&ids, &mask).unwrap();
     assert_eq!(
         max_diff(&live, &again),
@@ -279,8 +279,14 @@ fn shipped_configs_validate_and_the_mistral_recipe_runs_on_a_tiny_model() {
         let config = Config::load(&path, &[]).unwrap();
         config.validate_for_train().unwrap();
     }
-    // configs/mistral.toml's recipe (LoRA r16 all-linear, bf16, gradient checkpointing) on the
-    // tiny Mistral, with local data.
+    // configs/mistral.toml's recipe (LoRA r16 all-linear, bf16, gradient checkpointing) and
+    // its QLoRA twin on the tiny Mistral, with local data.
+    for recipe in ["configs/mistral.toml", "configs/mistral-qlora.toml"] {
+        run_recipe_on_tiny_mistral(recipe);
+    }
+}
+
+fn run_recipe_on_tiny_mistral(recipe: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = repo().join("examples/data/chat-10.jsonl");
     let sets = [
@@ -293,7 +299,7 @@ fn shipped_configs_validate_and_the_mistral_recipe_runs_on_a_tiny_model() {
         "data.max_prompt_length=192".to_string(),
         "model.device=cpu".to_string(),
     ];
-    let config = Config::load(&repo().join("configs/mistral.toml"), &sets).unwrap();
+    let config = Config::load(&repo().join(recipe), &sets).unwrap();
     let mut trainer = load_trainer(&config).unwrap();
     let info = trainer.model.adapter().unwrap();
     assert_eq!(info.spec.r, 16);
@@ -542,7 +548,7 @@ fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
         .filter(|(n, _)| !n.ends_with("lora_magnitude_vector"))
         .collect();
         candle_core::safetensors::save(&tensors, broken.join("adapter_model.safetensors")).unwrap();
-        let e = match load_model(&broken.to_string_lossy(), None, None, &Device::Cpu) {
+        let e = match load_model(&broken.to_string_lossy(), None, None, None, &Device::Cpu) {
             Ok(_) => panic!("{name}: an adapter without magnitudes loaded"),
             Err(e) => e.to_string(),
         };

@@ -116,3 +116,42 @@ fn steps_leave_nothing_behind(model: &str) {
         "{model}: bytes in use after each step {live:?}"
     );
 }
+
+/// A product over a 4-bit weight keeps only its input for the backward: the dequantized
+/// weight (16 MiB in f32 here) is freed when the forward returns, and made again for `dx`.
+/// The same product through a dequantized tensor holds it until the graph goes.
+#[test]
+fn a_quantized_product_keeps_no_dequantized_weight() {
+    use orpo::model::nf4::{quantize_weight, Nf4Rows};
+    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let meter = MemoryMeter::new(&Device::Cpu).expect("the counting allocator is installed");
+    let (size, margin) = (16u64 << 20, 4u64 << 20);
+    let w = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu).unwrap();
+    let q = Nf4Rows::whole(quantize_weight(&w, false, &Device::Cpu).unwrap());
+    drop(w);
+    let x = candle_core::Var::randn(0f32, 1.0, (4, 2048), &Device::Cpu).unwrap();
+    // gemm's per-thread packing buffers, allocated by a first product, stay.
+    drop(orpo::ops::nf4_linear(x.as_tensor(), &q).unwrap());
+    let before = meter.read();
+    let y = orpo::ops::nf4_linear(x.as_tensor(), &q).unwrap();
+    let held = meter.read();
+    assert!(held.now < before.now + margin, "{before:?} -> {held:?}");
+    assert!(
+        held.peak + margin >= before.now + size,
+        "the product dequantized: {held:?}"
+    );
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    drop((y, grads));
+
+    let before = meter.read();
+    let dense = q.dequantize(DType::F32).unwrap();
+    let y = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+    drop(dense);
+    let held = meter.read();
+    assert!(
+        held.now + margin >= before.now + size,
+        "{before:?} -> {held:?}"
+    );
+    drop(y);
+}

@@ -1,6 +1,7 @@
 //! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
 
-use orpo::config::Config;
+use orpo::config::{BaseQuant, Config};
+use orpo::model::Quantize;
 use orpo::Error;
 use std::path::PathBuf;
 
@@ -35,10 +36,16 @@ pub fn eval(
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
+    // A QLoRA adapter is evaluated on its base quantized as it trained (`--set
+    // lora.quantize=nf4`); `lora.enabled` means nothing here.
+    let quantize = (config.lora.quantize == BaseQuant::Nf4).then_some(Quantize {
+        double_quant: config.lora.double_quant,
+    });
     let mut loaded = orpo::train::load_model(
         &config.model.id,
         config.model.revision.as_deref(),
         base.as_deref(),
+        quantize,
         &device,
     )?;
     orpo::data::apply_chat_template_setting(

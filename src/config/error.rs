@@ -60,6 +60,11 @@ pub enum ConfigError {
          (or hold out training pairs with data.eval_size)"
     )]
     EvalWithoutData { every: super::Interval },
+    #[error(
+        "lora.quantize quantizes the frozen base of a LoRA run, which needs lora.enabled = true \
+         (a full fine-tune trains the base weights themselves)"
+    )]
+    QuantizeWithoutLora,
 }
 
 impl ConfigError {
@@ -74,6 +79,7 @@ impl ConfigError {
             ConfigError::BadOverride { arg, .. } => Some(arg),
             ConfigError::MissingTrainData => Some("data.train"),
             ConfigError::EvalWithoutData { .. } => Some("train.eval_every"),
+            ConfigError::QuantizeWithoutLora => Some("lora.quantize"),
             ConfigError::Io { .. } | ConfigError::Parse { .. } => None,
         }
     }

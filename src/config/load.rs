@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::schema::{
     describe, key_hint, key_kind, section_keys, suggest_key, suggest_section, KeyKind,
 };
-use super::{ConfigError, Dtype, Interval, SaveDtype, Scheduler};
+use super::{BaseQuant, ConfigError, Dtype, Interval, SaveDtype, Scheduler};
 
 /// The values of `train.report_to` (transformers' `report_to`) orpo knows.
 pub const REPORT_TO: [&str; 2] = ["tensorboard", "none"];
@@ -45,12 +45,21 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
     match (kind, parsed) {
         // Strings stay strings even when they look like numbers (`model.revision=2024`).
         (
-            KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler | KeyKind::SaveDtype,
+            KeyKind::Str
+            | KeyKind::Dtype
+            | KeyKind::Scheduler
+            | KeyKind::SaveDtype
+            | KeyKind::Quant,
             Some(v @ toml::Value::String(_)),
         ) => v,
-        (KeyKind::Str | KeyKind::Dtype | KeyKind::Scheduler | KeyKind::SaveDtype, _) => {
-            toml::Value::String(text.to_string())
-        }
+        (
+            KeyKind::Str
+            | KeyKind::Dtype
+            | KeyKind::Scheduler
+            | KeyKind::SaveDtype
+            | KeyKind::Quant,
+            _,
+        ) => toml::Value::String(text.to_string()),
         (
             KeyKind::Targets | KeyKind::Paths,
             Some(v @ (toml::Value::String(_) | toml::Value::Array(_))),
@@ -240,6 +249,14 @@ pub(super) fn check_and_normalise(
                         return Err(wrong("a string", v));
                     };
                     if let Err(m) = s.parse::<SaveDtype>() {
+                        return Err(origin.invalid(&full, m));
+                    }
+                }
+                KeyKind::Quant => {
+                    let Some(s) = v.as_str() else {
+                        return Err(wrong("a string", v));
+                    };
+                    if let Err(m) = s.parse::<BaseQuant>() {
                         return Err(origin.invalid(&full, m));
                     }
                 }

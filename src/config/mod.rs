@@ -25,7 +25,7 @@ pub use schema::{KeyKind, SCHEMA};
 pub use sections::{
     Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, OrpoConfig, TrainConfig,
 };
-pub use values::{DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
+pub use values::{BaseQuant, DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
 
 use load::{apply_overrides, check_and_normalise, Origin};
 
@@ -120,6 +120,9 @@ impl Config {
             return Err(ConfigError::EvalWithoutData {
                 every: self.train.eval_every,
             });
+        }
+        if self.lora.quantize != BaseQuant::None && !self.lora.enabled {
+            return Err(ConfigError::QuantizeWithoutLora);
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Value ranges, checked once the configuration is deserialised.
 
 use super::load::Origin;
-use super::{Config, ConfigError, LoraTargets};
+use super::{BaseQuant, Config, ConfigError, LoraTargets};
 
 impl Config {
     /// The schedules' arguments: each only with a schedule that reads it, in its range.
@@ -310,6 +310,12 @@ impl Config {
             return Err(o.invalid(
                 "lora.init_from",
                 "goes on training an adapter, which needs lora.enabled = true",
+            ));
+        }
+        if l.double_quant && l.quantize == BaseQuant::None {
+            return Err(o.invalid(
+                "lora.double_quant",
+                "quantizes the 4-bit scales, which needs lora.quantize = \"nf4\"",
             ));
         }
         if let LoraTargets::Pattern(p) = &l.targets {

@@ -17,6 +17,8 @@ pub enum KeyKind {
     /// A number of optimizer steps, or `"epoch"`.
     Interval,
     SaveDtype,
+    /// `"nf4"` or `"none"`.
+    Quant,
 }
 
 /// Every valid `section.key`, with its value type.
@@ -101,6 +103,8 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("use_rslora", Bool),
                 ("use_dora", Bool),
                 ("init_from", Str),
+                ("quantize", Quant),
+                ("double_quant", Bool),
             ],
         ),
     ]

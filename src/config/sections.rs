@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
+use super::{BaseQuant, DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -271,6 +271,11 @@ pub struct LoraConfig {
     /// adapter's), as TRL given `PeftModel.from_pretrained(base, dir, is_trainable=True)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// QLoRA: the frozen base's linear layers held as 4-bit NF4 (bitsandbytes' `load_in_4bit`
+    /// with `bnb_4bit_quant_type = "nf4"`), products in `model.dtype`.
+    pub quantize: BaseQuant,
+    /// bitsandbytes' `bnb_4bit_use_double_quant`: the 4-bit scales quantized to 8 bits.
+    pub double_quant: bool,
 }
 
 impl Default for LoraConfig {
@@ -284,6 +289,8 @@ impl Default for LoraConfig {
             use_rslora: false,
             use_dora: false,
             init_from: None,
+            quantize: BaseQuant::None,
+            double_quant: false,
         }
     }
 }

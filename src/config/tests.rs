@@ -717,3 +717,44 @@ fn lora_target_overrides_keep_patterns_whole() {
         LoraTargets::Pattern(r"model\.layers\..*".into())
     );
 }
+
+#[test]
+fn quantize_takes_nf4_with_or_without_double_quantization() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(
+        (c.lora.quantize, c.lora.double_quant),
+        (BaseQuant::None, false)
+    );
+    let on = [
+        "lora.enabled=true",
+        "lora.quantize=nf4",
+        "lora.double_quant=true",
+        "data.train=a.jsonl",
+    ];
+    let c = load(MINIMAL, &on).unwrap();
+    assert_eq!(
+        (c.lora.quantize, c.lora.double_quant),
+        (BaseQuant::Nf4, true)
+    );
+    c.validate_for_train().unwrap();
+    let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+    assert_eq!(back, c);
+    for (v, hint) in [
+        ("fp4", "not supported"),
+        ("4bit", "load_in_4bit"),
+        ("q4", "valid"),
+    ] {
+        let e = load(MINIMAL, &[&format!("lora.quantize={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("lora.quantize"), "{v}: {e}");
+        assert!(e.to_string().contains(hint), "{v}: {e}");
+    }
+    let e = load("[model]\nid = \"m\"\n[lora]\nquantize = true\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("lora.quantize"), "{e}");
+    let e = load(MINIMAL, &["lora.double_quant=true"]).unwrap_err();
+    assert_eq!(e.key(), Some("lora.double_quant"), "{e}");
+    // Training a quantized base needs adapters; evaluating one does not read lora.enabled.
+    let c = load(MINIMAL, &["lora.quantize=nf4", "data.train=a.jsonl"]).unwrap();
+    let e = c.validate_for_train().unwrap_err();
+    assert_eq!(e.key(), Some("lora.quantize"), "{e}");
+    assert!(e.to_string().contains("lora.enabled = true"), "{e}");
+}

@@ -384,3 +384,49 @@ impl FromStr for SaveDtype {
         }
     }
 }
+
+/// How a LoRA run holds its frozen base (`lora.quantize`): as read, or quantized to 4-bit NF4
+/// as bitsandbytes does for QLoRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum BaseQuant {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "nf4")]
+    Nf4,
+}
+
+impl BaseQuant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseQuant::None => "none",
+            BaseQuant::Nf4 => "nf4",
+        }
+    }
+}
+
+impl fmt::Display for BaseQuant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BaseQuant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(BaseQuant::None),
+            "nf4" => Ok(BaseQuant::Nf4),
+            "fp4" => Err("`fp4` is not supported; \"nf4\" is QLoRA's 4-bit type \
+                          (bitsandbytes' bnb_4bit_quant_type = \"nf4\")"
+                .into()),
+            "int8" | "8bit" | "4bit" | "int4" => Err(format!(
+                "unknown quantization `{s}`; valid: \"nf4\" (bitsandbytes' load_in_4bit with \
+                 bnb_4bit_quant_type = \"nf4\") or \"none\""
+            )),
+            _ => Err(format!(
+                "unknown quantization `{s}`; valid: \"nf4\", \"none\""
+            )),
+        }
+    }
+}

@@ -123,6 +123,10 @@ pub(crate) fn all() -> Vec<Case> {
     }
     cases.push(linear(DType::F32, &[5, 12], 6, true));
     for &dt in &both {
+        cases.push(nf4_linear(dt, &[2, 7, 100], 24, None, false));
+        cases.push(nf4_linear(dt, &[64, 256], 128, Some((40, 56)), true));
+    }
+    for &dt in &both {
         cases.push(column_sums(dt, &[300, 70]));
     }
     cases.push(table_lookup(false));
@@ -344,6 +348,47 @@ fn linear(dt: DType, x_shape: &[usize], out: usize, bias: bool) -> Case {
     }
     let run: OpFn = Box::new(|t| ops::linear(&t[0], &t[1], t.get(2)));
     case("linear", dt, x_shape, inputs, run)
+}
+
+/// A product over an NF4 weight (QLoRA's frozen base): quantized on the host, dequantized by
+/// the device inside the product and again for the input's gradient; `part` takes rows of it
+/// (a fused projection's part). The reference multiplies by the host's dequantization.
+fn nf4_linear(
+    dt: DType,
+    x_shape: &[usize],
+    out: usize,
+    part: Option<(usize, usize)>,
+    double_quant: bool,
+) -> Case {
+    use crate::model::nf4::{quantize_weight, Nf4Rows};
+    let inn = x_shape[x_shape.len() - 1];
+    let inputs = vec![
+        random("x", x_shape, dt, 1.0, 60),
+        float(
+            "w",
+            &[out, inn],
+            dt,
+            Rng::new(61).values(out * inn, 0.2),
+            false,
+        ),
+    ];
+    let rows = move |w: &Tensor, device: &candle_core::Device| -> Result<Nf4Rows> {
+        let q = Nf4Rows::whole(quantize_weight(w, double_quant, device)?);
+        Ok(match part {
+            Some((start, len)) => q.narrow(start, len),
+            None => q,
+        })
+    };
+    let run: OpFn = Box::new(move |t| ops::nf4_linear(&t[0], &rows(&t[1], t[0].device())?));
+    let reference: OpFn = Box::new(move |t| {
+        let w = rows(&t[1], &candle_core::Device::Cpu)?
+            .dequantize(DType::F32)?
+            .to_dtype(DType::F64)?;
+        t[0].broadcast_matmul(&w.t()?)
+    });
+    let mut c = case("nf4_linear", dt, x_shape, inputs, run);
+    c.reference = Some(reference);
+    c
 }
 
 fn column_sums(dt: DType, shape: &[usize]) -> Case {

@@ -1,9 +1,28 @@
 //! A linear layer as the models use it: base weight and bias (trainable `Var`s, or frozen
-//! tensors under LoRA), an optional LoRA pair, and the compute dtype of its matrix products.
+//! tensors under LoRA; a frozen weight may be 4-bit NF4, QLoRA), an optional LoRA pair, and
+//! the compute dtype of its matrix products.
 
 use super::layers::linear;
-use crate::ops::bf16_copy;
+use super::nf4::Nf4Rows;
+use crate::ops::{bf16_copy, nf4_linear};
 use candle_core::{DType, Result, Tensor};
+
+/// A layer's base weight `[out, in]`: a tensor, or NF4 indices dequantized at each product.
+#[derive(Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Nf4(Nf4Rows),
+}
+
+impl Weight {
+    /// The weight as a tensor (dequantized in f32 if quantized).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Nf4(q) => q.dequantize(DType::F32),
+        }
+    }
+}
 
 /// `s · B (A x)`: the trainable low-rank update of a frozen layer.
 #[derive(Clone)]
@@ -51,7 +70,7 @@ pub fn row_norms_sq(w: &Tensor) -> Result<Tensor> {
 
 #[derive(Clone)]
 pub struct Linear {
-    pub w: Tensor,
+    pub w: Weight,
     pub b: Option<Tensor>,
     pub lora: Option<LoraPair>,
     /// BF16: inputs and weights are rounded to bf16 for the product (f32 accumulation, f32
@@ -68,6 +87,10 @@ impl Linear {
                 return self.forward_dora(x, l, &d.magnitude);
             }
         }
+        let w = match &self.w {
+            Weight::Dense(w) => w,
+            Weight::Nf4(q) => return self.forward_nf4(x, q),
+        };
         let y = match self.compute {
             DType::BF16 => {
                 let xb = x.to_dtype(DType::BF16)?;
@@ -85,7 +108,7 @@ impl Linear {
                 }
             }
             _ => {
-                let y = linear(x, &self.w, self.b.as_ref())?;
+                let y = linear(x, w, self.b.as_ref())?;
                 match &self.lora {
                     // The scale is folded into the small B: one [tokens, out] product less
                     // kept for backward per layer.
@@ -97,23 +120,48 @@ impl Linear {
         Ok(y)
     }
 
+    /// A quantized layer: the product over the dequantized rows in the compute dtype
+    /// (bitsandbytes' `bnb_4bit_compute_dtype`), bias and LoRA pair as a dense layer's.
+    fn forward_nf4(&self, x: &Tensor, q: &Nf4Rows) -> Result<Tensor> {
+        let y = match self.compute {
+            DType::BF16 => nf4_linear(&x.to_dtype(DType::BF16)?, q)?.to_dtype(DType::F32)?,
+            _ => nf4_linear(x, q)?,
+        };
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.lora {
+            Some(l) => y + self.lora_update(x, l)?,
+            None => Ok(y),
+        }
+    }
+
+    /// `s · B (A x)` in f32, its products in the compute dtype.
+    fn lora_update(&self, x: &Tensor, l: &LoraPair) -> Result<Tensor> {
+        match self.compute {
+            DType::BF16 => {
+                let ax = matmul_bf16(&x.to_dtype(DType::BF16)?, &l.a)?.to_dtype(DType::BF16)?;
+                matmul_bf16(&ax, &l.b)? * l.scale
+            }
+            _ => linear(&linear(x, &l.a, None)?, &(&l.b * l.scale)?, None),
+        }
+    }
+
     /// DoRA as PEFT computes it: `b + m / ‖W + s·B·A‖ · (W x + s·B (A x))`, row by row.
     fn forward_dora(&self, x: &Tensor, l: &LoraPair, m: &Tensor) -> Result<Tensor> {
-        let (base, update) = match self.compute {
-            DType::BF16 => {
-                let xb = x.to_dtype(DType::BF16)?;
-                let ax = matmul_bf16(&xb, &l.a)?.to_dtype(DType::BF16)?;
-                (
-                    matmul_bf16(&xb, &self.weight_bf16()?)?,
-                    (matmul_bf16(&ax, &l.b)? * l.scale)?,
-                )
+        let base = match (&self.w, self.compute) {
+            (Weight::Nf4(q), DType::BF16) => {
+                nf4_linear(&x.to_dtype(DType::BF16)?, q)?.to_dtype(DType::F32)?
             }
-            _ => (
-                linear(x, &self.w, None)?,
-                linear(&linear(x, &l.a, None)?, &(&l.b * l.scale)?, None)?,
-            ),
+            (Weight::Nf4(q), _) => nf4_linear(x, q)?,
+            (Weight::Dense(_), DType::BF16) => {
+                matmul_bf16(&x.to_dtype(DType::BF16)?, &self.weight_bf16()?)?
+            }
+            (Weight::Dense(w), _) => linear(x, w, None)?,
         };
-        let factor = (m / l.dora_norm(&self.w)?)?;
+        let update = self.lora_update(x, l)?;
+        let factor = (m / l.dora_norm(&self.w.dense()?)?)?;
         let y = (base + update)?.broadcast_mul(&factor)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
@@ -128,14 +176,18 @@ impl Linear {
         if self.compute != DType::BF16 || self.b.is_some() || self.lora.is_some() {
             return self.forward(x);
         }
-        linear(&x.to_dtype(DType::BF16)?, &self.weight_bf16()?, None)
+        let xb = x.to_dtype(DType::BF16)?;
+        match &self.w {
+            Weight::Nf4(q) => nf4_linear(&xb, q),
+            Weight::Dense(_) => linear(&xb, &self.weight_bf16()?, None),
+        }
     }
 
     /// The layer with its weight's bf16 copy made now, under bf16 products of f32 weights (a
     /// clone otherwise): uses of it and of its `detached` twin share one cast.
     pub fn with_bf16_copy(&self) -> Result<Linear> {
-        let wb = match (self.compute, self.w.dtype(), &self.wb) {
-            (DType::BF16, DType::F32, None) => Some(bf16_copy(&self.w)?),
+        let wb = match (self.compute, &self.w, &self.wb) {
+            (DType::BF16, Weight::Dense(w), None) if w.dtype() == DType::F32 => Some(bf16_copy(w)?),
             _ => self.wb.clone(),
         };
         Ok(Linear { wb, ..self.clone() })
@@ -146,7 +198,10 @@ impl Linear {
     pub fn output_rows(&self, start: usize, len: usize) -> Result<Linear> {
         let rows = |t: &Tensor| t.narrow(0, start, len);
         Ok(Linear {
-            w: rows(&self.w)?,
+            w: match &self.w {
+                Weight::Dense(w) => Weight::Dense(rows(w)?),
+                Weight::Nf4(q) => Weight::Nf4(q.narrow(start, len)),
+            },
             b: self.b.as_ref().map(rows).transpose()?,
             lora: match &self.lora {
                 Some(l) => Some(LoraPair {
@@ -168,16 +223,21 @@ impl Linear {
         })
     }
 
+    /// A dense weight's bf16 operand (a quantized one dequantizes inside its product).
     fn weight_bf16(&self) -> Result<Tensor> {
-        match &self.wb {
-            Some(wb) => Ok(wb.clone()),
-            None => bf16_weight(&self.w),
+        match (&self.wb, &self.w) {
+            (Some(wb), _) => Ok(wb.clone()),
+            (None, Weight::Dense(w)) => bf16_weight(w),
+            (None, Weight::Nf4(q)) => q.dequantize(DType::BF16),
         }
     }
 
     /// Every tensor of the layer (trainable or not).
     pub fn tensors(&self) -> Vec<&Tensor> {
-        let mut out = vec![&self.w];
+        let mut out = match &self.w {
+            Weight::Dense(w) => vec![w],
+            Weight::Nf4(q) => vec![&q.weight.packed, &q.weight.absmax],
+        };
         out.extend(self.b.iter());
         if let Some(l) = &self.lora {
             out.extend([&l.a, &l.b]);
@@ -189,7 +249,10 @@ impl Linear {
     /// The same layer over detached tensors: runs without recording a graph (for recompute).
     pub fn detached(&self) -> Linear {
         Linear {
-            w: self.w.detach(),
+            w: match &self.w {
+                Weight::Dense(w) => Weight::Dense(w.detach()),
+                Weight::Nf4(q) => Weight::Nf4(q.clone()),
+            },
             b: self.b.as_ref().map(Tensor::detach),
             lora: self.lora.as_ref().map(|l| LoraPair {
                 a: l.a.detach(),

@@ -1,8 +1,9 @@
 //! Reading checkpoints: local folders or hub ids, single or sharded safetensors, or the
 //! legacy `pytorch_model.bin` (names without the `model.` prefix), any float dtype -> f32.
 
-use super::linear::{row_norms_sq, Dora, Linear, LoraPair};
+use super::linear::{row_norms_sq, Dora, Linear, LoraPair, Weight};
 use super::lora::{self, AdapterInit, LoraSpec, Targets};
+use super::nf4::{self, Nf4Rows};
 use super::params::Params;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
@@ -253,6 +254,15 @@ pub struct LoadOptions {
     /// Fold a saved adapter into the base weights (`orpo merge`); the result is a full model.
     pub merge: bool,
     pub compute: DType,
+    /// QLoRA: the frozen base's linear layers (not the head) held as 4-bit NF4.
+    pub quantize: Option<Quantize>,
+}
+
+/// How a frozen base is quantized (bitsandbytes' `BitsAndBytesConfig(load_in_4bit=True,
+/// bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quantize {
+    pub double_quant: bool,
 }
 
 impl Default for LoadOptions {
@@ -261,6 +271,7 @@ impl Default for LoadOptions {
             lora: None,
             merge: false,
             compute: DType::F32,
+            quantize: None,
         }
     }
 }
@@ -276,6 +287,10 @@ pub struct WeightSource {
     compute: DType,
     frozen: bool,
     lora: Option<LoraPlan>,
+    quantize: Option<Quantize>,
+    /// Where taken tensors go, when they were read elsewhere (a quantized base is read on
+    /// the host, so its full-precision weights never occupy the GPU).
+    target: Option<Device>,
 }
 
 struct LoraPlan {
@@ -326,6 +341,8 @@ impl WeightSource {
             params: Params::default(),
             compute: opts.compute,
             frozen,
+            quantize: opts.quantize.filter(|_| frozen),
+            target: None,
             lora: opts.lora.map(|(spec, init)| LoraPlan {
                 spec,
                 init,
@@ -341,6 +358,25 @@ impl WeightSource {
     pub fn with_files(mut self, files: HashMap<String, PathBuf>) -> Self {
         self.files = files;
         self
+    }
+
+    /// Moves each tensor to `device` as it is taken (the tensors were read on another).
+    pub fn with_target(mut self, device: Device) -> Self {
+        self.target = Some(device);
+        self
+    }
+
+    /// The device the model's tensors live on.
+    fn device(&self) -> Device {
+        match &self.target {
+            Some(d) => d.clone(),
+            None => self
+                .tensors
+                .values()
+                .next()
+                .map(|t| t.device().clone())
+                .unwrap_or(Device::Cpu),
+        }
     }
 
     pub fn compute(&self) -> DType {
@@ -370,7 +406,18 @@ impl WeightSource {
             )));
         }
         check_weight(self.files.get(name).unwrap_or(&self.dir), name, &t)?;
-        Ok(t)
+        match &self.target {
+            Some(device) => Ok(t.to_device(device)?),
+            None => Ok(t),
+        }
+    }
+
+    /// Like `take_raw`, but left where it was read (a weight about to be quantized).
+    fn take_unmoved(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let target = self.target.take();
+        let t = self.take_raw(name, shape);
+        self.target = target;
+        t
     }
 
     /// The tensor as f32 (the dtype of master weights and of everything but bf16 products).
@@ -445,6 +492,9 @@ impl WeightSource {
         let dora = pair.is_some() && self.lora.as_ref().is_some_and(|p| p.spec.use_dora);
         // DoRA's weight norms from the file's values, before any bf16 rounding.
         let norms = |w: &Tensor| dora.then(|| row_norms_sq(w)).transpose();
+        if let Some(q) = self.quantize {
+            return self.quantized_linear(prefix, out_f, in_f, bias, pair, q);
+        }
         let (w, w_sq) = if self.frozen && self.compute == DType::BF16 {
             // A frozen weight is only ever read by bf16 products: keep it in bf16 from the
             // file on, so a 7B base never exists in f32.
@@ -477,7 +527,43 @@ impl WeightSource {
         let w = self.register(&name, w)?;
         let b = self.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?;
         Ok(Linear {
-            w,
+            w: Weight::Dense(w),
+            b,
+            lora,
+            compute: self.compute,
+            wb: None,
+        })
+    }
+
+    /// A frozen linear layer of a quantized base: its weight quantized to NF4 on the host and
+    /// only the 4-bit form put on the device; DoRA's row norms come from the dequantized
+    /// weight, as PEFT takes them.
+    fn quantized_linear(
+        &mut self,
+        prefix: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+        pair: Option<LoraPair>,
+        q: Quantize,
+    ) -> Result<Linear, ModelError> {
+        let device = self.device();
+        let raw = self.take_unmoved(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let w = Nf4Rows::whole(nf4::quantize_weight(&raw, q.double_quant, &device)?);
+        drop(raw);
+        let lora = match pair {
+            Some(mut pair) => {
+                if self.lora.as_ref().is_some_and(|p| p.spec.use_dora) {
+                    let w_sq = row_norms_sq(&w.dequantize(DType::F32)?)?;
+                    pair.dora = Some(self.dora(prefix, out_f, w_sq)?);
+                }
+                Some(pair)
+            }
+            None => None,
+        };
+        let b = self.optional_param(&format!("{prefix}.bias"), &[out_f], bias)?;
+        Ok(Linear {
+            w: Weight::Nf4(w),
             b,
             lora,
             compute: self.compute,
@@ -531,6 +617,7 @@ impl WeightSource {
         out_f: usize,
         in_f: usize,
     ) -> Result<Option<LoraPair>, ModelError> {
+        let device = self.device();
         let Some(plan) = self.lora.as_mut() else {
             return Ok(None);
         };
@@ -542,12 +629,6 @@ impl WeightSource {
         let r = plan.spec.r;
         let scale = plan.spec.scale();
         let (na, nb) = (lora::peft_name(prefix, 'A'), lora::peft_name(prefix, 'B'));
-        let device = self
-            .tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
         let (a, b) = match &mut plan.init {
             AdapterInit::Fresh { seed } => (
                 lora::init_a(prefix, r, in_f, *seed, &device)?,

@@ -11,6 +11,7 @@ mod linear;
 mod llama;
 mod load;
 pub mod lora;
+pub mod nf4;
 mod opt;
 mod packed;
 mod params;
@@ -20,7 +21,7 @@ pub mod rope;
 pub use arch::{Architecture, ModelConfig};
 pub use gathered::set_max_attention_groups;
 pub use layers::set_recompute_attention_probs;
-pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError};
+pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError, Quantize};
 pub use packed::{Packed, Padding, Prefix, Segment};
 pub use params::Params;
 
@@ -45,8 +46,15 @@ impl CausalLm {
     /// with a saved adapter merged in, as `opts` says.
     pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let (tensors, files) = load::read_weights_with_files(dir, device)?;
+        // A base to quantize is read on the host: its full-precision weights never reach the
+        // device, only their 4-bit form (and the rest, moved as taken).
+        let quantize = opts.quantize.is_some() && opts.lora.is_some() && !opts.merge;
+        let read_on = if quantize { &Device::Cpu } else { device };
+        let (tensors, files) = load::read_weights_with_files(dir, read_on)?;
         let mut source = load::WeightSource::new(dir, tensors, opts).with_files(files);
+        if quantize && !device.is_cpu() {
+            source = source.with_target(device.clone());
+        }
         let model = match config.arch {
             Architecture::Opt => CausalLm::Opt(opt::Opt::new(&config, &mut source)?),
             // Every other architecture is a member of the Llama family.

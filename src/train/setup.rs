@@ -3,11 +3,11 @@
 
 use super::checkpoint::BaseModel;
 use super::trainer::Trainer;
-use crate::config::{Config, Dtype, LoraTargets};
+use crate::config::{BaseQuant, Config, Dtype, LoraTargets};
 use crate::data::{load_source, DataOptions, Dataset, Tokenizer};
 use crate::device::select_device;
 use crate::model::lora::{self, AdapterInit, LoraSpec, TargetPattern, Targets};
-use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig};
+use crate::model::{resolve_model_dir, CausalLm, LoadOptions, ModelConfig, Quantize};
 use crate::Error;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -20,11 +20,13 @@ pub struct LoadedModel {
 }
 
 /// Loads a full model, or a LoRA adapter folder on top of its base: `base` when given, else
-/// `base_model_name_or_path` from adapter_config.json.
+/// `base_model_name_or_path` from adapter_config.json; that base quantized as `quantize`
+/// says (a QLoRA adapter evaluated on the base it was trained against).
 pub fn load_model(
     id: &str,
     revision: Option<&str>,
     base: Option<&str>,
+    quantize: Option<Quantize>,
     device: &Device,
 ) -> Result<LoadedModel, Error> {
     let dir = resolve_model_dir(id, revision)?;
@@ -32,6 +34,12 @@ pub fn load_model(
         if let Some(b) = base {
             tracing::warn!(
                 "--base {b} ignored: {} is a full model, not an adapter",
+                dir.display()
+            );
+        }
+        if quantize.is_some() {
+            tracing::warn!(
+                "lora.quantize ignored: {} is a full model, not an adapter on a frozen base",
                 dir.display()
             );
         }
@@ -59,6 +67,7 @@ pub fn load_model(
     let tokenizer = Tokenizer::from_dir(tok_dir)?;
     let opts = LoadOptions {
         lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
+        quantize,
         ..LoadOptions::default()
     };
     let model = CausalLm::load_with(&base_dir, device, opts)?;
@@ -107,6 +116,12 @@ pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Err
         compute: match config.model.dtype {
             Dtype::F32 => DType::F32,
             Dtype::Bf16 => DType::BF16,
+        },
+        quantize: match config.lora.quantize {
+            BaseQuant::Nf4 if config.lora.enabled => Some(Quantize {
+                double_quant: config.lora.double_quant,
+            }),
+            _ => None,
         },
     })
 }
@@ -251,6 +266,13 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
             trainable = model.params().num_elements(),
             "LoRA adapters on a frozen base"
         );
+        if config.lora.quantize == BaseQuant::Nf4 {
+            tracing::info!(
+                double_quant = config.lora.double_quant,
+                products = ?config.model.dtype,
+                "QLoRA: the frozen base's linear layers are held as 4-bit NF4, as bitsandbytes quantizes them"
+            );
+        }
         if info.spec.dropout > 0.0 {
             tracing::info!(
                 "lora.dropout = {} is recorded in adapter_config.json; ORPO training runs without dropout, as TRL does",

@@ -1,0 +1,270 @@
+//! 4-bit NormalFloat (NF4) weights as bitsandbytes makes them for QLoRA (arXiv 2305.14314):
+//! the row-major weight cut into blocks of 64, each stored as 4-bit indices into the NF4 table
+//! scaled by the block's largest magnitude (`absmax`); with double quantization the absmax
+//! values are themselves quantized to 8 bits (blocks of 256, bitsandbytes' signed dynamic map)
+//! around their mean. The arithmetic follows bitsandbytes 0.50's CPU path value for value
+//! (`quantize_4bit` / `dequantize_4bit`, `quantize_blockwise` with `create_dynamic_map`), so a
+//! run's dequantized weights are the ones TRL + PEFT train against.
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+/// Elements per absmax block (bitsandbytes' `Params4bit` default).
+pub const BLOCK: usize = 64;
+/// absmax values per block of the double quantization (bitsandbytes' `quantize_4bit`).
+const BLOCK2: usize = 256;
+
+/// bitsandbytes' NF4 table (`get_4bit_type("nf4")`), ascending.
+pub const NF4: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// A quantized weight `[out_f, in_f]` on its device: two indices a byte (the even element in
+/// the high nibble), and each 64-block's scale in f32 (after double quantization, the scale
+/// as dequantized: the values bitsandbytes multiplies by).
+#[derive(Clone)]
+pub struct Nf4Weight {
+    pub packed: Tensor,
+    pub absmax: Tensor,
+    pub out_f: usize,
+    pub in_f: usize,
+}
+
+/// Rows `row0..row0 + rows` of a quantized weight (a fused projection's part shares the
+/// whole weight's storage).
+#[derive(Clone)]
+pub struct Nf4Rows {
+    pub weight: Arc<Nf4Weight>,
+    pub row0: usize,
+    pub rows: usize,
+}
+
+impl Nf4Rows {
+    pub fn whole(weight: Nf4Weight) -> Self {
+        let rows = weight.out_f;
+        Nf4Rows {
+            weight: Arc::new(weight),
+            row0: 0,
+            rows,
+        }
+    }
+
+    pub fn in_f(&self) -> usize {
+        self.weight.in_f
+    }
+
+    /// The first element of these rows in the weight's flat order.
+    pub fn first_elem(&self) -> usize {
+        self.row0 * self.weight.in_f
+    }
+
+    pub fn narrow(&self, start: usize, len: usize) -> Self {
+        Nf4Rows {
+            weight: self.weight.clone(),
+            row0: self.row0 + start,
+            rows: len,
+        }
+    }
+
+    /// The rows dequantized, `[rows, in_f]` in `dtype` (f32 products rounded once).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        crate::ops::nf4_dequantize(self, dtype)
+    }
+}
+
+/// Quantizes `values` (a weight's elements, row-major) as bitsandbytes' `quantize_4bit(A,
+/// blocksize=64, quant_type="nf4")`: the packed indices and each block's absmax.
+pub fn quantize(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let bounds: Vec<f32> = NF4.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    // torch.bucketize(right=False): the number of bounds below the value.
+    let index = |s: f32| bounds.partition_point(|&b| b < s) as u8;
+    let n = values.len();
+    let full = n - n % BLOCK;
+    let mut absmax = Vec::with_capacity(n.div_ceil(BLOCK));
+    let mut idx = vec![0u8; n + n % 2];
+    // Padding to an even count quantizes a 0.
+    if n % 2 == 1 {
+        idx[n] = index(0.0);
+    }
+    for (b, block) in values.chunks(BLOCK).enumerate() {
+        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let out = &mut idx[b * BLOCK..b * BLOCK + block.len()];
+        if b * BLOCK < full {
+            // Full blocks scale by the reciprocal (of a zero block's 1e-38); the last, short
+            // block divides, and keeps its clamped absmax.
+            let r = 1.0 / am.max(1e-38);
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = index((v * r).clamp(-1.0, 1.0));
+            }
+            absmax.push(am);
+        } else {
+            let am = am.max(1e-38);
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = index((v / am).clamp(-1.0, 1.0));
+            }
+            absmax.push(am);
+        }
+    }
+    let packed = idx.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
+    (packed, absmax)
+}
+
+/// The element `i` of a packed weight, dequantized in f32.
+pub fn dequantize_elem(packed: &[u8], absmax: &[f32], i: usize) -> f32 {
+    let byte = packed[i / 2];
+    let nib = if i.is_multiple_of(2) {
+        byte >> 4
+    } else {
+        byte & 0x0f
+    };
+    NF4[nib as usize] * absmax[i / BLOCK]
+}
+
+/// bitsandbytes' `create_dynamic_map(signed=True)`: 8-bit codes with a dynamic exponent,
+/// ascending, from -0.99297 to 1.
+pub fn dynamic_map() -> Vec<f32> {
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..7i32 {
+        let means = linspace_means(2usize.pow(i as u32) + 1);
+        let scale = 10f64.powi(i - 6) as f32;
+        data.extend(means.iter().map(|m| scale * m));
+        data.extend(means.iter().map(|m| -(scale * m)));
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(f32::total_cmp);
+    data
+}
+
+/// Midpoints of `torch.linspace(0.1, 1, steps, dtype=float32)`, as torch computes them (f32
+/// step; the first half counted up from the start, the second down from the end, each point
+/// one fused multiply-add).
+fn linspace_means(steps: usize) -> Vec<f32> {
+    let (start, end) = (0.1f32, 1.0f32);
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    let points: Vec<f32> = (0..steps)
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((steps - i - 1) as f32, end)
+            }
+        })
+        .collect();
+    points.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+}
+
+/// Double quantization of 4-bit absmax values, and back: what bitsandbytes multiplies by
+/// when `bnb_4bit_use_double_quant` is set (`dequantize_blockwise(quantize_blockwise(absmax -
+/// mean, blocksize=256)) + mean`). Each deviation from the mean takes the nearest code of
+/// the dynamic map over its 256-block's largest deviation, as bitsandbytes' CUDA kernel
+/// picks it; its CPU path picks through a 65536-entry table instead, which differs where a
+/// value lies within 2^-15 of a midpoint between codes (around 0, where codes are denser than
+/// that, always): a scale moves by at most that much of its block's largest deviation. The
+/// mean is the f64 sum's, rounded once (torch's f32 reduction order depends on its threads).
+pub fn double_quantized(absmax: &[f32]) -> Vec<f32> {
+    if absmax.is_empty() {
+        return Vec::new();
+    }
+    let code = dynamic_map();
+    let sum: f64 = absmax.iter().map(|&v| v as f64).sum();
+    let offset = (sum / absmax.len() as f64) as f32;
+    let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
+    let mut out = Vec::with_capacity(absmax.len());
+    for block in centred.chunks(BLOCK2) {
+        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if am == 0.0 {
+            // Every deviation is 0: any code times a zero scale.
+            out.extend(block.iter().map(|_| offset));
+            continue;
+        }
+        let r = 1.0 / am;
+        for &v in block {
+            let q = nearest_code(&code, (v * r).clamp(-1.0, 1.0));
+            out.push(code[q] * am + offset);
+        }
+    }
+    out
+}
+
+/// The index of the code nearest `x` (the lower of two equally near).
+fn nearest_code(code: &[f32], x: f32) -> usize {
+    let above = code.partition_point(|&c| c < x).min(code.len() - 1);
+    match above.checked_sub(1) {
+        Some(below) if (x - code[below]).abs() <= (code[above] - x).abs() => below,
+        _ => above,
+    }
+}
+
+/// Quantizes a weight `[out_f, in_f]` (any float dtype, any device) to NF4 on the host and
+/// puts the result on `device`.
+pub fn quantize_weight(w: &Tensor, double_quant: bool, device: &Device) -> Result<Nf4Weight> {
+    let (out_f, in_f) = w.dims2()?;
+    let values = w
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (packed, absmax) = quantize(&values);
+    let absmax = match double_quant {
+        true => double_quantized(&absmax),
+        false => absmax,
+    };
+    let packed_len = packed.len();
+    let blocks = absmax.len();
+    Ok(Nf4Weight {
+        packed: Tensor::from_vec(packed, packed_len, device)?,
+        absmax: Tensor::from_vec(absmax, blocks, device)?,
+        out_f,
+        in_f,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_to_the_nearest_table_entry() {
+        let values: Vec<f32> = (0..130)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let (packed, absmax) = quantize(&values);
+        assert_eq!((packed.len(), absmax.len()), (65, 3));
+        for (i, &v) in values.iter().enumerate() {
+            let got = dequantize_elem(&packed, &absmax, i);
+            let am = absmax[i / BLOCK];
+            let best = NF4
+                .iter()
+                .map(|c| (c * am - v).abs())
+                .fold(f32::MAX, f32::min);
+            assert!((got - v).abs() <= best + 1e-6 * am, "element {i}");
+        }
+    }
+
+    #[test]
+    fn the_dynamic_map_is_bitsandbytes_shape() {
+        let m = dynamic_map();
+        assert_eq!(m.len(), 256);
+        assert!(m.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(m[255], 1.0);
+        assert!((m[0] + 0.993).abs() < 1e-3);
+        assert_eq!(m.iter().filter(|&&v| v == 0.0).count(), 1);
+    }
+}
