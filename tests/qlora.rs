@@ -239,8 +239,14 @@ fn cli_evaluates_a_qlora_adapter_on_its_quantized_base() {
         let stdout = String::from_utf8_lossy(&r.stdout);
         serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
     };
+    // The run's orpo.toml says how its base was quantized; --set overrides it.
+    assert!(run.join("orpo.toml").is_file());
+    assert_eq!(eval(&[])["eval_loss"], want["eval_loss"]);
     assert_eq!(eval(&["lora.quantize=nf4"])["eval_loss"], want["eval_loss"]);
-    assert_ne!(eval(&[])["eval_loss"], want["eval_loss"]);
+    assert_ne!(
+        eval(&["lora.quantize=none"])["eval_loss"],
+        want["eval_loss"]
+    );
     // Quantizing a full fine-tune is refused before training.
     let r = orpo(&[
         "train",
@@ -253,4 +259,72 @@ fn cli_evaluates_a_qlora_adapter_on_its_quantized_base() {
     ]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("lora.enabled = true"));
+}
+
+/// A quantized base is read tensor by tensor from its mapped files: a pattern target is still
+/// checked against every module the files imply, and a tensor of the wrong shape or a
+/// missing shard is an error naming it, before any training.
+#[test]
+fn a_mapped_base_checks_patterns_shapes_and_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pattern = r"model\.layers\.0\..*";
+    let config = qlora_config(
+        "tiny-llama3",
+        &tmp.path().join("p"),
+        &[&format!("lora.targets={pattern}")],
+    );
+    let e = match load_trainer(&config) {
+        Ok(_) => panic!("{pattern} loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("`model.layers.0.input_layernorm`"), "{e}");
+
+    // A config that disagrees with the weights' shapes.
+    let model = tmp.path().join("wide");
+    copy_fixture("tiny-llama3", &model);
+    let cfg = model.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["intermediate_size"] = serde_json::json!(200);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let mut config = qlora_config("tiny-llama3", &tmp.path().join("w"), &[]);
+    config.model.id = model.display().to_string();
+    let e = match load_trainer(&config) {
+        Ok(_) => panic!("a wrong shape loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("gate_proj.weight") && e.contains("expected [200, 64]"),
+        "{e}"
+    );
+
+    // Sharded weights whose index names a shard that is not there.
+    let sharded = tmp.path().join("sharded");
+    copy_fixture("tiny-llama3", &sharded);
+    std::fs::remove_file(sharded.join("model.safetensors")).unwrap();
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let mut config = qlora_config("tiny-llama3", &tmp.path().join("s"), &[]);
+    config.model.id = sharded.display().to_string();
+    let e = match load_trainer(&config) {
+        Ok(_) => panic!("a missing shard loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("model-00001-of-00002.safetensors is missing"),
+        "{e}"
+    );
+}
+
+fn copy_fixture(name: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
 }

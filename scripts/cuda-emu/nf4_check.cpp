@@ -1,6 +1,7 @@
 // src/ops/nf4.cu under the CPU emulation (cuda_emu.h), launched as src/ops/nf4.rs launches it
 // (256-thread blocks, a grid-stride loop), against bitsandbytes' dequantization written out
-// here: element e is NF4[nibble e] * absmax[e / 64], the high nibble first.
+// here: element e is NF4[nibble e] * absmax[e / 64], the high nibble first; double-quantized,
+// absmax is map[code] * range + mean.
 #include "../../src/ops/nf4.cu"
 
 #include "check.h"
@@ -40,12 +41,39 @@ void run(const char *dtype, size_t elems, size_t first, size_t n, unsigned block
               wrong ? "FAIL" : "PASS", dtype, elems, first, n, blocks, wrong);
 }
 
+// Double quantization: scales = [map (256), mean, ranges], each block's code after the indices.
+template <typename T, typename K>
+void run_dq(const char *dtype, size_t elems, size_t first, size_t n, unsigned blocks, K kernel) {
+  std::mt19937 rng(elems + first + 1);
+  const size_t nblocks = (elems + 63) / 64, codes_at = (elems + 1) / 2;
+  std::vector<uint8_t> packed(codes_at + nblocks);
+  for (auto &b : packed) b = rng() & 0xff;
+  std::vector<float> scales(257 + (nblocks + 255) / 256);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (auto &v : scales) v = u(rng);
+  std::vector<T> out(n);
+  emu::launch({blocks}, {256}, kernel, packed.data(), scales.data(), out.data(), first, n, codes_at);
+  size_t wrong = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const size_t e = first + i, b = e / 64;
+    const int nib = e % 2 == 0 ? packed[e / 2] >> 4 : packed[e / 2] & 0x0f;
+    const float prod = scales[packed[codes_at + b]] * scales[257 + b / 256];
+    const float scale = prod + scales[256];
+    wrong += load(out[i]) != load(store<T>(TABLE[nib] * scale));
+  }
+  failures += wrong != 0;
+  std::printf("%s %-5s dq elems=%6zu first=%5zu n=%6zu blocks=%u: %zu elements differ\n",
+              wrong ? "FAIL" : "PASS", dtype, elems, first, n, blocks, wrong);
+}
+
 int main() {
   struct Shape { size_t elems, first, n; unsigned blocks; };
   for (auto s : {Shape{1, 0, 1, 1}, Shape{7, 0, 7, 1}, Shape{5000, 0, 5000, 3},
                  Shape{5000, 1, 777, 2}, Shape{70000, 12345, 40001, 7}}) {
     run<float>("f32", s.elems, s.first, s.n, s.blocks, nf4_dequantize_f32);
     run<__nv_bfloat16>("bf16", s.elems, s.first, s.n, s.blocks, nf4_dequantize_bf16);
+    run_dq<float>("f32", s.elems, s.first, s.n, s.blocks, nf4_dequantize_dq_f32);
+    run_dq<__nv_bfloat16>("bf16", s.elems, s.first, s.n, s.blocks, nf4_dequantize_dq_bf16);
   }
   return failures ? 1 : 0;
 }

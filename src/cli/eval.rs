@@ -1,9 +1,27 @@
 //! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
 
-use orpo::config::{BaseQuant, Config};
+use orpo::config::{BaseQuant, Config, LoraConfig};
 use orpo::model::Quantize;
+use orpo::train::run_dir::RUN_CONFIG;
 use orpo::Error;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The `[lora]` settings of the run that wrote adapter folder `dir` (its orpo.toml), if it
+/// is a local adapter folder with one.
+fn run_lora_settings(dir: &Path) -> Option<LoraConfig> {
+    let path = dir.join(RUN_CONFIG);
+    if !orpo::model::lora::is_adapter_dir(dir) || !path.is_file() {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    match Config::from_toml_str(&text, &path.display().to_string(), &[]) {
+        Ok(c) => Some(c.lora),
+        Err(e) => {
+            tracing::warn!("{e}: not read for the adapter's quantization");
+            None
+        }
+    }
+}
 
 /// Whether a `--set` argument sets `key`.
 fn overrides(set: &[String], key: &str) -> bool {
@@ -36,11 +54,25 @@ pub fn eval(
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
-    // A QLoRA adapter is evaluated on its base quantized as it trained (`--set
-    // lora.quantize=nf4`); `lora.enabled` means nothing here.
-    let quantize = (config.lora.quantize == BaseQuant::Nf4).then_some(Quantize {
-        double_quant: config.lora.double_quant,
+    // A QLoRA adapter is evaluated on its base quantized as it trained: as the run's
+    // orpo.toml beside it says, unless `--set lora.quantize=...` says otherwise (an adapter
+    // from elsewhere: as the config or --set says).
+    let chosen = overrides(&set, "lora.quantize") || overrides(&set, "lora.double_quant");
+    let run = match chosen {
+        true => None,
+        false => run_lora_settings(Path::new(&config.model.id)),
+    };
+    let lora = run.as_ref().unwrap_or(&config.lora);
+    let quantize = (lora.quantize == BaseQuant::Nf4).then_some(Quantize {
+        double_quant: lora.double_quant,
     });
+    if run.is_some() && quantize.is_some() {
+        tracing::info!(
+            double_quant = lora.double_quant,
+            "the adapter's run trained on a 4-bit NF4 base (its orpo.toml): evaluating on the base \
+             quantized the same way (--set lora.quantize=none for the full-precision base)"
+        );
+    }
     let mut loaded = orpo::train::load_model(
         &config.model.id,
         config.model.revision.as_deref(),

@@ -375,7 +375,7 @@ fn nf4_linear(
     let rows = move |w: &Tensor, device: &candle_core::Device| -> Result<Nf4Rows> {
         let q = Nf4Rows::whole(quantize_weight(w, double_quant, device)?);
         Ok(match part {
-            Some((start, len)) => q.narrow(start, len),
+            Some((start, len)) => q.narrow(start, len)?,
             None => q,
         })
     };

@@ -200,7 +200,7 @@ impl Linear {
         Ok(Linear {
             w: match &self.w {
                 Weight::Dense(w) => Weight::Dense(rows(w)?),
-                Weight::Nf4(q) => Weight::Nf4(q.narrow(start, len)),
+                Weight::Nf4(q) => Weight::Nf4(q.narrow(start, len)?),
             },
             b: self.b.as_ref().map(rows).transpose()?,
             lora: match &self.lora {
@@ -236,7 +236,7 @@ impl Linear {
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut out = match &self.w {
             Weight::Dense(w) => vec![w],
-            Weight::Nf4(q) => vec![&q.weight.packed, &q.weight.absmax],
+            Weight::Nf4(q) => vec![&q.weight.packed, &q.weight.scales],
         };
         out.extend(self.b.iter());
         if let Some(l) = &self.lora {

@@ -215,6 +215,81 @@ pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAnd
     Ok((out, files))
 }
 
+/// A checkpoint's safetensors files mapped, each tensor read when taken: a base quantized on
+/// the host never exists whole in memory, only one tensor of it at a time.
+pub struct MappedWeights {
+    files: Vec<candle_core::safetensors::MmapedSafetensors>,
+    /// Name (with the `model.` prefix, as `read_weights_with_files` names them) -> file,
+    /// name in the file, shape, dtype.
+    index: HashMap<String, (usize, String, Vec<usize>, DType)>,
+}
+
+impl MappedWeights {
+    fn read(&self, name: &str) -> Result<Option<Tensor>, candle_core::Error> {
+        match self.index.get(name) {
+            Some((file, stored, ..)) => self.files[*file].load(stored, &Device::Cpu).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Mapped weights, and the file each tensor is in (for messages).
+pub type MappedAndFiles = (MappedWeights, HashMap<String, PathBuf>);
+
+/// `dir`'s safetensors (one file or shards) mapped, with the file of each tensor; `None` for a
+/// `pytorch_model.bin` checkpoint, which is read whole.
+pub fn map_weights_with_files(dir: &Path) -> Result<Option<MappedAndFiles>, ModelError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let paths = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        let mut paths = Vec::new();
+        for shard in shard_names(&index)? {
+            let p = dir.join(&shard);
+            if !p.is_file() {
+                return Err(ModelError::Weights {
+                    path: index.clone(),
+                    msg: format!("shard {shard} is missing"),
+                });
+            }
+            paths.push(p);
+        }
+        paths
+    } else {
+        return Ok(None);
+    };
+    let mut mapped = MappedWeights {
+        files: Vec::new(),
+        index: HashMap::new(),
+    };
+    let mut files = HashMap::new();
+    for (i, path) in paths.iter().enumerate() {
+        let bad = |msg: String| ModelError::Weights {
+            path: path.clone(),
+            msg,
+        };
+        // SAFETY: the mapping is read-only; a checkpoint rewritten while a run loads it is
+        // outside what any loader can guard against (candle's own mapped loader says the same).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(|e| bad(e.to_string()))?;
+        for (stored, view) in st.tensors() {
+            let dtype = DType::try_from(view.dtype()).map_err(|e| bad(e.to_string()))?;
+            let name = if stored.starts_with("model.") || stored.starts_with("lm_head.") {
+                stored.clone()
+            } else {
+                format!("model.{stored}")
+            };
+            files.insert(name.clone(), path.clone());
+            mapped
+                .index
+                .insert(name, (i, stored, view.shape().to_vec(), dtype));
+        }
+        mapped.files.push(st);
+    }
+    Ok(Some((mapped, files)))
+}
+
 /// Refuses a weight the model is about to use that is not floating point (an integer tensor
 /// would be converted silently) or that holds NaN or infinite values (training would stop at
 /// step 1 with a non-finite loss, naming nothing), naming the file and the tensor.
@@ -291,6 +366,8 @@ pub struct WeightSource {
     /// Where taken tensors go, when they were read elsewhere (a quantized base is read on
     /// the host, so its full-precision weights never occupy the GPU).
     target: Option<Device>,
+    /// Tensors still in their files (read on the host as taken), beside `tensors`.
+    mapped: Option<MappedWeights>,
 }
 
 struct LoraPlan {
@@ -343,6 +420,7 @@ impl WeightSource {
             frozen,
             quantize: opts.quantize.filter(|_| frozen),
             target: None,
+            mapped: None,
             lora: opts.lora.map(|(spec, init)| LoraPlan {
                 spec,
                 init,
@@ -366,6 +444,23 @@ impl WeightSource {
         self
     }
 
+    /// Takes tensors from mapped files too, reading each on the host when taken (its module
+    /// names join those a pattern target is checked against).
+    pub fn with_mapped(mut self, mapped: MappedWeights) -> Self {
+        if let Some(plan) = self.lora.as_mut() {
+            if matches!(plan.spec.targets, Targets::Pattern(_)) {
+                for name in mapped.index.keys() {
+                    let parts: Vec<&str> = name.split('.').collect();
+                    for n in 1..parts.len() {
+                        plan.modules_in_file.insert(parts[..n].join("."));
+                    }
+                }
+            }
+        }
+        self.mapped = Some(mapped);
+        self
+    }
+
     /// The device the model's tensors live on.
     fn device(&self) -> Device {
         match &self.target {
@@ -385,6 +480,18 @@ impl WeightSource {
 
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+            || self
+                .mapped
+                .as_ref()
+                .is_some_and(|m| m.index.contains_key(name))
+    }
+
+    /// A tensor's dtype in the checkpoint, before it is taken.
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match self.tensors.get(name) {
+            Some(t) => Some(t.dtype()),
+            None => self.mapped.as_ref()?.index.get(name).map(|e| e.3),
+        }
     }
 
     fn err(&self, msg: String) -> ModelError {
@@ -395,10 +502,10 @@ impl WeightSource {
     }
 
     fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| self.err(format!("tensor `{name}` is missing")))?;
+        let t = match self.tensors.remove(name) {
+            Some(t) => t,
+            None => self.take_mapped(name, shape)?,
+        };
         if t.dims() != shape {
             return Err(self.err(format!(
                 "tensor `{name}` has shape {:?}, expected {shape:?}",
@@ -410,6 +517,42 @@ impl WeightSource {
             Some(device) => Ok(t.to_device(device)?),
             None => Ok(t),
         }
+    }
+
+    /// A mapped tensor read on the host (its shape checked first: a wrong one is not read).
+    fn take_mapped(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let dims = self
+            .mapped
+            .as_ref()
+            .and_then(|m| m.index.get(name))
+            .map(|e| e.2.clone());
+        let Some(dims) = dims else {
+            return Err(self.err(format!("tensor `{name}` is missing")));
+        };
+        if dims.as_slice() != shape {
+            return Err(self.err(format!(
+                "tensor `{name}` has shape {dims:?}, expected {shape:?}"
+            )));
+        }
+        let file = self
+            .files
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.dir.clone());
+        let read_err = |msg: String| ModelError::Weights {
+            path: file.clone(),
+            msg: format!("tensor `{name}`: {msg}"),
+        };
+        let mapped = self
+            .mapped
+            .as_mut()
+            .ok_or_else(|| read_err("not mapped".into()))?;
+        let t = mapped
+            .read(name)
+            .map_err(|e| read_err(e.to_string()))?
+            .ok_or_else(|| read_err("not in its file".into()))?;
+        mapped.index.remove(name);
+        Ok(t)
     }
 
     /// Like `take_raw`, but left where it was read (a weight about to be quantized).
@@ -445,7 +588,7 @@ impl WeightSource {
     /// where it stays bf16 (rows looked up convert to f32 exactly, so nothing changes but the
     /// memory: a large vocabulary never exists in f32). Lookups call `.to_dtype(F32)`.
     pub fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let file_bf16 = self.tensors.get(name).map(Tensor::dtype) == Some(DType::BF16);
+        let file_bf16 = self.stored_dtype(name) == Some(DType::BF16);
         if self.frozen && self.compute == DType::BF16 && file_bf16 {
             return Ok(self.take_raw(name, shape)?.contiguous()?);
         }

@@ -27,6 +27,7 @@ pub use params::Params;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use recompute::SideGrads;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// A decoder-only model whose forward pass stops before the LM head, so the loss can apply the
@@ -46,12 +47,25 @@ impl CausalLm {
     /// with a saved adapter merged in, as `opts` says.
     pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        // A base to quantize is read on the host: its full-precision weights never reach the
-        // device, only their 4-bit form (and the rest, moved as taken).
+        // A base to quantize is read on the host, a tensor at a time from its mapped files:
+        // its full-precision weights are never all in memory and never reach the device, only
+        // their 4-bit form (and the rest, moved as taken).
         let quantize = opts.quantize.is_some() && opts.lora.is_some() && !opts.merge;
-        let read_on = if quantize { &Device::Cpu } else { device };
-        let (tensors, files) = load::read_weights_with_files(dir, read_on)?;
-        let mut source = load::WeightSource::new(dir, tensors, opts).with_files(files);
+        let mut source = match quantize {
+            true => match load::map_weights_with_files(dir)? {
+                Some((mapped, files)) => load::WeightSource::new(dir, HashMap::new(), opts)
+                    .with_mapped(mapped)
+                    .with_files(files),
+                None => {
+                    let (tensors, files) = load::read_weights_with_files(dir, &Device::Cpu)?;
+                    load::WeightSource::new(dir, tensors, opts).with_files(files)
+                }
+            },
+            false => {
+                let (tensors, files) = load::read_weights_with_files(dir, device)?;
+                load::WeightSource::new(dir, tensors, opts).with_files(files)
+            }
+        };
         if quantize && !device.is_cpu() {
             source = source.with_target(device.clone());
         }

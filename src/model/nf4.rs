@@ -2,9 +2,10 @@
 //! the row-major weight cut into blocks of 64, each stored as 4-bit indices into the NF4 table
 //! scaled by the block's largest magnitude (`absmax`); with double quantization the absmax
 //! values are themselves quantized to 8 bits (blocks of 256, bitsandbytes' signed dynamic map)
-//! around their mean. The arithmetic follows bitsandbytes 0.50's CPU path value for value
-//! (`quantize_4bit` / `dequantize_4bit`, `quantize_blockwise` with `create_dynamic_map`), so a
-//! run's dequantized weights are the ones TRL + PEFT train against.
+//! around their mean, and kept so (0.52 bytes a weight instead of 0.56). The 4-bit step follows
+//! bitsandbytes 0.50's CPU path value for value (`quantize_4bit` / `dequantize_4bit`), the
+//! 8-bit step its CUDA kernel's nearest code (`quantize_blockwise` with `create_dynamic_map`),
+//! so a run's dequantized weights are the ones TRL + PEFT train against.
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
@@ -35,15 +36,23 @@ pub const NF4: [f32; 16] = [
 ];
 
 /// A quantized weight `[out_f, in_f]` on its device: two indices a byte (the even element in
-/// the high nibble), and each 64-block's scale in f32 (after double quantization, the scale
-/// as dequantized: the values bitsandbytes multiplies by).
+/// the high nibble), and each 64-block's scale. Plain, `scales` holds the scales in f32.
+/// Double-quantized, `packed` goes on after the indices with each scale's 8-bit code (from
+/// byte `codes_at`), and `scales` holds the dynamic map (256 values), the mean and each
+/// 256-block's range (`DQ_*` offsets): a scale is `map[code] × range + mean`.
 #[derive(Clone)]
 pub struct Nf4Weight {
     pub packed: Tensor,
-    pub absmax: Tensor,
+    pub scales: Tensor,
+    /// Where the scales' 8-bit codes start in `packed` (double quantization).
+    pub codes_at: Option<usize>,
     pub out_f: usize,
     pub in_f: usize,
 }
+
+/// Offsets in a double-quantized weight's `scales`: the dynamic map, the mean, the ranges.
+pub const DQ_MEAN: usize = 256;
+pub const DQ_RANGES: usize = 257;
 
 /// Rows `row0..row0 + rows` of a quantized weight (a fused projection's part shares the
 /// whole weight's storage).
@@ -73,12 +82,20 @@ impl Nf4Rows {
         self.row0 * self.weight.in_f
     }
 
-    pub fn narrow(&self, start: usize, len: usize) -> Self {
-        Nf4Rows {
+    /// Rows `start..start + len` of these rows.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        if start + len > self.rows {
+            candle_core::bail!(
+                "nf4: rows {start}..{} of a part with {} rows",
+                start + len,
+                self.rows
+            );
+        }
+        Ok(Nf4Rows {
             weight: self.weight.clone(),
             row0: self.row0 + start,
             rows: len,
-        }
+        })
     }
 
     /// The rows dequantized, `[rows, in_f]` in `dtype` (f32 products rounded once).
@@ -170,37 +187,64 @@ fn linspace_means(steps: usize) -> Vec<f32> {
     points.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
 }
 
-/// Double quantization of 4-bit absmax values, and back: what bitsandbytes multiplies by
-/// when `bnb_4bit_use_double_quant` is set (`dequantize_blockwise(quantize_blockwise(absmax -
-/// mean, blocksize=256)) + mean`). Each deviation from the mean takes the nearest code of
-/// the dynamic map over its 256-block's largest deviation, as bitsandbytes' CUDA kernel
-/// picks it; its CPU path picks through a 65536-entry table instead, which differs where a
-/// value lies within 2^-15 of a midpoint between codes (around 0, where codes are denser than
-/// that, always): a scale moves by at most that much of its block's largest deviation. The
-/// mean is the f64 sum's, rounded once (torch's f32 reduction order depends on its threads).
-pub fn double_quantized(absmax: &[f32]) -> Vec<f32> {
-    if absmax.is_empty() {
-        return Vec::new();
+/// A scale's double quantization: its 8-bit code, each 256-block's range, the mean.
+pub struct DoubleQuantized {
+    pub codes: Vec<u8>,
+    pub ranges: Vec<f32>,
+    pub mean: f32,
+}
+
+impl DoubleQuantized {
+    /// The scales as bitsandbytes dequantizes them: `map[code] × range + mean`, in f32.
+    pub fn scales(&self) -> Vec<f32> {
+        let map = dynamic_map();
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| map[q as usize] * self.ranges[i / BLOCK2] + self.mean)
+            .collect()
     }
+}
+
+/// Double quantization of 4-bit absmax values (bitsandbytes' `bnb_4bit_use_double_quant`:
+/// `quantize_blockwise(absmax - mean, blocksize=256)`). Each deviation from the mean takes
+/// the nearest code of the dynamic map over its 256-block's largest deviation, as
+/// bitsandbytes' CUDA kernel picks it. Its CPU path looks codes up in a 65536-entry table
+/// instead, which picks the neighbouring code when the deviation lies within 2^-15 of a
+/// midpoint between codes (near 0, where codes are denser than that, always): such a scale
+/// then differs by a whole code step. The mean is the f64 sum's, rounded once (torch's f32
+/// reduction order depends on its threads).
+pub fn double_quantize(absmax: &[f32]) -> DoubleQuantized {
     let code = dynamic_map();
     let sum: f64 = absmax.iter().map(|&v| v as f64).sum();
-    let offset = (sum / absmax.len() as f64) as f32;
-    let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
-    let mut out = Vec::with_capacity(absmax.len());
-    for block in centred.chunks(BLOCK2) {
-        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mean = (sum / absmax.len().max(1) as f64) as f32;
+    let mut out = DoubleQuantized {
+        codes: Vec::with_capacity(absmax.len()),
+        ranges: Vec::with_capacity(absmax.len().div_ceil(BLOCK2)),
+        mean,
+    };
+    for block in absmax.chunks(BLOCK2) {
+        let centred: Vec<f32> = block.iter().map(|&v| v - mean).collect();
+        let am = centred.iter().fold(0f32, |m, v| m.max(v.abs()));
+        out.ranges.push(am);
         if am == 0.0 {
-            // Every deviation is 0: any code times a zero scale.
-            out.extend(block.iter().map(|_| offset));
+            // Every deviation is 0: the code for 0 (any code times a zero range is 0).
+            let zero = nearest_code(&code, 0.0) as u8;
+            out.codes.extend(block.iter().map(|_| zero));
             continue;
         }
         let r = 1.0 / am;
-        for &v in block {
-            let q = nearest_code(&code, (v * r).clamp(-1.0, 1.0));
-            out.push(code[q] * am + offset);
+        for v in centred {
+            out.codes
+                .push(nearest_code(&code, (v * r).clamp(-1.0, 1.0)) as u8);
         }
     }
     out
+}
+
+/// The scales double quantization leaves (see [`double_quantize`]).
+pub fn double_quantized(absmax: &[f32]) -> Vec<f32> {
+    double_quantize(absmax).scales()
 }
 
 /// The index of the code nearest `x` (the lower of two equally near).
@@ -221,16 +265,24 @@ pub fn quantize_weight(w: &Tensor, double_quant: bool, device: &Device) -> Resul
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let (packed, absmax) = quantize(&values);
-    let absmax = match double_quant {
-        true => double_quantized(&absmax),
-        false => absmax,
+    let (mut packed, absmax) = quantize(&values);
+    let (scales, codes_at) = match double_quant {
+        false => (absmax, None),
+        true => {
+            let dq = double_quantize(&absmax);
+            let at = packed.len();
+            packed.extend_from_slice(&dq.codes);
+            let mut table = dynamic_map();
+            table.push(dq.mean);
+            table.extend_from_slice(&dq.ranges);
+            (table, Some(at))
+        }
     };
-    let packed_len = packed.len();
-    let blocks = absmax.len();
+    let (np, ns) = (packed.len(), scales.len());
     Ok(Nf4Weight {
-        packed: Tensor::from_vec(packed, packed_len, device)?,
-        absmax: Tensor::from_vec(absmax, blocks, device)?,
+        packed: Tensor::from_vec(packed, np, device)?,
+        scales: Tensor::from_vec(scales, ns, device)?,
+        codes_at,
         out_f,
         in_f,
     })

@@ -9,6 +9,9 @@ use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::Error;
 use std::path::{Path, PathBuf};
 
+/// The run's configuration, in each checkpoint and beside the final model.
+pub const RUN_CONFIG: &str = "orpo.toml";
+
 /// Whether `dir` holds a run's log, weights or checkpoints.
 pub fn holds_run(dir: &Path) -> bool {
     names(dir).any(|name| {
@@ -59,6 +62,7 @@ fn is_run_output(name: &str) -> bool {
                 | "model.safetensors.index.json"
                 | ADAPTER_WEIGHTS
                 | ADAPTER_CONFIG
+                | RUN_CONFIG
         )
         || is_shard_name(name)
         || is_checkpoint(name)

@@ -9,7 +9,7 @@ use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
 use super::plan::Plan;
 use super::report::TensorBoard;
 use super::resume::{self, plan_fingerprint, ResumeState};
-use super::run_dir;
+use super::run_dir::{self, RUN_CONFIG};
 use super::same_run;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::Config;
@@ -389,6 +389,9 @@ impl Trainer {
         drop(opt);
         let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
         let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
+        // The settings the model was trained with, beside it (`orpo eval` reads a QLoRA
+        // adapter's quantization from it).
+        write_atomic(&out_dir.join(RUN_CONFIG), cfg.to_toml_string().as_bytes())?;
         if self.model.adapter().is_some() && wanted != DType::F32 {
             tracing::info!(
                 "the adapter is saved in float32 as PEFT keeps adapters (train.save_dtype = {} \
@@ -481,7 +484,7 @@ impl Trainer {
             save_tensors(&opt_state, &tmp.join("optimizer.safetensors"))?;
             let text = serde_json::to_string_pretty(&state).unwrap_or_default();
             write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
-            write_atomic(&tmp.join("orpo.toml"), config_text.as_bytes())
+            write_atomic(&tmp.join(RUN_CONFIG), config_text.as_bytes())
         })?;
         tracing::info!(path = %dir.display(), "checkpoint saved");
         Ok(dir)

@@ -19,6 +19,10 @@
 #define __host__
 #define __forceinline__ inline
 
+// Single-rounding intrinsics (the host build has no FMA contraction to prevent).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
