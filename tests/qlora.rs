@@ -12,30 +12,11 @@ use orpo::train::{load_model, load_trainer};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+/// `lora_config`'s run with the base quantized to NF4.
 fn qlora_config(model: &str, out: &Path, extra: &[&str]) -> Config {
-    let mut sets = vec![
-        format!("model.id={}", model_dir(model).display()),
-        format!("train.output_dir={}", out.display()),
-        "train.max_steps=2".to_string(),
-        "train.batch_size=2".to_string(),
-        "optim.lr=5e-3".to_string(),
-        "data.max_length=256".to_string(),
-        "data.max_prompt_length=192".to_string(),
-        "lora.enabled=true".to_string(),
-        "lora.r=4".to_string(),
-        "lora.alpha=8".to_string(),
-        "lora.quantize=nf4".to_string(),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    let data = repo().join("examples/data/explicit-10.jsonl");
-    sets.push(format!("data.train={}", data.display()));
-    Config::from_toml_str("", "test.toml", &sets).unwrap()
-}
-
-fn probe() -> (Tensor, Tensor) {
-    let ids = Tensor::new(&[[5u32, 17, 300, 42, 9], [7, 8, 9, 100, 100]], &Device::Cpu).unwrap();
-    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
-    (ids, mask)
+    let mut all = vec!["lora.quantize=nf4"];
+    all.extend_from_slice(extra);
+    lora_config(model, out, &all)
 }
 
 /// `name`'s logits on the probe with its linear layers quantized (a fresh adapter: B = 0).

@@ -185,8 +185,15 @@ struct Product {
 }
 
 impl Product {
-    /// `(m, n, k)` of the product and the dequantized weight's layout read transposed.
-    fn dims(&self, x: &Layout) -> Result<((usize, usize, usize), Layout)> {
+    /// `(m, n, k)` of the product and the dequantized weight's layout read transposed, for an
+    /// input of `dtype` laid out as `x`.
+    fn dims(&self, dtype: DType, x: &Layout) -> Result<((usize, usize, usize), Layout)> {
+        if dtype != self.deq.dtype {
+            bail!(
+                "nf4 linear: input {dtype:?}, weight dequantized to {:?}",
+                self.deq.dtype
+            );
+        }
         let (m, k) = x.shape().dims2()?;
         if k != self.deq.in_f {
             bail!(
@@ -213,14 +220,7 @@ impl CustomOp3 for Product {
         scales: &CpuStorage,
         la: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if x.dtype() != self.deq.dtype {
-            bail!(
-                "nf4 linear: input {:?}, weight dequantized to {:?}",
-                x.dtype(),
-                self.deq.dtype
-            );
-        }
-        let ((m, n, k), wt) = self.dims(lx)?;
+        let ((m, n, k), wt) = self.dims(x.dtype(), lx)?;
         let w = self.deq.cpu((packed, lp), (scales, la))?;
         let y = x.matmul(&w, (1, m, n, k), lx, &wt)?;
         Ok((y, Shape::from((m, n))))
@@ -236,14 +236,7 @@ impl CustomOp3 for Product {
         scales: &candle_core::CudaStorage,
         la: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if x.dtype() != self.deq.dtype {
-            bail!(
-                "nf4 linear: input {:?}, weight dequantized to {:?}",
-                x.dtype(),
-                self.deq.dtype
-            );
-        }
-        let ((m, n, k), wt) = self.dims(lx)?;
+        let ((m, n, k), wt) = self.dims(x.dtype(), lx)?;
         let w = self.deq.cuda((packed, lp), (scales, la))?;
         let y = x.matmul(&w, (1, m, n, k), lx, &wt)?;
         Ok((y, Shape::from((m, n))))

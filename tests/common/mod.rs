@@ -1,9 +1,11 @@
 //! Shared helpers for the golden tests: fixture paths, golden files, tolerances.
 #![allow(dead_code)]
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use orpo::config::Config;
 use orpo::data::{PairText, TokenizedPair};
 use serde_json::Value;
+use std::path::Path;
 use std::path::PathBuf;
 
 /// The project's root (the tests' working directory for the binary).
@@ -158,4 +160,32 @@ pub fn max_abs(t: &Tensor) -> f32 {
 /// `max |a - b|` over all elements.
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
+}
+
+/// A LoRA run of fixture `model` into `out` (r 4, alpha 8, 2 steps of 2 pairs at lr 5e-3 on
+/// examples/data/explicit-10.jsonl), with `extra` overrides.
+pub fn lora_config(model: &str, out: &Path, extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!("model.id={}", model_dir(model).display()),
+        format!("train.output_dir={}", out.display()),
+        "train.max_steps=2".to_string(),
+        "train.batch_size=2".to_string(),
+        "optim.lr=5e-3".to_string(),
+        "data.max_length=256".to_string(),
+        "data.max_prompt_length=192".to_string(),
+        "lora.enabled=true".to_string(),
+        "lora.r=4".to_string(),
+        "lora.alpha=8".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let data = repo().join("examples/data/explicit-10.jsonl");
+    sets.push(format!("data.train={}", data.display()));
+    Config::from_toml_str("", "test.toml", &sets).unwrap()
+}
+
+/// Two sequences, the second padded: the logits they give compare models.
+pub fn probe() -> (Tensor, Tensor) {
+    let ids = Tensor::new(&[[5u32, 17, 300, 42, 9], [7, 8, 9, 100, 100]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    (ids, mask)
 }
