@@ -55,6 +55,14 @@ pub fn merge(
             out.display()
         )));
     }
+    if crate::train::run_dir::adapter_run_lora(adapter)
+        .is_some_and(|l| l.quantize != crate::config::BaseQuant::None)
+    {
+        tracing::info!(
+            "the adapter trained against a 4-bit NF4 base (its orpo.toml); it is merged into \
+             the base's full-precision weights, as QLoRA adapters are"
+        );
+    }
     let opts = LoadOptions {
         lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
         merge: true,

@@ -228,6 +228,11 @@ fn cli_evaluates_a_qlora_adapter_on_its_quantized_base() {
         eval(&["lora.quantize=none"])["eval_loss"],
         want["eval_loss"]
     );
+    // A merge folds it into the full-precision base, and says so.
+    let merged = tmp.path().join("merged").to_string_lossy().into_owned();
+    let r = orpo(&["merge", "--adapter", &run_s, "--out", &merged]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("full-precision weights"));
     // Quantizing a full fine-tune is refused before training.
     let r = orpo(&[
         "train",

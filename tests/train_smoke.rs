@@ -325,6 +325,34 @@ fn sigkilled_cli_run_resumes_bit_identical() {
             .collect()
     };
     assert_eq!(steps(&full), steps(&cut), "metrics.jsonl steps differ");
+
+    // Resumed again, the finished run is left as it is (its last checkpoint, step 12's
+    // predecessor, would retrain the last steps); with another config it is refused.
+    let before = std::fs::metadata(cut.join("model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(&resume)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("nothing to resume"));
+    let after = std::fs::metadata(cut.join("model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "the finished run's model was rewritten");
+    let mut other = resume.clone();
+    other.extend(["--set".to_string(), "optim.lr=1e-2".to_string()]);
+    let r = Command::new(env!("CARGO_BIN_EXE_orpo"))
+        .args(&other)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("optim.lr"));
 }
 
 #[test]

@@ -1,27 +1,9 @@
 //! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
 
-use orpo::config::{BaseQuant, Config, LoraConfig};
+use orpo::config::{BaseQuant, Config};
 use orpo::model::Quantize;
-use orpo::train::run_dir::RUN_CONFIG;
 use orpo::Error;
 use std::path::{Path, PathBuf};
-
-/// The `[lora]` settings of the run that wrote adapter folder `dir` (its orpo.toml), if it
-/// is a local adapter folder with one.
-fn run_lora_settings(dir: &Path) -> Option<LoraConfig> {
-    let path = dir.join(RUN_CONFIG);
-    if !orpo::model::lora::is_adapter_dir(dir) || !path.is_file() {
-        return None;
-    }
-    let text = std::fs::read_to_string(&path).ok()?;
-    match Config::from_toml_str(&text, &path.display().to_string(), &[]) {
-        Ok(c) => Some(c.lora),
-        Err(e) => {
-            tracing::warn!("{e}: not read for the adapter's quantization");
-            None
-        }
-    }
-}
 
 /// Whether a `--set` argument sets `key`.
 fn overrides(set: &[String], key: &str) -> bool {
@@ -60,7 +42,7 @@ pub fn eval(
     let chosen = overrides(&set, "lora.quantize") || overrides(&set, "lora.double_quant");
     let run = match chosen {
         true => None,
-        false => run_lora_settings(Path::new(&config.model.id)),
+        false => orpo::train::run_dir::adapter_run_lora(Path::new(&config.model.id)),
     };
     let lora = run.as_ref().unwrap_or(&config.lora);
     let quantize = (lora.quantize == BaseQuant::Nf4).then_some(Quantize {

@@ -3,7 +3,7 @@
 use orpo::config::Config;
 use orpo::train::load_trainer;
 use orpo::train::resume::latest_checkpoint;
-use orpo::train::run_dir::{clear_run, holds_run};
+use orpo::train::run_dir::{clear_run, finished, holds_run};
 use orpo::Error;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -38,6 +38,17 @@ pub fn train(
                 )));
             }
             Some(p)
+        }
+        // A run that finished has nothing left to train (its last checkpoint is before the
+        // end): it is checked to be this config's run, and left as it is.
+        Some(None) if finished(&out) => {
+            orpo::train::same_run::check(&out, &config, "", None)?;
+            eprintln!(
+                "train.output_dir `{}` holds this run, finished (final model, evaluation and \
+                 training_curves.svg written); nothing to resume (--overwrite trains it again)",
+                out.display()
+            );
+            return Ok(());
         }
         Some(None) => Some(latest_checkpoint(&out).ok_or_else(|| {
             Error::Input(format!(

@@ -12,6 +12,30 @@ use std::path::{Path, PathBuf};
 /// The run's configuration, in each checkpoint and beside the final model.
 pub const RUN_CONFIG: &str = "orpo.toml";
 
+/// The `[lora]` settings of the run that wrote adapter folder `dir` (its orpo.toml), if it
+/// is a local adapter folder with one; an unreadable one is named in a warning.
+pub fn adapter_run_lora(dir: &Path) -> Option<crate::config::LoraConfig> {
+    let path = dir.join(RUN_CONFIG);
+    if !crate::model::lora::is_adapter_dir(dir) || !path.is_file() {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    match crate::config::Config::from_toml_str(&text, &path.display().to_string(), &[]) {
+        Ok(c) => Some(c.lora),
+        Err(e) => {
+            tracing::warn!("{e}: not read for the adapter's settings");
+            None
+        }
+    }
+}
+
+/// Whether `dir` holds a finished run: its settings beside the final model and the curves,
+/// written after the final save and evaluation. (Runs of versions that wrote no orpo.toml
+/// there are not recognised.)
+pub fn finished(dir: &Path) -> bool {
+    dir.join(RUN_CONFIG).is_file() && dir.join("training_curves.svg").is_file()
+}
+
 /// Whether `dir` holds a run's log, weights or checkpoints.
 pub fn holds_run(dir: &Path) -> bool {
     names(dir).any(|name| {
