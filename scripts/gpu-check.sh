@@ -21,6 +21,8 @@
 #                                              per-allocation stream events kept; no TRL)
 #                                            | groups1:WORKLOAD (ORPO_ATTENTION_GROUPS=1: the
 #                                              gathered attention as one padded batch; no TRL)
+#                                            | qlora:WORKLOAD (a LoRA workload with its base
+#                                              4-bit NF4, double-quantized; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -102,8 +104,9 @@ TRL=${GPU_CHECK_TRL:-1}
 PAR=${GPU_CHECK_PAR:-4}
 # Parity's folder, case-name tag and the device runs' extra environment (parity-fused sets them).
 PDIR=$W/parity PTAG= DEV_ENV=()
-# A benchmark variant's tag and orpo's extra environment (fused:WORKLOAD sets them).
-BTAG= BENCH_ENV=()
+# A benchmark variant's tag, orpo's extra environment (fused:WORKLOAD sets them) and extra
+# config settings (qlora:WORKLOAD).
+BTAG= BENCH_ENV=() BENCH_SETS=()
 PROF_TAG= PROF_ENV=()
 RESERVE=15
 mkdir -p "$OUT" "$W"
@@ -123,12 +126,12 @@ for a in "${@:-all}"; do
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
     parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
-    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:* | groups1:*)
+    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:* | groups1:* | qlora:*)
       case ${a#*:} in
         opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
         *) echo "unknown workload in '$a' (opt-125m, llama-1b, mistral-7b)"; exit 2 ;;
       esac ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD, groups1:WORKLOAD)"; exit 2 ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD, groups1:WORKLOAD, qlora:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -583,7 +586,7 @@ bench_workload() { # NAME (BTAG/BENCH_ENV: a variant of orpo's run, without TRL)
     # read inside a step), the gradient norm (waits for the GPU to finish the step's kernels) and
     # the optimizer step; their medians go into the results.
     STEP_LOG=$d/orpo.log step "orpo $wl$BTAG" $orpo_min $orpo_tmo env ORPO_LOG=orpo=debug "${BENCH_ENV[@]}" "$ORPO" \
-      train --config "$toml" --overwrite
+      train --config "$toml" --overwrite "${BENCH_SETS[@]}"
     local rc=$STEP_RC secs=$STEP_S
     mem_stop
     [ $rc = 0 ] || tail -n 8 "$d/orpo.log"
@@ -810,6 +813,12 @@ bench_variant() { # TAG ENV WL
   BTAG= BENCH_ENV=()
 }
 
+bench_qlora() { # WL (a LoRA workload): its base 4-bit NF4 with double-quantized scales
+  BTAG=+qlora BENCH_SETS=(--set lora.quantize=nf4 --set lora.double_quant=true)
+  bench_workload "$1"
+  BTAG= BENCH_SETS=()
+}
+
 # --- report -----------------------------------------------------------------------------
 # write_report STATE PENDING: gpu-results.json and .md from results.jsonl so far; STATE is
 # "partial" (written after each phase, PENDING the phases not yet run) or "final".
@@ -1021,6 +1030,7 @@ for i in "${!phases[@]}"; do
       chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
       events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
       groups1:*) bench_variant +one-attention-batch ORPO_ATTENTION_GROUPS=1 "${p#groups1:}" ;;
+      qlora:*) bench_qlora "${p#qlora:}" ;;
       *) bench_workload "$p" ;;
     esac
   fi
