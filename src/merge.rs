@@ -22,6 +22,15 @@ pub fn merge(
     overwrite: bool,
     dtype: SaveDtype,
 ) -> Result<PathBuf, Error> {
+    // A local folder, or an adapter repository on the hub.
+    let resolved;
+    let adapter = match adapter.is_dir() {
+        true => adapter,
+        false => {
+            resolved = resolve_model_dir(&adapter.to_string_lossy(), None)?;
+            resolved.as_path()
+        }
+    };
     if !lora::is_adapter_dir(adapter) {
         return Err(Error::Input(format!(
             "{}: no {} here; --adapter must be a LoRA adapter folder",

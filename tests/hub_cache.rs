@@ -1,5 +1,6 @@
 //! Hub ids resolve from a populated hf-hub cache with `HF_HUB_OFFLINE=1` (no network), using
-//! the cache layout `models--org--name/{refs/main, snapshots/REV/...}` under `$HF_HOME/hub`.
+//! the cache layout `models--org--name/{refs/main, snapshots/REV/...}` under `$HF_HOME/hub`:
+//! a model, and a LoRA adapter repository.
 
 mod common;
 
@@ -33,4 +34,49 @@ fn offline_hub_id_loads_from_cache() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tiny/absent"), "{err}");
+
+    // An adapter repository (adapter_config.json, no config.json) resolves too: evaluated,
+    // merged and trained on from its hub id as from its folder.
+    let local = fixtures().join("adapters/tiny-opt-orpo3");
+    let repo_dir = home.path().join("hub/models--tiny--opt-adapter");
+    let snap = repo_dir.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), rev).unwrap();
+    for entry in std::fs::read_dir(&local).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snap.join(entry.file_name())).unwrap();
+    }
+    assert_eq!(resolve_model_dir("tiny/opt-adapter", None).unwrap(), snap);
+    let load = |id: &str| orpo::train::load_model(id, None, None, None, &Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[[5u32, 17, 300, 42]], &Device::Cpu).unwrap();
+    let mask = candle_core::Tensor::new(&[[1u32, 1, 1, 1]], &Device::Cpu).unwrap();
+    let from_hub = load("tiny/opt-adapter").model.logits(&ids, &mask).unwrap();
+    let from_dir = load(&local.to_string_lossy())
+        .model
+        .logits(&ids, &mask)
+        .unwrap();
+    assert_eq!(max_diff(&from_hub, &from_dir), 0.0);
+    let out = home.path().join("merged");
+    let from = std::path::Path::new("tiny/opt-adapter");
+    orpo::merge::merge(None, from, &out, false, orpo::config::SaveDtype::F32).unwrap();
+    assert!(out.join("model.safetensors").is_file());
+    let config = orpo::config::Config::from_toml_str(
+        "",
+        "test.toml",
+        &[
+            format!("model.id={}", model_dir("tiny-opt").display()),
+            "lora.enabled=true".into(),
+            "lora.init_from=tiny/opt-adapter".into(),
+            format!(
+                "data.train={}",
+                common::repo()
+                    .join("examples/data/explicit-10.jsonl")
+                    .display()
+            ),
+        ],
+    )
+    .unwrap();
+    let trainer = orpo::train::load_trainer(&config).unwrap();
+    assert_eq!(trainer.model.adapter().unwrap().spec.r, 4);
 }

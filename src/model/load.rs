@@ -41,10 +41,17 @@ const HUB_FILES: &[&str] = &[
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
+    // A LoRA adapter repository (PEFT's layout) instead of a model.
+    "adapter_config.json",
+    "adapter_model.safetensors",
 ];
 
+/// The file a repository must hold: a model's config, or else an adapter's.
+const ANCHORS: [&str; 2] = ["config.json", lora::ADAPTER_CONFIG];
+
 /// A local folder is used as is; anything else that looks like `org/name` is fetched through
-/// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only, see `crate::hub`).
+/// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only, see `crate::hub`):
+/// a model, or a LoRA adapter repository (adapter_config.json, no config.json).
 pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
     let local = Path::new(id);
     if local.is_dir() {
@@ -64,16 +71,8 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
         id: id.to_string(),
         msg,
     };
-    let mut config_path = None;
-    if offline {
+    let config_path = if offline {
         let cache = hf_hub::Cache::from_env().repo(repo);
-        for f in HUB_FILES {
-            if let Some(p) = cache.get(f) {
-                if *f == "config.json" {
-                    config_path = Some(p);
-                }
-            }
-        }
         if let Some(p) = cache.get("model.safetensors.index.json") {
             for shard in shard_names(&p)? {
                 cache.get(&shard).ok_or_else(|| {
@@ -81,40 +80,50 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
                 })?;
             }
         }
+        ANCHORS.iter().find_map(|f| cache.get(f))
     } else {
         let api = crate::hub::api(true).map_err(|e| hub_err(e.to_string()))?;
         let api = api.repo(repo);
-        config_path = Some(
-            api.get("config.json")
-                .map_err(|e| hub_err(format!("config.json: {e}")))?,
-        );
+        let anchor = match api.get("config.json") {
+            Ok(p) => p,
+            // An adapter repository has no config.json.
+            Err(e) => api
+                .get(lora::ADAPTER_CONFIG)
+                .map_err(|_| hub_err(format!("config.json: {e}")))?,
+        };
+        let adapter_repo = anchor.ends_with(lora::ADAPTER_CONFIG);
+        let dir = anchor.parent().unwrap_or(Path::new(".")).to_path_buf();
         for f in &HUB_FILES[1..] {
-            // Optional files: a model has only some of them. The legacy weights only where
-            // there are no safetensors (many repositories hold both).
-            if *f == "pytorch_model.bin" {
-                let dir = config_path.as_ref().and_then(|p| p.parent());
-                let has_safetensors = dir.is_some_and(|d| {
-                    d.join("model.safetensors").exists()
-                        || d.join("model.safetensors.index.json").exists()
-                });
-                if has_safetensors {
-                    continue;
-                }
+            // Optional files: a model has only some of them, an adapter repository no model
+            // weights, a model no adapter. The legacy weights only where there are no
+            // safetensors (many repositories hold both).
+            let adapter_file = f.starts_with("adapter_");
+            let weights = f.starts_with("model.") || *f == "pytorch_model.bin";
+            if (adapter_file && !adapter_repo) || (weights && adapter_repo) {
+                continue;
+            }
+            let has_safetensors = dir.join("model.safetensors").exists()
+                || dir.join("model.safetensors.index.json").exists();
+            if *f == "pytorch_model.bin" && has_safetensors {
+                continue;
             }
             let _ = api.get(f);
         }
-        let index = config_path
-            .as_ref()
-            .map(|p| p.with_file_name("model.safetensors.index.json"));
-        if let Some(index) = index.filter(|p| p.exists()) {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
             for shard in shard_names(&index)? {
                 api.get(&shard)
                     .map_err(|e| hub_err(format!("{shard}: {e}")))?;
             }
         }
-    }
+        Some(anchor)
+    };
     let config_path = config_path.ok_or_else(|| {
-        hub_err("config.json is not in the hub cache (HF_HUB_OFFLINE is set)".into())
+        hub_err(
+            "neither config.json nor adapter_config.json is in the hub cache (HF_HUB_OFFLINE is \
+             set)"
+                .into(),
+        )
     })?;
     Ok(config_path.parent().unwrap_or(Path::new(".")).to_path_buf())
 }

@@ -102,7 +102,7 @@ pub fn lora_spec(l: &crate::config::LoraConfig) -> Result<LoraSpec, Error> {
 pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Error> {
     let lora = match (&config.lora.init_from, config.lora.enabled) {
         (_, false) => None,
-        (Some(dir), true) => Some(adapter_to_continue(config, Path::new(dir), device)?),
+        (Some(dir), true) => Some(adapter_to_continue(config, dir, device)?),
         (None, true) => Some((
             lora_spec(&config.lora)?,
             AdapterInit::Fresh {
@@ -146,9 +146,15 @@ fn lora_settings(spec: &LoraSpec) -> [(&'static str, String); 5] {
 /// are named in a warning) and weights, trained on from where they are.
 fn adapter_to_continue(
     config: &Config,
-    dir: &Path,
+    id: &str,
     device: &Device,
 ) -> Result<(LoraSpec, AdapterInit), Error> {
+    // A local folder, or an adapter repository on the hub.
+    let dir = &match Path::new(id).is_dir() {
+        true => PathBuf::from(id),
+        false => resolve_model_dir(id, None)
+            .map_err(|e| Error::Input(format!("lora.init_from = {id:?}: {e}")))?,
+    };
     if !lora::is_adapter_dir(dir) {
         return Err(Error::Input(format!(
             "lora.init_from = {:?}: no {} there; it must be a LoRA adapter folder (written by \
