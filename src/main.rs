@@ -43,9 +43,9 @@ enum Command {
     },
     /// ORPO metrics on held-out pairs
     Eval {
-        /// Model folder (or hub id), or a LoRA adapter folder, to evaluate (a QLoRA run's
-        /// adapter on its base quantized as the run's orpo.toml says; `--set
-        /// lora.quantize=none|nf4` overrides)
+        /// Model folder (or hub id), or a LoRA adapter folder (or an adapter repository's hub
+        /// id), to evaluate; a run's as it trained (the dtype and a QLoRA base's quantization
+        /// in its orpo.toml; `--set model.dtype=...` / `lora.quantize=...` override)
         #[arg(long)]
         model: String,
         /// Base model of an adapter (default: adapter_config.json's base_model_name_or_path)

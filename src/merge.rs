@@ -64,8 +64,8 @@ pub fn merge(
             out.display()
         )));
     }
-    if crate::train::run_dir::adapter_run_lora(adapter)
-        .is_some_and(|l| l.quantize != crate::config::BaseQuant::None)
+    if crate::train::run_dir::run_config(adapter)
+        .is_some_and(|c| c.lora.quantize != crate::config::BaseQuant::None)
     {
         tracing::info!(
             "the adapter trained against a 4-bit NF4 base (its orpo.toml); it is merged into \

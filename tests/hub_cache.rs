@@ -48,7 +48,9 @@ fn offline_hub_id_loads_from_cache() {
         std::fs::copy(entry.path(), snap.join(entry.file_name())).unwrap();
     }
     assert_eq!(resolve_model_dir("tiny/opt-adapter", None).unwrap(), snap);
-    let load = |id: &str| orpo::train::load_model(id, None, None, None, &Device::Cpu).unwrap();
+    let load = |id: &str| {
+        orpo::train::load_model(id, None, None, Default::default(), &Device::Cpu).unwrap()
+    };
     let ids = candle_core::Tensor::new(&[[5u32, 17, 300, 42]], &Device::Cpu).unwrap();
     let mask = candle_core::Tensor::new(&[[1u32, 1, 1, 1]], &Device::Cpu).unwrap();
     let from_hub = load("tiny/opt-adapter").model.logits(&ids, &mask).unwrap();

@@ -22,7 +22,14 @@ fn adapter_config_json(dir: &Path) -> serde_json::Value {
 fn assert_reloads(model: &CausalLm, dir: &Path, what: &str) -> Tensor {
     let (ids, mask) = probe();
     let live = model.logits(&ids, &mask).unwrap();
-    let reloaded = load_model(&dir.to_string_lossy(), None, None, None, &Device::Cpu).unwrap();
+    let reloaded = load_model(
+        &dir.to_string_lossy(),
+        None,
+        None,
+        Default::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let again = reloaded.model.logits(&ids, &mask).unwrap();
     assert_eq!(
         max_diff(&live, &again),
@@ -523,7 +530,13 @@ fn a_dora_adapter_reloads_merges_and_trains_in_bf16() {
         .filter(|(n, _)| !n.ends_with("lora_magnitude_vector"))
         .collect();
         candle_core::safetensors::save(&tensors, broken.join("adapter_model.safetensors")).unwrap();
-        let e = match load_model(&broken.to_string_lossy(), None, None, None, &Device::Cpu) {
+        let e = match load_model(
+            &broken.to_string_lossy(),
+            None,
+            None,
+            Default::default(),
+            &Device::Cpu,
+        ) {
             Ok(_) => panic!("{name}: an adapter without magnitudes loaded"),
             Err(e) => e.to_string(),
         };
@@ -647,4 +660,60 @@ fn init_from_goes_on_training_a_saved_adapter_with_its_own_settings() {
         e.contains("lora.init_from") && e.contains("adapter_config.json"),
         "{e}"
     );
+}
+
+/// `orpo eval` on a run's saved model evaluates it as the run did: the run's orpo.toml gives
+/// the products' dtype (bf16 here), so the end-of-training evaluation is reproduced exactly,
+/// for a full model and an adapter alike; `--set model.dtype` overrides it.
+#[test]
+fn cli_evaluates_a_saved_run_with_its_own_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [("full", "lora.enabled=false"), ("adapter", "lora.enabled=true")] {
+        let run = tmp.path().join(name);
+        let out_set = format!("train.output_dir={}", run.display());
+        let r = orpo(&[
+            "train",
+            "--config",
+            "configs/tiny-opt.toml",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "model.dtype=bf16",
+            "--set",
+            extra,
+            "--set",
+            &out_set,
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let want: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("eval_metrics.json")).unwrap(),
+        )
+        .unwrap();
+        let run_s = run.to_string_lossy().into_owned();
+        let eval = |sets: &[&str]| -> serde_json::Value {
+            let mut args = vec![
+                "eval",
+                "--model",
+                &run_s,
+                "--data",
+                "examples/data/hh-rlhf-eval-16.jsonl",
+                "--config",
+                "configs/tiny-opt.toml",
+                "--json",
+            ];
+            for s in sets {
+                args.extend(["--set", s]);
+            }
+            let r = orpo(&args);
+            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+            let stdout = String::from_utf8_lossy(&r.stdout);
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+        };
+        assert_eq!(eval(&[])["eval_loss"], want["eval_loss"], "{name}");
+        assert_ne!(
+            eval(&["model.dtype=f32"])["eval_loss"],
+            want["eval_loss"],
+            "{name}"
+        );
+    }
 }

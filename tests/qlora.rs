@@ -99,13 +99,17 @@ fn qlora_trains_every_adapter_and_evaluates_on_its_quantized_base() {
         let q = Some(Quantize {
             double_quant: extra.contains(&"lora.double_quant=true"),
         });
-        let again = load_model(&dir, None, None, q, &Device::Cpu).unwrap();
+        let setup = orpo::train::EvalSetup {
+            quantize: q,
+            ..Default::default()
+        };
+        let again = load_model(&dir, None, None, setup, &Device::Cpu).unwrap();
         assert_eq!(
             max_diff(&live, &again.model.logits(&ids, &mask).unwrap()),
             0.0,
             "{name}"
         );
-        let full = load_model(&dir, None, None, None, &Device::Cpu).unwrap();
+        let full = load_model(&dir, None, None, Default::default(), &Device::Cpu).unwrap();
         assert!(
             max_diff(&live, &full.model.logits(&ids, &mask).unwrap()) > 1e-5,
             "{name}"

@@ -95,7 +95,7 @@ fn evaluations_during_training_are_the_checkpoints_metrics() {
             &dir.display().to_string(),
             None,
             None,
-            None,
+            Default::default(),
             &candle_core::Device::Cpu,
         )
         .unwrap();

@@ -1,6 +1,7 @@
 //! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
 
-use orpo::config::{BaseQuant, Config};
+use candle_core::DType;
+use orpo::config::{BaseQuant, Config, Dtype};
 use orpo::model::Quantize;
 use orpo::Error;
 use std::path::{Path, PathBuf};
@@ -36,30 +37,45 @@ pub fn eval(
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
-    // A QLoRA adapter is evaluated on its base quantized as it trained: as the run's
-    // orpo.toml beside it says, unless `--set lora.quantize=...` says otherwise (an adapter
-    // from elsewhere: as the config or --set says).
-    let chosen = overrides(&set, "lora.quantize") || overrides(&set, "lora.double_quant");
-    let run = match chosen {
-        true => None,
-        false => orpo::train::run_dir::adapter_run_lora(Path::new(&config.model.id)),
+    // A run's model is evaluated as it trained: its orpo.toml beside it gives the products'
+    // dtype and, for a QLoRA adapter, the base's quantization, unless --set says otherwise (a
+    // model from elsewhere: as the config or --set says).
+    let dir = Path::new(&config.model.id);
+    let run = orpo::train::run_dir::run_config(dir);
+    let adapter = orpo::model::lora::is_adapter_dir(dir);
+    let quant_set = overrides(&set, "lora.quantize") || overrides(&set, "lora.double_quant");
+    let lora = match &run {
+        Some(r) if adapter && !quant_set => &r.lora,
+        _ => &config.lora,
     };
-    let lora = run.as_ref().unwrap_or(&config.lora);
+    let dtype = match &run {
+        Some(r) if !overrides(&set, "model.dtype") => r.model.dtype,
+        _ => config.model.dtype,
+    };
     let quantize = (lora.quantize == BaseQuant::Nf4).then_some(Quantize {
         double_quant: lora.double_quant,
     });
-    if run.is_some() && quantize.is_some() {
+    if run.is_some() {
         tracing::info!(
+            dtype = ?dtype,
+            quantize = %lora.quantize,
             double_quant = lora.double_quant,
-            "the adapter's run trained on a 4-bit NF4 base (its orpo.toml): evaluating on the base \
-             quantized the same way (--set lora.quantize=none for the full-precision base)"
+            "evaluating as the run trained (its orpo.toml; --set model.dtype / lora.quantize \
+             override)"
         );
     }
+    let setup = orpo::train::EvalSetup {
+        compute: match dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+        },
+        quantize,
+    };
     let mut loaded = orpo::train::load_model(
         &config.model.id,
         config.model.revision.as_deref(),
         base.as_deref(),
-        quantize,
+        setup,
         &device,
     )?;
     orpo::data::apply_chat_template_setting(

@@ -26,5 +26,5 @@ pub mod tensorboard;
 mod trainer;
 
 pub use log::{EvalEntry, LogEntry};
-pub use setup::{check_data_fits, load_model, load_splits, load_trainer, LoadedModel};
+pub use setup::{check_data_fits, load_model, load_splits, load_trainer, EvalSetup, LoadedModel};
 pub use trainer::{TrainSummary, Trainer};

@@ -12,18 +12,18 @@ use std::path::{Path, PathBuf};
 /// The run's configuration, in each checkpoint and beside the final model.
 pub const RUN_CONFIG: &str = "orpo.toml";
 
-/// The `[lora]` settings of the run that wrote adapter folder `dir` (its orpo.toml), if it
-/// is a local adapter folder with one; an unreadable one is named in a warning.
-pub fn adapter_run_lora(dir: &Path) -> Option<crate::config::LoraConfig> {
+/// The settings of the run that wrote the model or adapter folder `dir` (its orpo.toml), if
+/// it is a local folder with one; an unreadable one is named in a warning.
+pub fn run_config(dir: &Path) -> Option<crate::config::Config> {
     let path = dir.join(RUN_CONFIG);
-    if !crate::model::lora::is_adapter_dir(dir) || !path.is_file() {
+    if !path.is_file() {
         return None;
     }
     let text = std::fs::read_to_string(&path).ok()?;
     match crate::config::Config::from_toml_str(&text, &path.display().to_string(), &[]) {
-        Ok(c) => Some(c.lora),
+        Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("{e}: not read for the adapter's settings");
+            tracing::warn!("{e}: not read for the run's settings");
             None
         }
     }

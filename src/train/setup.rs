@@ -19,16 +19,33 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
 }
 
+/// How `load_model` sets a model up: the products' dtype, and for an adapter its base's
+/// quantization (a QLoRA adapter evaluated on the base it was trained against).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalSetup {
+    pub compute: DType,
+    pub quantize: Option<Quantize>,
+}
+
+impl Default for EvalSetup {
+    fn default() -> Self {
+        EvalSetup {
+            compute: DType::F32,
+            quantize: None,
+        }
+    }
+}
+
 /// Loads a full model, or a LoRA adapter folder on top of its base: `base` when given, else
-/// `base_model_name_or_path` from adapter_config.json; that base quantized as `quantize`
-/// says (a QLoRA adapter evaluated on the base it was trained against).
+/// `base_model_name_or_path` from adapter_config.json; set up as `setup` says.
 pub fn load_model(
     id: &str,
     revision: Option<&str>,
     base: Option<&str>,
-    quantize: Option<Quantize>,
+    setup: EvalSetup,
     device: &Device,
 ) -> Result<LoadedModel, Error> {
+    let EvalSetup { compute, quantize } = setup;
     let dir = resolve_model_dir(id, revision)?;
     if !lora::is_adapter_dir(&dir) {
         if let Some(b) = base {
@@ -44,7 +61,11 @@ pub fn load_model(
             );
         }
         let tokenizer = Tokenizer::from_dir(&dir)?;
-        let model = CausalLm::load(&dir, device)?;
+        let opts = LoadOptions {
+            compute,
+            ..LoadOptions::default()
+        };
+        let model = CausalLm::load_with(&dir, device, opts)?;
         return Ok(LoadedModel {
             dir,
             model,
@@ -68,6 +89,7 @@ pub fn load_model(
     let opts = LoadOptions {
         lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
         quantize,
+        compute,
         ..LoadOptions::default()
     };
     let model = CausalLm::load_with(&base_dir, device, opts)?;
