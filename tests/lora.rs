@@ -668,7 +668,10 @@ fn init_from_goes_on_training_a_saved_adapter_with_its_own_settings() {
 #[test]
 fn cli_evaluates_a_saved_run_with_its_own_dtype() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, extra) in [("full", "lora.enabled=false"), ("adapter", "lora.enabled=true")] {
+    for (name, extra) in [
+        ("full", "lora.enabled=false"),
+        ("adapter", "lora.enabled=true"),
+    ] {
         let run = tmp.path().join(name);
         let out_set = format!("train.output_dir={}", run.display());
         let r = orpo(&[
@@ -685,10 +688,9 @@ fn cli_evaluates_a_saved_run_with_its_own_dtype() {
             &out_set,
         ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let want: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("eval_metrics.json")).unwrap(),
-        )
-        .unwrap();
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap())
+                .unwrap();
         let run_s = run.to_string_lossy().into_owned();
         let eval = |sets: &[&str]| -> serde_json::Value {
             let mut args = vec![

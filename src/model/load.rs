@@ -340,6 +340,9 @@ pub struct LoadOptions {
     pub compute: DType,
     /// QLoRA: the frozen base's linear layers (not the head) held as 4-bit NF4.
     pub quantize: Option<Quantize>,
+    /// Every weight a constant (evaluation): none trainable, and under bf16 products the
+    /// weights those read kept in bf16, as a LoRA base is.
+    pub frozen: bool,
 }
 
 /// How a frozen base is quantized (bitsandbytes' `BitsAndBytesConfig(load_in_4bit=True,
@@ -356,6 +359,7 @@ impl Default for LoadOptions {
             merge: false,
             compute: DType::F32,
             quantize: None,
+            frozen: false,
         }
     }
 }
@@ -402,7 +406,7 @@ pub struct AdapterInfo {
 
 impl WeightSource {
     pub fn new(dir: &Path, tensors: HashMap<String, Tensor>, opts: LoadOptions) -> Self {
-        let frozen = opts.lora.is_some() && !opts.merge;
+        let frozen = (opts.lora.is_some() || opts.frozen) && !opts.merge;
         // Only a pattern target is checked against them.
         let modules_in_file = match &opts.lora {
             Some((spec, _)) if matches!(spec.targets, Targets::Pattern(_)) => {

@@ -61,8 +61,11 @@ pub fn load_model(
             );
         }
         let tokenizer = Tokenizer::from_dir(&dir)?;
+        // Constants for evaluation: a bf16 run's model in bf16 (half an f32 copy's memory),
+        // the products' operands as its training's bf16 copies were.
         let opts = LoadOptions {
             compute,
+            frozen: true,
             ..LoadOptions::default()
         };
         let model = CausalLm::load_with(&dir, device, opts)?;
@@ -145,6 +148,7 @@ pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Err
             }),
             _ => None,
         },
+        frozen: false,
     })
 }
 
