@@ -148,23 +148,10 @@ fn cli_evaluates_an_adapter_folder_and_merges_it() {
 
     // `orpo eval` on the adapter reproduces the end-of-training eval exactly.
     let run_s = run.to_string_lossy().into_owned();
-    let r = orpo(&[
-        "eval",
-        "--model",
-        &run_s,
-        "--data",
-        "examples/data/hh-rlhf-eval-16.jsonl",
-        "--config",
-        "configs/tiny-opt.toml",
-        "--json",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let stdout = String::from_utf8_lossy(&r.stdout);
-    let got: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap())
-            .unwrap();
-    assert_eq!(got["eval_loss"], want["eval_loss"]);
+    assert_eq!(
+        cli_eval(&run, &[])["eval_loss"],
+        final_eval(&run)["eval_loss"]
+    );
 
     let merged = tmp.path().join("merged").to_string_lossy().into_owned();
     let base = model_dir("tiny-opt").to_string_lossy().into_owned();
@@ -688,29 +675,8 @@ fn cli_evaluates_a_saved_run_with_its_own_dtype() {
             &out_set,
         ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let want: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap())
-                .unwrap();
-        let run_s = run.to_string_lossy().into_owned();
-        let eval = |sets: &[&str]| -> serde_json::Value {
-            let mut args = vec![
-                "eval",
-                "--model",
-                &run_s,
-                "--data",
-                "examples/data/hh-rlhf-eval-16.jsonl",
-                "--config",
-                "configs/tiny-opt.toml",
-                "--json",
-            ];
-            for s in sets {
-                args.extend(["--set", s]);
-            }
-            let r = orpo(&args);
-            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-            let stdout = String::from_utf8_lossy(&r.stdout);
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-        };
+        let want = final_eval(&run);
+        let eval = |sets: &[&str]| cli_eval(&run, sets);
         assert_eq!(eval(&[])["eval_loss"], want["eval_loss"], "{name}");
         assert_ne!(
             eval(&["model.dtype=f32"])["eval_loss"],

@@ -201,29 +201,8 @@ fn cli_evaluates_a_qlora_adapter_on_its_quantized_base() {
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stderr).contains("4-bit NF4"));
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap())
-            .unwrap();
-    let run_s = run.to_string_lossy().into_owned();
-    let eval = |sets: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "eval",
-            "--model",
-            &run_s,
-            "--data",
-            "examples/data/hh-rlhf-eval-16.jsonl",
-            "--config",
-            "configs/tiny-opt.toml",
-            "--json",
-        ];
-        for s in sets {
-            args.extend(["--set", s]);
-        }
-        let r = orpo(&args);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let stdout = String::from_utf8_lossy(&r.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-    };
+    let want = final_eval(&run);
+    let eval = |sets: &[&str]| cli_eval(&run, sets);
     // The run's orpo.toml says how its base was quantized; --set overrides it.
     assert!(run.join("orpo.toml").is_file());
     assert_eq!(eval(&[])["eval_loss"], want["eval_loss"]);
@@ -234,6 +213,7 @@ fn cli_evaluates_a_qlora_adapter_on_its_quantized_base() {
     );
     // A merge folds it into the full-precision base, and says so.
     let merged = tmp.path().join("merged").to_string_lossy().into_owned();
+    let run_s = run.to_string_lossy().into_owned();
     let r = orpo(&["merge", "--adapter", &run_s, "--out", &merged]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stderr).contains("full-precision weights"));

@@ -189,3 +189,31 @@ pub fn probe() -> (Tensor, Tensor) {
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     (ids, mask)
 }
+
+/// `orpo eval --model MODEL` on examples/data/hh-rlhf-eval-16.jsonl with configs/tiny-opt.toml
+/// and `--set`s, as its JSON line (`eval_*` keys).
+pub fn cli_eval(model: &Path, sets: &[&str]) -> serde_json::Value {
+    let model = model.to_string_lossy().into_owned();
+    let mut args = vec![
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        "examples/data/hh-rlhf-eval-16.jsonl",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--json",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let r = orpo(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// A run folder's `eval_metrics.json` (its end-of-training evaluation).
+pub fn final_eval(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap()).unwrap()
+}
