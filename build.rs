@@ -1,4 +1,5 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
+//! `src/train/adamw8bit.cu`,
 //! `src/train/odds.cu`, `src/train/sum_sq.cu`, `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`,
 //! `src/ops/gather.cu`, `src/ops/rms_norm.cu`, `src/ops/logprob_sum.cu`, `src/ops/nf4.cu`) to PTX with nvcc, as
 //! candle-kernels does for candle's; the driver compiles the PTX for the card when the module
@@ -23,6 +24,7 @@ fn main() {
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     for (src, ptx) in [
         ("src/train/adamw.cu", "adamw.ptx"),
+        ("src/train/adamw8bit.cu", "adamw8bit.ptx"),
         ("src/ops/attn_softmax.cu", "attn_softmax.ptx"),
         ("src/ops/swiglu.cu", "swiglu.ptx"),
         ("src/ops/gather.cu", "gather.ptx"),

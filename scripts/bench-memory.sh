@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Peak memory of the CPU benchmark shape (OPT-125M, 4 pairs per step, max_length 256, the
 # 64 HH-RLHF pairs, 4 steps) under each memory setting: full fine-tuning or LoRA r16
-# all-linear (QLoRA: its base 4-bit NF4), gradient checkpointing off/on, f32 or bf16 products.
+# all-linear (QLoRA: its base 4-bit NF4), gradient checkpointing off/on, f32 or bf16 products,
+# torch's AdamW or bitsandbytes' 8-bit one (`optim.optimizer = "adamw_8bit"`).
 # Prints one line per setting
 # (peak RSS from /usr/bin/time, tokens/s of steps 2-4); the model comes from
 # scripts/bench-cpu.sh's generator.
@@ -48,6 +49,8 @@ PY
 run "full f32"
 run "full f32 + checkpointing" train.gradient_checkpointing=true
 run "full bf16 + checkpointing" train.gradient_checkpointing=true model.dtype=bf16
+run "full f32 + ckpt, 8-bit AdamW" train.gradient_checkpointing=true optim.optimizer=adamw_8bit
+run "full bf16 + ckpt, 8-bit AdamW" train.gradient_checkpointing=true model.dtype=bf16 optim.optimizer=adamw_8bit
 run "LoRA f32" lora.enabled=true
 run "LoRA f32 + checkpointing" lora.enabled=true train.gradient_checkpointing=true
 run "LoRA bf16 + checkpointing" lora.enabled=true train.gradient_checkpointing=true model.dtype=bf16

@@ -23,6 +23,8 @@
 #                                              gathered attention as one padded batch; no TRL)
 #                                            | qlora:WORKLOAD (a LoRA workload with its base
 #                                              4-bit NF4, double-quantized; no TRL)
+#                                            | adam8:WORKLOAD (bitsandbytes' 8-bit AdamW,
+#                                              optim.optimizer = "adamw_8bit"; no TRL)
 #
 # parity      every fixture (tiny-opt, tiny-opt-legacy, tiny-opt-350m-layout, tiny-mistral,
 #             tiny-qwen2, tiny-qwen3, tiny-gemma, tiny-gemma2, tiny-gemma3, tiny-phi3,
@@ -33,7 +35,10 @@
 #             checkpointing + bf16 on tiny-opt, tiny-mistral, tiny-phi3 and tiny-gemma2, and
 #             tiny-mistral
 #             with a sliding window of 3 (f32; bf16 + checkpointing); DoRA on tiny-opt (biases)
-#             and tiny-phi3 (fused projections), f32 and bf16 + checkpointing. Each case also
+#             and tiny-phi3 (fused projections), f32 and bf16 + checkpointing; 8-bit AdamW
+#             (full fine-tuning of tiny-opt and tiny-llama3, f32 and bf16: training runs only,
+#             no probe: one step through 8-bit moments does not give back the gradient; the
+#             kernel equals the CPU update bit for bit). Each case also
 #             runs a gradient probe (one AdamW step with lr = eps = 1e4, so the weight update
 #             is the gradient) and compares every parameter's gradient and gradient norm
 #             against the CPU's (norms: f32 1e-4, bf16 3e-2 as tests/bf16.rs).
@@ -105,7 +110,7 @@ PAR=${GPU_CHECK_PAR:-4}
 # Parity's folder, case-name tag and the device runs' extra environment (parity-fused sets them).
 PDIR=$W/parity PTAG= DEV_ENV=()
 # A benchmark variant's tag, orpo's extra environment (fused:WORKLOAD sets them) and extra
-# config settings (qlora:WORKLOAD).
+# config settings (qlora:WORKLOAD, adam8:WORKLOAD).
 BTAG= BENCH_ENV=() BENCH_SETS=()
 PROF_TAG= PROF_ENV=()
 RESERVE=15
@@ -126,12 +131,12 @@ for a in "${@:-all}"; do
     all) phases+=(parity opt-125m llama-1b mistral-7b) ;;
     bench) phases+=(opt-125m llama-1b mistral-7b) ;;
     parity | parity-fused | parity-nokernels | opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
-    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:* | groups1:* | qlora:*)
+    profile:* | profile-fused:* | profile-auto:* | fused:* | trim:* | chain:* | events:* | groups1:* | qlora:* | adam8:*)
       case ${a#*:} in
         opt-125m | llama-1b | mistral-7b) phases+=("$a") ;;
         *) echo "unknown workload in '$a' (opt-125m, llama-1b, mistral-7b)"; exit 2 ;;
       esac ;;
-    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD, groups1:WORKLOAD, qlora:WORKLOAD)"; exit 2 ;;
+    *) echo "unknown phase '$a' (parity, parity-fused, parity-nokernels, opt-125m, llama-1b, mistral-7b, bench, all, profile:WORKLOAD, profile-fused:WORKLOAD, profile-auto:WORKLOAD, fused:WORKLOAD, trim:WORKLOAD, chain:WORKLOAD, events:WORKLOAD, groups1:WORKLOAD, qlora:WORKLOAD, adam8:WORKLOAD)"; exit 2 ;;
   esac
 done
 
@@ -442,6 +447,22 @@ qlora_block() { # FIXTURE: a 4-bit NF4 base (double-quantized scales), f32 and b
     --set train.gradient_checkpointing=true
 }
 
+adam8_block() { # FIXTURE: bitsandbytes' 8-bit AdamW, full fine-tuning, f32 and bf16 (no probe)
+  local fx=$1 a8=(--set optim.optimizer=adamw_8bit) dt tn a b pid
+  for dt in f32 bf16; do
+    tn=F32_TOL[@]
+    [ "$dt" = bf16 ] && tn=BF16_TOL[@]
+    local tols=("${!tn}")
+    train_tiny "$fx-adam8-$dt" "$fx" ref cpu "$dt" "${a8[@]}" &
+    pid=$!
+    train_tiny "$fx-adam8-$dt" "$fx" dev "$DEV" "$dt" "${a8[@]}"
+    b=$?
+    wait $pid
+    a=$?
+    compare_case "$fx-adam8-$dt" "$fx" "$dt" train $a $b "${tols[@]}"
+  done
+}
+
 # A sliding window (3) shorter than every sequence: padding positions past it have no key at
 # all (the fully masked rows that gave NaN on the plain-op path until fixed).
 window_block() {
@@ -468,6 +489,7 @@ run_parity() {
   for fx in tiny-opt tiny-mistral tiny-phi3 tiny-gemma2; do parallel lora_block "$fx"; done
   for fx in tiny-opt tiny-phi3; do parallel dora_block "$fx"; done
   for fx in tiny-opt tiny-phi3; do parallel qlora_block "$fx"; done
+  for fx in tiny-opt tiny-llama3; do parallel adam8_block "$fx"; done
   for fx in tiny-opt tiny-opt-legacy tiny-opt-350m-layout tiny-mistral tiny-qwen2 tiny-qwen3 \
     tiny-gemma tiny-gemma2 tiny-gemma3 tiny-phi3 tiny-llama3; do
     parallel fixture_block "$fx"
@@ -813,9 +835,14 @@ bench_variant() { # TAG ENV WL
   BTAG= BENCH_ENV=()
 }
 
-bench_qlora() { # WL (a LoRA workload): its base 4-bit NF4 with double-quantized scales
-  BTAG=+qlora BENCH_SETS=(--set lora.quantize=nf4 --set lora.double_quant=true)
-  bench_workload "$1"
+bench_sets() { # TAG WL SETTING...: the workload with config settings of its own
+  BTAG=$1
+  local wl=$2
+  shift 2
+  BENCH_SETS=()
+  local s
+  for s in "$@"; do BENCH_SETS+=(--set "$s"); done
+  bench_workload "$wl"
   BTAG= BENCH_SETS=()
 }
 
@@ -1030,7 +1057,8 @@ for i in "${!phases[@]}"; do
       chain:*) bench_variant +attention-chain ORPO_RECOMPUTE_ATTENTION=0 "${p#chain:}" ;;
       events:*) bench_variant +stream-events ORPO_CUDA_EVENTS=1 "${p#events:}" ;;
       groups1:*) bench_variant +one-attention-batch ORPO_ATTENTION_GROUPS=1 "${p#groups1:}" ;;
-      qlora:*) bench_qlora "${p#qlora:}" ;;
+      qlora:*) bench_sets +qlora "${p#qlora:}" lora.quantize=nf4 lora.double_quant=true ;;
+      adam8:*) bench_sets +adamw8bit "${p#adam8:}" optim.optimizer=adamw_8bit ;;
       *) bench_workload "$p" ;;
     esac
   fi

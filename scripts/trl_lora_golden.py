@@ -28,15 +28,23 @@ dequantize_4bit misreads absmax when a weight's rows are a multiple of 16 but no
 replaced by bitsandbytes' own torch kernel (flat 64-value blocks, as CUDA; identical results
 wherever the C kernel is right); and Linear4bit's AVX512-BF16 inference repacking is switched off
 so evaluation stays in float32.
+optim=NAME: TrainingArguments.optim (default adamw_torch_fused, transformers 5's default, which
+the goldens above ran): e.g. adamw_bnb_8bit (bitsandbytes' AdamW, optim_bits=8). With a
+bitsandbytes optimizer, fix_bnb_cpu_quant=1 (default) replaces bnb 0.50.2's CPU quantize_blockwise
+(a 65536-entry lookup table) by bnb's own torch kernel (nearest code, as CUDA; see
+scripts/adamw8bit_golden.py, imported from this folder), and the output gains
+`optimizer_state_bits`: {PEFT parameter name: 8 or 32} from the trained optimizer's state. Both
+settings are written to the output's `settings` only away from the default optimizer.
 PAIRS.jsonl: one pair a line, any TRL preference format; the last
 `eval_pairs` lines are held out for evaluation.
 Settings (defaults): steps=4 batch=2 lr=1e-3 beta=0.1 max_length=128
 weight_decay=0.1 max_grad_norm=1.0 grad_accum=1 eval_pairs=4 scheduler=linear warmup=0
-quant=none double_quant=0 fix_bnb_cpu_dequant=1
+quant=none double_quant=0 fix_bnb_cpu_dequant=1 optim=adamw_torch_fused fix_bnb_cpu_quant=1
 """
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import datasets
 import torch
@@ -48,6 +56,9 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 DEFAULTS = dict(steps=4, batch=2, lr=1e-3, beta=0.1, max_length=128, weight_decay=0.1,
                 max_grad_norm=1.0, grad_accum=1, eval_pairs=4, scheduler="linear", warmup=0,
                 quant="none", double_quant=0, fix_bnb_cpu_dequant=1)
+# Settings added after the goldens above: written to the output only with another optimizer.
+LATER = dict(optim="adamw_torch_fused", fix_bnb_cpu_quant=1)
+DEFAULTS.update(LATER)
 
 
 def bnb_cpu_dequant_is_wrong():
@@ -109,6 +120,12 @@ def main():
     for kv in sys.argv[5:]:
         k, v = kv.split("=", 1)
         settings[k] = type(DEFAULTS[k])(v)
+    bnb_optim = False
+    if settings["optim"] != LATER["optim"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from adamw8bit_golden import fix_bnb_cpu_quant, is_bnb_optim, optimizer_state_bits
+        bnb_optim = is_bnb_optim(settings["optim"])
+    quant_fixed = bnb_optim and bool(settings["fix_bnb_cpu_quant"]) and fix_bnb_cpu_quant()
     torch.manual_seed(0)
 
     rows = [json.loads(line) for line in open(pairs_path) if line.strip()]
@@ -152,7 +169,7 @@ def main():
         gradient_accumulation_steps=settings["grad_accum"], logging_steps=1,
         beta=settings["beta"], max_length=settings["max_length"], bf16=False, fp16=False,
         gradient_checkpointing=False, report_to=[], seed=0, use_cpu=True, save_strategy="no",
-        eval_strategy="no", remove_unused_columns=False, dataloader_num_workers=0)
+        eval_strategy="no", remove_unused_columns=False, dataloader_num_workers=0, optim=settings["optim"])
     trainer = SequentialORPOTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=datasets.Dataset.from_list(train_rows),
@@ -193,11 +210,18 @@ def main():
     decayed = sorted(peft_name(n) for n in trainer.get_decay_parameter_names(model) if ".lora_" in n)
     eval_metrics = scalars(trainer.evaluate())
 
+    written = {k: v for k, v in settings.items()
+               if k not in LATER or (settings["optim"] != LATER["optim"] and (k == "optim" or bnb_optim))}
+    source = "TRL ORPOTrainer (trl.experimental.orpo) + PEFT LoRA, float32, CPU, every dropout zeroed, pairs in file order"
+    if bnb_optim:
+        source += (f", optim={settings['optim']} (bitsandbytes {__import__('bitsandbytes').__version__}"
+                   + (", its CPU quantize_blockwise replaced by its torch kernel: nearest code)"
+                      if quant_fixed else ", its CPU lookup-table quantize_blockwise)"))
     out = dict(
-        source="TRL ORPOTrainer (trl.experimental.orpo) + PEFT LoRA, float32, CPU, every dropout zeroed, pairs in file order",
+        source=source,
         versions=dict(trl=__import__("trl").__version__, transformers=__import__("transformers").__version__,
                       torch=torch.__version__),
-        model=model_dir.rstrip("/").split("/")[-1], settings=settings, optimizer=str(args.optim),
+        model=model_dir.rstrip("/").split("/")[-1], settings=written, optimizer=str(args.optim),
         adam=dict(beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon),
         pad_token_id=tokenizer.pad_token_id, train_pairs=train_rows, eval_pairs=eval_rows,
         tokenized=tokenized, tokenized_eval=tokenized_eval, initial_per_pair=per_pair,
@@ -206,6 +230,8 @@ def main():
         lora=json.load(open(f"{adapter_dir}/adapter_config.json")))
     if quant is not None:
         out["quantization"] = quant
+    if bnb_optim:
+        out["optimizer_state_bits"] = optimizer_state_bits(trainer.optimizer, model.named_parameters(), peft_name)
     json.dump(out, open(out_path, "w"), indent=1)
 
 

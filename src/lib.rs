@@ -7,6 +7,7 @@
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dynamic_map;
 pub mod eval;
 pub mod hub;
 pub mod kernel_check;

@@ -41,7 +41,7 @@ scheduler = "{sched}"
 warmup_steps = {warmup}
 weight_decay = {wd}
 max_grad_norm = {mgn}
-[train]
+{optimizer}[train]
 batch_size = {bs}
 grad_accum = {ga}
 max_steps = {steps}
@@ -61,6 +61,11 @@ output_dir = "{dir}/run"
         bs = s["batch"],
         ga = s["grad_accum"],
         steps = s["steps"],
+        // transformers' bitsandbytes names (adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit).
+        optimizer = match s["optim"].as_str() {
+            Some(o) if o.ends_with("8bit") => "optimizer = \"adamw_8bit\"\n",
+            _ => "",
+        },
     );
     // LoRA goldens: TRL trained the adapter orpo initialises from train.seed (42).
     let lora = match g.get("lora") {
@@ -102,6 +107,11 @@ fn check_extra(name: &str, file: &str) {
 }
 
 fn check_golden(name: &str, g: &Value, sets: &[&str]) {
+    check_golden_within(name, g, sets, 2e-6);
+}
+
+/// `check_golden` with `eval_atol` as the evaluation metrics' absolute floor.
+fn check_golden_within(name: &str, g: &Value, sets: &[&str], eval_atol: f64) {
     let tmp = tempfile::tempdir().unwrap();
     let config = golden_config(name, g, tmp.path(), sets);
     let mut trainer = load_trainer(&config).unwrap();
@@ -179,7 +189,7 @@ fn check_golden(name: &str, g: &Value, sets: &[&str]) {
             gv,
             w.as_f64().unwrap(),
             2e-3,
-            2e-6,
+            eval_atol,
         );
     }
 }
@@ -306,6 +316,65 @@ fn qlora_training_matches_trl_with_peft_on_a_bitsandbytes_base() {
 fn qlora_with_double_quantization_matches_trl_with_peft() {
     // A tied Llama 3 with double-quantized scales, accumulation over two micro-batches.
     check_extra("tiny-llama3", "tiny-llama3.qlora-dq.trl.json");
+}
+
+#[test]
+fn eight_bit_adamw_matches_trl_with_bitsandbytes() {
+    // A full fine-tune: the linear weights' moments 8-bit (q/k/v/out_proj exactly 4,096
+    // values), the embeddings' and the biases' and norms' f32.
+    check_extra("tiny-opt", "tiny-opt.adamw8bit.trl.json");
+}
+
+#[test]
+fn eight_bit_adamw_on_lora_adapters_matches_trl_with_peft() {
+    // r 64: every A and B 8-bit; A's first gradients all zero (B starts at zero), so its
+    // blocks' absmax values are 0. The evaluation's log-odds (8e-4, a difference of two
+    // log-odds near -7) get an absolute floor of 2e-5: the gradients' f32 rounding moves a
+    // few second moments across the lowest codes of the unsigned map (3.25e-7 and 7.75e-7 of
+    // the block's largest: steps of 100%), which f32 moments do not magnify; orpo ends 1.1e-5
+    // from TRL there, its loss 1.2e-6 relative. This golden's 8-bit and f32 runs differ by
+    // ~2e-4 (tiny-opt.adamw8bit's by up to 6e-3): it holds the adapters' 8-bit path to TRL,
+    // and the full fine-tune's golden tells the two optimizers apart.
+    let path = fixtures().join("golden/extra/tiny-opt.lora-adamw8bit.trl.json");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    check_golden_within("tiny-opt", &g, &[], 2e-5);
+}
+
+/// Which tensors keep 8-bit moments is bitsandbytes' and transformers' choice, as TRL's
+/// optimizer held them (`optimizer_state_bits`): read from a checkpoint's optimizer state.
+#[test]
+fn eight_bit_moments_are_the_tensors_bitsandbytes_quantizes() {
+    for file in [
+        "tiny-opt.adamw8bit.trl.json",
+        "tiny-opt.lora-adamw8bit.trl.json",
+    ] {
+        let path = fixtures().join("golden/extra").join(file);
+        let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let sets = ["train.max_steps=2", "train.save_every=1"];
+        let config = golden_config("tiny-opt", &g, tmp.path(), &sets);
+        let mut trainer = load_trainer(&config).unwrap();
+        trainer.run(None, &AtomicBool::new(false)).unwrap();
+        let state = candle_core::safetensors::load(
+            tmp.path().join("run/checkpoint-1/optimizer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let bits = g["optimizer_state_bits"].as_object().unwrap();
+        assert!(!bits.is_empty());
+        for (name, want) in bits {
+            let got = if state.contains_key(&format!("exp_avg_8bit.{name}")) {
+                8
+            } else {
+                assert!(
+                    state.contains_key(&format!("exp_avg.{name}")),
+                    "{file}: {name}"
+                );
+                32
+            };
+            assert_eq!(Some(got), want.as_u64(), "{file}: {name}");
+        }
+    }
 }
 
 #[test]

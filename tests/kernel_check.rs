@@ -22,14 +22,14 @@ fn every_kernel_check_passes_on_the_cpu() {
             .filter(|o| o.mode == mode && o.errors.iter().any(|(k, _)| k == "out"))
             .map(|o| o.op)
             .collect();
-        assert_eq!(ops.len(), 19, "{mode:?}: {ops:?}");
+        assert_eq!(ops.len(), 20, "{mode:?}: {ops:?}");
     }
     // Gradients compared wherever an input is trained (all but the forward-only ops).
     let graded = outcomes
         .iter()
         .filter(|o| o.errors.iter().any(|(k, _)| k.starts_with("d_")))
         .count();
-    assert_eq!(graded, outcomes.len() - 2 * 6);
+    assert_eq!(graded, outcomes.len() - 2 * 8);
 }
 
 /// A result off by more than the tolerance fails, and `--only` selects by name.

@@ -90,6 +90,7 @@ fn steps_leave_nothing_behind(model: &str) {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        eight_bit: false,
     });
     let mut live = Vec::new();
     for step in 0..5 {

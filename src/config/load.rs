@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::schema::{
     describe, key_hint, key_kind, section_keys, suggest_key, suggest_section, KeyKind,
 };
-use super::{BaseQuant, ConfigError, Dtype, Interval, SaveDtype, Scheduler};
+use super::{BaseQuant, ConfigError, Dtype, Interval, Optimizer, SaveDtype, Scheduler};
 
 /// The values of `train.report_to` (transformers' `report_to`) orpo knows.
 pub const REPORT_TO: [&str; 2] = ["tensorboard", "none"];
@@ -49,7 +49,8 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
             | KeyKind::Dtype
             | KeyKind::Scheduler
             | KeyKind::SaveDtype
-            | KeyKind::Quant,
+            | KeyKind::Quant
+            | KeyKind::Optimizer,
             Some(v @ toml::Value::String(_)),
         ) => v,
         (
@@ -57,7 +58,8 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
             | KeyKind::Dtype
             | KeyKind::Scheduler
             | KeyKind::SaveDtype
-            | KeyKind::Quant,
+            | KeyKind::Quant
+            | KeyKind::Optimizer,
             _,
         ) => toml::Value::String(text.to_string()),
         (
@@ -257,6 +259,14 @@ pub(super) fn check_and_normalise(
                         return Err(wrong("a string", v));
                     };
                     if let Err(m) = s.parse::<BaseQuant>() {
+                        return Err(origin.invalid(&full, m));
+                    }
+                }
+                KeyKind::Optimizer => {
+                    let Some(s) = v.as_str() else {
+                        return Err(wrong("a string", v));
+                    };
+                    if let Err(m) = s.parse::<Optimizer>() {
                         return Err(origin.invalid(&full, m));
                     }
                 }

@@ -25,7 +25,9 @@ pub use schema::{KeyKind, SCHEMA};
 pub use sections::{
     Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, OrpoConfig, TrainConfig,
 };
-pub use values::{BaseQuant, DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
+pub use values::{
+    BaseQuant, DataFiles, Dtype, Interval, LoraTargets, Optimizer, SaveDtype, Scheduler,
+};
 
 use load::{apply_overrides, check_and_normalise, Origin};
 

@@ -19,6 +19,8 @@ pub enum KeyKind {
     SaveDtype,
     /// `"nf4"` or `"none"`.
     Quant,
+    /// transformers' `optim` names.
+    Optimizer,
 }
 
 /// Every valid `section.key`, with its value type.
@@ -56,6 +58,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
         (
             "optim",
             &[
+                ("optimizer", Optimizer),
                 ("lr", Float),
                 ("scheduler", Scheduler),
                 ("warmup_steps", UInt),

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BaseQuant, DataFiles, Dtype, Interval, LoraTargets, SaveDtype, Scheduler};
+use super::{BaseQuant, DataFiles, Dtype, Interval, LoraTargets, Optimizer, SaveDtype, Scheduler};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -133,6 +133,8 @@ impl Default for OrpoConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
+    /// transformers' `optim`: torch's AdamW or bitsandbytes' 8-bit AdamW.
+    pub optimizer: Optimizer,
     pub lr: f64,
     pub scheduler: Scheduler,
     pub warmup_steps: usize,
@@ -164,6 +166,7 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
+            optimizer: Optimizer::AdamWTorch,
             lr: 8e-6,
             scheduler: Scheduler::Linear,
             warmup_steps: 0,

@@ -758,3 +758,49 @@ fn quantize_takes_nf4_with_or_without_double_quantization() {
     assert_eq!(e.key(), Some("lora.quantize"), "{e}");
     assert!(e.to_string().contains("lora.enabled = true"), "{e}");
 }
+
+#[test]
+fn optimizer_takes_transformers_names() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.optim.optimizer, Optimizer::AdamWTorch);
+    for (name, want) in [
+        ("adamw_torch", Optimizer::AdamWTorch),
+        ("adamw_torch_fused", Optimizer::AdamWTorch),
+        ("adamw_8bit", Optimizer::AdamW8bit),
+        ("adamw_bnb_8bit", Optimizer::AdamW8bit),
+        ("paged_adamw_8bit", Optimizer::AdamW8bit),
+    ] {
+        let c = load(MINIMAL, &[&format!("optim.optimizer={name}")]).unwrap();
+        assert_eq!(c.optim.optimizer, want, "{name}");
+        let c = load(
+            &format!("[optim]\noptimizer = \"{name}\"\n"),
+            &["model.id=m"],
+        )
+        .unwrap();
+        assert_eq!(c.optim.optimizer, want, "{name} in the file");
+        // Saved under its canonical name, read back the same.
+        let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+        assert_eq!(back, c);
+        assert!(c
+            .to_toml_string()
+            .contains(&format!("optimizer = \"{}\"", want.as_str())));
+    }
+    for (v, hint) in [
+        ("adamw_hf", "\"adamw_torch\" is torch's AdamW"),
+        ("adafactor", "adamw_bnb_8bit"),
+        ("sgd", "valid"),
+    ] {
+        let e = load(MINIMAL, &[&format!("optim.optimizer={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("optim.optimizer"), "{v}: {e}");
+        assert!(e.to_string().contains(hint), "{v}: {e}");
+    }
+    let e = load("[model]\nid = \"m\"\n[optim]\noptimizer = 8\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("optim.optimizer"), "{e}");
+    // The schema's spelling of transformers' key is suggested for it.
+    let e = load(
+        "[model]\nid = \"m\"\n[optim]\noptim = \"adamw_8bit\"\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("optim.optimizer"), "{e}");
+}

@@ -124,6 +124,60 @@ impl FromStr for Scheduler {
     }
 }
 
+/// The optimizer, by transformers' `optim` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// torch's AdamW (transformers' default `adamw_torch_fused`; `adamw_torch` is the same
+    /// update).
+    #[default]
+    #[serde(rename = "adamw_torch", alias = "adamw_torch_fused")]
+    AdamWTorch,
+    /// bitsandbytes' 8-bit AdamW (`adamw_bnb_8bit`; `paged_adamw_8bit` is the same update with
+    /// the state in pageable memory, which orpo does not need).
+    #[serde(
+        rename = "adamw_8bit",
+        alias = "adamw_bnb_8bit",
+        alias = "paged_adamw_8bit"
+    )]
+    AdamW8bit,
+}
+
+impl Optimizer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Optimizer::AdamWTorch => "adamw_torch",
+            Optimizer::AdamW8bit => "adamw_8bit",
+        }
+    }
+}
+
+impl fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Optimizer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adamw_torch" | "adamw_torch_fused" => Ok(Optimizer::AdamWTorch),
+            "adamw_8bit" | "adamw_bnb_8bit" | "paged_adamw_8bit" => Ok(Optimizer::AdamW8bit),
+            "adamw_hf" | "adamw_torch_foreach" | "adamw_apex_fused" | "paged_adamw_32bit" => {
+                Err(format!(
+                    "optimizer `{s}` is not offered; \"adamw_torch\" is torch's AdamW (the \
+                     same update up to rounding)"
+                ))
+            }
+            _ => Err(format!(
+                "unknown optimizer `{s}`; valid: \"adamw_torch\" (transformers' default \
+                 adamw_torch_fused) or \"adamw_8bit\" (bitsandbytes' 8-bit AdamW, also \
+                 spelled adamw_bnb_8bit or paged_adamw_8bit)"
+            )),
+        }
+    }
+}
+
 /// Which modules get LoRA adapters: `"all-linear"`, an explicit list of module names, or (any
 /// other string) a regular expression over full module names, as PEFT reads `target_modules`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -138,7 +138,8 @@ pub(crate) fn all() -> Vec<Case> {
     cases.push(odds_coefficients(8));
     cases.push(norm_of_gradients());
     for &dt in &both {
-        cases.push(adamw(dt));
+        cases.push(adamw(dt, false));
+        cases.push(adamw(dt, true));
     }
     cases
 }
@@ -502,8 +503,10 @@ fn norm_of_gradients() -> Case {
 }
 
 /// Two AdamW steps (a decayed weight over several blocks, an undecayed norm weight), gradients
-/// in `grad_dtype`; the result is each parameter's change.
-fn adamw(grad_dtype: DType) -> Case {
+/// in `grad_dtype`; the result is each parameter's change. With `eight_bit`, bitsandbytes'
+/// 8-bit AdamW: the weight's moments in 8 bits (a short last block of 256), the norm's f32;
+/// its reference is the same update on the CPU in f32, which the kernel equals bit for bit.
+fn adamw(grad_dtype: DType, eight_bit: bool) -> Case {
     let params: [(&'static str, usize); 2] = [
         ("layers.0.mlp.weight", 70_003),
         ("layers.0.norm.weight", 33),
@@ -520,7 +523,7 @@ fn adamw(grad_dtype: DType) -> Case {
             false,
         ));
     }
-    let run: OpFn = Box::new(move |t| {
+    let steps = move |t: &[Tensor]| -> Result<Tensor> {
         let mut vars = Params::default();
         let mut grads = HashMap::new();
         for (i, &(name, _)) in params.iter().enumerate() {
@@ -532,6 +535,7 @@ fn adamw(grad_dtype: DType) -> Case {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
+            eight_bit,
         });
         opt.step(&vars, &grads, 1e-2, 0.5)?;
         let halved: HashMap<String, Tensor> = grads
@@ -549,8 +553,20 @@ fn adamw(grad_dtype: DType) -> Case {
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&changes, D::Minus1)
-    });
-    let mut c = case("adamw", grad_dtype, &[70_003 + 33], inputs, run);
+    };
+    let run: OpFn = Box::new(steps);
+    let name = if eight_bit { "adamw8bit" } else { "adamw" };
+    let mut c = case(name, grad_dtype, &[70_003 + 33], inputs, run);
+    if eight_bit {
+        // The f64 inputs hold f32 values: the update in f32 on the CPU.
+        c.reference = Some(Box::new(move |t| {
+            let t32 = t
+                .iter()
+                .map(|x| x.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            steps(&t32)
+        }));
+    }
     // The f32 update is held to f32's tolerance whatever the gradient's dtype: bf16 gradients
     // widen exactly.
     c.tolerance = F32_TOL;

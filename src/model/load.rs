@@ -605,7 +605,9 @@ impl WeightSource {
         if self.frozen && self.compute == DType::BF16 && file_bf16 {
             return Ok(self.take_raw(name, shape)?.contiguous()?);
         }
-        self.param(name, shape)
+        let t = self.param(name, shape)?;
+        self.params.mark_embedding(name);
+        Ok(t)
     }
 
     /// An untied LM head: a parameter, except frozen under bf16 compute, where it is only ever

@@ -155,36 +155,7 @@ pub fn dequantize_elem(packed: &[u8], absmax: &[f32], i: usize) -> f32 {
 /// bitsandbytes' `create_dynamic_map(signed=True)`: 8-bit codes with a dynamic exponent,
 /// ascending, from -0.99297 to 1.
 pub fn dynamic_map() -> Vec<f32> {
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    for i in 0..7i32 {
-        let means = linspace_means(2usize.pow(i as u32) + 1);
-        let scale = 10f64.powi(i - 6) as f32;
-        data.extend(means.iter().map(|m| scale * m));
-        data.extend(means.iter().map(|m| -(scale * m)));
-    }
-    data.push(0.0);
-    data.push(1.0);
-    data.sort_by(f32::total_cmp);
-    data
-}
-
-/// Midpoints of `torch.linspace(0.1, 1, steps, dtype=float32)`, as torch computes them (f32
-/// step; the first half counted up from the start, the second down from the end, each point
-/// one fused multiply-add).
-fn linspace_means(steps: usize) -> Vec<f32> {
-    let (start, end) = (0.1f32, 1.0f32);
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    let points: Vec<f32> = (0..steps)
-        .map(|i| {
-            if i < half {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((steps - i - 1) as f32, end)
-            }
-        })
-        .collect();
-    points.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+    crate::dynamic_map::dynamic_map(true)
 }
 
 /// A scale's double quantization: its 8-bit code, each 256-block's range, the mean.

@@ -1,12 +1,14 @@
 //! The model's trainable tensors, in load order, under their Hugging Face names.
 
 use candle_core::{Result as CResult, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Default)]
 pub struct Params {
     entries: Vec<(String, Var)>,
     index: HashMap<String, usize>,
+    /// The weights of embedding tables (torch's `nn.Embedding` modules).
+    embeddings: HashSet<String>,
 }
 
 impl Params {
@@ -15,6 +17,17 @@ impl Params {
         self.index.insert(name.clone(), self.entries.len());
         self.entries.push((name, var));
         t
+    }
+
+    /// Marks `name` as an embedding table's weight.
+    pub fn mark_embedding(&mut self, name: &str) {
+        self.embeddings.insert(name.to_string());
+    }
+
+    /// Whether `name` is an embedding table's weight (bitsandbytes' 8-bit optimizers keep
+    /// 32-bit state for those, as transformers registers them).
+    pub fn is_embedding(&self, name: &str) -> bool {
+        self.embeddings.contains(name)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {

@@ -1,5 +1,8 @@
 //! Training: batching plan, collation, forward + ORPO loss, AdamW, schedules, checkpoints.
 
+pub mod adamw8bit;
+#[cfg(feature = "cuda")]
+mod adamw8bit_cuda;
 #[cfg(feature = "cuda")]
 mod adamw_cuda;
 pub mod batch;

@@ -1,8 +1,11 @@
 //! AdamW as torch implements it (decoupled decay, bias correction), with transformers' rule
 //! for which tensors decay, global-norm clipping folded into the update, and state that can
 //! be saved and restored. On CPU the update runs in place over flat f32 buffers in one pass
-//! (no temporaries the size of the model); elsewhere it falls back to tensor ops.
+//! (no temporaries the size of the model); elsewhere it falls back to tensor ops. With
+//! `eight_bit`, bitsandbytes' 8-bit AdamW (`adamw8bit.rs`) holds the moments of the tensors
+//! it would quantize.
 
+use super::adamw8bit::{self, Quantized};
 use crate::model::Params;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Storage, Tensor};
 use std::collections::HashMap;
@@ -25,6 +28,8 @@ pub struct AdamWSettings {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// bitsandbytes' 8-bit moments (transformers' `optim = "adamw_bnb_8bit"`).
+    pub eight_bit: bool,
 }
 
 enum Moments {
@@ -37,12 +42,33 @@ enum Moments {
         m: Tensor,
         v: Tensor,
     },
+    /// 8-bit, on the CPU.
+    Host8 {
+        m: Quantized,
+        v: Quantized,
+    },
+    /// 8-bit elsewhere: u8 codes and f32 absmax values, flat.
+    Device8 {
+        m_codes: Tensor,
+        m_absmax: Tensor,
+        v_codes: Tensor,
+        v_absmax: Tensor,
+    },
 }
 
 pub struct AdamW {
     settings: AdamWSettings,
     step: u64,
     state: HashMap<String, Moments>,
+    /// The 8-bit kernel's code tables, on the device that first needed them.
+    #[cfg(feature = "cuda")]
+    tables: Option<Tensor>,
+}
+
+/// Whether bitsandbytes keeps a tensor's moments in 8 bits: tensors of at least
+/// `min_8bit_size` values, except embeddings, which transformers registers for 32-bit state.
+pub fn eight_bit_moments(params: &Params, name: &str, elems: usize) -> bool {
+    elems >= adamw8bit::MIN_8BIT_SIZE && !params.is_embedding(name)
 }
 
 /// The per-step constants of one update.
@@ -130,12 +156,53 @@ impl InplaceOp2 for HostUpdate<'_> {
     }
 }
 
+/// In-place 8-bit AdamW over one parameter (dst) with its gradient (src).
+struct HostUpdate8<'a> {
+    m: Mutex<&'a mut Quantized>,
+    v: Mutex<&'a mut Quantized>,
+    c: Coefs,
+}
+
+impl InplaceOp2 for HostUpdate8<'_> {
+    fn name(&self) -> &'static str {
+        "adamw8bit-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw8bit-update needs contiguous parameter and gradient");
+        };
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
+            candle_core::bail!("adamw8bit-update needs f32 parameter and gradient");
+        };
+        let poisoned = |_| candle_core::Error::Msg("poisoned".into());
+        let mut m = self.m.lock().map_err(poisoned)?;
+        let mut v = self.v.lock().map_err(poisoned)?;
+        let (p, g) = (&mut p[d0..d1], &g[s0..s1]);
+        if p.len() != g.len() || p.len() != m.codes.len() || p.len() != v.codes.len() {
+            candle_core::bail!("adamw8bit-update: size mismatch");
+        }
+        adamw8bit::update(p, g, &mut m, &mut v, self.c);
+        Ok(())
+    }
+}
+
 impl AdamW {
     pub fn new(settings: AdamWSettings) -> Self {
         AdamW {
             settings,
             step: 0,
             state: HashMap::new(),
+            #[cfg(feature = "cuda")]
+            tables: None,
         }
     }
 
@@ -166,16 +233,31 @@ impl AdamW {
             let p = var.as_tensor();
             let host = crate::ops::fusable_f32(p) && p.is_contiguous();
             if !self.state.contains_key(name) {
-                let fresh = if host {
-                    Moments::Host {
-                        m: vec![0.0; p.elem_count()],
-                        v: vec![0.0; p.elem_count()],
-                    }
-                } else {
+                let n = p.elem_count();
+                let eight = s.eight_bit && eight_bit_moments(params, name, n);
+                let fresh = match (eight, host) {
+                    (false, true) => Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    },
                     // Two buffers: the CUDA update writes them in place.
-                    Moments::Device {
+                    (false, false) => Moments::Device {
                         m: p.zeros_like()?,
                         v: p.zeros_like()?,
+                    },
+                    (true, true) => Moments::Host8 {
+                        m: Quantized::zeros(n),
+                        v: Quantized::zeros(n),
+                    },
+                    (true, false) => {
+                        let blocks = n.div_ceil(adamw8bit::BLOCK);
+                        let dev = p.device();
+                        Moments::Device8 {
+                            m_codes: Tensor::zeros(n, DType::U8, dev)?,
+                            m_absmax: Tensor::zeros(blocks, DType::F32, dev)?,
+                            v_codes: Tensor::zeros(n, DType::U8, dev)?,
+                            v_absmax: Tensor::zeros(blocks, DType::F32, dev)?,
+                        }
                     }
                 };
                 self.state.insert(name.to_string(), fresh);
@@ -215,6 +297,71 @@ impl AdamW {
                 {
                     super::adamw_cuda::update(p, g, m, v, coefs)?;
                 }
+                Moments::Host8 { m, v } => {
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
+                    let op = HostUpdate8 {
+                        m: Mutex::new(m),
+                        v: Mutex::new(v),
+                        c: coefs,
+                    };
+                    p.inplace_op2(&g, &op)?;
+                }
+                #[cfg(feature = "cuda")]
+                Moments::Device8 {
+                    m_codes,
+                    m_absmax,
+                    v_codes,
+                    v_absmax,
+                } if p.device().is_cuda()
+                    && crate::ops::cuda_kernels()
+                    && p.dtype() == DType::F32
+                    && matches!(g.dtype(), DType::F32 | DType::BF16)
+                    && p.is_contiguous() =>
+                {
+                    use super::adamw8bit_cuda::{tables, update, DeviceMoment};
+                    if self.tables.is_none() {
+                        self.tables = Some(tables(p.device())?);
+                    }
+                    let Some(t) = &self.tables else { continue };
+                    let m = DeviceMoment {
+                        codes: m_codes,
+                        absmax: m_absmax,
+                    };
+                    let v = DeviceMoment {
+                        codes: v_codes,
+                        absmax: v_absmax,
+                    };
+                    update(p, g, m, v, t, coefs)?;
+                }
+                Moments::Device8 {
+                    m_codes,
+                    m_absmax,
+                    v_codes,
+                    v_absmax,
+                } => {
+                    // Without the kernel: the CPU update on host copies, written back.
+                    let dev = p.device().clone();
+                    let host = |t: &Tensor| t.flatten_all()?.to_device(&Device::Cpu);
+                    let mut mq = Quantized {
+                        codes: host(m_codes)?.to_vec1()?,
+                        absmax: host(m_absmax)?.to_vec1()?,
+                    };
+                    let mut vq = Quantized {
+                        codes: host(v_codes)?.to_vec1()?,
+                        absmax: host(v_absmax)?.to_vec1()?,
+                    };
+                    let mut pv: Vec<f32> = host(&p.to_dtype(DType::F32)?)?.to_vec1()?;
+                    let gv: Vec<f32> = host(&g.to_dtype(DType::F32)?)?.to_vec1()?;
+                    adamw8bit::update(&mut pv, &gv, &mut mq, &mut vq, coefs);
+                    let back = Tensor::from_vec(pv, p.shape(), &dev)?.to_dtype(p.dtype())?;
+                    var.set(&back)?;
+                    let n = mq.codes.len();
+                    let blocks = mq.absmax.len();
+                    *m_codes = Tensor::from_vec(mq.codes, n, &dev)?;
+                    *m_absmax = Tensor::from_vec(mq.absmax, blocks, &dev)?;
+                    *v_codes = Tensor::from_vec(vq.codes, n, &dev)?;
+                    *v_absmax = Tensor::from_vec(vq.absmax, blocks, &dev)?;
+                }
                 Moments::Device { m, v } => {
                     let g = (g.to_dtype(p.dtype())? * grad_scale)?;
                     *m = ((&*m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
@@ -228,16 +375,44 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments under `exp_avg.NAME` / `exp_avg_sq.NAME`, plus the step count.
+    /// Moments under `exp_avg.NAME` / `exp_avg_sq.NAME` (8-bit ones as `exp_avg_8bit.NAME`
+    /// codes and `exp_avg_absmax.NAME`, likewise `exp_avg_sq_…`), plus the step count.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
+        let cpu = &Device::Cpu;
         for (name, st) in &self.state {
             let (m, v) = match st {
                 Moments::Host { m, v } => (
-                    Tensor::from_slice(m, m.len(), &Device::Cpu)?,
-                    Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+                    Tensor::from_slice(m, m.len(), cpu)?,
+                    Tensor::from_slice(v, v.len(), cpu)?,
                 ),
                 Moments::Device { m, v } => (m.flatten_all()?, v.flatten_all()?),
+                Moments::Host8 { m, v } => {
+                    for (key, q) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                        let (n, b) = (q.codes.len(), q.absmax.len());
+                        out.insert(
+                            format!("{key}_8bit.{name}"),
+                            Tensor::from_slice(&q.codes, n, cpu)?,
+                        );
+                        out.insert(
+                            format!("{key}_absmax.{name}"),
+                            Tensor::from_slice(&q.absmax, b, cpu)?,
+                        );
+                    }
+                    continue;
+                }
+                Moments::Device8 {
+                    m_codes,
+                    m_absmax,
+                    v_codes,
+                    v_absmax,
+                } => {
+                    out.insert(format!("exp_avg_8bit.{name}"), m_codes.clone());
+                    out.insert(format!("exp_avg_absmax.{name}"), m_absmax.clone());
+                    out.insert(format!("exp_avg_sq_8bit.{name}"), v_codes.clone());
+                    out.insert(format!("exp_avg_sq_absmax.{name}"), v_absmax.clone());
+                    continue;
+                }
             };
             out.insert(format!("exp_avg.{name}"), m);
             out.insert(format!("exp_avg_sq.{name}"), v);
@@ -249,36 +424,95 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores moments saved by `state_tensors` for the parameters in `params`.
+    /// Restores moments saved by `state_tensors` for the parameters in `params`. A tensor's
+    /// saved moments must be of the kind this optimizer keeps for it (8-bit or f32).
     pub fn load_state(&mut self, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.state.clear();
         for (name, var) in params.iter() {
-            let (Some(m), Some(v)) = (
-                tensors.get(&format!("exp_avg.{name}")),
-                tensors.get(&format!("exp_avg_sq.{name}")),
-            ) else {
-                continue;
-            };
             let p = var.as_tensor();
-            if m.elem_count() != p.elem_count() || v.elem_count() != p.elem_count() {
-                candle_core::bail!(
-                    "optimizer state for `{name}` does not match the parameter's size"
-                );
-            }
+            let n = p.elem_count();
+            let eight = self.settings.eight_bit && eight_bit_moments(params, name, n);
             let host = crate::ops::fusable_f32(p) && p.is_contiguous();
-            let st = if host {
-                Moments::Host {
-                    m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-                    v: v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            let st = if eight {
+                let get = |key: &str, len: usize, dtype: DType| -> Result<Option<Tensor>> {
+                    let Some(t) = tensors.get(&format!("{key}.{name}")) else {
+                        return Ok(None);
+                    };
+                    if t.elem_count() != len || t.dtype() != dtype {
+                        candle_core::bail!(
+                            "optimizer state `{key}.{name}` does not match the parameter's size"
+                        );
+                    }
+                    Ok(Some(t.flatten_all()?))
+                };
+                let blocks = n.div_ceil(adamw8bit::BLOCK);
+                let parts = (
+                    get("exp_avg_8bit", n, DType::U8)?,
+                    get("exp_avg_absmax", blocks, DType::F32)?,
+                    get("exp_avg_sq_8bit", n, DType::U8)?,
+                    get("exp_avg_sq_absmax", blocks, DType::F32)?,
+                );
+                let (Some(mc), Some(ma), Some(vc), Some(va)) = parts else {
+                    if tensors.contains_key(&format!("exp_avg.{name}")) {
+                        candle_core::bail!(
+                            "the checkpoint holds 32-bit optimizer state for `{name}`, \
+                             this run's optimizer keeps it in 8 bits"
+                        );
+                    }
+                    continue;
+                };
+                if host {
+                    Moments::Host8 {
+                        m: Quantized {
+                            codes: mc.to_vec1()?,
+                            absmax: ma.to_vec1()?,
+                        },
+                        v: Quantized {
+                            codes: vc.to_vec1()?,
+                            absmax: va.to_vec1()?,
+                        },
+                    }
+                } else {
+                    let dev = p.device();
+                    Moments::Device8 {
+                        m_codes: mc.to_device(dev)?,
+                        m_absmax: ma.to_device(dev)?,
+                        v_codes: vc.to_device(dev)?,
+                        v_absmax: va.to_device(dev)?,
+                    }
                 }
             } else {
-                Moments::Device {
-                    m: m.to_dtype(DType::F32)?
-                        .to_device(p.device())?
-                        .reshape(p.shape())?,
-                    v: v.to_dtype(DType::F32)?
-                        .to_device(p.device())?
-                        .reshape(p.shape())?,
+                let (Some(m), Some(v)) = (
+                    tensors.get(&format!("exp_avg.{name}")),
+                    tensors.get(&format!("exp_avg_sq.{name}")),
+                ) else {
+                    if tensors.contains_key(&format!("exp_avg_8bit.{name}")) {
+                        candle_core::bail!(
+                            "the checkpoint holds 8-bit optimizer state for `{name}`, \
+                             this run's optimizer keeps it in 32 bits"
+                        );
+                    }
+                    continue;
+                };
+                if m.elem_count() != n || v.elem_count() != n {
+                    candle_core::bail!(
+                        "optimizer state for `{name}` does not match the parameter's size"
+                    );
+                }
+                if host {
+                    Moments::Host {
+                        m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                        v: v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                    }
+                } else {
+                    Moments::Device {
+                        m: m.to_dtype(DType::F32)?
+                            .to_device(p.device())?
+                            .reshape(p.shape())?,
+                        v: v.to_dtype(DType::F32)?
+                            .to_device(p.device())?
+                            .reshape(p.shape())?,
+                    }
                 }
             };
             self.state.insert(name.to_string(), st);

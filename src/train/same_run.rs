@@ -236,6 +236,27 @@ mod tests {
         assert!(e.contains("lora.targets"), "{e}");
     }
 
+    /// The optimizer's state is kept differently (8-bit codes or f32 moments): a run cannot
+    /// go on with the other one; an alias of the same optimizer is the same setting.
+    #[test]
+    fn the_optimizer_cannot_change() {
+        let dir = checkpoint(&config(&["optim.optimizer=adamw_bnb_8bit"]));
+        check(
+            dir.path(),
+            &config(&["optim.optimizer=paged_adamw_8bit"]),
+            "f",
+            None,
+        )
+        .unwrap();
+        let e = check(dir.path(), &config(&[]), "f", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("optim.optimizer = \"adamw_torch\" (the run: \"adamw_8bit\")"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn equivalent_spellings_are_the_same_setting() {
         let here = env!("CARGO_MANIFEST_DIR");

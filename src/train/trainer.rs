@@ -188,6 +188,7 @@ impl Trainer {
             beta2: cfg.optim.adam_beta2,
             eps: cfg.optim.adam_epsilon,
             weight_decay: cfg.optim.weight_decay,
+            eight_bit: cfg.optim.optimizer == crate::config::Optimizer::AdamW8bit,
         });
         let mut st = RunState::default();
         if let Some(dir) = resume {

@@ -22,6 +22,9 @@
 // Single-rounding intrinsics (the host build has no FMA contraction to prevent).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
