@@ -1,7 +1,7 @@
 //! With the `cuda` feature, compiles the project's own CUDA kernels (`src/train/adamw.cu`,
-//! `src/train/adamw8bit.cu`,
-//! `src/train/odds.cu`, `src/train/sum_sq.cu`, `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`,
-//! `src/ops/gather.cu`, `src/ops/rms_norm.cu`, `src/ops/logprob_sum.cu`, `src/ops/nf4.cu`) to PTX with nvcc, as
+//! `src/train/adamw8bit.cu`, `src/train/odds.cu`, `src/train/sum_sq.cu`,
+//! `src/ops/attn_softmax.cu`, `src/ops/swiglu.cu`, `src/ops/gather.cu`, `src/ops/rms_norm.cu`,
+//! `src/ops/logprob_sum.cu`, `src/ops/nf4.cu`) to PTX with nvcc, as
 //! candle-kernels does for candle's; the driver compiles the PTX for the card when the module
 //! is first loaded. Without the feature nothing runs here. (`scripts/cuda-emu/check.sh` runs
 //! the kernels on a CPU for sessions without a GPU.)

@@ -8,7 +8,7 @@ use crate::model::{resolve_model_dir, CausalLm, LoadOptions};
 use crate::train::checkpoint::{save_model, BaseModel};
 use crate::train::save_dtype;
 use crate::Error;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// Merges the adapter in `adapter` into `base` (or the base its adapter_config.json names) and
@@ -72,9 +72,14 @@ pub fn merge(
              the base's full-precision weights, as QLoRA adapters are"
         );
     }
+    let wanted = save_dtype::resolve(dtype, &base_dir);
     let opts = LoadOptions {
         lora: Some((saved.spec, AdapterInit::Saved(saved.tensors))),
         merge: true,
+        // A bf16 model is held in bf16 as it is merged (half an f32 copy's memory; the merged
+        // weights rounded once, as saving them would). f16 is chosen only after every weight
+        // is seen to fit its range, so that model is held in f32 until saved.
+        merged_dtype: (wanted == DType::BF16).then_some(DType::BF16),
         ..LoadOptions::default()
     };
     let model = CausalLm::load_with(&base_dir, &device, opts)?;
@@ -85,7 +90,6 @@ pub fn merge(
         // An adapter left there would be loaded in place of the merged model.
         crate::train::run_dir::clear_run(out)?;
     }
-    let wanted = save_dtype::resolve(dtype, &base_dir);
     let saved = save_model(
         out,
         &model,

@@ -487,3 +487,53 @@ fn every_fixture_still_loads() {
         CausalLm::load(&model_dir(model), &Device::Cpu).unwrap_or_else(|e| panic!("{model}: {e}"));
     }
 }
+
+/// Weights read a tensor at a time (a QLoRA base, `orpo merge`'s base): a file cut short or
+/// not safetensors at all is an error naming the file, before anything is built on it.
+#[test]
+fn broken_weight_files_read_a_tensor_at_a_time_are_named() {
+    use orpo::model::lora::{AdapterInit, LoraSpec, Targets};
+    use orpo::model::{LoadOptions, Quantize};
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        use_dora: false,
+        targets: Targets::AllLinear,
+    };
+    let qlora = || LoadOptions {
+        lora: Some((spec.clone(), AdapterInit::Fresh { seed: 42 })),
+        quantize: Some(Quantize {
+            double_quant: false,
+        }),
+        ..LoadOptions::default()
+    };
+    for (case, bytes, says) in [
+        ("cut short", None, "cut short"),
+        (
+            "not safetensors",
+            Some(b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage".to_vec()),
+            "not a safetensors file",
+        ),
+        (
+            "a header that is not JSON",
+            Some(b"\x04\0\0\0\0\0\0\0{{{{".to_vec()),
+            "its header",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = weights_copy("tiny-opt", tmp.path(), "model.safetensors", |_| {});
+        let full = std::fs::read(&file).unwrap();
+        let bytes = bytes.unwrap_or_else(|| full[..full.len() - 1000].to_vec());
+        std::fs::write(&file, bytes).unwrap();
+        let msg = match CausalLm::load_with(tmp.path(), &Device::Cpu, qlora()) {
+            Ok(_) => panic!("{case}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            msg.contains(&file.display().to_string()) && msg.contains(says),
+            "{case}: {msg}"
+        );
+    }
+}

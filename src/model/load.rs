@@ -7,6 +7,8 @@ use super::nf4::{self, Nf4Rows};
 use super::params::Params;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -224,30 +226,36 @@ pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAnd
     Ok((out, files))
 }
 
-/// A checkpoint's safetensors files mapped, each tensor read when taken: a base quantized on
-/// the host never exists whole in memory, only one tensor of it at a time.
-pub struct MappedWeights {
-    files: Vec<candle_core::safetensors::MmapedSafetensors>,
+/// A checkpoint's safetensors files, each tensor read from its file when taken: a base
+/// quantized on the host, or merged, never exists whole in memory, only one tensor of it at a
+/// time. Read, not memory-mapped: mapped pages would count in the process's resident memory
+/// as the whole file is walked, though they are only the kernel's cache.
+pub struct LazyWeights {
+    files: Vec<File>,
     /// Name (with the `model.` prefix, as `read_weights_with_files` names them) -> file,
-    /// name in the file, shape, dtype.
-    index: HashMap<String, (usize, String, Vec<usize>, DType)>,
+    /// byte range in it, shape, dtype.
+    index: HashMap<String, (usize, std::ops::Range<u64>, Vec<usize>, DType)>,
 }
 
-impl MappedWeights {
+impl LazyWeights {
     fn read(&self, name: &str) -> Result<Option<Tensor>, candle_core::Error> {
-        match self.index.get(name) {
-            Some((file, stored, ..)) => self.files[*file].load(stored, &Device::Cpu).map(Some),
-            None => Ok(None),
-        }
+        let Some((file, range, shape, dtype)) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let mut f = &self.files[*file];
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        f.seek(SeekFrom::Start(range.start))?;
+        f.read_exact(&mut bytes)?;
+        Tensor::from_raw_buffer(&bytes, *dtype, shape, &Device::Cpu).map(Some)
     }
 }
 
-/// Mapped weights, and the file each tensor is in (for messages).
-pub type MappedAndFiles = (MappedWeights, HashMap<String, PathBuf>);
+/// Lazily read weights, and the file each tensor is in (for messages).
+pub type LazyAndFiles = (LazyWeights, HashMap<String, PathBuf>);
 
-/// `dir`'s safetensors (one file or shards) mapped, with the file of each tensor; `None` for a
-/// `pytorch_model.bin` checkpoint, which is read whole.
-pub fn map_weights_with_files(dir: &Path) -> Result<Option<MappedAndFiles>, ModelError> {
+/// `dir`'s safetensors (one file or shards) indexed for reading a tensor at a time, with the
+/// file of each tensor; `None` for a `pytorch_model.bin` checkpoint, which is read whole.
+pub fn lazy_weights_with_files(dir: &Path) -> Result<Option<LazyAndFiles>, ModelError> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let paths = if single.is_file() {
@@ -268,7 +276,7 @@ pub fn map_weights_with_files(dir: &Path) -> Result<Option<MappedAndFiles>, Mode
     } else {
         return Ok(None);
     };
-    let mut mapped = MappedWeights {
+    let mut lazy = LazyWeights {
         files: Vec::new(),
         index: HashMap::new(),
     };
@@ -278,25 +286,56 @@ pub fn map_weights_with_files(dir: &Path) -> Result<Option<MappedAndFiles>, Mode
             path: path.clone(),
             msg,
         };
-        // SAFETY: the mapping is read-only; a checkpoint rewritten while a run loads it is
-        // outside what any loader can guard against (candle's own mapped loader says the same).
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-            .map_err(|e| bad(e.to_string()))?;
-        for (stored, view) in st.tensors() {
-            let dtype = DType::try_from(view.dtype()).map_err(|e| bad(e.to_string()))?;
+        let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;
+        let (start, header) = read_header(&mut file).map_err(bad)?;
+        let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        for (stored, info) in header.tensors() {
+            let dtype = DType::try_from(info.dtype).map_err(|e| bad(e.to_string()))?;
+            let (a, b) = info.data_offsets;
+            let range = start + a as u64..start + b as u64;
+            let want = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
+            if range.end > len {
+                return Err(bad(format!(
+                    "the file is cut short: tensor `{stored}` ends at byte {}, the file at {len}",
+                    range.end
+                )));
+            }
+            if b - a != want {
+                return Err(bad(format!(
+                    "tensor `{stored}`: {} bytes for a {:?} {dtype:?} tensor of {want}",
+                    b - a,
+                    info.shape
+                )));
+            }
             let name = if stored.starts_with("model.") || stored.starts_with("lm_head.") {
                 stored.clone()
             } else {
                 format!("model.{stored}")
             };
             files.insert(name.clone(), path.clone());
-            mapped
-                .index
-                .insert(name, (i, stored, view.shape().to_vec(), dtype));
+            lazy.index
+                .insert(name, (i, range, info.shape.clone(), dtype));
         }
-        mapped.files.push(st);
+        lazy.files.push(file);
     }
-    Ok(Some((mapped, files)))
+    Ok(Some((lazy, files)))
+}
+
+/// A safetensors file's header: where its data starts, and its tensors.
+fn read_header(file: &mut File) -> Result<(u64, safetensors::tensor::Metadata), String> {
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        return Err(format!("not a safetensors file: a header of {n} bytes"));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
+    let meta = serde_json::from_slice(&header)
+        .map_err(|e| format!("not a safetensors file: its header: {e}"))?;
+    Ok((8 + n, meta))
 }
 
 /// Refuses a weight the model is about to use that is not floating point (an integer tensor
@@ -343,6 +382,9 @@ pub struct LoadOptions {
     /// Every weight a constant (evaluation): none trainable, and under bf16 products the
     /// weights those read kept in bf16, as a LoRA base is.
     pub frozen: bool,
+    /// With `merge`: each tensor kept in this dtype once merged (`orpo merge`'s output
+    /// dtype), so the model never exists whole in f32.
+    pub merged_dtype: Option<DType>,
 }
 
 /// How a frozen base is quantized (bitsandbytes' `BitsAndBytesConfig(load_in_4bit=True,
@@ -360,6 +402,7 @@ impl Default for LoadOptions {
             compute: DType::F32,
             quantize: None,
             frozen: false,
+            merged_dtype: None,
         }
     }
 }
@@ -380,7 +423,9 @@ pub struct WeightSource {
     /// the host, so its full-precision weights never occupy the GPU).
     target: Option<Device>,
     /// Tensors still in their files (read on the host as taken), beside `tensors`.
-    mapped: Option<MappedWeights>,
+    lazy: Option<LazyWeights>,
+    /// See [`LoadOptions::merged_dtype`].
+    merged_dtype: Option<DType>,
 }
 
 struct LoraPlan {
@@ -433,7 +478,8 @@ impl WeightSource {
             frozen,
             quantize: opts.quantize.filter(|_| frozen),
             target: None,
-            mapped: None,
+            lazy: None,
+            merged_dtype: opts.merged_dtype.filter(|_| opts.merge),
             lora: opts.lora.map(|(spec, init)| LoraPlan {
                 spec,
                 init,
@@ -457,12 +503,12 @@ impl WeightSource {
         self
     }
 
-    /// Takes tensors from mapped files too, reading each on the host when taken (its module
+    /// Takes tensors from their files too, reading each on the host when taken (its module
     /// names join those a pattern target is checked against).
-    pub fn with_mapped(mut self, mapped: MappedWeights) -> Self {
+    pub fn with_lazy(mut self, lazy: LazyWeights) -> Self {
         if let Some(plan) = self.lora.as_mut() {
             if matches!(plan.spec.targets, Targets::Pattern(_)) {
-                for name in mapped.index.keys() {
+                for name in lazy.index.keys() {
                     let parts: Vec<&str> = name.split('.').collect();
                     for n in 1..parts.len() {
                         plan.modules_in_file.insert(parts[..n].join("."));
@@ -470,7 +516,7 @@ impl WeightSource {
                 }
             }
         }
-        self.mapped = Some(mapped);
+        self.lazy = Some(lazy);
         self
     }
 
@@ -494,7 +540,7 @@ impl WeightSource {
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
             || self
-                .mapped
+                .lazy
                 .as_ref()
                 .is_some_and(|m| m.index.contains_key(name))
     }
@@ -503,7 +549,7 @@ impl WeightSource {
     fn stored_dtype(&self, name: &str) -> Option<DType> {
         match self.tensors.get(name) {
             Some(t) => Some(t.dtype()),
-            None => self.mapped.as_ref()?.index.get(name).map(|e| e.3),
+            None => self.lazy.as_ref()?.index.get(name).map(|e| e.3),
         }
     }
 
@@ -517,7 +563,7 @@ impl WeightSource {
     fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let t = match self.tensors.remove(name) {
             Some(t) => t,
-            None => self.take_mapped(name, shape)?,
+            None => self.take_lazy(name, shape)?,
         };
         if t.dims() != shape {
             return Err(self.err(format!(
@@ -532,10 +578,10 @@ impl WeightSource {
         }
     }
 
-    /// A mapped tensor read on the host (its shape checked first: a wrong one is not read).
-    fn take_mapped(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    /// A tensor read from its file on the host (its shape checked first: a wrong one is not read).
+    fn take_lazy(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let dims = self
-            .mapped
+            .lazy
             .as_ref()
             .and_then(|m| m.index.get(name))
             .map(|e| e.2.clone());
@@ -556,15 +602,15 @@ impl WeightSource {
             path: file.clone(),
             msg: format!("tensor `{name}`: {msg}"),
         };
-        let mapped = self
-            .mapped
+        let lazy = self
+            .lazy
             .as_mut()
-            .ok_or_else(|| read_err("not mapped".into()))?;
-        let t = mapped
+            .ok_or_else(|| read_err("not indexed".into()))?;
+        let t = lazy
             .read(name)
             .map_err(|e| read_err(e.to_string()))?
             .ok_or_else(|| read_err("not in its file".into()))?;
-        mapped.index.remove(name);
+        lazy.index.remove(name);
         Ok(t)
     }
 
@@ -588,6 +634,10 @@ impl WeightSource {
         if self.frozen {
             return Ok(t);
         }
+        let t = match self.merged_dtype {
+            Some(dtype) => t.to_dtype(dtype)?,
+            None => t,
+        };
         Ok(self.params.insert(name.to_string(), Var::from_tensor(&t)?))
     }
 

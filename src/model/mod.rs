@@ -47,14 +47,15 @@ impl CausalLm {
     /// with a saved adapter merged in, as `opts` says.
     pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        // A base to quantize is read on the host, a tensor at a time from its mapped files:
+        // A base to quantize is read on the host, a tensor at a time from its files:
         // its full-precision weights are never all in memory and never reach the device, only
-        // their 4-bit form (and the rest, moved as taken).
+        // their 4-bit form (and the rest, moved as taken). A merge reads its base the same
+        // way, each tensor kept in the output dtype once merged.
         let quantize = opts.quantize.is_some() && opts.lora.is_some() && !opts.merge;
-        let mut source = match quantize {
-            true => match load::map_weights_with_files(dir)? {
-                Some((mapped, files)) => load::WeightSource::new(dir, HashMap::new(), opts)
-                    .with_mapped(mapped)
+        let mut source = match quantize || opts.merge {
+            true => match load::lazy_weights_with_files(dir)? {
+                Some((lazy, files)) => load::WeightSource::new(dir, HashMap::new(), opts)
+                    .with_lazy(lazy)
                     .with_files(files),
                 None => {
                     let (tensors, files) = load::read_weights_with_files(dir, &Device::Cpu)?;

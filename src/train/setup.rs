@@ -149,6 +149,7 @@ pub fn load_options(config: &Config, device: &Device) -> Result<LoadOptions, Err
             _ => None,
         },
         frozen: false,
+        merged_dtype: None,
     })
 }
 
