@@ -14,11 +14,19 @@ With epochs=E > 0 the run is `num_train_epochs=E` (may be fractional) with max_s
 transformers takes ceil(E * steps per epoch) optimizer steps, an epoch being
 ceil(micro-batches / grad_accum) steps (the last one possibly short), and `steps` is unused.
 eval_strategy ("steps" or "epoch") and save_strategy ("no", "steps" or "epoch", saving each
-eval_steps steps with "steps") are the Trainer's own. The output then also records the Trainer's
-`state.max_steps` as "max_steps" and the steps of the checkpoint-N folders it wrote as
-"checkpoints" (sorted), and its settings leave out the ones that run did not use (steps with
-epochs > 0, eval_steps with neither strategy "steps"). At the defaults (epochs=0 eval_strategy=steps
-save_strategy=no) none of these keys is written: the output is the same as before these settings.
+save_steps steps with "steps"; save_steps unset = eval_steps) are the Trainer's own. The output then
+also records the Trainer's `state.max_steps` as "max_steps" and the steps of the checkpoint-N
+folders it wrote as "checkpoints" (sorted), and its settings leave out the ones that run did not use
+(steps with epochs > 0, eval_steps with neither strategy "steps" (or save_steps set), save_steps
+without save_strategy "steps"). At the defaults (epochs=0 eval_strategy=steps save_strategy=no,
+save_steps unset) none of these keys is written: the output is the same as before these settings.
+
+logging_steps, eval_steps and save_steps take an integer or, as transformers does, a float, passed
+to ORPOConfig unchanged (TrainingArguments refuses a non-integer above 1; 1.0 is one step). A value
+below 1 is a fraction of the run's optimizer steps: TrainerState.compute_steps makes it
+math.ceil(max_steps * x). When any of them is below 1 the output also has "max_steps",
+"checkpoints" and "resolved_steps": the Trainer's `state.logging_steps`, `eval_steps`,
+`save_steps` after training, as {"logging", "eval", "save"}.
 
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
@@ -26,11 +34,18 @@ Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-6
 eval=examples/data/hh-rlhf-eval-16.jsonl steps=15 batch=6 grad_accum=3 lr=1e-3 beta=0.1
 max_length=512 weight_decay=0.05 max_grad_norm=1.0 scheduler=linear warmup_ratio=0.1
 logging_steps=3 eval_steps=4 shuffle=0 seed=0 epochs=0 eval_strategy=steps save_strategy=no
+save_steps= (unset: eval_steps)
 
 tests/fixtures/golden/extra/tiny-opt.epochs.trl.json (2.5 epochs of 4 steps, the 4th of each
 epoch over 2 micro-batches: 10 steps, evaluations and checkpoints at each epoch's end) is:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.epochs.trl.json \
     epochs=2.5 eval_strategy=epoch save_strategy=epoch logging_steps=1 batch=6 grad_accum=3
+
+tests/fixtures/golden/extra/tiny-opt.fractions.trl.json (the same 10 steps; logging every
+ceil(2.5) = 3 steps, evaluating every ceil(4.5) = 5, saving every ceil(7.0) = 7, plus the
+Trainer's evaluation and save at the last step) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.fractions.trl.json \
+    epochs=2.5 logging_steps=0.25 eval_steps=0.45 save_steps=0.7 save_strategy=steps batch=6 grad_accum=3
 """
 import json
 import os
@@ -41,7 +56,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 sys.path.insert(0, os.environ.get("TRL_GOLDEN_DIR", str(Path(__file__).resolve().parents[2] / "shared/tools")))
@@ -52,8 +67,38 @@ DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64
                 lr=1e-3, beta=0.1, max_length=512, weight_decay=0.05, max_grad_norm=1.0,
                 scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4, shuffle=0, seed=0)
 # Settings added after the goldens above: written to the output only away from these defaults.
-LATER = dict(epochs=0.0, eval_strategy="steps", save_strategy="no")
+LATER = dict(epochs=0.0, eval_strategy="steps", save_strategy="no", save_steps=None,
+             load_best=0, metric=None, greater_is_better=None, save_total_limit=0)
 DEFAULTS.update(LATER)
+STEP_KEYS = ("logging_steps", "eval_steps", "save_steps")
+
+
+def parse(k, v):
+    if k in STEP_KEYS:  # an integer, or a float as given (a fraction of the run below 1)
+        return int(v) if v.lstrip("+-").isdigit() else float(v)
+    if k == "metric":  # metric_for_best_model, with or without the "eval_" prefix; empty = unset
+        return v or None
+    if k == "greater_is_better":  # empty = unset (transformers' default from the metric's name)
+        return None if v == "" else bool(int(v))
+    return type(DEFAULTS[k])(v)
+
+
+def norms(model):
+    return {n: float(p.detach().norm()) for n, p in model.named_parameters()}
+
+
+def name(path):  # a checkpoint path as its "checkpoint-N" basename
+    return None if path is None else Path(path).name
+
+
+class SavedNorms(TrainerCallback):
+    """The model's parameter norms at each checkpoint save, to tell which weights train() ends with."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.by_step[state.global_step] = norms(model)
 
 
 def main():
@@ -61,7 +106,7 @@ def main():
     s = dict(DEFAULTS)
     for kv in sys.argv[2:]:
         k, v = kv.split("=", 1)
-        s[k] = type(DEFAULTS[k])(v)
+        s[k] = parse(k, v)
     torch.manual_seed(s["seed"])
     load = lambda p: datasets.Dataset.from_list([json.loads(l) for l in open(p) if l.strip()])
 
@@ -75,6 +120,8 @@ def main():
     assert s["epochs"] >= 0 and s["eval_strategy"] in ("steps", "epoch")
     assert s["save_strategy"] in ("no", "steps", "epoch")
     by_epochs = s["epochs"] > 0
+    save_steps = s["eval_steps"] if s["save_steps"] is None else s["save_steps"]
+    fractional = any(s[k] is not None and s[k] < 1 for k in STEP_KEYS)
     length = dict(num_train_epochs=s["epochs"], max_steps=-1) if by_epochs else dict(max_steps=s["steps"])
     output_dir = tempfile.mkdtemp()
     args = ORPOConfig(
@@ -83,37 +130,71 @@ def main():
         lr_scheduler_type=s["scheduler"], warmup_steps=s["warmup_ratio"],
         weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"],
         gradient_accumulation_steps=s["grad_accum"], logging_steps=s["logging_steps"],
-        eval_strategy=s["eval_strategy"], eval_steps=s["eval_steps"], save_steps=s["eval_steps"], beta=s["beta"],
+        eval_strategy=s["eval_strategy"], eval_steps=s["eval_steps"], save_steps=save_steps, beta=s["beta"],
         max_length=s["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
         report_to=[], seed=s["seed"], use_cpu=True, save_strategy=s["save_strategy"], remove_unused_columns=False,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, load_best_model_at_end=bool(s["load_best"]), metric_for_best_model=s["metric"],
+        greater_is_better=s["greater_is_better"], save_total_limit=s["save_total_limit"] or None)
     trainer_class = ORPOTrainer if s["shuffle"] else SequentialORPOTrainer
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
                             train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))
     # TRL has no prompt truncation: a prompt that fills max_length would give NaN.
     for ds in (trainer.train_dataset, trainer.eval_dataset):
         assert all(len(r["prompt_input_ids"]) < s["max_length"] for r in ds)
+    saved, loaded = SavedNorms(), []
+    trainer.add_callback(saved)
+    load_best_model = trainer._load_best_model
+
+    def record_load():  # the checkpoint _load_best_model reads, at the end of train()
+        loaded.append(name(trainer.state.best_model_checkpoint))
+        load_best_model()
+
+    trainer._load_best_model = record_load
     trainer.train()
 
-    hist = trainer.state.log_history
+    hist = list(trainer.state.log_history)
+    best = None
+    if s["load_best"]:
+        st = trainer.state
+        final_norms = norms(model)
+        states = {}
+        for ckpt in sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+            js = json.load(open(ckpt / "trainer_state.json"))
+            states[ckpt.name] = dict(global_step=js["global_step"], best_metric=js["best_metric"],
+                                     best_global_step=js["best_global_step"],
+                                     best_model_checkpoint=name(js["best_model_checkpoint"]))
+        best = dict(
+            metric_for_best_model=args.metric_for_best_model, greater_is_better=args.greater_is_better,
+            save_total_limit=args.save_total_limit, best_metric=st.best_metric,
+            best_global_step=st.best_global_step, best_model_checkpoint=name(st.best_model_checkpoint),
+            loaded_checkpoint=loaded[0] if loaded else None,
+            final_weights_saved_at=[k for k, v in saved.by_step.items() if v == final_norms],
+            checkpoint_states=states)
+        eval_after = {k: float(v) for k, v in trainer.evaluate().items()}
+    resolved = dict(logging=trainer.state.logging_steps, eval=trainer.state.eval_steps, save=trainer.state.save_steps)
     max_steps = trainer.state.max_steps
     checkpoints = sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*"))
     shutil.rmtree(output_dir)
-    later = any(s[k] != v for k, v in LATER.items())
+    later = any(s[k] != v for k, v in LATER.items()) or fractional
+    eval_steps_used = s["eval_strategy"] == "steps" or (s["save_strategy"] == "steps" and s["save_steps"] is None)
     settings = {k: v for k, v in s.items() if not (k in LATER and v == LATER[k])
                 and not (k == "steps" and by_epochs)
-                and not (k == "eval_steps" and "steps" not in (s["eval_strategy"], s["save_strategy"]))}
+                and not (k == "eval_steps" and not eval_steps_used)
+                and not (k == "save_steps" and s["save_strategy"] != "steps")}
     out = dict(
         source="TRL ORPOTrainer (trl.experimental.orpo), float32, CPU, every dropout zeroed, pairs in "
                + ("the Trainer's shuffled order" if s["shuffle"] else "file order") + "; train_log: the log_history entries with `loss`, eval_log: those with `eval_loss`",
         versions=dict(trl=__import__("trl").__version__, transformers=__import__("transformers").__version__,
                       torch=torch.__version__),
         settings=settings, **(dict(max_steps=max_steps, checkpoints=checkpoints) if later else {}),
+        **(dict(resolved_steps=resolved) if fractional else {}),
         warmup_steps=args.get_warmup_steps(max_steps),
         train_pairs=len(trainer.train_dataset), eval_pairs=len(trainer.eval_dataset),
         at_max_length=[sum(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) == s["max_length"]
                            for r in ds) for ds in (trainer.train_dataset, trainer.eval_dataset)],
         train_log=[e for e in hist if "loss" in e], eval_log=[e for e in hist if "eval_loss" in e])
+    if best is not None:
+        out.update(best=best, final_param_norms=final_norms, eval_after_training=eval_after)
     json.dump(out, open(out_path, "w"), indent=1)
 
 

@@ -340,7 +340,7 @@ fn a_config_that_changes_what_the_run_trains_is_refused_by_key() {
     run.trainer.train.pairs.reverse();
 
     // Where and how often it writes may change.
-    run.trainer.config.train.log_every = 2;
+    run.trainer.config.train.log_every = orpo::config::Interval::Steps(2);
     run.trainer.config.train.save_every = orpo::config::Interval::Steps(1);
     run.trainer.config.train.save_total_limit = Some(1);
     run.trainer

@@ -320,6 +320,18 @@ pub(super) fn check_and_normalise(
                 },
                 KeyKind::Interval => match v {
                     toml::Value::Integer(i) if *i >= 0 => {}
+                    toml::Value::Float(f) if *f > 0.0 && *f < 1.0 => {}
+                    // transformers takes 1.0 as one step and refuses 1.5.
+                    toml::Value::Float(f) if *f >= 1.0 && f.fract() == 0.0 => {}
+                    toml::Value::Float(f) => {
+                        return Err(origin.invalid(
+                            &full,
+                            format!(
+                                "expected a number of steps, a fraction below 1 of the run's \
+                                 steps or \"epoch\", found {f}"
+                            ),
+                        ))
+                    }
                     toml::Value::String(s) if s == Interval::EPOCH => {}
                     toml::Value::String(s) => {
                         return Err(origin.invalid(
@@ -331,7 +343,12 @@ pub(super) fn check_and_normalise(
                             ),
                         ))
                     }
-                    _ => return Err(wrong("a non-negative integer or \"epoch\"", v)),
+                    _ => {
+                        return Err(wrong(
+                            "a non-negative integer, a fraction below 1 or \"epoch\"",
+                            v,
+                        ))
+                    }
                 },
                 KeyKind::ReportTo => {
                     let items: Vec<&toml::Value> = match v {

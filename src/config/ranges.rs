@@ -1,7 +1,7 @@
 //! Value ranges, checked once the configuration is deserialised.
 
 use super::load::Origin;
-use super::{BaseQuant, Config, ConfigError, LoraTargets};
+use super::{BaseQuant, Config, ConfigError, Interval, LoraTargets};
 
 impl Config {
     /// The schedules' arguments: each only with a schedule that reads it, in its range.
@@ -277,7 +277,7 @@ impl Config {
                 "train.epochs = 0 with train.max_steps = 0 would train nothing; set one of them",
             ));
         }
-        if t.log_every == 0 {
+        if t.log_every == Interval::Never {
             return Err(o.invalid("train.log_every", "must be at least 1"));
         }
         if t.save_total_limit == Some(0) {

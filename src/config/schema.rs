@@ -14,7 +14,7 @@ pub enum KeyKind {
     Paths,
     /// Where to report the curves besides metrics.jsonl: a string or a list of strings.
     ReportTo,
-    /// A number of optimizer steps, or `"epoch"`.
+    /// A number of optimizer steps, a fraction of the run's steps, or `"epoch"`.
     Interval,
     SaveDtype,
     /// `"nf4"` or `"none"`.
@@ -85,7 +85,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("max_steps", UInt),
                 ("shuffle", Bool),
                 ("seed", UInt),
-                ("log_every", UInt),
+                ("log_every", Interval),
                 ("save_every", Interval),
                 ("save_total_limit", UInt),
                 ("eval_every", Interval),

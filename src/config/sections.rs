@@ -202,7 +202,8 @@ pub struct TrainConfig {
     pub max_steps: usize,
     pub shuffle: bool,
     pub seed: u64,
-    pub log_every: usize,
+    /// Steps per logged line (a fraction: of the run's steps; `"epoch"`: each epoch's end).
+    pub log_every: Interval,
     /// A checkpoint every N steps or at every epoch's end (never: only the final model).
     pub save_every: Interval,
     /// Keep at most this many `checkpoint-*` folders (None: keep all).
@@ -246,7 +247,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             shuffle: true,
             seed: 42,
-            log_every: 10,
+            log_every: Interval::Steps(10),
             save_every: Interval::Never,
             save_total_limit: None,
             eval_every: Interval::Never,

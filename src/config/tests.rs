@@ -45,7 +45,7 @@ fn defaults() {
     assert!(t.shuffle);
     assert_eq!(
         (t.seed, t.log_every, t.save_every),
-        (42, 10, Interval::Never)
+        (42, Interval::Steps(10), Interval::Never)
     );
     assert_eq!(t.save_total_limit, None);
     assert_eq!(t.output_dir, "runs/example");
@@ -602,7 +602,8 @@ fn save_and_eval_every_take_steps_or_epoch() {
         ("no", "0 here"),
         ("epochs", "singular"),
         ("-1", "non-negative"),
-        ("1.5", "non-negative integer"),
+        ("1.5", "a fraction below 1"),
+        ("-0.5", "a fraction below 1"),
     ] {
         let e = load(MINIMAL, &[&format!("train.eval_every={v}")]).unwrap_err();
         assert_eq!(e.key(), Some("train.eval_every"), "{v}: {e}");
@@ -615,6 +616,44 @@ fn save_and_eval_every_take_steps_or_epoch() {
     c.data.train = Some("pairs.jsonl".into());
     let e = c.validate_for_train().unwrap_err();
     assert!(e.to_string().contains("eval_every = \"epoch\""), "{e}");
+}
+
+/// transformers' `logging_steps`/`eval_steps`/`save_steps` below 1: a share of the run's
+/// steps, rounded up (`math.ceil(max_steps * x)`); 1.0 is one step.
+#[test]
+fn intervals_may_be_a_fraction_of_the_run() {
+    let c = load(
+        MINIMAL,
+        &[
+            "train.log_every=0.25",
+            "train.eval_every=0.3",
+            "train.save_every=1.0",
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.train.log_every, Interval::Fraction(0.25));
+    assert_eq!(c.train.eval_every, Interval::Fraction(0.3));
+    assert_eq!(c.train.save_every, Interval::Steps(1));
+    let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+    assert_eq!(back, c);
+    let c = load("[model]\nid = \"m\"\n[train]\nlog_every = 0.5\n", &[]).unwrap();
+    assert_eq!(c.train.log_every, Interval::Fraction(0.5));
+    // ceil(10 × 0.25) = 3, ceil(10 × 0.3) = 3 (the product is 3.0 in f64, as in Python),
+    // ceil(7 × 0.3) = 3, ceil(1 × 0.01) = 1.
+    for (f, total, steps) in [(0.25, 10, 3), (0.3, 10, 3), (0.3, 7, 3), (0.01, 1, 1)] {
+        assert_eq!(
+            Interval::Fraction(f).resolve(total),
+            Interval::Steps(steps),
+            "{f} of {total}"
+        );
+    }
+    assert_eq!(Interval::Epoch.resolve(10), Interval::Epoch);
+    assert_eq!(Interval::Steps(4).resolve(10), Interval::Steps(4));
+    // log_every takes "epoch" too (transformers' logging_strategy), never 0.
+    let c = load(MINIMAL, &["train.log_every=epoch"]).unwrap();
+    assert_eq!(c.train.log_every, Interval::Epoch);
+    let e = load(MINIMAL, &["train.log_every=0"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.log_every"), "{e}");
 }
 
 #[test]

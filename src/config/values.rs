@@ -297,12 +297,16 @@ fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> 
     Ok(out)
 }
 
-/// How often something happens during training (`train.save_every`, `train.eval_every`):
-/// every N optimizer steps (0: never), or at the end of every epoch, as transformers'
-/// `save_strategy` / `eval_strategy` `"steps"` and `"epoch"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How often something happens during training (`train.log_every`, `train.save_every`,
+/// `train.eval_every`): every N optimizer steps (0: never), every fraction of the run's steps
+/// (a number below 1, as transformers' `logging_steps`/`eval_steps`/`save_steps` below 1:
+/// `ceil(total steps × fraction)`), or at the end of every epoch, as transformers'
+/// `"steps"` and `"epoch"` strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Interval {
     Steps(usize),
+    /// In (0, 1): a share of the run's optimizer steps.
+    Fraction(f64),
     #[default]
     Never,
     Epoch,
@@ -324,11 +328,20 @@ impl Interval {
         self != Interval::Never
     }
 
+    /// A fraction as its number of steps in a run of `total` (transformers'
+    /// `TrainerState.compute_steps`: `math.ceil(max_steps * fraction)`); the rest as they are.
+    pub fn resolve(self, total: usize) -> Self {
+        match self {
+            Interval::Fraction(f) => Interval::steps(((total as f64) * f).ceil() as usize),
+            other => other,
+        }
+    }
+
     /// Whether it falls after optimizer step `done` (from 1), `steps_per_epoch` steps making
-    /// an epoch.
+    /// an epoch (a fraction: resolve it first).
     pub fn due(self, done: usize, steps_per_epoch: usize) -> bool {
         match self {
-            Interval::Never => false,
+            Interval::Never | Interval::Fraction(_) => false,
             Interval::Steps(n) => done.is_multiple_of(n),
             Interval::Epoch => done.is_multiple_of(steps_per_epoch.max(1)),
         }
@@ -339,6 +352,7 @@ impl fmt::Display for Interval {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Interval::Steps(n) => write!(f, "{n}"),
+            Interval::Fraction(x) => write!(f, "{x}"),
             Interval::Never => f.write_str("0"),
             Interval::Epoch => write!(f, "\"{}\"", Interval::EPOCH),
         }
@@ -349,6 +363,7 @@ impl Serialize for Interval {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Interval::Steps(n) => s.serialize_u64(*n as u64),
+            Interval::Fraction(x) => s.serialize_f64(*x),
             Interval::Never => s.serialize_u64(0),
             Interval::Epoch => s.serialize_str(Interval::EPOCH),
         }
@@ -361,7 +376,16 @@ impl<'de> Deserialize<'de> for Interval {
         impl<'de> Visitor<'de> for V {
             type Value = Interval;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number of steps or \"epoch\"")
+                f.write_str("a number of steps, a fraction of the run's steps or \"epoch\"")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Interval, E> {
+                if v > 0.0 && v < 1.0 {
+                    Ok(Interval::Fraction(v))
+                } else if v >= 1.0 && v.fract() == 0.0 && v <= usize::MAX as f64 {
+                    Ok(Interval::steps(v as usize))
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Float(v), &self))
+                }
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Interval, E> {
                 usize::try_from(v)

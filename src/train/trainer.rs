@@ -270,7 +270,10 @@ impl Trainer {
         bar.set_position(st.step as u64);
         let start = Instant::now();
         let elapsed_before = st.elapsed_s;
-        let log_every = cfg.train.log_every.max(1);
+        // Fractions of the run's steps, as steps.
+        let log_every = cfg.train.log_every.resolve(total);
+        let eval_every = cfg.train.eval_every.resolve(total);
+        let save_every = cfg.train.save_every.resolve(total);
         let mut epoch = st.epoch;
         for step in st.step..total {
             let sb = plan.step(step);
@@ -326,7 +329,7 @@ impl Trainer {
                 step_metrics.rewards_accuracy(),
                 st.total_tokens as f64 / elapsed.max(1e-9)
             ));
-            if done % log_every == 0 || done == total {
+            if log_every.due(done, plan.steps_per_epoch) || done == total {
                 let entry = LogEntry {
                     step: done,
                     epoch,
@@ -347,7 +350,7 @@ impl Trainer {
                 st.pending_tokens = 0;
             }
             // The last step's evaluation is the final one, below.
-            let due = cfg.train.eval_every.due(done, plan.steps_per_epoch) && done < total;
+            let due = eval_every.due(done, plan.steps_per_epoch) && done < total;
             if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
                 let entry = self.evaluate_at(data, done, epoch)?;
                 let line = entry.to_json();
@@ -358,7 +361,7 @@ impl Trainer {
                 st.evals.push(entry);
             }
             let interrupted = stop.load(Ordering::SeqCst);
-            let due = cfg.train.save_every.due(done, plan.steps_per_epoch);
+            let due = save_every.due(done, plan.steps_per_epoch);
             if done < total && (interrupted || due) {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
                 let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
