@@ -28,6 +28,19 @@ math.ceil(max_steps * x). When any of them is below 1 the output also has "max_s
 "checkpoints" and "resolved_steps": the Trainer's `state.logging_steps`, `eval_steps`,
 `save_steps` after training, as {"logging", "eval", "save"}.
 
+load_best=1 is the Trainer's `load_best_model_at_end=True`, with metric= its `metric_for_best_model`
+(unset: transformers' "loss"; "eval_" is prefixed when missing), greater_is_better= (empty/unset:
+transformers' default, True unless the metric's name ends in "loss"; 0 or 1) and save_total_limit=N
+(0: unset). The output then also has "best": the Trainer's resolved metric_for_best_model and
+greater_is_better, its final `state.best_metric`, `best_global_step` and `best_model_checkpoint`
+(as the "checkpoint-N" basename), "loaded_checkpoint" (the checkpoint `_load_best_model` read at the
+end of train(), null when it was not called), "final_weights_saved_at" (the steps whose checkpoint
+save saw exactly the parameter norms train() ended with) and "checkpoint_states" (global_step and
+the best_* fields of each checkpoint-N/trainer_state.json left after training); plus, after train(),
+"final_param_norms" (the model as train() left it) and "eval_after_training" (trainer.evaluate()
+on it). "checkpoints" lists the folders left after training (rotation by save_total_limit, and with
+save_total_limit=1 the Trainer's deletion at the end of every checkpoint but the best).
+
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
 Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-64.jsonl
@@ -46,6 +59,24 @@ ceil(2.5) = 3 steps, evaluating every ceil(4.5) = 5, saving every ceil(7.0) = 7,
 Trainer's evaluation and save at the last step) is:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.fractions.trl.json \
     epochs=2.5 logging_steps=0.25 eval_steps=0.45 save_steps=0.7 save_strategy=steps batch=6 grad_accum=3
+
+tests/fixtures/golden/extra/tiny-opt.best.trl.json (20 steps at lr 1e-2, evaluations and checkpoints
+every 4 steps, eval_rewards/margins best at step 8 of 4, 8, 12, 16, 20, at most 1 checkpoint kept
+besides the best) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.best.trl.json \
+    steps=20 lr=1e-2 eval_steps=4 save_steps=4 save_strategy=steps load_best=1 metric=rewards/margins \
+    save_total_limit=1
+
+tests/fixtures/golden/extra/tiny-opt.best-unsaved.trl.json (the same run, evaluating every 3 steps and
+saving every 6: the best evaluation, step 9, has no checkpoint, and the Trainer loads checkpoint-6) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.best-unsaved.trl.json \
+    steps=20 lr=1e-2 eval_steps=3 save_steps=6 save_strategy=steps load_best=1 metric=rewards/margins
+
+tests/fixtures/golden/extra/tiny-opt.best-unsaved-first.trl.json (lr 2e-2, evaluating every 5 steps
+and saving every 10: the best evaluation is the first, step 5, with no checkpoint, so no
+best_model_checkpoint is ever set and train() ends with the last step's weights) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.best-unsaved-first.trl.json \
+    steps=20 lr=2e-2 eval_steps=5 save_steps=10 save_strategy=steps load_best=1 metric=rewards/margins
 """
 import json
 import os

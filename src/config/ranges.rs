@@ -280,6 +280,7 @@ impl Config {
         if t.log_every == Interval::Never {
             return Err(o.invalid("train.log_every", "must be at least 1"));
         }
+        self.check_best_model(o)?;
         if t.save_total_limit == Some(0) {
             return Err(o.invalid(
                 "train.save_total_limit",
@@ -341,5 +342,63 @@ fn valid_device(d: &str) -> bool {
         _ => d
             .strip_prefix("cuda:")
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
+impl Config {
+    /// `train.load_best_model_at_end`'s requirements, as transformers states them: evaluations
+    /// and checkpoints on the same schedule (both at epochs' ends, or checkpoints every
+    /// multiple of the evaluations' steps, fractions with fractions), and a metric evaluations
+    /// report.
+    fn check_best_model(&self, o: &Origin) -> Result<(), ConfigError> {
+        let t = &self.train;
+        if let Some(m) = &t.metric_for_best_model {
+            let name = m.strip_prefix("eval_").unwrap_or(m);
+            if name != "loss" && !crate::train::loss::METRIC_NAMES.contains(&name) {
+                return Err(o.invalid(
+                    "train.metric_for_best_model",
+                    format!(
+                        "`{m}` is not an evaluation metric; valid: loss, {} (each also with \
+                         eval_ before it)",
+                        crate::train::loss::METRIC_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !t.load_best_model_at_end {
+            return Ok(());
+        }
+        let key = "train.load_best_model_at_end";
+        let (save, eval) = (t.save_every, t.eval_every);
+        let compatible =
+            match (save, eval) {
+                (_, Interval::Never) => return Err(o.invalid(
+                    key,
+                    "compares evaluations during training: set train.eval_every (and data.eval)",
+                )),
+                (Interval::Never, _) => {
+                    return Err(o.invalid(
+                        key,
+                        "loads the best checkpoint: set train.save_every to a multiple of \
+                     train.eval_every",
+                    ))
+                }
+                (Interval::Epoch, Interval::Epoch) => true,
+                (Interval::Steps(s), Interval::Steps(e)) => s.is_multiple_of(e),
+                // transformers' own test on the two fractions.
+                (Interval::Fraction(s), Interval::Fraction(e)) => s % e == 0.0,
+                _ => false,
+            };
+        if !compatible {
+            return Err(o.invalid(
+                key,
+                format!(
+                    "needs a checkpoint at evaluations: train.save_every ({save}) must be a \
+                     multiple of train.eval_every ({eval}), both steps, both fractions of the \
+                     run or both \"epoch\""
+                ),
+            ));
+        }
+        Ok(())
     }
 }

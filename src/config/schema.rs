@@ -93,6 +93,9 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("gradient_checkpointing", Bool),
                 ("report_to", ReportTo),
                 ("save_dtype", SaveDtype),
+                ("load_best_model_at_end", Bool),
+                ("metric_for_best_model", Str),
+                ("greater_is_better", Bool),
             ],
         ),
         (

@@ -223,9 +223,41 @@ pub struct TrainConfig {
     pub report_to: Vec<String>,
     /// The dtype of the final full model's weights (checkpoints and LoRA adapters stay f32).
     pub save_dtype: SaveDtype,
+    /// transformers' `load_best_model_at_end`: the final model is the checkpoint with the best
+    /// evaluation (by `metric_for_best_model`), which `save_total_limit` never removes.
+    pub load_best_model_at_end: bool,
+    /// An evaluation metric by its TRL name, with or without `eval_` (unset: the loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric_for_best_model: Option<String>,
+    /// Unset: true unless the metric's name ends in `loss` (transformers' rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greater_is_better: Option<bool>,
 }
 
 impl TrainConfig {
+    /// Whether the run keeps track of its best evaluation: `load_best_model_at_end`, or a
+    /// `metric_for_best_model` given (transformers tracks it then too).
+    pub fn tracks_best(&self) -> bool {
+        self.load_best_model_at_end || self.metric_for_best_model.is_some()
+    }
+
+    /// The metric `load_best_model_at_end` compares, as evaluations name it (`eval_loss`).
+    pub fn best_metric_key(&self) -> String {
+        let m = self.metric_for_best_model.as_deref().unwrap_or("loss");
+        match m.starts_with("eval_") {
+            true => m.to_string(),
+            false => format!("eval_{m}"),
+        }
+    }
+
+    /// Whether a larger value of [`TrainConfig::best_metric_key`] is better.
+    pub fn best_is_greater(&self) -> bool {
+        self.greater_is_better.unwrap_or_else(|| {
+            let m = self.metric_for_best_model.as_deref().unwrap_or("loss");
+            !m.ends_with("loss")
+        })
+    }
+
     /// Pairs per evaluation micro-batch.
     pub fn eval_batch_size(&self) -> usize {
         self.eval_batch_size.unwrap_or(self.batch_size)
@@ -255,6 +287,9 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             report_to: Vec::new(),
             save_dtype: SaveDtype::F32,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
         }
     }
 }

@@ -843,3 +843,89 @@ fn optimizer_takes_transformers_names() {
     .unwrap_err();
     assert!(e.to_string().contains("optim.optimizer"), "{e}");
 }
+
+/// transformers' `load_best_model_at_end` settings and their requirements.
+#[test]
+fn the_best_model_needs_evaluations_and_checkpoints_on_one_schedule() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert!(!c.train.load_best_model_at_end);
+    assert_eq!(c.train.best_metric_key(), "eval_loss");
+    assert!(!c.train.best_is_greater());
+    let on = |sets: &[&str]| {
+        let mut all = vec!["train.load_best_model_at_end=true"];
+        all.extend_from_slice(sets);
+        load(MINIMAL, &all)
+    };
+    for (sets, key, greater) in [
+        (
+            &["train.eval_every=2", "train.save_every=4"][..],
+            "eval_loss",
+            false,
+        ),
+        (
+            &[
+                "train.eval_every=epoch",
+                "train.save_every=epoch",
+                "train.metric_for_best_model=rewards/accuracies",
+            ][..],
+            "eval_rewards/accuracies",
+            true,
+        ),
+        (
+            &[
+                "train.eval_every=0.1",
+                "train.save_every=0.2",
+                "train.metric_for_best_model=eval_nll_loss",
+            ][..],
+            "eval_nll_loss",
+            false,
+        ),
+        (
+            &[
+                "train.eval_every=3",
+                "train.save_every=3",
+                "train.metric_for_best_model=loss",
+                "train.greater_is_better=true",
+            ][..],
+            "eval_loss",
+            true,
+        ),
+    ] {
+        let c = on(sets).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        assert_eq!(c.train.best_metric_key(), key, "{sets:?}");
+        assert_eq!(c.train.best_is_greater(), greater, "{sets:?}");
+        let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+        assert_eq!(back, c);
+    }
+    for (sets, says) in [
+        (&["train.save_every=4"][..], "set train.eval_every"),
+        (&["train.eval_every=4"][..], "set train.save_every"),
+        (
+            &["train.eval_every=4", "train.save_every=6"][..],
+            "multiple",
+        ),
+        (
+            &["train.eval_every=4", "train.save_every=epoch"][..],
+            "multiple",
+        ),
+        (
+            &["train.eval_every=0.2", "train.save_every=4"][..],
+            "both fractions",
+        ),
+    ] {
+        let e = on(sets).unwrap_err();
+        assert_eq!(
+            e.key(),
+            Some("train.load_best_model_at_end"),
+            "{sets:?}: {e}"
+        );
+        assert!(e.to_string().contains(says), "{sets:?}: {e}");
+    }
+    let e = load(MINIMAL, &["train.metric_for_best_model=accuracy"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.metric_for_best_model"), "{e}");
+    assert!(e.to_string().contains("rewards/accuracies"), "{e}");
+    // Evaluations need held-out pairs, as any eval_every does.
+    let mut c = on(&["train.eval_every=2", "train.save_every=2"]).unwrap();
+    c.data.train = Some("pairs.jsonl".into());
+    assert!(c.validate_for_train().is_err());
+}

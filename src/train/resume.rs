@@ -86,6 +86,8 @@ pub struct ResumeState {
     pub log_history: Vec<Value>,
     /// Evaluations during training (absent in checkpoints of runs without them).
     pub eval_history: Vec<Value>,
+    /// The step of `load_best_model_at_end`'s best checkpoint so far.
+    pub best_checkpoint: Option<usize>,
     pub optimizer: HashMap<String, Tensor>,
 }
 
@@ -296,6 +298,23 @@ impl ResumeState {
         let pending_losses = file.array("pending_losses")?;
         let log_history = file.array("log_history")?;
         let eval_history = file.array("eval_history")?;
+        // load_best_model_at_end's checkpoint so far (`checkpoint-N`, as transformers names
+        // the folder; older checkpoints hold none).
+        let best_checkpoint = match obj.get("best_model_checkpoint") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|s| s.strip_prefix("checkpoint-"))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|&n| n >= 1 && n <= step)
+                    .ok_or_else(|| {
+                        file.err(
+                            "best_model_checkpoint",
+                            format!("is {v}, not \"checkpoint-N\" for a step up to {step}"),
+                        )
+                    })?,
+            ),
+        };
         let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
             .map_err(|e| bad_file(dir, OPTIMIZER_FILE, e))?;
         Ok(ResumeState {
@@ -309,6 +328,7 @@ impl ResumeState {
             pending_losses,
             log_history,
             eval_history,
+            best_checkpoint,
             optimizer,
         })
     }
@@ -316,70 +336,9 @@ impl ResumeState {
     /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
     /// the checkpoint's, and checks the optimizer moments fit them.
     pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
-        use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+        restore_model_weights(&self.dir, model, device)?;
         let dir = &self.dir;
-        let has = |f: &str| dir.join(f).is_file();
-        let holds_adapter = has(ADAPTER_WEIGHTS) || has(ADAPTER_CONFIG);
-        let holds_model = MODEL_FILES.iter().any(|f| has(f));
-        let (file, tensors) = match model.adapter() {
-            Some(_) => {
-                if !has(ADAPTER_WEIGHTS) && holds_model {
-                    return Err(bad(
-                        dir,
-                        format!(
-                            "the checkpoint holds a full model ({}) but lora.enabled is true in this config; resume with the config the run started with",
-                            MODEL_FILES.iter().find(|f| has(f)).unwrap_or(&MODEL_FILES[0])
-                        ),
-                    ));
-                }
-                let t = candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS), device)
-                    .map_err(|e| bad_file(dir, ADAPTER_WEIGHTS, e))?;
-                (ADAPTER_WEIGHTS.to_string(), t)
-            }
-            None => {
-                if !holds_model {
-                    if holds_adapter {
-                        return Err(bad(
-                            dir,
-                            format!(
-                                "the checkpoint holds a LoRA adapter ({}) but lora.enabled is false in this config; resume with the config the run started with",
-                                if has(ADAPTER_WEIGHTS) { ADAPTER_WEIGHTS } else { ADAPTER_CONFIG }
-                            ),
-                        ));
-                    }
-                    return Err(bad_file(
-                        dir,
-                        MODEL_FILES[0],
-                        format!("not found (nor {} or {})", MODEL_FILES[1], MODEL_FILES[2]),
-                    ));
-                }
-                // One file or shards, as the checkpoint was written. read_weights' errors
-                // name the file at fault.
-                let t = crate::model::read_weights(dir, device).map_err(|e| bad(dir, e))?;
-                let file = MODEL_FILES
-                    .iter()
-                    .find(|f| has(f))
-                    .unwrap_or(&MODEL_FILES[0]);
-                (dir.join(file).display().to_string(), t)
-            }
-        };
         let params = model.params();
-        for (name, var) in params.iter() {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| bad(dir, format!("{file} lacks `{name}`")))?;
-            if t.dims() != var.dims() {
-                return Err(bad(
-                    dir,
-                    format!(
-                        "`{name}` has shape {:?}, the model {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
-                ));
-            }
-            var.set(t)?;
-        }
         // Moments of another size would fail later without naming the file.
         for (name, var) in params.iter() {
             for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
@@ -400,4 +359,73 @@ impl ResumeState {
         }
         Ok(())
     }
+}
+
+/// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with those
+/// of checkpoint folder `dir`.
+pub fn restore_model_weights(dir: &Path, model: &CausalLm, device: &Device) -> Result<(), Error> {
+    use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    let has = |f: &str| dir.join(f).is_file();
+    let holds_adapter = has(ADAPTER_WEIGHTS) || has(ADAPTER_CONFIG);
+    let holds_model = MODEL_FILES.iter().any(|f| has(f));
+    let (file, tensors) = match model.adapter() {
+        Some(_) => {
+            if !has(ADAPTER_WEIGHTS) && holds_model {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "the checkpoint holds a full model ({}) but lora.enabled is true in this config; resume with the config the run started with",
+                        MODEL_FILES.iter().find(|f| has(f)).unwrap_or(&MODEL_FILES[0])
+                    ),
+                ));
+            }
+            let t = candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS), device)
+                .map_err(|e| bad_file(dir, ADAPTER_WEIGHTS, e))?;
+            (ADAPTER_WEIGHTS.to_string(), t)
+        }
+        None => {
+            if !holds_model {
+                if holds_adapter {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "the checkpoint holds a LoRA adapter ({}) but lora.enabled is false in this config; resume with the config the run started with",
+                            if has(ADAPTER_WEIGHTS) { ADAPTER_WEIGHTS } else { ADAPTER_CONFIG }
+                        ),
+                    ));
+                }
+                return Err(bad_file(
+                    dir,
+                    MODEL_FILES[0],
+                    format!("not found (nor {} or {})", MODEL_FILES[1], MODEL_FILES[2]),
+                ));
+            }
+            // One file or shards, as the checkpoint was written. read_weights' errors
+            // name the file at fault.
+            let t = crate::model::read_weights(dir, device).map_err(|e| bad(dir, e))?;
+            let file = MODEL_FILES
+                .iter()
+                .find(|f| has(f))
+                .unwrap_or(&MODEL_FILES[0]);
+            (dir.join(file).display().to_string(), t)
+        }
+    };
+    let params = model.params();
+    for (name, var) in params.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| bad(dir, format!("{file} lacks `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(
+                dir,
+                format!(
+                    "`{name}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(t)?;
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::memory::{MemoryMeter, Usage};
 use crate::model::CausalLm;
 use crate::Error;
 use candle_core::{DType, Device, Tensor};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -364,10 +364,13 @@ impl Trainer {
             let due = save_every.due(done, plan.steps_per_epoch);
             if done < total && (interrupted || due) {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
+                if self.best_eval_of(&st).is_some_and(|e| e.step == done) {
+                    st.best_checkpoint = Some(done);
+                }
                 let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
                 written.push(done);
                 if let Some(keep) = cfg.train.save_total_limit {
-                    prune_checkpoints(&out_dir, keep)?;
+                    prune_checkpoints(&out_dir, keep, st.best_checkpoint)?;
                 }
                 if interrupted {
                     bar.finish_and_clear();
@@ -391,6 +394,31 @@ impl Trainer {
         remove_replaced_checkpoints(&out_dir, start_step, &written)?;
         // The moments are done with: the final save and evaluation get their memory.
         drop(opt);
+        let best_at_end = cfg.train.load_best_model_at_end;
+        // The last step's evaluation (logged as every other), before the save when it takes
+        // part in choosing the model to save.
+        let mut final_eval = None;
+        if best_at_end {
+            final_eval =
+                self.final_evaluation(&mut st, total, epoch, &mut eval_file, &mut tensorboard)?;
+        }
+        let mut reported = final_eval.clone();
+        if best_at_end {
+            reported = self.load_best(&st, total, &out_dir)?.or(reported);
+        }
+        // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
+        // every other checkpoint.
+        if let (Some(1), Some(best), true) = (
+            cfg.train.save_total_limit,
+            st.best_checkpoint,
+            cfg.train.tracks_best(),
+        ) {
+            for (step, path) in run_dir::checkpoints(&out_dir) {
+                if step != best {
+                    run_dir::remove_checkpoint(&path)?;
+                }
+            }
+        }
         let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
         let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
         // The settings the model was trained with, beside it (`orpo eval` reads a QLoRA
@@ -409,22 +437,18 @@ impl Trainer {
                 cfg.train.save_dtype
             );
         }
-        let eval = match (&self.eval, eval_file.as_mut()) {
-            (Some(data), Some(file)) => {
-                let entry = self.evaluate_at(data, total, epoch)?;
-                let line = entry.to_json();
-                file.push(&line)?;
-                if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&line, st.elapsed_s)?;
-                }
-                let path = out_dir.join("eval_metrics.json");
-                let text = serde_json::to_string_pretty(&line).unwrap_or_default();
-                write_atomic(&path, text.as_bytes())?;
-                st.evals.push(entry.clone());
-                Some(entry.metrics)
-            }
-            _ => None,
-        };
+        if !best_at_end {
+            final_eval =
+                self.final_evaluation(&mut st, total, epoch, &mut eval_file, &mut tensorboard)?;
+            reported = final_eval;
+        }
+        // eval_metrics.json: the saved model's evaluation.
+        if let Some(entry) = &reported {
+            let path = out_dir.join("eval_metrics.json");
+            let text = serde_json::to_string_pretty(&entry.to_json()).unwrap_or_default();
+            write_atomic(&path, text.as_bytes())?;
+        }
+        let eval = reported.map(|e| e.metrics);
         let plot = out_dir.join("training_curves.svg");
         let svg = super::plot::training_curves(&st.log, &st.evals);
         write_atomic(&plot, svg.as_bytes())?;
@@ -460,6 +484,72 @@ impl Trainer {
         })
     }
 
+    /// The evaluation after the last step, logged to eval_metrics.jsonl (and TensorBoard) and
+    /// kept in the run's history; `None` without held-out pairs.
+    fn final_evaluation(
+        &self,
+        st: &mut RunState,
+        total: usize,
+        epoch: f64,
+        eval_file: &mut Option<JsonLines>,
+        tensorboard: &mut Option<TensorBoard>,
+    ) -> Result<Option<EvalEntry>, Error> {
+        let (Some(data), Some(file)) = (&self.eval, eval_file.as_mut()) else {
+            return Ok(None);
+        };
+        let entry = self.evaluate_at(data, total, epoch)?;
+        let line = entry.to_json();
+        file.push(&line)?;
+        if let Some(tb) = tensorboard.as_mut() {
+            tb.line(&line, st.elapsed_s)?;
+        }
+        st.evals.push(entry.clone());
+        Ok(Some(entry))
+    }
+
+    /// The best evaluation so far, when the run tracks one: with `load_best_model_at_end`, or
+    /// (as transformers) a `metric_for_best_model` alone, which keeps the best checkpoint from
+    /// `save_total_limit` without loading it at the end.
+    fn best_eval_of<'a>(&self, st: &'a RunState) -> Option<&'a EvalEntry> {
+        let t = &self.config.train;
+        if !t.tracks_best() {
+            return None;
+        }
+        best_eval(&st.evals, &t.best_metric_key(), t.best_is_greater())
+    }
+
+    /// At the end of a `load_best_model_at_end` run: the best evaluation's weights into the
+    /// model, as transformers' `_load_best_model` does — the last step's own when it is the
+    /// best (transformers saves a checkpoint there), else the best checkpoint written (an
+    /// evaluation between checkpoints never is one). Returns the loaded checkpoint's evaluation.
+    fn load_best(
+        &self,
+        st: &RunState,
+        total: usize,
+        out_dir: &Path,
+    ) -> Result<Option<EvalEntry>, Error> {
+        let key = self.config.train.best_metric_key();
+        let best = self.best_eval_of(st);
+        let Some(best) = best else { return Ok(None) };
+        let step = match best.step == total {
+            true => return Ok(None),
+            false => match st.best_checkpoint {
+                Some(step) => step,
+                None => return Ok(None),
+            },
+        };
+        let dir = out_dir.join(format!("checkpoint-{step}"));
+        super::resume::restore_model_weights(&dir, &self.model, &self.device)?;
+        let entry = st.evals.iter().find(|e| e.step == step).cloned();
+        tracing::info!(
+            checkpoint = %dir.display(),
+            metric = %key,
+            value = entry.as_ref().and_then(|e| e.metrics.to_json()[&key].as_f64()),
+            "loaded the best checkpoint (train.load_best_model_at_end)"
+        );
+        Ok(entry)
+    }
+
     fn save_checkpoint(
         &self,
         out_dir: &Path,
@@ -469,7 +559,7 @@ impl Trainer {
         opt: &AdamW,
     ) -> Result<PathBuf, Error> {
         let dir = out_dir.join(format!("checkpoint-{}", st.step));
-        let state = json!({
+        let mut state = json!({
             "global_step": st.step,
             "epoch": st.epoch,
             "elapsed_s": st.elapsed_s,
@@ -482,6 +572,18 @@ impl Trainer {
             "log_history": st.log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
             "eval_history": st.evals.iter().map(EvalEntry::to_json).collect::<Vec<_>>(),
         });
+        if self.config.train.tracks_best() {
+            // transformers' names, so its tools read them too.
+            let t = &self.config.train;
+            if let Some(best) = best_eval(&st.evals, &t.best_metric_key(), t.best_is_greater()) {
+                state["best_metric"] = best.metrics.to_json()[t.best_metric_key()].clone();
+                state["best_global_step"] = json!(best.step);
+            }
+            state["best_model_checkpoint"] = match st.best_checkpoint {
+                Some(step) => json!(format!("checkpoint-{step}")),
+                None => Value::Null,
+            };
+        }
         let opt_state = opt.state_tensors()?;
         let config_text = self.config.to_toml_string();
         save_checkpoint(&dir, &self.model, &self.tokenizer, &self.base, |tmp| {
@@ -508,6 +610,8 @@ struct RunState {
     pending_tokens: usize,
     log: Vec<LogEntry>,
     evals: Vec<EvalEntry>,
+    /// `load_best_model_at_end`: the step of the best evaluation's checkpoint so far.
+    best_checkpoint: Option<usize>,
 }
 
 impl RunState {
@@ -561,13 +665,59 @@ impl RunState {
             pending_tokens: r.pending_tokens,
             log,
             evals,
+            // transformers forgets a best checkpoint whose folder is gone.
+            best_checkpoint: r.best_checkpoint.filter(|step| {
+                let kept = r
+                    .dir
+                    .parent()
+                    .is_some_and(|d| d.join(format!("checkpoint-{step}")).is_dir());
+                if !kept {
+                    tracing::warn!(
+                        step,
+                        "the best checkpoint so far is gone; no checkpoint counts as the best"
+                    );
+                }
+                kept
+            }),
         })
     }
 }
 
+/// The evaluation `load_best_model_at_end` picks: each one strictly better than all before it
+/// replaces the best, as transformers compares (`np.greater` or `np.less`).
+fn best_eval<'a>(evals: &'a [EvalEntry], key: &str, greater: bool) -> Option<&'a EvalEntry> {
+    let value = |e: &EvalEntry| e.metrics.to_json()[key].as_f64();
+    let mut best: Option<(&EvalEntry, f64)> = None;
+    for e in evals {
+        // transformers starts from an infinite best, which NaN never beats.
+        let Some(v) = value(e).filter(|v| !v.is_nan()) else {
+            continue;
+        };
+        let better = match best {
+            None => true,
+            Some((_, b)) if greater => v > b,
+            Some((_, b)) => v < b,
+        };
+        if better {
+            best = Some((e, v));
+        }
+    }
+    best.map(|(e, _)| e)
+}
+
 /// Keeps the newest `keep` `checkpoint-STEP` folders.
-fn prune_checkpoints(out_dir: &Path, keep: usize) -> Result<(), Error> {
-    let found = run_dir::checkpoints(out_dir);
+fn prune_checkpoints(out_dir: &Path, keep: usize, best: Option<usize>) -> Result<(), Error> {
+    let mut found = run_dir::checkpoints(out_dir);
+    // The best checkpoint (load_best_model_at_end) counts as the newest but one, as
+    // transformers sorts it; with a limit of 1 the newest stays beside it.
+    let mut keep = keep;
+    if let Some(i) = best.and_then(|b| found.iter().position(|(s, _)| *s == b)) {
+        if i + 1 < found.len() {
+            let entry = found.remove(i);
+            found.insert(found.len() - 1, entry);
+            keep = keep.max(2);
+        }
+    }
     let excess = found.len().saturating_sub(keep);
     for (_, path) in found.into_iter().take(excess) {
         run_dir::remove_checkpoint(&path)?;
@@ -602,4 +752,58 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::EvalMetrics;
+
+    fn eval(step: usize, loss: f64) -> EvalEntry {
+        EvalEntry {
+            step,
+            epoch: 0.0,
+            metrics: EvalMetrics {
+                pairs: 4,
+                loss,
+                metrics: Metrics::default(),
+                batches: 1,
+                runtime_s: 1.0,
+            },
+        }
+    }
+
+    /// Each evaluation strictly better than all before it becomes the best; a tie keeps the
+    /// earlier one.
+    #[test]
+    fn the_best_evaluation_is_the_first_strictly_better() {
+        let evals = [eval(2, 0.5), eval(4, 0.3), eval(6, 0.3), eval(8, 0.4)];
+        let step = |greater| best_eval(&evals, "eval_loss", greater).map(|e| e.step);
+        assert_eq!(step(false), Some(4));
+        assert_eq!(step(true), Some(2));
+        assert_eq!(best_eval(&[], "eval_loss", false).map(|e| e.step), None);
+    }
+
+    /// save_total_limit keeps the best checkpoint as if it were the newest but one, and with a
+    /// limit of 1 the newest beside it (transformers' `_sorted_checkpoints`).
+    #[test]
+    fn pruning_keeps_the_best_checkpoint() {
+        let kept = |keep: usize, best: Option<usize>| {
+            let tmp = tempfile::tempdir().unwrap();
+            for s in [2, 4, 6, 8] {
+                std::fs::create_dir(tmp.path().join(format!("checkpoint-{s}"))).unwrap();
+            }
+            prune_checkpoints(tmp.path(), keep, best).unwrap();
+            run_dir::checkpoints(tmp.path())
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(1, None), [8]);
+        assert_eq!(kept(1, Some(4)), [4, 8]);
+        assert_eq!(kept(1, Some(8)), [8]);
+        assert_eq!(kept(2, Some(2)), [2, 8]);
+        assert_eq!(kept(3, Some(2)), [2, 6, 8]);
+        assert_eq!(kept(2, None), [6, 8]);
+    }
 }

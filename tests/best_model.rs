@@ -1,0 +1,143 @@
+//! `train.load_best_model_at_end` (transformers' `load_best_model_at_end`,
+//! `metric_for_best_model`, `greater_is_better`, with `save_total_limit`): which checkpoint is
+//! the best, which checkpoints stay, which weights the final model holds, and a resumed run.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+
+/// tiny-opt for 10 steps, evaluated and saved every 2, the best by the smallest reward
+/// margin (the first evaluation's here: margins grow as it trains), at most one checkpoint
+/// (`extra` settings come after these and override them).
+fn train(out: &Path, extra: &[&str], flags: &[&str]) -> std::process::Output {
+    let out_dir = format!("train.output_dir={}", out.display());
+    let mut sets = vec![
+        "train.max_steps=10",
+        "train.eval_every=2",
+        "train.save_every=2",
+        "train.save_total_limit=1",
+        "train.load_best_model_at_end=true",
+        "train.metric_for_best_model=rewards/margins",
+        "train.greater_is_better=false",
+        "optim.lr=3e-3",
+        out_dir.as_str(),
+    ];
+    sets.extend_from_slice(extra);
+    let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
+    args.extend_from_slice(flags);
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    orpo(&args)
+}
+
+fn checkpoints(out: &Path) -> Vec<usize> {
+    let mut found: Vec<usize> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn state(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_final_model_is_the_best_checkpoint_and_survives_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = train(&out, &[], &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let evals = json_lines(&out.join("eval_metrics.jsonl"));
+    let margins: Vec<f64> = evals
+        .iter()
+        .map(|e| e["eval_rewards/margins"].as_f64().unwrap())
+        .collect();
+    assert_eq!(evals.len(), 5);
+    assert!(
+        margins.windows(2).all(|w| w[0] < w[1]),
+        "the test expects margins growing: {margins:?}"
+    );
+    // The best (step 2) outlives the limit of 1, and at the end transformers deletes every
+    // other checkpoint.
+    assert_eq!(checkpoints(&out), [2]);
+    let s = state(&out.join("checkpoint-2"));
+    assert_eq!(s["best_model_checkpoint"], "checkpoint-2");
+    assert_eq!(s["best_global_step"], 2);
+    assert_eq!(s["best_metric"].as_f64(), Some(margins[0]));
+    // The final model is checkpoint-2's weights; eval_metrics.json its evaluation.
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint-2/model.safetensors")).unwrap()
+    );
+    let reported: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(reported["step"], 2);
+    assert_eq!(reported["eval_rewards/margins"].as_f64(), Some(margins[0]));
+
+    // Greater is better: the last evaluation is the best, so the final model is the last
+    // step's own (transformers' checkpoint there), and eval_metrics.json its evaluation.
+    let out = tmp.path().join("greater");
+    let run = train(&out, &["train.greater_is_better=true"], &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checkpoints(&out), [8]);
+    let reported: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(reported["step"], 10);
+}
+
+/// A run resumed after its best checkpoint picks the same one: the best so far is in each
+/// checkpoint's trainer_state.json.
+#[test]
+fn a_resumed_run_loads_the_same_best_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep_all = ["train.save_total_limit=10"];
+    let whole = tmp.path().join("whole");
+    assert!(train(&whole, &keep_all, &[]).status.success());
+    // The run cut after step 8: its checkpoints as they were then.
+    let cut = tmp.path().join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    for step in [2, 4, 6, 8] {
+        let (from, to) = (
+            whole.join(format!("checkpoint-{step}")),
+            cut.join(format!("checkpoint-{step}")),
+        );
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap().flatten() {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    let resumed = train(&cut, &keep_all, &["--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(checkpoints(&cut), [2, 4, 6, 8]);
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(cut.join("checkpoint-2/model.safetensors")).unwrap()
+    );
+}
