@@ -384,10 +384,18 @@ impl Config {
                     ))
                 }
                 (Interval::Epoch, Interval::Epoch) => true,
-                (Interval::Steps(s), Interval::Steps(e)) => s.is_multiple_of(e),
-                // transformers' own test on the two fractions.
-                (Interval::Fraction(s), Interval::Fraction(e)) => s % e == 0.0,
-                _ => false,
+                (Interval::Epoch, _) | (_, Interval::Epoch) => false,
+                // transformers' test, on the numbers as given: a fraction pairs only with a
+                // fraction, compared in millionths where the float remainder is not 0.
+                _ => {
+                    let number = |i: Interval| match i {
+                        Interval::Steps(n) => n as f64,
+                        Interval::Fraction(f) => f,
+                        Interval::Never | Interval::Epoch => 0.0,
+                    };
+                    let (s, e) = (number(save), number(eval));
+                    s % e == 0.0 || (s < 1.0 && e < 1.0 && (s * 1e6) % (e * 1e6) == 0.0)
+                }
             };
         if !compatible {
             return Err(o.invalid(

@@ -873,8 +873,9 @@ fn the_best_model_needs_evaluations_and_checkpoints_on_one_schedule() {
         ),
         (
             &[
+                // 0.3 % 0.1 is not 0 in floats; in millionths it is, as transformers checks.
                 "train.eval_every=0.1",
-                "train.save_every=0.2",
+                "train.save_every=0.3",
                 "train.metric_for_best_model=eval_nll_loss",
             ][..],
             "eval_nll_loss",
@@ -909,8 +910,12 @@ fn the_best_model_needs_evaluations_and_checkpoints_on_one_schedule() {
             "multiple",
         ),
         (
-            &["train.eval_every=0.2", "train.save_every=4"][..],
+            &["train.eval_every=0.2", "train.save_every=3"][..],
             "both fractions",
+        ),
+        (
+            &["train.eval_every=0.2", "train.save_every=0.3"][..],
+            "multiple",
         ),
     ] {
         let e = on(sets).unwrap_err();

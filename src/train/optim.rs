@@ -452,7 +452,19 @@ impl AdamW {
                     get("exp_avg_sq_8bit", n, DType::U8)?,
                     get("exp_avg_sq_absmax", blocks, DType::F32)?,
                 );
+                let some = [
+                    parts.0.is_some(),
+                    parts.1.is_some(),
+                    parts.2.is_some(),
+                    parts.3.is_some(),
+                ];
                 let (Some(mc), Some(ma), Some(vc), Some(va)) = parts else {
+                    if some.contains(&true) {
+                        candle_core::bail!(
+                            "the checkpoint's 8-bit optimizer state for `{name}` is incomplete \
+                             (codes and absmax of both moments expected)"
+                        );
+                    }
                     if tensors.contains_key(&format!("exp_avg.{name}")) {
                         candle_core::bail!(
                             "the checkpoint holds 32-bit optimizer state for `{name}`, \

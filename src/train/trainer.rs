@@ -196,6 +196,19 @@ impl Trainer {
             r.restore_weights(&self.model, &self.device)?;
             opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
+            // transformers forgets a best checkpoint whose folder is gone (here: not in this
+            // run's output_dir, which may differ from the resumed checkpoint's).
+            if let Some(step) = st.best_checkpoint {
+                if !out_dir.join(format!("checkpoint-{step}")).is_dir() {
+                    tracing::warn!(
+                        step,
+                        output_dir = %out_dir.display(),
+                        "the best checkpoint so far is not in output_dir; no checkpoint counts \
+                         as the best"
+                    );
+                    st.best_checkpoint = None;
+                }
+            }
             tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
         }
         // This run replaces and prunes checkpoints in its output_dir: they must be its own run's.
@@ -364,7 +377,9 @@ impl Trainer {
             let due = save_every.due(done, plan.steps_per_epoch);
             if done < total && (interrupted || due) {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
-                if self.best_eval_of(&st).is_some_and(|e| e.step == done) {
+                // Only a scheduled checkpoint can be the best: one written for an interrupt
+                // stands in for no checkpoint of an uninterrupted run.
+                if due && self.best_eval_of(&st).is_some_and(|e| e.step == done) {
                     st.best_checkpoint = Some(done);
                 }
                 let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
@@ -406,24 +421,28 @@ impl Trainer {
         if best_at_end {
             reported = self.load_best(&st, total, &out_dir)?.or(reported);
         }
-        // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
-        // every other checkpoint.
-        if let (Some(1), Some(best), true) = (
-            cfg.train.save_total_limit,
-            st.best_checkpoint,
-            cfg.train.tracks_best(),
-        ) {
-            for (step, path) in run_dir::checkpoints(&out_dir) {
-                if step != best {
-                    run_dir::remove_checkpoint(&path)?;
-                }
-            }
-        }
         let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
         let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
         // The settings the model was trained with, beside it (`orpo eval` reads a QLoRA
         // adapter's quantization from it).
         write_atomic(&out_dir.join(RUN_CONFIG), cfg.to_toml_string().as_bytes())?;
+        // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
+        // every other one; a best last step is its checkpoint there, which is orpo's final
+        // model, so then none stays.
+        if cfg.train.save_total_limit == Some(1) {
+            let keep = match self.best_eval_of(&st) {
+                Some(best) if best.step == total => Some(None),
+                Some(_) => st.best_checkpoint.map(Some),
+                None => None,
+            };
+            if let Some(keep) = keep {
+                for (step, path) in run_dir::checkpoints(&out_dir) {
+                    if Some(step) != keep {
+                        run_dir::remove_checkpoint(&path)?;
+                    }
+                }
+            }
+        }
         if self.model.adapter().is_some() && wanted != DType::F32 {
             tracing::info!(
                 "the adapter is saved in float32 as PEFT keeps adapters (train.save_dtype = {} \
@@ -539,6 +558,13 @@ impl Trainer {
             },
         };
         let dir = out_dir.join(format!("checkpoint-{step}"));
+        if !dir.is_dir() {
+            tracing::warn!(
+                checkpoint = %dir.display(),
+                "the best checkpoint is gone; the final model is the last step's"
+            );
+            return Ok(None);
+        }
         super::resume::restore_model_weights(&dir, &self.model, &self.device)?;
         let entry = st.evals.iter().find(|e| e.step == step).cloned();
         tracing::info!(
@@ -665,20 +691,7 @@ impl RunState {
             pending_tokens: r.pending_tokens,
             log,
             evals,
-            // transformers forgets a best checkpoint whose folder is gone.
-            best_checkpoint: r.best_checkpoint.filter(|step| {
-                let kept = r
-                    .dir
-                    .parent()
-                    .is_some_and(|d| d.join(format!("checkpoint-{step}")).is_dir());
-                if !kept {
-                    tracing::warn!(
-                        step,
-                        "the best checkpoint so far is gone; no checkpoint counts as the best"
-                    );
-                }
-                kept
-            }),
+            best_checkpoint: r.best_checkpoint,
         })
     }
 }
