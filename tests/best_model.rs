@@ -33,19 +33,6 @@ fn train(out: &Path, extra: &[&str], flags: &[&str]) -> std::process::Output {
     orpo(&args)
 }
 
-fn checkpoints(out: &Path) -> Vec<usize> {
-    let mut found: Vec<usize> = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")?.parse().ok()
-        })
-        .collect();
-    found.sort();
-    found
-}
-
 fn state(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
 }
@@ -72,7 +59,7 @@ fn the_final_model_is_the_best_checkpoint_and_survives_the_limit() {
     );
     // The best (step 2) outlives the limit of 1, and at the end transformers deletes every
     // other checkpoint.
-    assert_eq!(checkpoints(&out), [2]);
+    assert_eq!(checkpoint_steps(&out), [2]);
     let s = state(&out.join("checkpoint-2"));
     assert_eq!(s["best_model_checkpoint"], "checkpoint-2");
     assert_eq!(s["best_global_step"], 2);
@@ -98,7 +85,7 @@ fn the_final_model_is_the_best_checkpoint_and_survives_the_limit() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(checkpoints(&out).is_empty());
+    assert!(checkpoint_steps(&out).is_empty());
     let reported: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
             .unwrap();
@@ -136,7 +123,7 @@ fn a_resumed_run_loads_the_same_best_checkpoint() {
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap()
     );
-    assert_eq!(checkpoints(&cut), [2, 4, 6, 8]);
+    assert_eq!(checkpoint_steps(&cut), [2, 4, 6, 8]);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(cut.join("checkpoint-2/model.safetensors")).unwrap()

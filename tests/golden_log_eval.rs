@@ -186,19 +186,6 @@ fn check_within(golden: &str, extra: &[&str], rel: f64) -> (Value, tempfile::Tem
     (g, tmp)
 }
 
-fn checkpoint_steps(out: &Path) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")?.parse().ok()
-        })
-        .collect();
-    steps.sort();
-    steps
-}
-
 /// A `load_best_model_at_end` golden: the checkpoints left (TRL's but the last step's, whose
 /// weights orpo saves as the final model), the best evaluation each holds, the final model's
 /// parameter norms (the loaded checkpoint's, or the last step's) and its evaluation.
@@ -356,16 +343,7 @@ fn epoch_strategies_and_a_fractional_epoch_count_match_trl() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(trl, [4, 8, 10]);
-    let mut ours: Vec<u64> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")?.parse().ok()
-        })
-        .collect();
-    ours.sort();
-    assert_eq!(ours, trl[..trl.len() - 1]);
+    assert_eq!(checkpoint_steps(&out), trl[..trl.len() - 1]);
     assert!(out.join("model.safetensors").is_file());
 }
 
@@ -385,14 +363,7 @@ fn fractions_of_the_run_as_log_eval_and_save_intervals_match_trl() {
         .map(|e| e["step"].as_u64().unwrap())
         .collect();
     assert_eq!(logged, [3, 6, 9, 10]);
-    let checkpoints: Vec<u64> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")?.parse().ok()
-        })
-        .collect();
+    let checkpoints = checkpoint_steps(&out);
     assert_eq!(checkpoints, [7]);
     assert_eq!(g["checkpoints"], serde_json::json!([7, 10]));
 }

@@ -87,6 +87,24 @@ pub(super) struct Coefs {
     pub grad_scale: f32,
 }
 
+/// An in-place update's parameter (dst) and gradient (src) as f32 slices.
+fn host_pair<'a>(
+    op: &str,
+    dst: &'a mut CpuStorage,
+    dst_l: &Layout,
+    src: &'a CpuStorage,
+    src_l: &Layout,
+) -> Result<(&'a mut [f32], &'a [f32])> {
+    let (Some((d0, d1)), Some((s0, s1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+    else {
+        candle_core::bail!("{op} needs contiguous parameter and gradient");
+    };
+    let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
+        candle_core::bail!("{op} needs f32 parameter and gradient");
+    };
+    Ok((&mut p[d0..d1], &g[s0..s1]))
+}
+
 /// In-place AdamW over one parameter (dst) with its gradient (src); moments live in the op.
 struct HostUpdate<'a> {
     m: Mutex<&'a mut [f32]>,
@@ -118,16 +136,7 @@ impl InplaceOp2 for HostUpdate<'_> {
         src: &CpuStorage,
         src_l: &Layout,
     ) -> Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw-update needs contiguous parameter and gradient");
-        };
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
-            candle_core::bail!("adamw-update needs f32 parameter and gradient");
-        };
-        let p = &mut p[d0..d1];
-        let g = &g[s0..s1];
+        let (p, g) = host_pair(self.name(), dst, dst_l, src, src_l)?;
         let mut m = self
             .m
             .lock()
@@ -175,18 +184,10 @@ impl InplaceOp2 for HostUpdate8<'_> {
         src: &CpuStorage,
         src_l: &Layout,
     ) -> Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw8bit-update needs contiguous parameter and gradient");
-        };
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
-            candle_core::bail!("adamw8bit-update needs f32 parameter and gradient");
-        };
+        let (p, g) = host_pair(self.name(), dst, dst_l, src, src_l)?;
         let poisoned = |_| candle_core::Error::Msg("poisoned".into());
         let mut m = self.m.lock().map_err(poisoned)?;
         let mut v = self.v.lock().map_err(poisoned)?;
-        let (p, g) = (&mut p[d0..d1], &g[s0..s1]);
         if p.len() != g.len() || p.len() != m.codes.len() || p.len() != v.codes.len() {
             candle_core::bail!("adamw8bit-update: size mismatch");
         }

@@ -217,3 +217,18 @@ pub fn cli_eval(model: &Path, sets: &[&str]) -> serde_json::Value {
 pub fn final_eval(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("eval_metrics.json")).unwrap()).unwrap()
 }
+
+/// The steps of the `checkpoint-STEP` folders in `dir`, ascending.
+#[allow(dead_code)]
+pub fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    steps
+}
