@@ -47,17 +47,43 @@ fn linspace_means(steps: usize) -> Vec<f32> {
 pub struct CodeMap {
     pub values: Vec<f32>,
     pub bounds: Vec<f32>,
+    /// For each value of an f32's top 16 bits, the code of the least value they start: the
+    /// search for a code begins there and passes at most a few midpoints.
+    start: Vec<u8>,
 }
 
 impl CodeMap {
     pub fn new(values: Vec<f32>) -> Self {
-        let bounds = values.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-        CodeMap { values, bounds }
+        let bounds: Vec<f32> = values.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let start = (0..1u32 << 16)
+            .map(|top| {
+                // The bucket's least value: its lowest bit pattern when positive, its highest
+                // when negative.
+                let low = match top & 0x8000 {
+                    0 => f32::from_bits(top << 16),
+                    _ => f32::from_bits((top << 16) | 0xffff),
+                };
+                bounds.partition_point(|&b| b < low) as u8
+            })
+            .collect();
+        CodeMap {
+            values,
+            bounds,
+            start,
+        }
     }
 
-    /// The code of `x` (in [-1, 1] for a signed map, [0, 1] unsigned).
+    /// The code of `x` (in [-1, 1] for a signed map, [0, 1] unsigned): the number of midpoints
+    /// below it.
     pub fn code(&self, x: f32) -> u8 {
-        self.bounds.partition_point(|&b| b < x) as u8
+        if !x.is_finite() {
+            return self.bounds.partition_point(|&b| b < x) as u8;
+        }
+        let mut c = self.start[(x.to_bits() >> 16) as usize] as usize;
+        while c < self.bounds.len() && self.bounds[c] < x {
+            c += 1;
+        }
+        c as u8
     }
 }
 
@@ -76,6 +102,36 @@ mod tests {
         }
         // The unsigned map's smallest nonzero code, as bitsandbytes 0.50 prints it.
         assert_eq!(dynamic_map(false)[1] as f64, 3.250_000_304_433_342_5e-7);
+    }
+
+    /// The lookup-started search gives the binary search's code for every value tried: each
+    /// midpoint and its neighbours a few ulps away, a sweep of both maps' ranges, signed zeros,
+    /// the ends, infinities and NaN.
+    #[test]
+    fn the_lookup_finds_the_binary_searchs_code() {
+        for signed in [true, false] {
+            let map = CodeMap::new(dynamic_map(signed));
+            let slow = |x: f32| map.bounds.partition_point(|&b| b < x) as u8;
+            let mut xs = vec![
+                0.0f32,
+                -0.0,
+                1.0,
+                -1.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+            ];
+            for &b in &map.bounds {
+                for k in -3i32..=3 {
+                    xs.push(f32::from_bits((b.to_bits() as i32 + k) as u32));
+                }
+            }
+            xs.extend((0..200_001).map(|i| i as f32 / 100_000.0 - 1.0));
+            xs.extend((0..2_000).map(|i| 1e-9f32 * 1.01f32.powi(i)));
+            for x in xs {
+                assert_eq!(map.code(x), slow(x), "signed {signed}: {x:e}");
+            }
+        }
     }
 
     #[test]
