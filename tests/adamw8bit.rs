@@ -8,34 +8,18 @@
 //! multiply-adds that orpo rounds twice (and the GPU kernel equals orpo's CPU update bit for
 //! bit, `scripts/cuda-emu/adamw8bit_check.cpp`).
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::*;
 use orpo::model::Params;
 use orpo::train::optim::{AdamW, AdamWSettings};
 use serde_json::Value;
 use std::collections::HashMap;
 
 fn golden() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/golden/extra/adamw8bit.bnb.json"
-    );
+    let path = fixtures().join("golden/extra/adamw8bit.bnb.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn u8s(v: &Value) -> Vec<u8> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u8)
-        .collect()
 }
 
 /// Golden tensor names as orpo names parameters: the undecayed group's as a bias (transformers'
@@ -129,7 +113,7 @@ fn eight_bit_steps_match_bitsandbytes() {
                 ("exp_avg_sq", "state2_codes", "absmax2"),
             ] {
                 let got_codes: Vec<u8> = st[&format!("{key}_8bit.{name}")].to_vec1().unwrap();
-                let want_codes = u8s(&want[codes]);
+                let want_codes = json_u8s(&want[codes]);
                 // A value within f32 rounding of a midpoint between codes may take the other.
                 let flipped = got_codes
                     .iter()

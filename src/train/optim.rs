@@ -137,14 +137,9 @@ impl InplaceOp2 for HostUpdate<'_> {
         src_l: &Layout,
     ) -> Result<()> {
         let (p, g) = host_pair(self.name(), dst, dst_l, src, src_l)?;
-        let mut m = self
-            .m
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let mut v = self
-            .v
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let poisoned = |_| candle_core::Error::Msg("poisoned".into());
+        let mut m = self.m.lock().map_err(poisoned)?;
+        let mut v = self.v.lock().map_err(poisoned)?;
         if p.len() != g.len() || p.len() != m.len() {
             candle_core::bail!("adamw-update: size mismatch");
         }

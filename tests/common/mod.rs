@@ -232,3 +232,23 @@ pub fn checkpoint_steps(dir: &Path) -> Vec<u64> {
     steps.sort();
     steps
 }
+
+/// A JSON array of numbers as f32 values (goldens written from f32 tensors).
+#[allow(dead_code)]
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A JSON array of bytes (bitsandbytes' 8-bit codes).
+#[allow(dead_code)]
+pub fn json_u8s(v: &Value) -> Vec<u8> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| u8::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
