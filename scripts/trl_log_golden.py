@@ -13,7 +13,7 @@ pairs come in the Trainer's own shuffled order for `seed` (orpo's `train.shuffle
 With epochs=E > 0 the run is `num_train_epochs=E` (may be fractional) with max_steps left at -1:
 transformers takes ceil(E * steps per epoch) optimizer steps, an epoch being
 ceil(micro-batches / grad_accum) steps (the last one possibly short), and `steps` is unused.
-eval_strategy ("steps" or "epoch") and save_strategy ("no", "steps" or "epoch", saving each
+eval_strategy ("steps" or "epoch") and save_strategy ("no", "steps", "epoch" or "best", saving each
 save_steps steps with "steps"; save_steps unset = eval_steps) are the Trainer's own. The output then
 also records the Trainer's `state.max_steps` as "max_steps" and the steps of the checkpoint-N
 folders it wrote as "checkpoints" (sorted), and its settings leave out the ones that run did not use
@@ -41,13 +41,26 @@ the best_* fields of each checkpoint-N/trainer_state.json left after training); 
 on it). "checkpoints" lists the folders left after training (rotation by save_total_limit, and with
 save_total_limit=1 the Trainer's deletion at the end of every checkpoint but the best).
 
+patience=N > 0 adds transformers' EarlyStoppingCallback(early_stopping_patience=N,
+early_stopping_threshold=threshold) (threshold=X, default 0.0: an evaluation counts as an improvement
+only when it beats state.best_metric by more than X; best_metric still moves to any better value).
+The output then also has "early_stopping": patience, threshold, the callback's
+early_stopping_patience_counter right after train() (before the trainer.evaluate() below, which would
+count once more), "stopped_at" (state.global_step after train()) and "max_steps". With patience > 0
+and metric set, "best" and what comes with it are recorded even with load_best=0 (metric-only
+tracking: loaded_checkpoint is then null). eval_on_start=1 and logging_first_step=1 are the
+ORPOConfig fields of those names: an evaluation before the first step (logged with step 0, epoch 0;
+it is not passed to _determine_best_metric, so it never becomes the best) and a training log line
+at step 1 (the next window then starts after step 1).
+
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
 Settings (defaults): model=tests/fixtures/tiny-opt train=examples/data/hh-rlhf-64.jsonl
 eval=examples/data/hh-rlhf-eval-16.jsonl steps=15 batch=6 grad_accum=3 lr=1e-3 beta=0.1
 max_length=512 weight_decay=0.05 max_grad_norm=1.0 scheduler=linear warmup_ratio=0.1
 logging_steps=3 eval_steps=4 shuffle=0 seed=0 epochs=0 eval_strategy=steps save_strategy=no
-save_steps= (unset: eval_steps)
+save_steps= (unset: eval_steps) load_best=0 metric= greater_is_better= save_total_limit=0 patience=0
+threshold=0.0 eval_on_start=0 logging_first_step=0
 
 tests/fixtures/golden/extra/tiny-opt.epochs.trl.json (2.5 epochs of 4 steps, the 4th of each
 epoch over 2 micro-batches: 10 steps, evaluations and checkpoints at each epoch's end) is:
@@ -77,6 +90,34 @@ and saving every 10: the best evaluation is the first, step 5, with no checkpoin
 best_model_checkpoint is ever set and train() ends with the last step's weights) is:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.best-unsaved-first.trl.json \
     steps=20 lr=2e-2 eval_steps=5 save_steps=10 save_strategy=steps load_best=1 metric=rewards/margins
+
+tests/fixtures/golden/extra/tiny-opt.early-stop.trl.json (the tiny-opt.best run without save_total_limit,
+stopped early with patience 2: eval_rewards/margins is best at step 8, steps 12 and 16 do not improve
+it, training stops at step 16 of 20 and the Trainer loads checkpoint-8) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.early-stop.trl.json \
+    steps=20 lr=1e-2 eval_steps=4 save_steps=4 save_strategy=steps load_best=1 metric=rewards/margins \
+    patience=2
+
+tests/fixtures/golden/extra/tiny-opt.early-stop-threshold.trl.json (metric-only, eval_loss every 3 steps
+of 30 at lr 5e-3, improvements 0.525, 0.268, 0.137, 0.075 against a threshold of 0.2: the counter goes
+0, 0, 1 (step 12), 2 (step 15) while best_metric moves every time, and training stops at step 15 of 30;
+no best model is loaded, the final weights are step 15's. At lr 1e-2 the same run's grad_norm moves by
+percents between f32 implementations by step 15, too chaotic to hold to TRL) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.early-stop-threshold.trl.json \
+    steps=30 lr=5e-3 eval_steps=3 save_steps=3 save_strategy=steps metric=loss patience=2 threshold=0.2
+
+tests/fixtures/golden/extra/tiny-opt.save-best.trl.json (the tiny-opt.best run with save_strategy="best":
+checkpoints only at evaluations that beat every one before (steps 4 and 8), the limit of 1 leaving
+checkpoint-8, which is loaded) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.save-best.trl.json \
+    steps=20 lr=1e-2 eval_steps=4 save_strategy=best load_best=1 metric=rewards/margins save_total_limit=1
+
+tests/fixtures/golden/extra/tiny-opt.first-step.trl.json (the default 15 steps with an evaluation at step 0
+and a log line at step 1; with greater_is_better=1 on the falling eval_loss the step-0 evaluation would
+be the best if it counted, but the best is the first in-training one, step 4, and checkpoint-4 is loaded) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.first-step.trl.json \
+    eval_on_start=1 logging_first_step=1 load_best=1 metric=loss greater_is_better=1 save_steps=4 \
+    save_strategy=steps
 """
 import json
 import os
@@ -87,7 +128,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 sys.path.insert(0, os.environ.get("TRL_GOLDEN_DIR", str(Path(__file__).resolve().parents[2] / "shared/tools")))
@@ -99,7 +140,8 @@ DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64
                 scheduler="linear", warmup_ratio=0.1, logging_steps=3, eval_steps=4, shuffle=0, seed=0)
 # Settings added after the goldens above: written to the output only away from these defaults.
 LATER = dict(epochs=0.0, eval_strategy="steps", save_strategy="no", save_steps=None,
-             load_best=0, metric=None, greater_is_better=None, save_total_limit=0)
+             load_best=0, metric=None, greater_is_better=None, save_total_limit=0,
+             patience=0, threshold=0.0, eval_on_start=0, logging_first_step=0)
 DEFAULTS.update(LATER)
 STEP_KEYS = ("logging_steps", "eval_steps", "save_steps")
 
@@ -149,7 +191,7 @@ def main():
 
     assert 0 < s["warmup_ratio"] < 1
     assert s["epochs"] >= 0 and s["eval_strategy"] in ("steps", "epoch")
-    assert s["save_strategy"] in ("no", "steps", "epoch")
+    assert s["save_strategy"] in ("no", "steps", "epoch", "best")
     by_epochs = s["epochs"] > 0
     save_steps = s["eval_steps"] if s["save_steps"] is None else s["save_steps"]
     fractional = any(s[k] is not None and s[k] < 1 for k in STEP_KEYS)
@@ -165,7 +207,8 @@ def main():
         max_length=s["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
         report_to=[], seed=s["seed"], use_cpu=True, save_strategy=s["save_strategy"], remove_unused_columns=False,
         dataloader_num_workers=0, load_best_model_at_end=bool(s["load_best"]), metric_for_best_model=s["metric"],
-        greater_is_better=s["greater_is_better"], save_total_limit=s["save_total_limit"] or None)
+        greater_is_better=s["greater_is_better"], save_total_limit=s["save_total_limit"] or None,
+        eval_on_start=bool(s["eval_on_start"]), logging_first_step=bool(s["logging_first_step"]))
     trainer_class = ORPOTrainer if s["shuffle"] else SequentialORPOTrainer
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
                             train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))
@@ -174,6 +217,10 @@ def main():
         assert all(len(r["prompt_input_ids"]) < s["max_length"] for r in ds)
     saved, loaded = SavedNorms(), []
     trainer.add_callback(saved)
+    stopper = None
+    if s["patience"] > 0:
+        stopper = EarlyStoppingCallback(early_stopping_patience=s["patience"], early_stopping_threshold=s["threshold"])
+        trainer.add_callback(stopper)
     load_best_model = trainer._load_best_model
 
     def record_load():  # the checkpoint _load_best_model reads, at the end of train()
@@ -182,10 +229,14 @@ def main():
 
     trainer._load_best_model = record_load
     trainer.train()
+    # before trainer.evaluate() below, whose on_evaluate would count once more
+    early_stopping = None if stopper is None else dict(
+        patience=s["patience"], threshold=s["threshold"], counter=stopper.early_stopping_patience_counter,
+        stopped_at=trainer.state.global_step, max_steps=trainer.state.max_steps)
 
     hist = list(trainer.state.log_history)
     best = None
-    if s["load_best"]:
+    if s["load_best"] or (s["patience"] > 0 and s["metric"] is not None):  # metric-only tracking: new runs only
         st = trainer.state
         final_norms = norms(model)
         states = {}
@@ -219,6 +270,7 @@ def main():
                       torch=torch.__version__),
         settings=settings, **(dict(max_steps=max_steps, checkpoints=checkpoints) if later else {}),
         **(dict(resolved_steps=resolved) if fractional else {}),
+        **(dict(early_stopping=early_stopping) if early_stopping is not None else {}),
         warmup_steps=args.get_warmup_steps(max_steps),
         train_pairs=len(trainer.train_dataset), eval_pairs=len(trainer.eval_dataset),
         at_max_length=[sum(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) == s["max_length"]

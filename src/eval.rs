@@ -67,6 +67,17 @@ pub fn evaluate(
 }
 
 impl EvalMetrics {
+    /// The metric TRL names `key` (`eval_loss`, `eval_rewards/margins`, ...), NaN as it is;
+    /// `None` for any other key.
+    pub fn value(&self, key: &str) -> Option<f64> {
+        let name = key.strip_prefix("eval_")?;
+        if name == "loss" {
+            return Some(self.loss);
+        }
+        let i = METRIC_NAMES.iter().position(|n| *n == name)?;
+        Some(self.metrics.values[i])
+    }
+
     /// TRL's `eval_*` keys.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -86,7 +97,7 @@ impl EvalMetrics {
 
     /// Reads what [`EvalMetrics::to_json`] wrote (other keys are ignored).
     pub fn from_json(v: &Value) -> Option<Self> {
-        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let f = |k: &str| v.get(k).and_then(crate::train::log::json_number);
         let loss = f("eval_loss")?;
         // The unweighted mean of the micro-batch losses is not written; the weighted one
         // stands in for it.

@@ -129,3 +129,45 @@ fn a_resumed_run_loads_the_same_best_checkpoint() {
         std::fs::read(cut.join("checkpoint-2/model.safetensors")).unwrap()
     );
 }
+
+/// `train.save_every = "best"` (transformers' `save_strategy = "best"`): a checkpoint at each
+/// evaluation better than all before it, on any evaluation schedule.
+#[test]
+fn checkpoints_at_new_best_evaluations_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Margins grow: with the smallest the best, only the first evaluation is one.
+    let out = tmp.path().join("smallest");
+    let sets = [
+        "train.save_every=best",
+        "train.eval_every=3",
+        "train.save_total_limit=10",
+    ];
+    let run = train(&out, &sets, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checkpoint_steps(&out), [3]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint-3/model.safetensors")).unwrap()
+    );
+    // With the largest, every evaluation is a new best: a checkpoint at each but the last
+    // step's (the final model), each its own best.
+    let out = tmp.path().join("largest");
+    let mut more = sets.to_vec();
+    more.push("train.greater_is_better=true");
+    let run = train(&out, &more, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checkpoint_steps(&out), [3, 6, 9]);
+    for step in [3, 6, 9] {
+        let s = state(&out.join(format!("checkpoint-{step}")));
+        assert_eq!(s["best_global_step"], step);
+        assert_eq!(s["best_model_checkpoint"], format!("checkpoint-{step}"));
+    }
+}

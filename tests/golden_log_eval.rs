@@ -53,6 +53,7 @@ fn overrides(s: &Value, out: &Path) -> Vec<String> {
         },
         match s.get("save_strategy").and_then(Value::as_str) {
             Some("epoch") => "train.save_every=epoch".into(),
+            Some("best") => "train.save_every=best".into(),
             // The script saves each save_steps (else eval_steps) steps.
             Some("steps") => format!(
                 "train.save_every={}",
@@ -77,11 +78,29 @@ fn best_model_overrides(s: &Value) -> Vec<String> {
     if let Some(m) = s["metric"].as_str().filter(|m| !m.is_empty()) {
         out.push(format!("train.metric_for_best_model={m}"));
     }
-    if let Some(g) = s["greater_is_better"].as_u64() {
-        out.push(format!("train.greater_is_better={}", g == 1));
+    // Written as 0/1 by older goldens, as a JSON bool by later ones.
+    let greater = &s["greater_is_better"];
+    if let Some(g) = greater.as_bool().or(greater.as_u64().map(|g| g == 1)) {
+        out.push(format!("train.greater_is_better={g}"));
     }
     if let Some(n) = s["save_total_limit"].as_u64().filter(|&n| n > 0) {
         out.push(format!("train.save_total_limit={n}"));
+    }
+    // transformers' EarlyStoppingCallback, eval_on_start and logging_first_step.
+    if let Some(n) = s["patience"].as_u64().filter(|&n| n > 0) {
+        out.push(format!("train.early_stopping_patience={n}"));
+        out.push(format!(
+            "train.early_stopping_threshold={}",
+            s["threshold"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    for (key, ours) in [
+        ("eval_on_start", "train.eval_on_start"),
+        ("logging_first_step", "train.logging_first_step"),
+    ] {
+        if s[key].as_u64() == Some(1) {
+            out.push(format!("{ours}=true"));
+        }
     }
     out
 }
@@ -123,6 +142,11 @@ fn compare(what: &str, got: &[Value], want: &[Value], skip: impl Fn(&str) -> boo
     }
 }
 
+fn golden_of(name: &str) -> Value {
+    let path = fixtures().join("golden/extra").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// Trains with the golden's settings and compares the logs; returns the golden and the run's
 /// folder (in a temporary folder the caller keeps).
 fn check(golden: &str, extra: &[&str]) -> (Value, tempfile::TempDir) {
@@ -131,8 +155,7 @@ fn check(golden: &str, extra: &[&str]) -> (Value, tempfile::TempDir) {
 
 /// `check` with `rel` as the logs' relative tolerance.
 fn check_within(golden: &str, extra: &[&str], rel: f64) -> (Value, tempfile::TempDir) {
-    let path = fixtures().join("golden/extra").join(golden);
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let g = golden_of(golden);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let mut sets = overrides(&g["settings"], &out);
@@ -154,8 +177,11 @@ fn check_within(golden: &str, extra: &[&str], rel: f64) -> (Value, tempfile::Tem
     assert!(want_log.len() >= 3 && want_eval.len() >= 2);
     let mut got_log = json_lines(&out.join("metrics.jsonl"));
     // A run whose length is not a multiple of the window logs its last steps too (TRL only
-    // folds them into train_loss): that line is orpo's own.
-    let total = g["max_steps"].as_u64().or(g["settings"]["steps"].as_u64());
+    // folds them into train_loss), as does one that stops early: that line is orpo's own.
+    let total = g["early_stopping"]["stopped_at"]
+        .as_u64()
+        .or(g["max_steps"].as_u64())
+        .or(g["settings"]["steps"].as_u64());
     let last_logged = want_log.last().and_then(|e| e["step"].as_u64());
     if total != last_logged && got_log.last().and_then(|e| e["step"].as_u64()) == total {
         got_log.pop();
@@ -229,7 +255,8 @@ fn check_best_model(golden: &str) {
         );
     }
     // The final model: the loaded checkpoint's weights, byte for byte, or (nothing loaded)
-    // the last step's, which no checkpoint holds.
+    // the last step's, which only a checkpoint written at that step holds (one where early
+    // stopping ended the run; transformers' own at the run's end orpo does not write).
     let model = std::fs::read(out.join("model.safetensors")).unwrap();
     let held = |step: u64| {
         std::fs::read(out.join(format!("checkpoint-{step}/model.safetensors"))).unwrap()
@@ -242,10 +269,21 @@ fn check_best_model(golden: &str) {
                 "{golden}: the final model is not {name}"
             );
         }
-        None => assert!(
-            trl.iter().all(|&s| model != held(s)),
-            "{golden}: the final model is a checkpoint's"
-        ),
+        None => {
+            let last: Vec<u64> = best["final_weights_saved_at"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            for &s in &trl {
+                assert_eq!(
+                    model == held(s),
+                    last.contains(&s),
+                    "{golden}: the final model against checkpoint-{s}"
+                );
+            }
+        }
     }
     let eval: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
@@ -313,6 +351,42 @@ fn a_best_evaluation_between_checkpoints_loads_the_last_best_checkpoint() {
 fn a_first_best_evaluation_without_a_checkpoint_keeps_the_last_weights() {
     // The best evaluation is the first (step 5), before any checkpoint: nothing is loaded.
     check_best_model("tiny-opt.best-unsaved-first.trl.json");
+}
+
+#[test]
+fn checkpoints_at_each_new_best_evaluation_as_trl_saves_them() {
+    // save_strategy = "best" (evaluations every 4 steps, margins best at 8): checkpoints at 4
+    // and 8 only, the limit of 1 leaving checkpoint-8, which is the final model.
+    check_best_model("tiny-opt.save-best.trl.json");
+}
+
+#[test]
+fn early_stopping_ends_the_run_where_trl_stops() {
+    // Margins peak at step 8 (evaluations and checkpoints every 4) and a patience of 2 ends
+    // the run at step 16 of 20; checkpoint-8 is the final model.
+    check_best_model("tiny-opt.early-stop.trl.json");
+}
+
+#[test]
+fn early_stopping_counts_improvements_below_the_threshold_as_none() {
+    // eval_loss improves at every evaluation (every 3 steps); with a threshold of 0.2 those
+    // at 12 and 15 do not count, and a patience of 2 ends the run at step 15 of 30. A metric
+    // without load_best_model_at_end: the final model is step 15's.
+    let g = golden_of("tiny-opt.early-stop-threshold.trl.json");
+    assert_eq!(g["early_stopping"]["stopped_at"], 15);
+    check_best_model("tiny-opt.early-stop-threshold.trl.json");
+}
+
+#[test]
+fn an_evaluation_at_the_start_is_logged_and_never_the_best() {
+    // eval_on_start and logging_first_step: an evaluation at step 0 and a line for step 1.
+    // The best is by the greatest loss, which the initial weights have, yet transformers
+    // picks step 4: the evaluation at the start takes no part.
+    let g = golden_of("tiny-opt.first-step.trl.json");
+    assert_eq!(g["eval_log"][0]["step"], 0);
+    assert_eq!(g["train_log"][0]["step"], 1);
+    assert_eq!(g["best"]["best_global_step"], 4);
+    check_best_model("tiny-opt.first-step.trl.json");
 }
 
 #[test]

@@ -55,11 +55,11 @@ pub enum ConfigError {
     )]
     MissingTrainData,
     #[error(
-        "train.eval_every = {every} evaluates held-out pairs during training, but data.eval is \
-         not set: set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE \
-         (or hold out training pairs with data.eval_size)"
+        "{key} = {value} evaluates held-out pairs during training, but data.eval is not set: \
+         set `eval = \"held.jsonl\"` in the [data] section or pass --set data.eval=FILE (or \
+         hold out training pairs with data.eval_size)"
     )]
-    EvalWithoutData { every: super::Interval },
+    EvalWithoutData { key: &'static str, value: String },
     #[error(
         "lora.quantize quantizes the frozen base of a LoRA run, which needs lora.enabled = true \
          (a full fine-tune trains the base weights themselves)"
@@ -78,7 +78,7 @@ impl ConfigError {
             | ConfigError::MissingKey { key, .. } => Some(key),
             ConfigError::BadOverride { arg, .. } => Some(arg),
             ConfigError::MissingTrainData => Some("data.train"),
-            ConfigError::EvalWithoutData { .. } => Some("train.eval_every"),
+            ConfigError::EvalWithoutData { key, .. } => Some(key),
             ConfigError::QuantizeWithoutLora => Some("lora.quantize"),
             ConfigError::Io { .. } | ConfigError::Parse { .. } => None,
         }

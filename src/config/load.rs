@@ -332,16 +332,21 @@ pub(super) fn check_and_normalise(
                             ),
                         ))
                     }
-                    toml::Value::String(s) if s == Interval::EPOCH => {}
+                    // "best" anywhere: check_ranges says where it belongs.
+                    toml::Value::String(s) if s == Interval::EPOCH || s == Interval::BEST => {}
                     toml::Value::String(s) => {
+                        let words = match full == "train.save_every" {
+                            true => "\"epoch\" or \"best\"",
+                            false => "\"epoch\"",
+                        };
                         return Err(origin.invalid(
                             &full,
                             format!(
-                                "expected a number of steps (0: never) or \"epoch\", found \
+                                "expected a number of steps (0: never) or {words}, found \
                                  {s:?}{}",
                                 strategy_hint(&full, s)
                             ),
-                        ))
+                        ));
                     }
                     _ => {
                         return Err(wrong(

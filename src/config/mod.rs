@@ -110,18 +110,24 @@ impl Config {
     }
 
     /// Extra requirements of `orpo train`: `data.train` must be set, and `data.eval` too when
-    /// `train.eval_every` asks for evaluations.
+    /// `train.eval_every` or `train.eval_on_start` asks for evaluations.
     pub fn validate_for_train(&self) -> Result<(), ConfigError> {
         if !matches!(&self.data.train, Some(t) if !t.0.is_empty()) {
             return Err(ConfigError::MissingTrainData);
         }
-        if self.train.eval_every.is_set()
-            && self.data.eval.is_none()
-            && self.data.eval_size.is_none()
-        {
-            return Err(ConfigError::EvalWithoutData {
-                every: self.train.eval_every,
-            });
+        if self.data.eval.is_none() && self.data.eval_size.is_none() {
+            let t = &self.train;
+            let asks = [
+                (
+                    "train.eval_every",
+                    t.eval_every.is_set(),
+                    t.eval_every.to_string(),
+                ),
+                ("train.eval_on_start", t.eval_on_start, "true".into()),
+            ];
+            if let Some((key, _, value)) = asks.into_iter().find(|(_, on, _)| *on) {
+                return Err(ConfigError::EvalWithoutData { key, value });
+            }
         }
         if self.lora.quantize != BaseQuant::None && !self.lora.enabled {
             return Err(ConfigError::QuantizeWithoutLora);

@@ -280,7 +280,37 @@ impl Config {
         if t.log_every == Interval::Never {
             return Err(o.invalid("train.log_every", "must be at least 1"));
         }
+        for (key, every) in [
+            ("train.log_every", t.log_every),
+            ("train.eval_every", t.eval_every),
+        ] {
+            if every == Interval::Best {
+                return Err(o.invalid(
+                    key,
+                    "\"best\" is a save strategy: train.save_every = \"best\" saves at each \
+                     evaluation that is a new best",
+                ));
+            }
+        }
+        if t.save_every == Interval::Best {
+            let key = "train.save_every";
+            if !t.tracks_best() {
+                return Err(o.invalid(
+                    key,
+                    "\"best\" saves at evaluations that beat all before them by a metric: set \
+                     train.metric_for_best_model (\"loss\" for eval_loss) or \
+                     train.load_best_model_at_end",
+                ));
+            }
+            if !t.eval_every.is_set() {
+                return Err(o.invalid(
+                    key,
+                    "\"best\" saves at evaluations: set train.eval_every (and data.eval)",
+                ));
+            }
+        }
         self.check_best_model(o)?;
+        self.check_early_stopping(o)?;
         if t.save_total_limit == Some(0) {
             return Err(o.invalid(
                 "train.save_total_limit",
@@ -383,6 +413,8 @@ impl Config {
                      train.eval_every",
                     ))
                 }
+                // transformers: any evaluation schedule (each new best is saved).
+                (Interval::Best, _) => true,
                 (Interval::Epoch, Interval::Epoch) => true,
                 (Interval::Epoch, _) | (_, Interval::Epoch) => false,
                 // transformers' test, on the numbers as given: a fraction pairs only with a
@@ -391,7 +423,7 @@ impl Config {
                     let number = |i: Interval| match i {
                         Interval::Steps(n) => n as f64,
                         Interval::Fraction(f) => f,
-                        Interval::Never | Interval::Epoch => 0.0,
+                        Interval::Never | Interval::Epoch | Interval::Best => 0.0,
                     };
                     let (s, e) = (number(save), number(eval));
                     s % e == 0.0 || (s < 1.0 && e < 1.0 && (s * 1e6) % (e * 1e6) == 0.0)
@@ -405,6 +437,43 @@ impl Config {
                      multiple of train.eval_every ({eval}), both steps, both fractions of the \
                      run or both \"epoch\""
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// transformers' `EarlyStoppingCallback` asserts a metric and evaluations during training.
+    fn check_early_stopping(&self, o: &Origin) -> Result<(), ConfigError> {
+        let t = &self.train;
+        let threshold = t.early_stopping_threshold;
+        if !threshold.is_finite() || threshold < 0.0 {
+            return Err(o.invalid(
+                "train.early_stopping_threshold",
+                format!("must be a finite number >= 0, got {threshold}"),
+            ));
+        }
+        if t.early_stopping_patience == 0 {
+            if threshold != 0.0 {
+                return Err(o.invalid(
+                    "train.early_stopping_threshold",
+                    "is read only by early stopping: set train.early_stopping_patience too",
+                ));
+            }
+            return Ok(());
+        }
+        let key = "train.early_stopping_patience";
+        if !t.tracks_best() {
+            return Err(o.invalid(
+                key,
+                "compares evaluations by a metric: set train.metric_for_best_model (\"loss\" for \
+                 eval_loss) or train.load_best_model_at_end",
+            ));
+        }
+        if !t.eval_every.is_set() {
+            return Err(o.invalid(
+                key,
+                "stops after evaluations that do not improve: set train.eval_every (and \
+                 data.eval)",
             ));
         }
         Ok(())

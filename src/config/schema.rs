@@ -96,6 +96,10 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("load_best_model_at_end", Bool),
                 ("metric_for_best_model", Str),
                 ("greater_is_better", Bool),
+                ("early_stopping_patience", UInt),
+                ("early_stopping_threshold", Float),
+                ("eval_on_start", Bool),
+                ("logging_first_step", Bool),
             ],
         ),
         (

@@ -232,6 +232,16 @@ pub struct TrainConfig {
     /// Unset: true unless the metric's name ends in `loss` (transformers' rule).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub greater_is_better: Option<bool>,
+    /// transformers' `EarlyStoppingCallback(early_stopping_patience)`: training ends after
+    /// this many evaluations in a row without an improvement of `metric_for_best_model`
+    /// (0: never).
+    pub early_stopping_patience: usize,
+    /// The improvement over the best so far that counts as one (`early_stopping_threshold`).
+    pub early_stopping_threshold: f64,
+    /// transformers' `eval_on_start`: evaluate the initial weights (logged at step 0).
+    pub eval_on_start: bool,
+    /// transformers' `logging_first_step`: a line for step 1 alone too.
+    pub logging_first_step: bool,
 }
 
 impl TrainConfig {
@@ -290,6 +300,10 @@ impl Default for TrainConfig {
             load_best_model_at_end: false,
             metric_for_best_model: None,
             greater_is_better: None,
+            early_stopping_patience: 0,
+            early_stopping_threshold: 0.0,
+            eval_on_start: false,
+            logging_first_step: false,
         }
     }
 }

@@ -934,3 +934,120 @@ fn the_best_model_needs_evaluations_and_checkpoints_on_one_schedule() {
     c.data.train = Some("pairs.jsonl".into());
     assert!(c.validate_for_train().is_err());
 }
+
+/// Early stopping's requirements (transformers' `EarlyStoppingCallback` asserts a metric and
+/// an evaluation strategy), and evaluations at the start, which need held-out pairs.
+#[test]
+fn early_stopping_needs_a_metric_and_evaluations() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.train.early_stopping_patience, 0);
+    assert_eq!(c.train.early_stopping_threshold, 0.0);
+    assert!(!c.train.eval_on_start && !c.train.logging_first_step);
+    for sets in [
+        &[
+            "train.early_stopping_patience=3",
+            "train.early_stopping_threshold=0.01",
+            "train.metric_for_best_model=loss",
+            "train.eval_every=5",
+        ][..],
+        &[
+            "train.early_stopping_patience=1",
+            "train.load_best_model_at_end=true",
+            "train.eval_every=epoch",
+            "train.save_every=epoch",
+        ][..],
+    ] {
+        let c = load(MINIMAL, sets).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+        assert_eq!(back, c);
+    }
+    for (sets, key, says) in [
+        (
+            &["train.early_stopping_patience=2", "train.eval_every=5"][..],
+            "train.early_stopping_patience",
+            "metric_for_best_model",
+        ),
+        (
+            &[
+                "train.early_stopping_patience=2",
+                "train.metric_for_best_model=loss",
+            ][..],
+            "train.early_stopping_patience",
+            "train.eval_every",
+        ),
+        (
+            &["train.early_stopping_threshold=0.1"][..],
+            "train.early_stopping_threshold",
+            "early_stopping_patience",
+        ),
+        (
+            &[
+                "train.early_stopping_patience=2",
+                "train.metric_for_best_model=loss",
+                "train.eval_every=5",
+                "train.early_stopping_threshold=-0.1",
+            ][..],
+            "train.early_stopping_threshold",
+            ">= 0",
+        ),
+    ] {
+        let e = load(MINIMAL, sets).unwrap_err();
+        assert_eq!(e.key(), Some(key), "{sets:?}: {e}");
+        assert!(e.to_string().contains(says), "{sets:?}: {e}");
+    }
+    let mut c = load(MINIMAL, &["train.eval_on_start=true"]).unwrap();
+    c.data.train = Some("pairs.jsonl".into());
+    let e = c.validate_for_train().unwrap_err();
+    assert_eq!(e.key(), Some("train.eval_on_start"), "{e}");
+    c.data.eval = Some("held.jsonl".into());
+    c.validate_for_train().unwrap();
+}
+
+/// `train.save_every = "best"`: transformers' `save_strategy = "best"`, which needs a metric
+/// and evaluations but no common schedule with them; no other interval takes it.
+#[test]
+fn saving_at_the_best_needs_a_metric_and_evaluations() {
+    for sets in [
+        &[
+            "train.save_every=best",
+            "train.metric_for_best_model=loss",
+            "train.eval_every=3",
+        ][..],
+        &[
+            "train.save_every=best",
+            "train.load_best_model_at_end=true",
+            "train.eval_every=0.3",
+        ][..],
+    ] {
+        let c = load(MINIMAL, sets).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        assert_eq!(c.train.save_every, Interval::Best);
+        let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+        assert_eq!(back, c);
+    }
+    for (sets, key, says) in [
+        (
+            &["train.save_every=best", "train.eval_every=3"][..],
+            "train.save_every",
+            "metric_for_best_model",
+        ),
+        (
+            &["train.save_every=best", "train.metric_for_best_model=loss"][..],
+            "train.save_every",
+            "train.eval_every",
+        ),
+        (
+            &["train.eval_every=best", "train.save_every=best"][..],
+            "train.eval_every",
+            "save strategy",
+        ),
+        (
+            &["train.log_every=best"][..],
+            "train.log_every",
+            "save strategy",
+        ),
+    ] {
+        let e = load(MINIMAL, sets).unwrap_err();
+        assert_eq!(e.key(), Some(key), "{sets:?}: {e}");
+        assert!(e.to_string().contains(says), "{sets:?}: {e}");
+    }
+}

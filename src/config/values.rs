@@ -301,7 +301,8 @@ fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> 
 /// `train.eval_every`): every N optimizer steps (0: never), every fraction of the run's steps
 /// (a number below 1, as transformers' `logging_steps`/`eval_steps`/`save_steps` below 1:
 /// `ceil(total steps × fraction)`), or at the end of every epoch, as transformers'
-/// `"steps"` and `"epoch"` strategies.
+/// `"steps"` and `"epoch"` strategies; checkpoints also at each evaluation that is a new best
+/// (`"best"`, transformers' `save_strategy = "best"`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Interval {
     Steps(usize),
@@ -310,11 +311,14 @@ pub enum Interval {
     #[default]
     Never,
     Epoch,
+    /// `train.save_every` only: after each evaluation better than every one before it.
+    Best,
 }
 
 impl Interval {
     /// What the key accepts besides a number.
     pub const EPOCH: &'static str = "epoch";
+    pub const BEST: &'static str = "best";
 
     pub fn steps(n: usize) -> Self {
         if n == 0 {
@@ -338,10 +342,10 @@ impl Interval {
     }
 
     /// Whether it falls after optimizer step `done` (from 1), `steps_per_epoch` steps making
-    /// an epoch (a fraction: resolve it first).
+    /// an epoch (a fraction: resolve it first; `Best` is the evaluations' to decide).
     pub fn due(self, done: usize, steps_per_epoch: usize) -> bool {
         match self {
-            Interval::Never | Interval::Fraction(_) => false,
+            Interval::Never | Interval::Fraction(_) | Interval::Best => false,
             Interval::Steps(n) => done.is_multiple_of(n),
             Interval::Epoch => done.is_multiple_of(steps_per_epoch.max(1)),
         }
@@ -355,6 +359,7 @@ impl fmt::Display for Interval {
             Interval::Fraction(x) => write!(f, "{x}"),
             Interval::Never => f.write_str("0"),
             Interval::Epoch => write!(f, "\"{}\"", Interval::EPOCH),
+            Interval::Best => write!(f, "\"{}\"", Interval::BEST),
         }
     }
 }
@@ -366,6 +371,7 @@ impl Serialize for Interval {
             Interval::Fraction(x) => s.serialize_f64(*x),
             Interval::Never => s.serialize_u64(0),
             Interval::Epoch => s.serialize_str(Interval::EPOCH),
+            Interval::Best => s.serialize_str(Interval::BEST),
         }
     }
 }
@@ -376,7 +382,10 @@ impl<'de> Deserialize<'de> for Interval {
         impl<'de> Visitor<'de> for V {
             type Value = Interval;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number of steps, a fraction of the run's steps or \"epoch\"")
+                f.write_str(
+                    "a number of steps, a fraction of the run's steps, \"epoch\" or (save_every) \
+                     \"best\"",
+                )
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Interval, E> {
                 if v > 0.0 && v < 1.0 {
@@ -400,6 +409,8 @@ impl<'de> Deserialize<'de> for Interval {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Interval, E> {
                 if v == Interval::EPOCH {
                     Ok(Interval::Epoch)
+                } else if v == Interval::BEST {
+                    Ok(Interval::Best)
                 } else {
                     Err(E::invalid_value(de::Unexpected::Str(v), &self))
                 }

@@ -8,6 +8,16 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// A number as the run's files hold it: NaN is written as `null` (JSON has no NaN), so `null`
+/// reads back as NaN and a resumed run keeps a NaN metric rather than refusing its
+/// checkpoint. `None` for anything else that is not a number.
+pub fn json_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Null => Some(f64::NAN),
+        v => v.as_f64(),
+    }
+}
+
 /// One line of `metrics.jsonl`: a logged step (averaged over the steps since the previous line).
 #[derive(Debug, Clone)]
 pub struct LogEntry {
@@ -22,7 +32,7 @@ pub struct LogEntry {
 
 impl LogEntry {
     pub fn from_json(v: &Value) -> Option<Self> {
-        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let f = |k: &str| v.get(k).and_then(json_number);
         let mut metrics = Metrics {
             loss: f("loss")?,
             ..Metrics::default()
@@ -69,7 +79,7 @@ impl EvalEntry {
     pub fn from_json(v: &Value) -> Option<Self> {
         Some(EvalEntry {
             step: v.get("step")?.as_u64()? as usize,
-            epoch: v.get("epoch")?.as_f64()?,
+            epoch: v.get("epoch").and_then(json_number)?,
             metrics: EvalMetrics::from_json(v)?,
         })
     }
@@ -160,5 +170,48 @@ mod tests {
             let back = LogEntry::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
             assert_eq!(back.to_json().to_string(), text);
         }
+    }
+
+    /// A NaN metric is written as `null` and reads back as NaN, in a log line, an evaluation
+    /// and the metrics pending a line; a missing key is still malformed.
+    #[test]
+    fn a_nan_metric_reads_back_as_nan() {
+        let mut metrics = Metrics {
+            loss: 0.5,
+            ..Metrics::default()
+        };
+        metrics.values[0] = f64::NAN;
+        let entry = LogEntry {
+            step: 3,
+            epoch: 0.5,
+            learning_rate: 1e-3,
+            grad_norm: 1.0,
+            metrics: metrics.clone(),
+            tokens: 10,
+            elapsed_s: 1.0,
+        };
+        let line = entry.to_json();
+        assert!(line[METRIC_NAMES[0]].is_null());
+        let back = LogEntry::from_json(&line).unwrap();
+        assert!(back.metrics.values[0].is_nan());
+        assert_eq!(back.to_json(), line);
+        let eval = EvalEntry {
+            step: 3,
+            epoch: 0.5,
+            metrics: EvalMetrics {
+                pairs: 4,
+                loss: f64::NAN,
+                metrics: metrics.clone(),
+                batches: 1,
+                runtime_s: 1.0,
+            },
+        };
+        let back = EvalEntry::from_json(&eval.to_json()).unwrap();
+        assert!(back.metrics.loss.is_nan() && back.metrics.metrics.values[0].is_nan());
+        let pending = Metrics::from_vec(&serde_json::json!(metrics.to_vec())).unwrap();
+        assert!(pending.values[0].is_nan());
+        let mut partial = line.clone();
+        partial.as_object_mut().unwrap().remove("loss");
+        assert!(LogEntry::from_json(&partial).is_none());
     }
 }

@@ -182,12 +182,13 @@ impl Metrics {
         if a.len() != 1 + METRIC_NAMES.len() {
             return None;
         }
+        let number = super::log::json_number;
         let mut m = Metrics {
-            loss: a[0].as_f64()?,
+            loss: number(&a[0])?,
             ..Metrics::default()
         };
         for (slot, x) in m.values.iter_mut().zip(&a[1..]) {
-            *slot = x.as_f64()?;
+            *slot = number(x)?;
         }
         Some(m)
     }

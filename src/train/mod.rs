@@ -6,6 +6,7 @@ mod adamw8bit_cuda;
 #[cfg(feature = "cuda")]
 mod adamw_cuda;
 pub mod batch;
+pub mod best;
 pub mod checkpoint;
 pub mod forward;
 pub mod log;

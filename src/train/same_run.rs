@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// Settings a resumed run may change: where and how often it writes, logs and evaluates, and
 /// where and how it computes; none changes what the steps train.
-const MAY_CHANGE: [&str; 12] = [
+const MAY_CHANGE: [&str; 14] = [
     "model.device",
     "data.eval",
     "data.eval_split",
@@ -20,6 +20,8 @@ const MAY_CHANGE: [&str; 12] = [
     "train.save_total_limit",
     "train.log_every",
     "train.eval_every",
+    "train.eval_on_start",
+    "train.logging_first_step",
     "train.save_dtype",
     "train.eval_batch_size",
     "train.report_to",

@@ -1,6 +1,7 @@
 //! The training loop: plan -> micro-batches -> forward/backward -> clip -> AdamW -> log/save.
 
 use super::batch::collate;
+use super::best::{best_eval, patience_counter};
 use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic, BaseModel};
 use super::forward::{forward, Readout};
 use super::log::{EvalEntry, JsonLines, LogEntry};
@@ -12,7 +13,7 @@ use super::resume::{self, plan_fingerprint, ResumeState};
 use super::run_dir::{self, RUN_CONFIG};
 use super::same_run;
 use super::schedule::{warmup_steps, Schedule};
-use crate::config::Config;
+use crate::config::{Config, Interval};
 use crate::data::{Dataset, Tokenizer};
 use crate::eval::{evaluate, EvalMetrics};
 use crate::memory::{MemoryMeter, Usage};
@@ -250,6 +251,12 @@ impl Trainer {
             params = self.model.params().num_elements(),
             "training"
         );
+        if cfg.train.early_stopping_patience > 0 && !cfg.train.load_best_model_at_end {
+            tracing::warn!(
+                "train.early_stopping_patience without train.load_best_model_at_end: the final \
+                 model is the last step's, not the best evaluation's (as transformers warns)"
+            );
+        }
         let mut metrics_file = JsonLines::create(
             &out_dir.join("metrics.jsonl"),
             st.log.iter().map(LogEntry::to_json),
@@ -288,7 +295,23 @@ impl Trainer {
         let eval_every = cfg.train.eval_every.resolve(total);
         let save_every = cfg.train.save_every.resolve(total);
         let mut epoch = st.epoch;
-        for step in st.step..total {
+        if cfg.train.eval_on_start && st.step == 0 {
+            if let (Some(data), Some(file)) = (&self.eval, eval_file.as_mut()) {
+                let entry = self.evaluate_at(data, 0, 0.0)?;
+                let line = entry.to_json();
+                file.push(&line)?;
+                if let Some(tb) = tensorboard.as_mut() {
+                    tb.line(&line, st.elapsed_s)?;
+                }
+                st.evals.push(entry);
+            }
+        }
+        // A run resumed from the checkpoint of the evaluation that stopped it is done.
+        let last = match self.early_stop_due(&st.evals) {
+            true => st.step,
+            false => total,
+        };
+        for step in st.step..last {
             let sb = plan.step(step);
             let step_grads = self.step_gradients(&sb.micro_batches, sb.metric_pairs)?;
             // On a GPU this waits for the backward pass's kernels (the step's first host read);
@@ -342,7 +365,20 @@ impl Trainer {
                 step_metrics.rewards_accuracy(),
                 st.total_tokens as f64 / elapsed.max(1e-9)
             ));
-            if log_every.due(done, plan.steps_per_epoch) || done == total {
+            // The last step's evaluation is the final one, below. It runs before this step's
+            // line is written, which is logged anyway when the evaluation ends the run.
+            let eval_due = eval_every.due(done, plan.steps_per_epoch) && done < total;
+            let evaluation = match (eval_due, &self.eval) {
+                (true, Some(data)) => Some(self.evaluate_at(data, done, epoch)?),
+                _ => None,
+            };
+            let stop_early = evaluation.as_ref().is_some_and(|e| {
+                let mut evals = st.evals.clone();
+                evals.push(e.clone());
+                self.early_stop_due(&evals)
+            });
+            let first = done == 1 && cfg.train.logging_first_step;
+            if log_every.due(done, plan.steps_per_epoch) || done == total || first || stop_early {
                 let entry = LogEntry {
                     step: done,
                     epoch,
@@ -362,10 +398,7 @@ impl Trainer {
                 st.pending_losses.clear();
                 st.pending_tokens = 0;
             }
-            // The last step's evaluation is the final one, below.
-            let due = eval_every.due(done, plan.steps_per_epoch) && done < total;
-            if let (true, Some(data), Some(file)) = (due, &self.eval, eval_file.as_mut()) {
-                let entry = self.evaluate_at(data, done, epoch)?;
+            if let (Some(entry), Some(file)) = (evaluation, eval_file.as_mut()) {
                 let line = entry.to_json();
                 file.push(&line)?;
                 if let Some(tb) = tensorboard.as_mut() {
@@ -374,7 +407,14 @@ impl Trainer {
                 st.evals.push(entry);
             }
             let interrupted = stop.load(Ordering::SeqCst);
-            let due = save_every.due(done, plan.steps_per_epoch);
+            let due = match save_every {
+                // transformers' save_strategy = "best": an evaluation here that is the best.
+                Interval::Best => {
+                    st.evals.last().is_some_and(|e| e.step == done)
+                        && self.best_eval_of(&st).is_some_and(|e| e.step == done)
+                }
+                every => every.due(done, plan.steps_per_epoch),
+            };
             if done < total && (interrupted || due) {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
                 // Only a scheduled checkpoint can be the best: one written for an interrupt
@@ -395,12 +435,23 @@ impl Trainer {
                     });
                 }
             }
+            if stop_early {
+                tracing::info!(
+                    step = done,
+                    patience = cfg.train.early_stopping_patience,
+                    metric = %cfg.train.best_metric_key(),
+                    "stopping early: no improvement in the last evaluations"
+                );
+                break;
+            }
         }
         bar.finish_and_clear();
+        // The last step trained: `total`, or the one whose evaluation stopped the run.
+        let end = st.step;
         let elapsed = st.elapsed_s;
         self.memory_read();
         tracing::info!(
-            steps = total,
+            steps = end,
             seconds = format!("{elapsed:.1}"),
             tokens_per_s = format!("{:.1}", st.total_tokens as f64 / elapsed.max(1e-9)),
             peak_memory_gib = self.memory.as_ref().map(|m| gib2(m.run_peak_gib())),
@@ -415,11 +466,11 @@ impl Trainer {
         let mut final_eval = None;
         if best_at_end {
             final_eval =
-                self.final_evaluation(&mut st, total, epoch, &mut eval_file, &mut tensorboard)?;
+                self.final_evaluation(&mut st, end, epoch, &mut eval_file, &mut tensorboard)?;
         }
         let mut reported = final_eval.clone();
         if best_at_end {
-            reported = self.load_best(&st, total, &out_dir)?.or(reported);
+            reported = self.load_best(&st, end, &out_dir)?.or(reported);
         }
         let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
         let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
@@ -431,7 +482,7 @@ impl Trainer {
         // model, so then none stays.
         if cfg.train.save_total_limit == Some(1) {
             let keep = match self.best_eval_of(&st) {
-                Some(best) if best.step == total => Some(None),
+                Some(best) if best.step == end => Some(None),
                 Some(_) => st.best_checkpoint.map(Some),
                 None => None,
             };
@@ -458,7 +509,7 @@ impl Trainer {
         }
         if !best_at_end {
             final_eval =
-                self.final_evaluation(&mut st, total, epoch, &mut eval_file, &mut tensorboard)?;
+                self.final_evaluation(&mut st, end, epoch, &mut eval_file, &mut tensorboard)?;
             reported = final_eval;
         }
         // eval_metrics.json: the saved model's evaluation.
@@ -503,20 +554,24 @@ impl Trainer {
         })
     }
 
-    /// The evaluation after the last step, logged to eval_metrics.jsonl (and TensorBoard) and
-    /// kept in the run's history; `None` without held-out pairs.
+    /// The evaluation after the last step `end`, logged to eval_metrics.jsonl (and
+    /// TensorBoard) and kept in the run's history; the one made there already when it stopped
+    /// the run early; `None` without held-out pairs.
     fn final_evaluation(
         &self,
         st: &mut RunState,
-        total: usize,
+        end: usize,
         epoch: f64,
         eval_file: &mut Option<JsonLines>,
         tensorboard: &mut Option<TensorBoard>,
     ) -> Result<Option<EvalEntry>, Error> {
+        if let Some(done) = st.evals.last().filter(|e| e.step == end && end > 0) {
+            return Ok(Some(done.clone()));
+        }
         let (Some(data), Some(file)) = (&self.eval, eval_file.as_mut()) else {
             return Ok(None);
         };
-        let entry = self.evaluate_at(data, total, epoch)?;
+        let entry = self.evaluate_at(data, end, epoch)?;
         let line = entry.to_json();
         file.push(&line)?;
         if let Some(tb) = tensorboard.as_mut() {
@@ -537,6 +592,20 @@ impl Trainer {
         best_eval(&st.evals, &t.best_metric_key(), t.best_is_greater())
     }
 
+    /// Whether `evals` end the run: `train.early_stopping_patience` evaluations in a row
+    /// without an improvement (transformers' `EarlyStoppingCallback`).
+    fn early_stop_due(&self, evals: &[EvalEntry]) -> bool {
+        let t = &self.config.train;
+        let patience = t.early_stopping_patience;
+        patience > 0
+            && patience_counter(
+                evals,
+                &t.best_metric_key(),
+                t.best_is_greater(),
+                t.early_stopping_threshold,
+            ) >= patience
+    }
+
     /// At the end of a `load_best_model_at_end` run: the best evaluation's weights into the
     /// model, as transformers' `_load_best_model` does — the last step's own when it is the
     /// best (transformers saves a checkpoint there), else the best checkpoint written (an
@@ -544,13 +613,13 @@ impl Trainer {
     fn load_best(
         &self,
         st: &RunState,
-        total: usize,
+        end: usize,
         out_dir: &Path,
     ) -> Result<Option<EvalEntry>, Error> {
         let key = self.config.train.best_metric_key();
         let best = self.best_eval_of(st);
         let Some(best) = best else { return Ok(None) };
-        let step = match best.step == total {
+        let step = match best.step == end {
             true => return Ok(None),
             false => match st.best_checkpoint {
                 Some(step) => step,
@@ -696,28 +765,6 @@ impl RunState {
     }
 }
 
-/// The evaluation `load_best_model_at_end` picks: each one strictly better than all before it
-/// replaces the best, as transformers compares (`np.greater` or `np.less`).
-fn best_eval<'a>(evals: &'a [EvalEntry], key: &str, greater: bool) -> Option<&'a EvalEntry> {
-    let value = |e: &EvalEntry| e.metrics.to_json()[key].as_f64();
-    let mut best: Option<(&EvalEntry, f64)> = None;
-    for e in evals {
-        // transformers starts from an infinite best, which NaN never beats.
-        let Some(v) = value(e).filter(|v| !v.is_nan()) else {
-            continue;
-        };
-        let better = match best {
-            None => true,
-            Some((_, b)) if greater => v > b,
-            Some((_, b)) => v < b,
-        };
-        if better {
-            best = Some((e, v));
-        }
-    }
-    best.map(|(e, _)| e)
-}
-
 /// Keeps the newest `keep` `checkpoint-STEP` folders.
 fn prune_checkpoints(out_dir: &Path, keep: usize, best: Option<usize>) -> Result<(), Error> {
     let mut found = run_dir::checkpoints(out_dir);
@@ -770,32 +817,6 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::EvalMetrics;
-
-    fn eval(step: usize, loss: f64) -> EvalEntry {
-        EvalEntry {
-            step,
-            epoch: 0.0,
-            metrics: EvalMetrics {
-                pairs: 4,
-                loss,
-                metrics: Metrics::default(),
-                batches: 1,
-                runtime_s: 1.0,
-            },
-        }
-    }
-
-    /// Each evaluation strictly better than all before it becomes the best; a tie keeps the
-    /// earlier one.
-    #[test]
-    fn the_best_evaluation_is_the_first_strictly_better() {
-        let evals = [eval(2, 0.5), eval(4, 0.3), eval(6, 0.3), eval(8, 0.4)];
-        let step = |greater| best_eval(&evals, "eval_loss", greater).map(|e| e.step);
-        assert_eq!(step(false), Some(4));
-        assert_eq!(step(true), Some(2));
-        assert_eq!(best_eval(&[], "eval_loss", false).map(|e| e.step), None);
-    }
 
     /// save_total_limit keeps the best checkpoint as if it were the newest but one, and with a
     /// limit of 1 the newest beside it (transformers' `_sorted_checkpoints`).
