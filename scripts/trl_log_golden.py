@@ -101,10 +101,19 @@ it, training stops at step 16 of 20 and the Trainer loads checkpoint-8) is:
 tests/fixtures/golden/extra/tiny-opt.early-stop-threshold.trl.json (metric-only, eval_loss every 3 steps
 of 30 at lr 5e-3, improvements 0.525, 0.268, 0.137, 0.075 against a threshold of 0.2: the counter goes
 0, 0, 1 (step 12), 2 (step 15) while best_metric moves every time, and training stops at step 15 of 30;
-no best model is loaded, the final weights are step 15's. At lr 1e-2 the same run's grad_norm moves by
-percents between f32 implementations by step 15, too chaotic to hold to TRL) is:
+no best model is loaded, the final weights are step 15's, and with a limit of 1 only checkpoint-15, the
+best, remains. At lr 1e-2 the same run's grad_norm moves by percents between f32 implementations by
+step 15, too chaotic to hold to TRL) is:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.early-stop-threshold.trl.json \
-    steps=30 lr=5e-3 eval_steps=3 save_steps=3 save_strategy=steps metric=loss patience=2 threshold=0.2
+    steps=30 lr=5e-3 eval_steps=3 save_steps=3 save_strategy=steps metric=loss patience=2 threshold=0.2 \
+    save_total_limit=1
+
+tests/fixtures/golden/extra/tiny-opt.early-stop-best-unsaved.trl.json (the same run saving every 6 steps
+with load_best=1: the evaluation that stops it, step 15, is the best but has no checkpoint, so the
+Trainer loads checkpoint-12, the best written, and keeps only it) is:
+  python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.early-stop-best-unsaved.trl.json \
+    steps=30 lr=5e-3 eval_steps=3 save_steps=6 save_strategy=steps load_best=1 metric=loss patience=2 \
+    threshold=0.2 save_total_limit=1
 
 tests/fixtures/golden/extra/tiny-opt.save-best.trl.json (the tiny-opt.best run with save_strategy="best":
 checkpoints only at evaluations that beat every one before (steps 4 and 8), the limit of 1 leaving

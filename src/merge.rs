@@ -22,6 +22,20 @@ pub fn merge(
     overwrite: bool,
     dtype: SaveDtype,
 ) -> Result<PathBuf, Error> {
+    // Flags that name a file where a folder belongs, before anything is read or written.
+    let flags = [
+        ("--adapter", Some(adapter), "an adapter folder"),
+        ("--base", base.map(Path::new), "a model folder"),
+    ];
+    for (flag, path, what) in flags {
+        if let Some(path) = path.filter(|p| p.is_file()) {
+            return Err(Error::Input(format!(
+                "{flag} {}: is a file, not {what}",
+                path.display()
+            )));
+        }
+    }
+    check_out(out)?;
     // A local folder, or an adapter repository on the hub.
     let resolved;
     let adapter = match adapter.is_dir() {
@@ -46,6 +60,12 @@ pub fn merge(
             adapter.display()
         ))
     })?;
+    if base.is_none() && Path::new(&base_id).is_file() {
+        return Err(Error::Input(format!(
+            "{}: base_model_name_or_path {base_id:?} is a file, not a model folder; pass --base",
+            adapter.join(lora::ADAPTER_CONFIG).display()
+        )));
+    }
     let base_dir = resolve_model_dir(&base_id, None)?;
     let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
@@ -105,4 +125,23 @@ pub fn merge(
         );
     }
     Ok(base_dir)
+}
+
+/// `--out` must be a folder, or a path one can be made at: an existing file there (or in
+/// place of one of its parents) is an input error, not a failure to write.
+fn check_out(out: &Path) -> Result<(), Error> {
+    if out.is_file() {
+        return Err(Error::Input(format!(
+            "--out {}: is a file, not a folder",
+            out.display()
+        )));
+    }
+    if let Some(file) = out.ancestors().skip(1).find(|p| p.is_file()) {
+        return Err(Error::Input(format!(
+            "--out {}: {} is a file, not a folder",
+            out.display(),
+            file.display()
+        )));
+    }
+    Ok(())
 }

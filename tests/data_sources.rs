@@ -443,6 +443,10 @@ fn orpo_data_summary_json_and_show() {
         "{out}"
     );
     assert!(out.contains("  ids: -"), "{out}");
+    // --ids without --show would print nothing of what it asks for.
+    let (code, _, err) = orpo(&["data", "--config", c, "--ids"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--show"), "{err}");
 }
 
 #[test]

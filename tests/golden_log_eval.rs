@@ -371,10 +371,22 @@ fn early_stopping_ends_the_run_where_trl_stops() {
 fn early_stopping_counts_improvements_below_the_threshold_as_none() {
     // eval_loss improves at every evaluation (every 3 steps); with a threshold of 0.2 those
     // at 12 and 15 do not count, and a patience of 2 ends the run at step 15 of 30. A metric
-    // without load_best_model_at_end: the final model is step 15's.
+    // without load_best_model_at_end: the final model is step 15's, and with a limit of 1
+    // its checkpoint, the best, is the one left.
     let g = golden_of("tiny-opt.early-stop-threshold.trl.json");
     assert_eq!(g["early_stopping"]["stopped_at"], 15);
     check_best_model("tiny-opt.early-stop-threshold.trl.json");
+}
+
+#[test]
+fn a_best_evaluation_that_stops_the_run_without_a_checkpoint_is_not_the_final_model() {
+    // The same run saving every 6 steps with load_best_model_at_end: step 15 stops it and is
+    // the best, but has no checkpoint (transformers saves at the end only at the run's full
+    // length), so checkpoint-12 is loaded and is the one a limit of 1 leaves.
+    let g = golden_of("tiny-opt.early-stop-best-unsaved.trl.json");
+    assert_eq!(g["best"]["best_global_step"], 15);
+    assert_eq!(g["best"]["loaded_checkpoint"], "checkpoint-12");
+    check_best_model("tiny-opt.early-stop-best-unsaved.trl.json");
 }
 
 #[test]

@@ -165,13 +165,8 @@ fn an_interrupted_qlora_run_resumes_bit_identical() {
         "{err}"
     );
     let ckpt = cut_dir.path().join("checkpoint-1");
-    let mut resumed = load_trainer(&config).unwrap();
-    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
-    let a = std::fs::read(full_dir.path().join("adapter_model.safetensors")).unwrap();
-    let b = std::fs::read(cut_dir.path().join("adapter_model.safetensors")).unwrap();
-    assert!(a == b, "resumed adapter differs from the uninterrupted one");
-
-    // The checkpoint's base was quantized: resuming without it is another run.
+    // The checkpoint's base was quantized: resuming without it is another run. (Checked
+    // first: the resumed run below removes the interrupt's checkpoint when it finishes.)
     let plain = qlora_config("tiny-qwen2", cut_dir.path(), &["lora.quantize=none"]);
     let mut other = load_trainer(&plain).unwrap();
     let e = other
@@ -179,6 +174,12 @@ fn an_interrupted_qlora_run_resumes_bit_identical() {
         .err()
         .expect("a resume with another base refused");
     assert!(e.to_string().contains("lora.quantize"), "{e}");
+
+    let mut resumed = load_trainer(&config).unwrap();
+    resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+    let a = std::fs::read(full_dir.path().join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(cut_dir.path().join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
 }
 
 #[test]

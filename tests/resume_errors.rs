@@ -3,15 +3,17 @@
 
 mod common;
 
+use candle_core::{Device, Tensor};
 use common::*;
 use orpo::config::Config;
 use orpo::train::{load_trainer, Trainer};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-/// A 4-step run of tiny-opt (LoRA or not) writing into `out`.
-fn config(out: &Path, lora: bool) -> Config {
+/// A 4-step run of tiny-opt (LoRA or not, with `extra` settings) writing into `out`.
+fn config(out: &Path, lora: bool, extra: &[&str]) -> Config {
     let mut sets = vec![
         format!("model.id={}", model_dir("tiny-opt").display()),
         format!("train.output_dir={}", out.display()),
@@ -25,6 +27,7 @@ fn config(out: &Path, lora: bool) -> Config {
     if lora {
         sets.extend(["lora.enabled=true", "lora.r=4", "lora.alpha=8"].map(String::from));
     }
+    sets.extend(extra.iter().map(|s| s.to_string()));
     let data = repo().join("examples/data/explicit-10.jsonl");
     sets.push(format!("data.train={}", data.display()));
     Config::from_toml_str("", "test.toml", &sets).unwrap()
@@ -40,9 +43,13 @@ struct Interrupted {
 }
 
 fn interrupted(lora: bool) -> Interrupted {
+    interrupted_with(lora, &[])
+}
+
+fn interrupted_with(lora: bool, extra: &[&str]) -> Interrupted {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let config = config(&out, lora);
+    let config = config(&out, lora, extra);
     let mut trainer = load_trainer(&config).unwrap();
     let err = trainer.run(None, &AtomicBool::new(true)).err().unwrap();
     assert!(
@@ -84,6 +91,20 @@ impl Interrupted {
                 serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             edit(v.as_object_mut().unwrap());
             std::fs::write(&path, v.to_string()).unwrap();
+        })
+    }
+
+    /// A copy of the checkpoint with optimizer.safetensors' tensors edited.
+    fn with_optimizer(
+        &self,
+        case: &str,
+        edit: impl FnOnce(&mut HashMap<String, Tensor>),
+    ) -> PathBuf {
+        self.copy(case, "checkpoint-1", |dir| {
+            let path = dir.join("optimizer.safetensors");
+            let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            edit(&mut t);
+            candle_core::safetensors::save(&t, &path).unwrap();
         })
     }
 
@@ -345,5 +366,358 @@ fn a_config_that_changes_what_the_run_trains_is_refused_by_key() {
     run.trainer.config.train.save_total_limit = Some(1);
     run.trainer
         .run(Some(&ckpt), &AtomicBool::new(false))
+        .unwrap();
+}
+
+/// Token counts no run could have (beyond JSON's exact integers) are refused by key, rather
+/// than overflowing the resumed run's sums or logging nonsense.
+#[test]
+fn token_counts_beyond_any_run_are_refused() {
+    let mut run = interrupted(false);
+    for (key, value) in [
+        ("pending_tokens", json!(u64::MAX)),
+        ("total_tokens", json!(u64::MAX)),
+        ("total_tokens", json!(1u64 << 63)),
+        ("pending_tokens", json!((1u64 << 53) + 1)),
+    ] {
+        let ckpt = run.with_state(&format!("{key}-{value}"), |s| {
+            s.insert(key.into(), value.clone());
+        });
+        let msg = run.refused(&ckpt);
+        assert_names(
+            &msg,
+            &[
+                &state_file(&ckpt),
+                &format!("`{key}` is {value}, more tokens than any run holds"),
+            ],
+        );
+    }
+}
+
+/// Histories out of order or past the checkpoint's step, and more pending step losses than
+/// steps since the last logged line, are refused by key; a step-0 evaluation
+/// (train.eval_on_start) and null (NaN) metrics still resume.
+#[test]
+fn inconsistent_histories_are_refused() {
+    // Logged every 2 steps, evaluated at 0 and every step: checkpoint-1 holds evaluations at
+    // steps 0 and 1, no logged line and one pending step loss.
+    let extra = [
+        "train.log_every=2",
+        "train.eval_every=1",
+        "train.eval_on_start=true",
+        "data.eval_size=2",
+    ];
+    let mut run = interrupted_with(false, &extra);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(run.ckpt.join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let evals = state["eval_history"].as_array().unwrap().clone();
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1]);
+    assert_eq!(state["log_history"], json!([]));
+    assert_eq!(state["pending_losses"].as_array().unwrap().len(), 1);
+    let at = |step: u64, mut e: Value| {
+        e["step"] = json!(step);
+        e
+    };
+    // A well-formed line as the run logs it.
+    let mut log_line = json!({"step": 1, "epoch": 0.25, "loss": 1.0, "grad_norm": 1.0,
+        "learning_rate": 1e-3, "tokens": 10, "elapsed_s": 1.0});
+    for name in orpo::train::loss::METRIC_NAMES {
+        log_line[name] = json!(0.5);
+    }
+    for (case, key, value, found) in [
+        (
+            "repeated",
+            "eval_history",
+            Value::Array(vec![evals[1].clone(); 10]),
+            "entry 1 is at step 1, not after the previous entry's step 1",
+        ),
+        (
+            "reversed",
+            "eval_history",
+            json!([evals[1], evals[0]]),
+            "entry 1 is at step 0, not after the previous entry's step 1",
+        ),
+        (
+            "eval-later",
+            "eval_history",
+            json!([evals[0], at(999, evals[1].clone())]),
+            "entry 1 is at step 999, after the checkpoint's global_step 1",
+        ),
+        (
+            "log-later",
+            "log_history",
+            json!([at(50, log_line.clone())]),
+            "entry 0 is at step 50, after the checkpoint's global_step 1",
+        ),
+        (
+            "log-reversed",
+            "log_history",
+            json!([log_line, at(0, log_line.clone())]),
+            "entry 1 is at step 0, not after the previous entry's step 1",
+        ),
+        (
+            "log-no-step",
+            "log_history",
+            json!([{"loss": 1.0}]),
+            "entry 0 has no whole `step`",
+        ),
+        (
+            "losses",
+            "pending_losses",
+            json!([1.0, 1.0, 1.0, 1.0, 1.0]),
+            "holds 5 losses, but 1 step(s) passed since the last logged line",
+        ),
+        (
+            "metrics",
+            "pending_metrics",
+            json!([]),
+            "holds 0 micro-batches' metrics, fewer than the 1 steps in `pending_losses`",
+        ),
+    ] {
+        let ckpt = run.with_state(case, |s| {
+            s.insert(key.into(), value);
+        });
+        let msg = run.refused(&ckpt);
+        assert_names(&msg, &[&state_file(&ckpt), &format!("`{key}` {found}")]);
+    }
+    // A line logged at step 1 leaves no step for a pending loss.
+    let ckpt = run.with_state("logged", |s| {
+        s.insert("log_history".into(), json!([log_line]));
+    });
+    let msg = run.refused(&ckpt);
+    assert_names(
+        &msg,
+        &[
+            &state_file(&ckpt),
+            "`pending_losses` holds 1 losses, but 0 step(s) passed",
+        ],
+    );
+
+    // As saved, with a NaN evaluation metric (written as null), it resumes.
+    let ckpt = run.with_state("null-metric", |s| {
+        s["eval_history"][1]["eval_loss"] = Value::Null;
+    });
+    let mut trainer = load_trainer(&run.config).unwrap();
+    trainer.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
+}
+
+fn optimizer_file(ckpt: &Path) -> String {
+    ckpt.join("optimizer.safetensors").display().to_string()
+}
+
+/// Replaces one value of a saved tensor.
+fn poke(t: &mut HashMap<String, Tensor>, key: &str, at: usize, value: f32) {
+    let old = &t[key];
+    let mut v: Vec<f32> = old.flatten_all().unwrap().to_vec1().unwrap();
+    v[at] = value;
+    let new = Tensor::from_vec(v, old.shape(), &Device::Cpu).unwrap();
+    t.insert(key.into(), new);
+}
+
+/// Damaged AdamW moments and step are refused naming optimizer.safetensors and the tensor,
+/// before any training: missing, reshaped, non-finite or negative second moments, a step that
+/// is no step count or not the checkpoint's, tensors of no parameter, or another file.
+#[test]
+fn damaged_optimizer_state_is_refused_by_tensor() {
+    let mut run = interrupted(false);
+    let bias = "model.decoder.layers.0.fc2.bias";
+    let weight = "model.decoder.layers.1.fc1.weight";
+    type Edit = Box<dyn FnOnce(&mut HashMap<String, Tensor>)>;
+    let cases: Vec<(&str, Edit, String)> = vec![
+        (
+            "no-sq",
+            Box::new(move |t| {
+                t.remove(&format!("exp_avg_sq.{bias}"));
+            }),
+            format!("lacks `exp_avg_sq.{bias}`"),
+        ),
+        (
+            "no-state",
+            Box::new(move |t| {
+                t.remove(&format!("exp_avg.{weight}"));
+                t.remove(&format!("exp_avg_sq.{weight}"));
+            }),
+            format!("lacks `exp_avg.{weight}`"),
+        ),
+        (
+            "reshaped",
+            Box::new(move |t| {
+                let k = format!("exp_avg.{bias}");
+                let r = t[&k].reshape((32, 2)).unwrap();
+                t.insert(k, r);
+            }),
+            format!("`exp_avg.{bias}` has shape [32, 2], not [64]"),
+        ),
+        (
+            "inf",
+            Box::new(move |t| poke(t, &format!("exp_avg.{weight}"), 5, f32::INFINITY)),
+            format!("`exp_avg.{weight}` holds a non-finite value"),
+        ),
+        (
+            "nan",
+            Box::new(move |t| poke(t, &format!("exp_avg.{bias}"), 63, f32::NAN)),
+            format!("`exp_avg.{bias}` holds a non-finite value"),
+        ),
+        (
+            "negative-sq",
+            Box::new(move |t| poke(t, &format!("exp_avg_sq.{weight}"), 0, -1e-9)),
+            format!("`exp_avg_sq.{weight}` holds a negative or non-finite value"),
+        ),
+        (
+            "nan-sq",
+            Box::new(move |t| poke(t, &format!("exp_avg_sq.{bias}"), 1, f32::NAN)),
+            format!("`exp_avg_sq.{bias}` holds a negative or non-finite value"),
+        ),
+        (
+            "integer",
+            Box::new(move |t| {
+                let k = format!("exp_avg.{bias}");
+                let r = t[&k].to_dtype(candle_core::DType::I64).unwrap();
+                t.insert(k, r);
+            }),
+            format!("`exp_avg.{bias}` is I64, not floating point"),
+        ),
+        (
+            "extra",
+            Box::new(|t| {
+                t.insert("exp_avg.lm_head.weight".into(), Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap());
+            }),
+            "holds `exp_avg.lm_head.weight`, no optimizer state of this model's trainable parameters".into(),
+        ),
+        (
+            "step-nan",
+            Box::new(|t| {
+                t.insert("step".into(), Tensor::new(&[f64::NAN], &Device::Cpu).unwrap());
+            }),
+            "`step` is NaN, not a whole number of steps".into(),
+        ),
+        (
+            "step-fraction",
+            Box::new(|t| {
+                t.insert("step".into(), Tensor::new(&[1.5f64], &Device::Cpu).unwrap());
+            }),
+            "`step` is 1.5, not a whole number of steps".into(),
+        ),
+        (
+            "step-negative",
+            Box::new(|t| {
+                t.insert("step".into(), Tensor::new(&[-1f64], &Device::Cpu).unwrap());
+            }),
+            "`step` is -1, not a whole number of steps".into(),
+        ),
+        (
+            "step-other",
+            Box::new(|t| {
+                t.insert("step".into(), Tensor::new(&[3f64], &Device::Cpu).unwrap());
+            }),
+            "`step` is 3, but the checkpoint's global_step is 1".into(),
+        ),
+        (
+            "step-missing",
+            Box::new(|t| {
+                t.remove("step");
+            }),
+            "lacks `step`".into(),
+        ),
+    ];
+    for (case, edit, found) in cases {
+        let ckpt = run.with_optimizer(case, edit);
+        let msg = run.refused(&ckpt);
+        assert_names(&msg, &[&format!("{}: {found}", optimizer_file(&ckpt))]);
+    }
+
+    // The model's weights in place of the optimizer's state.
+    let ckpt = run.copy("weights", "checkpoint-1", |dir| {
+        std::fs::copy(
+            dir.join("model.safetensors"),
+            dir.join("optimizer.safetensors"),
+        )
+        .unwrap();
+    });
+    let msg = run.refused(&ckpt);
+    assert_names(
+        &msg,
+        &[&format!(
+            "{}: holds no AdamW moments",
+            optimizer_file(&ckpt)
+        )],
+    );
+}
+
+/// The 8-bit optimizer's state (codes and absmax per moment; small tensors and embeddings in
+/// f32) is checked alike: every part there, of its size and type, absmax values finite and
+/// non-negative.
+#[test]
+fn damaged_8bit_optimizer_state_is_refused_by_tensor() {
+    let mut run = interrupted_with(false, &["optim.optimizer=adamw_8bit"]);
+    // 16,384 values: 64 blocks of 256.
+    let w = "model.decoder.layers.0.fc1.weight";
+    type Edit = Box<dyn FnOnce(&mut HashMap<String, Tensor>)>;
+    let cases: Vec<(&str, Edit, String)> =
+        vec![
+        (
+            "no-absmax",
+            Box::new(move |t| {
+                t.remove(&format!("exp_avg_sq_absmax.{w}"));
+            }),
+            format!("lacks `exp_avg_sq_absmax.{w}`"),
+        ),
+        (
+            "no-codes",
+            Box::new(move |t| {
+                t.remove(&format!("exp_avg_8bit.{w}"));
+            }),
+            format!("lacks `exp_avg_8bit.{w}`"),
+        ),
+        (
+            "short-absmax",
+            Box::new(move |t| {
+                let k = format!("exp_avg_absmax.{w}");
+                let r = t[&k].narrow(0, 0, 63).unwrap();
+                t.insert(k, r);
+            }),
+            format!("`exp_avg_absmax.{w}` has shape [63], not [64]"),
+        ),
+        (
+            "f32-codes",
+            Box::new(move |t| {
+                let k = format!("exp_avg_sq_8bit.{w}");
+                let r = t[&k].to_dtype(candle_core::DType::F32).unwrap();
+                t.insert(k, r);
+            }),
+            format!("`exp_avg_sq_8bit.{w}` is F32, not U8"),
+        ),
+        (
+            "negative-absmax",
+            Box::new(move |t| poke(t, &format!("exp_avg_absmax.{w}"), 3, -0.5)),
+            format!("`exp_avg_absmax.{w}` holds a negative or non-finite value"),
+        ),
+        (
+            "inf-absmax",
+            Box::new(move |t| poke(t, &format!("exp_avg_sq_absmax.{w}"), 63, f32::INFINITY)),
+            format!("`exp_avg_sq_absmax.{w}` holds a negative or non-finite value"),
+        ),
+        (
+            // The embedding keeps f32 moments under the 8-bit optimizer.
+            "embedding",
+            Box::new(|t| {
+                poke(t, "exp_avg_sq.model.decoder.embed_tokens.weight", 7, f32::NAN)
+            }),
+            "`exp_avg_sq.model.decoder.embed_tokens.weight` holds a negative or non-finite value"
+                .into(),
+        ),
+    ];
+    for (case, edit, found) in cases {
+        let ckpt = run.with_optimizer(case, edit);
+        let msg = run.refused(&ckpt);
+        assert_names(&msg, &[&format!("{}: {found}", optimizer_file(&ckpt))]);
+    }
+    // As saved, it resumes.
+    let mut trainer = load_trainer(&run.config).unwrap();
+    trainer
+        .run(Some(&run.ckpt), &AtomicBool::new(false))
         .unwrap();
 }

@@ -215,6 +215,30 @@ fn cli_refuses_bad_config_with_exit_code_2() {
     assert!(err.contains("optim.lr"), "{err}");
     let r = orpo(&["train", "--config", "does-not-exist.toml"]);
     assert_eq!(r.status.code(), Some(2));
+    // An output_dir that is the model's own folder: refused, --overwrite or not, and the
+    // weights untouched.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(model_dir("tiny-opt")).unwrap().flatten() {
+        std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+    }
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let id = format!("model.id={}", model.display());
+    let out = format!("train.output_dir={}/", model.display());
+    for flag in [None, Some("--overwrite")] {
+        let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
+        args.extend(["--set", &id, "--set", &out]);
+        args.extend(flag);
+        let r = orpo(&args);
+        assert_eq!(r.status.code(), Some(2), "{flag:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("model.id reads the weights from"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
 }
 
 #[test]
@@ -254,6 +278,98 @@ fn interrupted_run_resumes_bit_identical() {
     assert_eq!(
         without_keys(&log_a, &["elapsed_s"]),
         without_keys(&log_b, &["elapsed_s"])
+    );
+}
+
+/// A checkpoint written for an interrupt is off the save schedule: it prunes no scheduled
+/// checkpoint, and the resumed run removes it once it has written a later checkpoint or
+/// finished, so an interrupted run leaves the checkpoints an uninterrupted one leaves.
+#[test]
+fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
+    let extra = [
+        "train.max_steps=8",
+        "train.save_every=2",
+        "train.save_total_limit=2",
+        "train.shuffle=false",
+    ];
+    let full_dir = tempfile::tempdir().unwrap();
+    let full_cfg = tiny_config("tiny-opt", full_dir.path(), &extra);
+    load_trainer(&full_cfg)
+        .unwrap()
+        .run(None, &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(checkpoint_steps(full_dir.path()), [4, 6]);
+    let state = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
+            .unwrap()
+    };
+    assert!(state(&full_dir.path().join("checkpoint-6"))
+        .get("interrupt")
+        .is_none());
+
+    // The run as it stood at step 4, interrupted during step 5 (a stop already pending: one
+    // step, then the checkpoint).
+    let cut_dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("tiny-opt", cut_dir.path(), &extra);
+    let four = cut_dir.path().join("checkpoint-4");
+    std::fs::create_dir(&four).unwrap();
+    for f in std::fs::read_dir(full_dir.path().join("checkpoint-4"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(f.path(), four.join(f.file_name())).unwrap();
+    }
+    let err = load_trainer(&cfg)
+        .unwrap()
+        .run(Some(&four), &AtomicBool::new(true))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, orpo::Error::Interrupted { step: 5, .. }),
+        "{err}"
+    );
+    // Nothing pruned for it (checkpoint-2 is gone only because the copy began at 4).
+    assert_eq!(checkpoint_steps(cut_dir.path()), [4, 5]);
+    assert_eq!(
+        state(&cut_dir.path().join("checkpoint-5"))["interrupt"],
+        true
+    );
+    let five = cut_dir.path().join("checkpoint-5");
+    load_trainer(&cfg)
+        .unwrap()
+        .run(Some(&five), &AtomicBool::new(false))
+        .unwrap();
+    // checkpoint-6 replaced the interrupt's; the run ends with the whole run's checkpoints
+    // (checkpoint-4 copied in, -6 written) and its model.
+    assert_eq!(checkpoint_steps(cut_dir.path()), [4, 6]);
+    assert_eq!(
+        std::fs::read(cut_dir.path().join("model.safetensors")).unwrap(),
+        std::fs::read(full_dir.path().join("model.safetensors")).unwrap()
+    );
+
+    // Interrupted during the last step but one (7): the resumed run's last step is the
+    // final model, no checkpoint, and the interrupt's goes at the end.
+    let late_dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("tiny-opt", late_dir.path(), &extra);
+    let six = late_dir.path().join("checkpoint-6");
+    std::fs::create_dir(&six).unwrap();
+    for f in std::fs::read_dir(full_dir.path().join("checkpoint-6"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(f.path(), six.join(f.file_name())).unwrap();
+    }
+    let mut first = load_trainer(&cfg).unwrap();
+    assert!(first.run(Some(&six), &AtomicBool::new(true)).is_err());
+    let seven = late_dir.path().join("checkpoint-7");
+    load_trainer(&cfg)
+        .unwrap()
+        .run(Some(&seven), &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(checkpoint_steps(late_dir.path()), [6]);
+    assert_eq!(
+        std::fs::read(late_dir.path().join("model.safetensors")).unwrap(),
+        std::fs::read(full_dir.path().join("model.safetensors")).unwrap()
     );
 }
 
@@ -455,9 +571,20 @@ fn a_checkpoint_of_the_earlier_shuffled_order_resumes_over_its_own_pairs() {
             .map(|l| l["tokens"].as_u64().unwrap() as usize)
             .collect()
     };
+    // The resumed run removes the interrupt's checkpoint when it finishes: a copy resumes
+    // the second time.
+    let copy = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap().flatten() {
+        std::fs::copy(f.path(), copy.path().join(f.file_name())).unwrap();
+    }
     let mut resumed = load_trainer(&config).unwrap();
     resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
     assert_eq!(logged_tokens(), want(&torch_plan));
+    assert!(!ckpt.exists());
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(copy.path()).unwrap().flatten() {
+        std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+    }
 
     state["plan"]
         .as_object_mut()

@@ -12,6 +12,11 @@ pub fn data(
     show: usize,
     ids: bool,
 ) -> Result<(), Error> {
+    if ids && show == 0 {
+        return Err(Error::Input(
+            "--ids lists the tokens of the pairs --show renders: give --show N too".into(),
+        ));
+    }
     let config = Config::load(config_path, set)?;
     let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
     let mut tok = Tokenizer::from_dir(&dir)?;

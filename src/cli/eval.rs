@@ -20,6 +20,18 @@ pub fn eval(
     set: Vec<String>,
     as_json: bool,
 ) -> Result<(), Error> {
+    // A file where a folder belongs would otherwise read as a hub id that does not exist.
+    let flags = [
+        ("--model", Some(&model), "a model or adapter folder"),
+        ("--base", base.as_ref(), "a model folder"),
+    ];
+    for (flag, path, what) in flags {
+        if let Some(path) = path.filter(|p| Path::new(p).is_file()) {
+            return Err(Error::Input(format!(
+                "{flag} {path}: is a file, not {what}"
+            )));
+        }
+    }
     let explicit_length = config.is_some() || overrides(&set, "data.max_length");
     // Without a config, a folder or hub id is read from its `train` split (everything, for a
     // folder whose files name no split), unless --set names one.

@@ -23,6 +23,23 @@ pub fn train(
             out.display()
         )));
     }
+    // A run writes (and --overwrite clears) model files at output_dir's root: never over the
+    // weights it starts from.
+    for (key, source) in [
+        ("model.id", Some(&config.model.id)),
+        ("lora.init_from", config.lora.init_from.as_ref()),
+    ] {
+        let Some(source) = source else { continue };
+        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&out), std::fs::canonicalize(source)) {
+            if a == b {
+                return Err(Error::Input(format!(
+                    "train.output_dir `{}` is the folder {key} reads the weights from; the run \
+                     would write over them: choose another output_dir",
+                    out.display()
+                )));
+            }
+        }
+    }
     let resume_from = match resume {
         Some(Some(p)) => {
             if !p.exists() {

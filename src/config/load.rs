@@ -81,6 +81,17 @@ fn parse_override_value(raw: &str, kind: KeyKind) -> toml::Value {
     }
 }
 
+const TOO_LARGE: &str = "TOML integers stop at 9223372036854775807";
+
+/// A whole number that TOML cannot hold (a `--set` value too large for an integer is kept
+/// as text).
+fn too_large(s: &str) -> bool {
+    let digits = s.trim().trim_start_matches('+');
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<i64>().is_err()
+}
+
 /// Whether a `--set` value holds regular-expression syntax (a LoRA target pattern).
 fn looks_like_pattern(text: &str) -> bool {
     text.contains(['\\', '*', '(', '[', '{', '|', '^', '$', '+', '?'])
@@ -236,6 +247,9 @@ pub(super) fn check_and_normalise(
                             ),
                         ));
                     }
+                    toml::Value::String(s) if too_large(s) => {
+                        return Err(origin.invalid(&full, format!("{s} is too large ({TOO_LARGE})")))
+                    }
                     _ => return Err(wrong("an integer", v)),
                 },
                 KeyKind::Dtype => {
@@ -331,6 +345,9 @@ pub(super) fn check_and_normalise(
                                  steps or \"epoch\", found {f}"
                             ),
                         ))
+                    }
+                    toml::Value::String(s) if too_large(s) => {
+                        return Err(origin.invalid(&full, format!("{s} is too large ({TOO_LARGE})")))
                     }
                     // "best" anywhere: check_ranges says where it belongs.
                     toml::Value::String(s) if s == Interval::EPOCH || s == Interval::BEST => {}

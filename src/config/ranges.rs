@@ -67,6 +67,18 @@ impl Config {
                 _ => {}
             }
         }
+        if let (S::CosineWithMinLr, Some(min)) = (p.scheduler, p.min_lr) {
+            if min > p.lr {
+                return Err(o.invalid(
+                    "optim.min_lr",
+                    format!(
+                        "is the floor cosine_with_min_lr decays optim.lr = {} to, found {min}, \
+                         which is above it",
+                        p.lr
+                    ),
+                ));
+            }
+        }
         if p.scheduler == S::Polynomial {
             let end = p
                 .lr_end
@@ -237,10 +249,16 @@ impl Config {
                 ),
             ));
         }
-        if !p.adam_epsilon.is_finite() || p.adam_epsilon < 0.0 {
+        // torch takes 0, then divides 0 by 0 for any gradient element that is 0 (the row of
+        // a token the step never saw) and the weights turn NaN.
+        if !p.adam_epsilon.is_finite() || p.adam_epsilon <= 0.0 {
             return Err(o.invalid(
                 "optim.adam_epsilon",
-                format!("must be a finite number >= 0, found {}", p.adam_epsilon),
+                format!(
+                    "must be a finite number > 0 (AdamW divides by sqrt(v) + eps, and v is 0 \
+                     wherever the gradient has been), found {}",
+                    p.adam_epsilon
+                ),
             ));
         }
 

@@ -1051,3 +1051,48 @@ fn saving_at_the_best_needs_a_metric_and_evaluations() {
         assert!(e.to_string().contains(says), "{sets:?}: {e}");
     }
 }
+
+/// Values that would turn training into nonsense or NaN, refused by name; a `--set` integer
+/// too large for TOML is said to be one.
+#[test]
+fn nonsense_optimizer_values_and_huge_integers_are_refused() {
+    for (sets, key, says) in [
+        (&["optim.adam_epsilon=0"][..], "optim.adam_epsilon", "> 0"),
+        (
+            &[
+                "optim.scheduler=cosine_with_min_lr",
+                "optim.lr=1e-3",
+                "optim.min_lr=5",
+            ][..],
+            "optim.min_lr",
+            "above it",
+        ),
+        (
+            &["train.max_steps=18446744073709551615"][..],
+            "train.max_steps",
+            "too large",
+        ),
+        (
+            &["train.eval_every=99999999999999999999"][..],
+            "train.eval_every",
+            "too large",
+        ),
+    ] {
+        let e = load(MINIMAL, sets).unwrap_err();
+        assert_eq!(e.key(), Some(key), "{sets:?}: {e}");
+        assert!(e.to_string().contains(says), "{sets:?}: {e}");
+    }
+    // min_lr equal to lr is a constant rate, as a min_lr_rate of 1.
+    load(
+        MINIMAL,
+        &[
+            "optim.scheduler=cosine_with_min_lr",
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-3",
+        ],
+    )
+    .unwrap();
+    // A quoted small number is still the wrong type, not a large one.
+    let e = load("[model]\nid = \"m\"\n[train]\nmax_steps = \"5\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("expected an integer"), "{e}");
+}

@@ -832,9 +832,15 @@ impl WeightSource {
         if !plan.spec.matches(prefix) {
             return Ok(None);
         }
+        let r = plan.spec.r;
+        // Before anything is sized by r (a fresh A alone is r x in_f floats).
+        let key = match plan.init {
+            AdapterInit::Fresh { .. } => "lora.r".to_string(),
+            AdapterInit::Saved(_) => format!("the adapter's `r` ({})", lora::ADAPTER_CONFIG),
+        };
+        lora::check_rank_fits(&key, r, prefix, out_f, in_f).map_err(|m| self_err(&self.dir, m))?;
         plan.modules.insert(lora::module_name(prefix).to_string());
         plan.adapted.insert(prefix.to_string());
-        let r = plan.spec.r;
         let scale = plan.spec.scale();
         let (na, nb) = (lora::peft_name(prefix, 'A'), lora::peft_name(prefix, 'B'));
         let (a, b) = match &mut plan.init {

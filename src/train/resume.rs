@@ -88,7 +88,12 @@ pub struct ResumeState {
     pub eval_history: Vec<Value>,
     /// The step of `load_best_model_at_end`'s best checkpoint so far.
     pub best_checkpoint: Option<usize>,
+    /// Written for an interrupt, off the save schedule: once the resumed run has saved past
+    /// it, an uninterrupted run would not have it.
+    pub interrupt: bool,
     pub optimizer: HashMap<String, Tensor>,
+    /// Whether this run's optimizer keeps 8-bit moments (what `optimizer` must hold).
+    eight_bit: bool,
 }
 
 fn bad(dir: &Path, msg: impl std::fmt::Display) -> Error {
@@ -142,6 +147,64 @@ impl StateFile<'_> {
                     self.err(key, format!("must be a whole number, found {}", shown(v)))
                 }),
         }
+    }
+
+    /// A count of tokens: a whole number no run could exceed (JSON's exact integers, up to
+    /// 2^53, which also keeps the run's sums from overflowing); 0 when the key is absent.
+    fn tokens(&self, key: &str) -> Result<usize, Error> {
+        const MAX: usize = 1 << 53;
+        match self.whole(key)? {
+            Some(n) if n > MAX => Err(self.err(
+                key,
+                format!("is {n}, more tokens than any run holds (at most 2^53)"),
+            )),
+            n => Ok(n.unwrap_or(0)),
+        }
+    }
+
+    /// The steps of a history's entries (`log_history`, `eval_history`), checked to rise
+    /// strictly and to stay within the checkpoint's `global_step`.
+    fn history_steps(
+        &self,
+        key: &str,
+        entries: &[Value],
+        global_step: usize,
+    ) -> Result<Vec<usize>, Error> {
+        let mut steps: Vec<usize> = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let step = entry
+                .get("step")
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    self.err(
+                        key,
+                        format!("entry {i} has no whole `step`: {}", shown(entry)),
+                    )
+                })?;
+            if step > global_step {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "entry {i} is at step {step}, after the checkpoint's global_step \
+                         {global_step}"
+                    ),
+                ));
+            }
+            if let Some(&prev) = steps.last() {
+                if step <= prev {
+                    return Err(self.err(
+                        key,
+                        format!(
+                            "entry {i} is at step {step}, not after the previous entry's \
+                             step {prev} (steps must rise)"
+                        ),
+                    ));
+                }
+            }
+            steps.push(step);
+        }
+        Ok(steps)
     }
 
     /// A finite non-negative number; 0 when the key is absent.
@@ -292,12 +355,39 @@ impl ResumeState {
         }
         let epoch = file.seconds_like("epoch")?;
         let elapsed_s = file.seconds_like("elapsed_s")?;
-        let total_tokens = file.whole("total_tokens")?.unwrap_or(0);
-        let pending_tokens = file.whole("pending_tokens")?.unwrap_or(0);
+        let total_tokens = file.tokens("total_tokens")?;
+        let pending_tokens = file.tokens("pending_tokens")?;
         let pending_metrics = file.array("pending_metrics")?;
         let pending_losses = file.array("pending_losses")?;
         let log_history = file.array("log_history")?;
         let eval_history = file.array("eval_history")?;
+        let logged = file.history_steps("log_history", &log_history, step)?;
+        // A step-0 evaluation is train.eval_on_start's.
+        file.history_steps("eval_history", &eval_history, step)?;
+        // One loss a step since the last logged line (older checkpoints keep none), each
+        // step's micro-batches' metrics beside them.
+        let since_log = step - logged.last().copied().unwrap_or(0);
+        if pending_losses.len() > since_log {
+            return Err(file.err(
+                "pending_losses",
+                format!(
+                    "holds {} losses, but {since_log} step(s) passed since the last logged line \
+                     (global_step {step})",
+                    pending_losses.len()
+                ),
+            ));
+        }
+        if pending_metrics.len() < pending_losses.len() {
+            return Err(file.err(
+                "pending_metrics",
+                format!(
+                    "holds {} micro-batches' metrics, fewer than the {} steps in \
+                     `pending_losses`",
+                    pending_metrics.len(),
+                    pending_losses.len()
+                ),
+            ));
+        }
         // load_best_model_at_end's checkpoint so far (`checkpoint-N`, as transformers names
         // the folder; older checkpoints hold none).
         let best_checkpoint = match obj.get("best_model_checkpoint") {
@@ -315,6 +405,12 @@ impl ResumeState {
                     })?,
             ),
         };
+        let interrupt = match obj.get("interrupt") {
+            None => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| file.err("interrupt", format!("is {v}, not true or false")))?,
+        };
         let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
             .map_err(|e| bad_file(dir, OPTIMIZER_FILE, e))?;
         Ok(ResumeState {
@@ -329,35 +425,21 @@ impl ResumeState {
             log_history,
             eval_history,
             best_checkpoint,
+            interrupt,
             optimizer,
+            eight_bit: config.optim.optimizer == crate::config::Optimizer::AdamW8bit,
         })
     }
 
     /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
-    /// the checkpoint's, and checks the optimizer moments fit them.
+    /// the checkpoint's (whose errors say first when the checkpoint is another kind of run's),
+    /// and checks the optimizer state fits them (`optim::check_state`: every moment there, of
+    /// the parameter's size, finite, the step the checkpoint's).
     pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
         restore_model_weights(&self.dir, model, device)?;
-        let dir = &self.dir;
-        let params = model.params();
-        // Moments of another size would fail later without naming the file.
-        for (name, var) in params.iter() {
-            for key in [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")] {
-                if let Some(t) = self.optimizer.get(&key) {
-                    if t.elem_count() != var.elem_count() {
-                        return Err(bad_file(
-                            dir,
-                            OPTIMIZER_FILE,
-                            format!(
-                                "`{key}` has shape {:?}, the parameter {:?}",
-                                t.dims(),
-                                var.dims()
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
+        // Damaged moments would fail mid-run, or train on silently, without naming the file.
+        super::optim::check_state(model.params(), &self.optimizer, self.eight_bit, self.step)?
+            .map_err(|msg| bad_file(&self.dir, OPTIMIZER_FILE, msg))
     }
 }
 

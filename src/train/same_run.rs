@@ -28,6 +28,15 @@ const MAY_CHANGE: [&str; 14] = [
     "train.gradient_checkpointing",
 ];
 
+/// The evaluations' settings: with early stopping they decide where training ends, so then
+/// they may not change.
+const EVALUATIONS: [&str; 4] = [
+    "data.eval",
+    "data.eval_split",
+    "train.eval_every",
+    "train.eval_batch_size",
+];
+
 /// Where the training pairs come from. Moving or renaming the data is fine when the pairs are
 /// the same, which the fingerprint decides (checkpoints without one compare these keys).
 const DATA_SOURCE: [&str; 8] = [
@@ -106,6 +115,8 @@ pub fn check(
     // LoRA's settings matter only where it is on on both sides (on one side only, its
     // `enabled` says all).
     let lora_off = !saved.lora.enabled || !config.lora.enabled;
+    let stops_early =
+        saved.train.early_stopping_patience > 0 || config.train.early_stopping_patience > 0;
     let mut keys: Vec<&String> = was.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -113,7 +124,7 @@ pub fn check(
         .into_iter()
         .filter(|k| {
             let k = k.as_str();
-            let free = MAY_CHANGE.contains(&k)
+            let free = (MAY_CHANGE.contains(&k) && !(stops_early && EVALUATIONS.contains(&k)))
                 || (pairs_checked && DATA_SOURCE.contains(&k))
                 || (lora_off && k.starts_with("lora.") && k != "lora.enabled");
             !free
@@ -128,7 +139,8 @@ pub fn check(
     }
     Err(bad(format!(
         "this config changes what the run trains: {}; resume with the config the run started \
-         with (saved as {}); only where and how often it saves, logs and evaluates, the device \
+         with (saved as {}); only where and how often it saves, logs and evaluates (not how it \
+         evaluates under early stopping, which ends the run by the evaluations), the device \
          and gradient checkpointing may change",
         changed.join(", "),
         saved_path.display()
@@ -236,6 +248,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("lora.targets"), "{e}");
+    }
+
+    /// Under early stopping the evaluations decide where the run ends: they may not change.
+    #[test]
+    fn early_stopping_fixes_the_evaluations() {
+        let sets = |extra: &[&'static str]| {
+            let mut all = vec![
+                "data.train=a.jsonl",
+                "data.eval=b.jsonl",
+                "train.eval_every=4",
+                "train.metric_for_best_model=loss",
+            ];
+            all.extend_from_slice(extra);
+            config(&all)
+        };
+        let plain = checkpoint(&sets(&[]));
+        let stopping = checkpoint(&sets(&["train.early_stopping_patience=2"]));
+        let moved = [
+            "train.eval_every=2",
+            "data.eval=c.jsonl",
+            "train.eval_batch_size=3",
+        ];
+        check(plain.path(), &sets(&moved), "f", None).unwrap();
+        let mut with_patience = moved.to_vec();
+        with_patience.push("train.early_stopping_patience=2");
+        let e = check(stopping.path(), &sets(&with_patience), "f", None)
+            .unwrap_err()
+            .to_string();
+        for key in ["train.eval_every", "data.eval", "train.eval_batch_size"] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     /// The optimizer's state is kept differently (8-bit codes or f32 moments): a run cannot

@@ -192,11 +192,17 @@ impl Trainer {
             eight_bit: cfg.optim.optimizer == crate::config::Optimizer::AdamW8bit,
         });
         let mut st = RunState::default();
+        // The interrupt's checkpoint this run resumes from, in its output_dir.
+        let mut interrupt_checkpoint: Option<PathBuf> = None;
         if let Some(dir) = resume {
             let r = ResumeState::load(dir, &plan, &cfg, &data_fingerprint, &self.device)?;
             r.restore_weights(&self.model, &self.device)?;
             opt.load_state(self.model.params(), &r.optimizer)?;
             st = RunState::from_resume(&r)?;
+            let own = out_dir.join(format!("checkpoint-{}", r.step));
+            if r.interrupt && same_folder(dir, &own) {
+                interrupt_checkpoint = Some(own);
+            }
             // transformers forgets a best checkpoint whose folder is gone (here: not in this
             // run's output_dir, which may differ from the resumed checkpoint's).
             if let Some(step) = st.best_checkpoint {
@@ -422,9 +428,15 @@ impl Trainer {
                 if due && self.best_eval_of(&st).is_some_and(|e| e.step == done) {
                     st.best_checkpoint = Some(done);
                 }
-                let dir = self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt)?;
+                let dir =
+                    self.save_checkpoint(&out_dir, &plan, &data_fingerprint, &st, &opt, !due)?;
                 written.push(done);
-                if let Some(keep) = cfg.train.save_total_limit {
+                // An interrupt's checkpoint is off the schedule: it neither prunes scheduled
+                // ones nor outlives a later checkpoint of the run resumed from it.
+                if let Some(old) = interrupt_checkpoint.take() {
+                    run_dir::remove_checkpoint(&old)?;
+                }
+                if let (true, Some(keep)) = (due, cfg.train.save_total_limit) {
                     prune_checkpoints(&out_dir, keep, st.best_checkpoint)?;
                 }
                 if interrupted {
@@ -470,21 +482,24 @@ impl Trainer {
         }
         let mut reported = final_eval.clone();
         if best_at_end {
-            reported = self.load_best(&st, end, &out_dir)?.or(reported);
+            reported = self.load_best(&st, end, total, &out_dir)?.or(reported);
         }
         let wanted = super::save_dtype::resolve(cfg.train.save_dtype, &self.base.dir);
         let saved = save_model(&out_dir, &self.model, &self.tokenizer, &self.base, wanted)?;
         // The settings the model was trained with, beside it (`orpo eval` reads a QLoRA
         // adapter's quantization from it).
         write_atomic(&out_dir.join(RUN_CONFIG), cfg.to_toml_string().as_bytes())?;
+        if let Some(old) = interrupt_checkpoint.take() {
+            run_dir::remove_checkpoint(&old)?;
+        }
         // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
         // every other one; a best last step is its checkpoint there, which is orpo's final
         // model, so then none stays.
         if cfg.train.save_total_limit == Some(1) {
-            let keep = match self.best_eval_of(&st) {
-                Some(best) if best.step == end => Some(None),
-                Some(_) => st.best_checkpoint.map(Some),
-                None => None,
+            let keep = match self.best_at_end(&st, end, total) {
+                BestAtEnd::LastStep => Some(None),
+                BestAtEnd::Checkpoint(step) => Some(Some(step)),
+                BestAtEnd::Nothing => None,
             };
             if let Some(keep) = keep {
                 for (step, path) in run_dir::checkpoints(&out_dir) {
@@ -606,25 +621,34 @@ impl Trainer {
             ) >= patience
     }
 
-    /// At the end of a `load_best_model_at_end` run: the best evaluation's weights into the
-    /// model, as transformers' `_load_best_model` does — the last step's own when it is the
-    /// best (transformers saves a checkpoint there), else the best checkpoint written (an
-    /// evaluation between checkpoints never is one). Returns the loaded checkpoint's evaluation.
+    /// Where a run's best model is at its end, as transformers has it: the weights of a run
+    /// that trained all `total` steps and is best at the last (transformers saves a checkpoint
+    /// there, orpo the final model), else the best checkpoint written (an evaluation between
+    /// checkpoints never is one, nor the step where early stopping ended a run unless a
+    /// checkpoint was due there).
+    fn best_at_end(&self, st: &RunState, end: usize, total: usize) -> BestAtEnd {
+        match self.best_eval_of(st) {
+            None => BestAtEnd::Nothing,
+            Some(best) if best.step == end && end == total => BestAtEnd::LastStep,
+            Some(_) => st
+                .best_checkpoint
+                .map_or(BestAtEnd::Nothing, BestAtEnd::Checkpoint),
+        }
+    }
+
+    /// At the end of a `load_best_model_at_end` run: the best checkpoint's weights into the
+    /// model, as transformers' `_load_best_model` does (see [`Trainer::best_at_end`]). Returns
+    /// the loaded checkpoint's evaluation.
     fn load_best(
         &self,
         st: &RunState,
         end: usize,
+        total: usize,
         out_dir: &Path,
     ) -> Result<Option<EvalEntry>, Error> {
         let key = self.config.train.best_metric_key();
-        let best = self.best_eval_of(st);
-        let Some(best) = best else { return Ok(None) };
-        let step = match best.step == end {
-            true => return Ok(None),
-            false => match st.best_checkpoint {
-                Some(step) => step,
-                None => return Ok(None),
-            },
+        let BestAtEnd::Checkpoint(step) = self.best_at_end(st, end, total) else {
+            return Ok(None);
         };
         let dir = out_dir.join(format!("checkpoint-{step}"));
         if !dir.is_dir() {
@@ -645,6 +669,8 @@ impl Trainer {
         Ok(entry)
     }
 
+    /// `interrupt`: written off the save schedule, for an interrupt (marked so in
+    /// trainer_state.json).
     fn save_checkpoint(
         &self,
         out_dir: &Path,
@@ -652,6 +678,7 @@ impl Trainer {
         data_fingerprint: &str,
         st: &RunState,
         opt: &AdamW,
+        interrupt: bool,
     ) -> Result<PathBuf, Error> {
         let dir = out_dir.join(format!("checkpoint-{}", st.step));
         let mut state = json!({
@@ -667,6 +694,9 @@ impl Trainer {
             "log_history": st.log.iter().map(LogEntry::to_json).collect::<Vec<_>>(),
             "eval_history": st.evals.iter().map(EvalEntry::to_json).collect::<Vec<_>>(),
         });
+        if interrupt {
+            state["interrupt"] = json!(true);
+        }
         if self.config.train.tracks_best() {
             // transformers' names, so its tools read them too.
             let t = &self.config.train;
@@ -690,6 +720,15 @@ impl Trainer {
         tracing::info!(path = %dir.display(), "checkpoint saved");
         Ok(dir)
     }
+}
+
+/// Where a run's best model is at its end ([`Trainer::best_at_end`]).
+enum BestAtEnd {
+    /// No best evaluation, or none with a checkpoint.
+    Nothing,
+    /// The last step's weights: the final model itself.
+    LastStep,
+    Checkpoint(usize),
 }
 
 /// Where the loop stands; everything here goes into trainer_state.json.
@@ -762,6 +801,14 @@ impl RunState {
             evals,
             best_checkpoint: r.best_checkpoint,
         })
+    }
+}
+
+/// Whether two paths name one folder.
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
