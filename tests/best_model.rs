@@ -104,14 +104,8 @@ fn a_resumed_run_loads_the_same_best_checkpoint() {
     let cut = tmp.path().join("cut");
     std::fs::create_dir_all(&cut).unwrap();
     for step in [2, 4, 6, 8] {
-        let (from, to) = (
-            whole.join(format!("checkpoint-{step}")),
-            cut.join(format!("checkpoint-{step}")),
-        );
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(&from).unwrap().flatten() {
-            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-        }
+        let name = format!("checkpoint-{step}");
+        copy_dir(&whole.join(&name), &cut.join(&name));
     }
     let resumed = train(&cut, &keep_all, &["--resume"]);
     assert!(
@@ -170,4 +164,40 @@ fn checkpoints_at_new_best_evaluations_only() {
         assert_eq!(s["best_global_step"], step);
         assert_eq!(s["best_model_checkpoint"], format!("checkpoint-{step}"));
     }
+}
+
+/// `train.save_only_model` (transformers' `save_only_model`): checkpoints without optimizer
+/// state, from which the best model still loads, and from which no run resumes.
+#[test]
+fn model_only_checkpoints_serve_the_best_model_but_no_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let sets = ["train.save_only_model=true", "train.save_total_limit=10"];
+    let run = train(&out, &sets, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checkpoint_steps(&out), [2, 4, 6, 8]);
+    for step in [2, 4, 6, 8] {
+        let dir = out.join(format!("checkpoint-{step}"));
+        assert!(dir.join("model.safetensors").is_file());
+        assert!(!dir.join("optimizer.safetensors").exists(), "{step}");
+        assert_eq!(state(&dir)["save_only_model"], true);
+    }
+    // The smallest margins are the first evaluation's: its weights are the final model.
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint-2/model.safetensors")).unwrap()
+    );
+    let ckpt = out.join("checkpoint-4");
+    let ckpt = ckpt.to_string_lossy();
+    let r = train(&out, &sets, &["--resume", &ckpt]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("save_only_model") && err.contains("checkpoint-4"),
+        "{err}"
+    );
 }

@@ -66,14 +66,8 @@ fn timeless(path: &Path) -> Vec<Value> {
 /// A copy of `from`'s checkpoints at `at` in a new output_dir: the run as an interrupt left it.
 fn cut_after(from: &Path, to: &Path, at: &[u64]) {
     for step in at {
-        let (src, dst) = (
-            from.join(format!("checkpoint-{step}")),
-            to.join(format!("checkpoint-{step}")),
-        );
-        std::fs::create_dir_all(&dst).unwrap();
-        for f in std::fs::read_dir(&src).unwrap().flatten() {
-            std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
-        }
+        let name = format!("checkpoint-{step}");
+        copy_dir(&from.join(&name), &to.join(&name));
     }
 }
 

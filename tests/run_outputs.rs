@@ -938,18 +938,6 @@ fn the_final_model_is_saved_in_save_dtype_and_checkpoints_in_f32() {
         .all(|d| *d == DType::F16));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_saved_model_passes_on_the_bases_sentencepiece_files() {
     // llama.cpp's GGUF converter (and transformers' slow tokenizers) read tokenizer.model;

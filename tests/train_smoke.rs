@@ -219,10 +219,7 @@ fn cli_refuses_bad_config_with_exit_code_2() {
     // weights untouched.
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in std::fs::read_dir(model_dir("tiny-opt")).unwrap().flatten() {
-        std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
-    }
+    copy_dir(&model_dir("tiny-opt"), &model);
     let weights = std::fs::read(model.join("model.safetensors")).unwrap();
     let id = format!("model.id={}", model.display());
     let out = format!("train.output_dir={}/", model.display());
@@ -312,13 +309,7 @@ fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
     let cut_dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("tiny-opt", cut_dir.path(), &extra);
     let four = cut_dir.path().join("checkpoint-4");
-    std::fs::create_dir(&four).unwrap();
-    for f in std::fs::read_dir(full_dir.path().join("checkpoint-4"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(f.path(), four.join(f.file_name())).unwrap();
-    }
+    copy_dir(&full_dir.path().join("checkpoint-4"), &four);
     let err = load_trainer(&cfg)
         .unwrap()
         .run(Some(&four), &AtomicBool::new(true))
@@ -352,13 +343,7 @@ fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
     let late_dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("tiny-opt", late_dir.path(), &extra);
     let six = late_dir.path().join("checkpoint-6");
-    std::fs::create_dir(&six).unwrap();
-    for f in std::fs::read_dir(full_dir.path().join("checkpoint-6"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(f.path(), six.join(f.file_name())).unwrap();
-    }
+    copy_dir(&full_dir.path().join("checkpoint-6"), &six);
     let mut first = load_trainer(&cfg).unwrap();
     assert!(first.run(Some(&six), &AtomicBool::new(true)).is_err());
     let seven = late_dir.path().join("checkpoint-7");
@@ -574,17 +559,12 @@ fn a_checkpoint_of_the_earlier_shuffled_order_resumes_over_its_own_pairs() {
     // The resumed run removes the interrupt's checkpoint when it finishes: a copy resumes
     // the second time.
     let copy = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(&ckpt).unwrap().flatten() {
-        std::fs::copy(f.path(), copy.path().join(f.file_name())).unwrap();
-    }
+    copy_dir(&ckpt, copy.path());
     let mut resumed = load_trainer(&config).unwrap();
     resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
     assert_eq!(logged_tokens(), want(&torch_plan));
     assert!(!ckpt.exists());
-    std::fs::create_dir(&ckpt).unwrap();
-    for f in std::fs::read_dir(copy.path()).unwrap().flatten() {
-        std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
-    }
+    copy_dir(copy.path(), &ckpt);
 
     state["plan"]
         .as_object_mut()

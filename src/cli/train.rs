@@ -68,9 +68,18 @@ pub fn train(
             return Ok(());
         }
         Some(None) => Some(latest_checkpoint(&out).ok_or_else(|| {
+            let model_only = orpo::train::run_dir::checkpoints(&out)
+                .into_iter()
+                .any(|(_, dir)| orpo::train::resume::model_only(&dir));
             Error::Input(format!(
-                "--resume: no complete checkpoint-STEP folder in `{}`",
-                out.display()
+                "--resume: no complete checkpoint-STEP folder in `{}`{}",
+                out.display(),
+                match model_only {
+                    true =>
+                        " (its checkpoints were saved with train.save_only_model, without \
+                             the optimizer state a run resumes from)",
+                    false => "",
+                }
             ))
         })?),
         None => {

@@ -100,6 +100,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("early_stopping_threshold", Float),
                 ("eval_on_start", Bool),
                 ("logging_first_step", Bool),
+                ("save_only_model", Bool),
             ],
         ),
         (

@@ -242,6 +242,9 @@ pub struct TrainConfig {
     pub eval_on_start: bool,
     /// transformers' `logging_first_step`: a line for step 1 alone too.
     pub logging_first_step: bool,
+    /// transformers' `save_only_model`: scheduled checkpoints hold the model without the
+    /// optimizer state (less disk; no resuming from them).
+    pub save_only_model: bool,
 }
 
 impl TrainConfig {
@@ -304,6 +307,7 @@ impl Default for TrainConfig {
             early_stopping_threshold: 0.0,
             eval_on_start: false,
             logging_first_step: false,
+            save_only_model: false,
         }
     }
 }

@@ -301,6 +301,16 @@ fn check_same_run(
     Ok(())
 }
 
+/// Whether checkpoint `dir` was saved without its optimizer state (`train.save_only_model`):
+/// its weights load, but no run resumes from it.
+pub fn model_only(dir: &Path) -> bool {
+    !dir.join(OPTIMIZER_FILE).is_file()
+        && read_state(dir).is_ok_and(|s| s.get(MODEL_ONLY_KEY) == Some(&Value::Bool(true)))
+}
+
+/// trainer_state.json's mark of a checkpoint without optimizer state.
+pub const MODEL_ONLY_KEY: &str = "save_only_model";
+
 /// Why checkpoint `dir` belongs to another run than the one `config` describes, if it is a
 /// complete checkpoint of one (an unreadable or incomplete folder is nobody's run).
 pub fn another_run(
@@ -309,7 +319,7 @@ pub fn another_run(
     config: &Config,
     data_fingerprint: &str,
 ) -> Option<String> {
-    if !dir.join(OPTIMIZER_FILE).is_file() {
+    if !dir.join(OPTIMIZER_FILE).is_file() && !model_only(dir) {
         return None;
     }
     let state = read_state(dir).ok()?;
@@ -329,6 +339,14 @@ impl ResumeState {
         data_fingerprint: &str,
         device: &Device,
     ) -> Result<Self, Error> {
+        if model_only(dir) {
+            return Err(bad(
+                dir,
+                "it was saved with train.save_only_model, without the optimizer state a run \
+                 resumes from (its weights load as any model: model.id = this folder starts a \
+                 new run from them)",
+            ));
+        }
         let state = read_state(dir)?;
         check_same_run(dir, &state, plan, config, data_fingerprint)?;
         let obj = state

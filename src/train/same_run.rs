@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// Settings a resumed run may change: where and how often it writes, logs and evaluates, and
 /// where and how it computes; none changes what the steps train.
-const MAY_CHANGE: [&str; 14] = [
+const MAY_CHANGE: [&str; 15] = [
     "model.device",
     "data.eval",
     "data.eval_split",
@@ -22,6 +22,7 @@ const MAY_CHANGE: [&str; 14] = [
     "train.eval_every",
     "train.eval_on_start",
     "train.logging_first_step",
+    "train.save_only_model",
     "train.save_dtype",
     "train.eval_batch_size",
     "train.report_to",

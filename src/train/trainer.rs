@@ -697,6 +697,11 @@ impl Trainer {
         if interrupt {
             state["interrupt"] = json!(true);
         }
+        // An interrupt's checkpoint exists to be resumed from: it keeps the optimizer state.
+        let model_only = self.config.train.save_only_model && !interrupt;
+        if model_only {
+            state[super::resume::MODEL_ONLY_KEY] = json!(true);
+        }
         if self.config.train.tracks_best() {
             // transformers' names, so its tools read them too.
             let t = &self.config.train;
@@ -709,10 +714,15 @@ impl Trainer {
                 None => Value::Null,
             };
         }
-        let opt_state = opt.state_tensors()?;
+        let opt_state = match model_only {
+            true => HashMap::new(),
+            false => opt.state_tensors()?,
+        };
         let config_text = self.config.to_toml_string();
         save_checkpoint(&dir, &self.model, &self.tokenizer, &self.base, |tmp| {
-            save_tensors(&opt_state, &tmp.join("optimizer.safetensors"))?;
+            if !model_only {
+                save_tensors(&opt_state, &tmp.join("optimizer.safetensors"))?;
+            }
             let text = serde_json::to_string_pretty(&state).unwrap_or_default();
             write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
             write_atomic(&tmp.join(RUN_CONFIG), config_text.as_bytes())

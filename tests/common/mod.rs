@@ -252,3 +252,16 @@ pub fn json_u8s(v: &Value) -> Vec<u8> {
         .map(|x| u8::try_from(x.as_u64().unwrap()).unwrap())
         .collect()
 }
+
+/// A copy of folder `from` (and its subfolders) at `to`, created as needed.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
