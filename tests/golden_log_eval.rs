@@ -5,8 +5,12 @@
 //! evaluation (each `eval_steps` steps and transformers' one at the last step); and the same
 //! with the pairs shuffled as transformers' Trainer shuffles them
 //! (tiny-opt.shuffled.trl.json); a run of 2.5 epochs that evaluates and saves at each
-//! epoch's end (`"epoch"` strategies, tiny-opt.epochs.trl.json); and the same run logging,
-//! evaluating and saving at fractions of its steps (tiny-opt.fractions.trl.json).
+//! epoch's end (`"epoch"` strategies, tiny-opt.epochs.trl.json); the same run logging,
+//! evaluating and saving at fractions of its steps (tiny-opt.fractions.trl.json); and
+//! transformers' best model (`load_best_model_at_end`, `save_strategy="best"`), early stopping
+//! (`EarlyStoppingCallback`), `eval_on_start` and `logging_first_step` (tiny-opt.best*,
+//! tiny-opt.save-best, tiny-opt.early-stop*, tiny-opt.first-step): the checkpoints left, the
+//! best fields in each, which weights are final and where a run stops.
 
 mod common;
 
