@@ -25,12 +25,7 @@ fn train(out: &Path, extra: &[&str], flags: &[&str]) -> std::process::Output {
         out_dir.as_str(),
     ];
     sets.extend_from_slice(extra);
-    let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
-    args.extend_from_slice(flags);
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
-    orpo(&args)
+    train_tiny_opt(&sets, flags)
 }
 
 fn state(dir: &Path) -> Value {

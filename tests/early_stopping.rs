@@ -27,12 +27,7 @@ fn train(out: &Path, extra: &[&str], flags: &[&str]) -> std::process::Output {
         out_dir.as_str(),
     ];
     sets.extend_from_slice(extra);
-    let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
-    args.extend_from_slice(flags);
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
-    let run = orpo(&args);
+    let run = train_tiny_opt(&sets, flags);
     assert!(
         run.status.success(),
         "{}",

@@ -164,11 +164,8 @@ fn check_within(golden: &str, extra: &[&str], rel: f64) -> (Value, tempfile::Tem
     let out = tmp.path().join("run");
     let mut sets = overrides(&g["settings"], &out);
     sets.extend(extra.iter().map(|s| s.to_string()));
-    let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let run = orpo(&args);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let run = train_tiny_opt(&sets, &[]);
     assert!(
         run.status.success(),
         "orpo train failed: {}",

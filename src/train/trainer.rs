@@ -304,12 +304,8 @@ impl Trainer {
         if cfg.train.eval_on_start && st.step == 0 {
             if let (Some(data), Some(file)) = (&self.eval, eval_file.as_mut()) {
                 let entry = self.evaluate_at(data, 0, 0.0)?;
-                let line = entry.to_json();
-                file.push(&line)?;
-                if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&line, st.elapsed_s)?;
-                }
-                st.evals.push(entry);
+                let wall = st.elapsed_s;
+                record_eval(&mut st, entry, file, &mut tensorboard, wall)?;
             }
         }
         // A run resumed from the checkpoint of the evaluation that stopped it is done.
@@ -405,20 +401,12 @@ impl Trainer {
                 st.pending_tokens = 0;
             }
             if let (Some(entry), Some(file)) = (evaluation, eval_file.as_mut()) {
-                let line = entry.to_json();
-                file.push(&line)?;
-                if let Some(tb) = tensorboard.as_mut() {
-                    tb.line(&line, elapsed)?;
-                }
-                st.evals.push(entry);
+                record_eval(&mut st, entry, file, &mut tensorboard, elapsed)?;
             }
             let interrupted = stop.load(Ordering::SeqCst);
             let due = match save_every {
                 // transformers' save_strategy = "best": an evaluation here that is the best.
-                Interval::Best => {
-                    st.evals.last().is_some_and(|e| e.step == done)
-                        && self.best_eval_of(&st).is_some_and(|e| e.step == done)
-                }
+                Interval::Best => self.best_eval_of(&st).is_some_and(|e| e.step == done),
                 every => every.due(done, plan.steps_per_epoch),
             };
             if done < total && (interrupted || due) {
@@ -587,12 +575,8 @@ impl Trainer {
             return Ok(None);
         };
         let entry = self.evaluate_at(data, end, epoch)?;
-        let line = entry.to_json();
-        file.push(&line)?;
-        if let Some(tb) = tensorboard.as_mut() {
-            tb.line(&line, st.elapsed_s)?;
-        }
-        st.evals.push(entry.clone());
+        let wall = st.elapsed_s;
+        record_eval(st, entry.clone(), file, tensorboard, wall)?;
         Ok(Some(entry))
     }
 
@@ -812,6 +796,24 @@ impl RunState {
             best_checkpoint: r.best_checkpoint,
         })
     }
+}
+
+/// An evaluation into the run's history, eval_metrics.jsonl and TensorBoard (at wall time
+/// `wall`, seconds since the run began).
+fn record_eval(
+    st: &mut RunState,
+    entry: EvalEntry,
+    file: &mut JsonLines,
+    tensorboard: &mut Option<TensorBoard>,
+    wall: f64,
+) -> Result<(), Error> {
+    let line = entry.to_json();
+    file.push(&line)?;
+    if let Some(tb) = tensorboard.as_mut() {
+        tb.line(&line, wall)?;
+    }
+    st.evals.push(entry);
+    Ok(())
 }
 
 /// Whether two paths name one folder.

@@ -265,3 +265,13 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `orpo train` on configs/tiny-opt.toml with `flags` and each of `sets` as `--set`.
+pub fn train_tiny_opt(sets: &[&str], flags: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "--config", "configs/tiny-opt.toml"];
+    args.extend_from_slice(flags);
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    orpo(&args)
+}
