@@ -420,55 +420,27 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores moments saved by `state_tensors` for the parameters in `params`. A tensor's
-    /// saved moments must be of the kind this optimizer keeps for it (8-bit or f32).
+    /// Restores moments saved by `state_tensors` for the parameters in `params`, after
+    /// `check_state` has accepted them (its messages name what is wrong with a file; the
+    /// guard here only keeps a tensor of the wrong length out of the update).
     pub fn load_state(&mut self, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.state.clear();
+        let flat = |key: String, len: usize| -> Result<Tensor> {
+            match tensors.get(&key) {
+                Some(t) if t.elem_count() == len => t.flatten_all(),
+                _ => candle_core::bail!("optimizer state `{key}` is missing or misshapen"),
+            }
+        };
         for (name, var) in params.iter() {
             let p = var.as_tensor();
             let n = p.elem_count();
-            let eight = self.settings.eight_bit && eight_bit_moments(params, name, n);
             let host = crate::ops::fusable_f32(p) && p.is_contiguous();
-            let st = if eight {
-                let get = |key: &str, len: usize, dtype: DType| -> Result<Option<Tensor>> {
-                    let Some(t) = tensors.get(&format!("{key}.{name}")) else {
-                        return Ok(None);
-                    };
-                    if t.elem_count() != len || t.dtype() != dtype {
-                        candle_core::bail!(
-                            "optimizer state `{key}.{name}` does not match the parameter's size"
-                        );
-                    }
-                    Ok(Some(t.flatten_all()?))
-                };
+            let st = if self.settings.eight_bit && eight_bit_moments(params, name, n) {
                 let blocks = n.div_ceil(adamw8bit::BLOCK);
-                let parts = (
-                    get("exp_avg_8bit", n, DType::U8)?,
-                    get("exp_avg_absmax", blocks, DType::F32)?,
-                    get("exp_avg_sq_8bit", n, DType::U8)?,
-                    get("exp_avg_sq_absmax", blocks, DType::F32)?,
-                );
-                let some = [
-                    parts.0.is_some(),
-                    parts.1.is_some(),
-                    parts.2.is_some(),
-                    parts.3.is_some(),
-                ];
-                let (Some(mc), Some(ma), Some(vc), Some(va)) = parts else {
-                    if some.contains(&true) {
-                        candle_core::bail!(
-                            "the checkpoint's 8-bit optimizer state for `{name}` is incomplete \
-                             (codes and absmax of both moments expected)"
-                        );
-                    }
-                    if tensors.contains_key(&format!("exp_avg.{name}")) {
-                        candle_core::bail!(
-                            "the checkpoint holds 32-bit optimizer state for `{name}`, \
-                             this run's optimizer keeps it in 8 bits"
-                        );
-                    }
-                    continue;
-                };
+                let mc = flat(format!("exp_avg_8bit.{name}"), n)?;
+                let ma = flat(format!("exp_avg_absmax.{name}"), blocks)?;
+                let vc = flat(format!("exp_avg_sq_8bit.{name}"), n)?;
+                let va = flat(format!("exp_avg_sq_absmax.{name}"), blocks)?;
                 if host {
                     Moments::Host8 {
                         m: Quantized {
@@ -490,48 +462,27 @@ impl AdamW {
                     }
                 }
             } else {
-                let (Some(m), Some(v)) = (
-                    tensors.get(&format!("exp_avg.{name}")),
-                    tensors.get(&format!("exp_avg_sq.{name}")),
-                ) else {
-                    if tensors.contains_key(&format!("exp_avg_8bit.{name}")) {
-                        candle_core::bail!(
-                            "the checkpoint holds 8-bit optimizer state for `{name}`, \
-                             this run's optimizer keeps it in 32 bits"
-                        );
-                    }
-                    continue;
-                };
-                if m.elem_count() != n || v.elem_count() != n {
-                    candle_core::bail!(
-                        "optimizer state for `{name}` does not match the parameter's size"
-                    );
-                }
+                let m = flat(format!("exp_avg.{name}"), n)?.to_dtype(DType::F32)?;
+                let v = flat(format!("exp_avg_sq.{name}"), n)?.to_dtype(DType::F32)?;
                 if host {
                     Moments::Host {
-                        m: m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-                        v: v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                        m: m.to_vec1()?,
+                        v: v.to_vec1()?,
                     }
                 } else {
+                    let on_device = |t: Tensor| t.to_device(p.device())?.reshape(p.shape());
                     Moments::Device {
-                        m: m.to_dtype(DType::F32)?
-                            .to_device(p.device())?
-                            .reshape(p.shape())?,
-                        v: v.to_dtype(DType::F32)?
-                            .to_device(p.device())?
-                            .reshape(p.shape())?,
+                        m: on_device(m)?,
+                        v: on_device(v)?,
                     }
                 }
             };
             self.state.insert(name.to_string(), st);
         }
-        if let Some(s) = tensors.get("step") {
-            let step = s.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            match step.as_slice() {
-                [x] if x.is_finite() && *x >= 0.0 && x.fract() == 0.0 => self.step = *x as u64,
-                _ => candle_core::bail!("optimizer state `step` is {step:?}, not a step count"),
-            }
-        }
+        let step = flat("step".into(), 1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?[0];
+        self.step = step as u64;
         Ok(())
     }
 }
