@@ -226,6 +226,17 @@ pub(super) fn check_and_normalise(
                     }
                 }
                 KeyKind::Float => match v {
+                    // datasets' train_test_split reads a float as a fraction, below 1 only.
+                    toml::Value::Float(f) if full == "data.eval_size" && *f >= 1.0 => {
+                        return Err(origin.invalid(
+                            &full,
+                            format!(
+                                "a fraction must be below 1, found {f}; for a number of pairs \
+                                 write an integer ({})",
+                                f.trunc()
+                            ),
+                        ))
+                    }
                     toml::Value::Float(_) => {}
                     toml::Value::Integer(i) => *v = toml::Value::Float(*i as f64),
                     _ => return Err(wrong("a float", v)),

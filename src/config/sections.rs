@@ -37,7 +37,10 @@ pub struct DataConfig {
     pub eval: Option<DataFiles>,
     /// Without `eval`: hold out this many training pairs (below 1, this fraction of them,
     /// rounded up), as datasets' `train_test_split(test_size)`, drawn with `train.seed`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::values::count_or_fraction"
+    )]
     pub eval_size: Option<f64>,
     pub max_length: usize,
     pub max_prompt_length: usize,

@@ -570,10 +570,17 @@ fn eval_size_is_a_fraction_or_a_count_without_eval_data() {
         let c = load(MINIMAL, &[&format!("data.eval_size={v}")]).unwrap();
         assert!(c.data.eval_size.is_some());
     }
-    for v in ["0", "-1", "1.5", "nan"] {
+    for v in ["0", "-1", "1.5", "nan", "1.0", "3.0"] {
         let e = load(MINIMAL, &[&format!("data.eval_size={v}")]).unwrap_err();
         assert_eq!(e.key(), Some("data.eval_size"), "{v}: {e}");
     }
+    // A float of 1 or more is no count (datasets refuses it); the message says how to write one.
+    let e = load(MINIMAL, &["data.eval_size=3.0"]).unwrap_err();
+    assert!(e.to_string().contains("write an integer (3)"), "{e}");
+    // A count is saved as a count: the run's orpo.toml reads back.
+    let c = load(MINIMAL, &["data.eval_size=3"]).unwrap();
+    let back = Config::from_toml_str(&c.to_toml_string(), "orpo.toml", &[]).unwrap();
+    assert_eq!(back, c);
     let e = load(MINIMAL, &["data.eval=held.jsonl", "data.eval_size=0.1"]).unwrap_err();
     assert!(e.to_string().contains("not both"), "{e}");
     // Held-out pairs count as evaluation data for eval_every.

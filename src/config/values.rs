@@ -288,6 +288,18 @@ pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
     d.deserialize_any(V)
 }
 
+/// `data.eval_size` as it was written: a count of pairs as an integer, a fraction as a float
+/// (a saved `orpo.toml` must read back, and a float of 1 or more is refused).
+pub fn count_or_fraction<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(x) if *x >= 1.0 && x.fract() == 0.0 && *x <= i64::MAX as f64 => {
+            s.serialize_i64(*x as i64)
+        }
+        Some(x) => s.serialize_f64(*x),
+        None => s.serialize_none(),
+    }
+}
+
 /// A TOML list of strings.
 fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> {
     let mut out = Vec::new();
