@@ -66,7 +66,9 @@ pub fn merge(
             adapter.join(lora::ADAPTER_CONFIG).display()
         )));
     }
-    let base_dir = resolve_model_dir(&base_id, None)?;
+    // PEFT loads the base at the adapter's `revision`; a --base given is taken as it is.
+    let base_revision = saved.base_revision.as_deref().filter(|_| base.is_none());
+    let base_dir = resolve_model_dir(&base_id, base_revision)?;
     let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -114,7 +116,7 @@ pub fn merge(
         out,
         &model,
         &tokenizer,
-        &BaseModel::new(&base_id, &base_dir),
+        &BaseModel::new(&base_id, base_revision, &base_dir),
         wanted,
     )?;
     if saved != wanted {

@@ -1,6 +1,6 @@
 //! Hub ids resolve from a populated hf-hub cache with `HF_HUB_OFFLINE=1` (no network), using
 //! the cache layout `models--org--name/{refs/main, snapshots/REV/...}` under `$HF_HOME/hub`:
-//! a model, and a LoRA adapter repository.
+//! a model, a LoRA adapter repository, and a base pinned at a revision.
 
 mod common;
 
@@ -81,4 +81,48 @@ fn offline_hub_id_loads_from_cache() {
     .unwrap();
     let trainer = orpo::train::load_trainer(&config).unwrap();
     assert_eq!(trainer.model.adapter().unwrap().spec.r, 4);
+
+    // A base read at a revision (this cache has `v1` for it and no `main`): a LoRA run records
+    // it in adapter_config.json's `revision`, where PEFT reads it, and evaluating or merging
+    // the adapter loads the base there.
+    let pinned = home.path().join("hub/models--tiny--opt-pinned");
+    copy_dir(&model_dir("tiny-opt"), &pinned.join("snapshots").join(rev));
+    std::fs::create_dir_all(pinned.join("refs")).unwrap();
+    std::fs::write(pinned.join("refs/v1"), rev).unwrap();
+    let run = home.path().join("pinned-run");
+    let run_set = format!("train.output_dir={}", run.display());
+    let out = train_tiny_opt(
+        &[
+            "model.id=tiny/opt-pinned",
+            "model.revision=v1",
+            "lora.enabled=true",
+            "train.max_steps=1",
+            &run_set,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config_path = run.join("adapter_config.json");
+    let mut adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(adapter["base_model_name_or_path"], "tiny/opt-pinned");
+    assert_eq!(adapter["revision"], "v1");
+    let run_id = run.to_string_lossy().to_string();
+    let loaded = orpo::train::load_model(&run_id, None, None, Default::default(), &Device::Cpu);
+    assert_eq!(loaded.unwrap().dir, pinned.join("snapshots").join(rev));
+    let merged = home.path().join("merged-pinned");
+    orpo::merge::merge(None, &run, &merged, false, orpo::config::SaveDtype::F32).unwrap();
+    assert!(merged.join("model.safetensors").is_file());
+    // Without it the base is looked for at `main`, which is not there.
+    adapter["revision"] = serde_json::Value::Null;
+    std::fs::write(&config_path, adapter.to_string()).unwrap();
+    let err = orpo::train::load_model(&run_id, None, None, Default::default(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("tiny/opt-pinned"), "{err}");
 }

@@ -148,7 +148,13 @@ pub fn init_a(
 }
 
 /// `adapter_config.json` as PEFT writes it for a causal-LM LoRA adapter.
-pub fn adapter_config(spec: &LoraSpec, base: &str, modules: &BTreeSet<String>) -> Value {
+/// `revision` is the base's hub revision, which PEFT loads it at.
+pub fn adapter_config(
+    spec: &LoraSpec,
+    base: &str,
+    revision: Option<&str>,
+    modules: &BTreeSet<String>,
+) -> Value {
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -172,7 +178,7 @@ pub fn adapter_config(spec: &LoraSpec, base: &str, modules: &BTreeSet<String>) -
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": spec.use_dora,
-        "revision": null,
+        "revision": revision,
     })
 }
 
@@ -181,6 +187,8 @@ pub struct SavedAdapter {
     pub dir: PathBuf,
     pub spec: LoraSpec,
     pub base: Option<String>,
+    /// The hub revision of `base` (PEFT's `revision`).
+    pub base_revision: Option<String>,
     pub tensors: HashMap<String, Tensor>,
 }
 
@@ -376,8 +384,8 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
             )),
             b => b.map(str::to_string),
         };
+    let base_revision = k.str("revision")?.map(str::to_string);
     // Read for their types only.
-    k.str("revision")?;
     k.bool("inference_mode")?;
     if let Some(init) = k.get("init_lora_weights") {
         if !init.is_boolean() && !init.is_string() {
@@ -537,6 +545,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter, ModelEr
             targets,
         },
         base,
+        base_revision,
         tensors,
     })
 }

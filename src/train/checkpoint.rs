@@ -105,7 +105,12 @@ fn write_model_files(
         .collect();
     let mut saved = DType::F32;
     if let Some(info) = model.adapter() {
-        let config = crate::model::lora::adapter_config(&info.spec, &base.name, &info.modules);
+        let config = crate::model::lora::adapter_config(
+            &info.spec,
+            &base.name,
+            base.revision.as_deref(),
+            &info.modules,
+        );
         let text = serde_json::to_string_pretty(&config).map_err(|e| other(dir, e))?;
         write_atomic(&dir.join(lora::ADAPTER_CONFIG), text.as_bytes())?;
         save_tensors(
@@ -162,11 +167,15 @@ fn write_model_files(
 pub struct BaseModel {
     pub dir: PathBuf,
     pub name: String,
+    /// The hub revision a hub id was read at (an adapter's `revision`, which PEFT loads the
+    /// base at); none for a local folder.
+    pub revision: Option<String>,
 }
 
 impl BaseModel {
-    pub fn new(id: &str, dir: &Path) -> Self {
-        let name = if Path::new(id).is_dir() {
+    pub fn new(id: &str, revision: Option<&str>, dir: &Path) -> Self {
+        let local = Path::new(id).is_dir();
+        let name = if local {
             std::fs::canonicalize(dir)
                 .unwrap_or_else(|_| dir.to_path_buf())
                 .display()
@@ -177,6 +186,7 @@ impl BaseModel {
         BaseModel {
             dir: dir.to_path_buf(),
             name,
+            revision: revision.filter(|_| !local).map(str::to_string),
         }
     }
 }

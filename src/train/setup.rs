@@ -82,7 +82,9 @@ pub fn load_model(
             dir.display()
         ))
     })?;
-    let base_dir = resolve_model_dir(&base_id, None)?;
+    // PEFT loads the base at the adapter's `revision`; a --base given is taken as it is.
+    let base_revision = saved.base_revision.as_deref().filter(|_| base.is_none());
+    let base_dir = resolve_model_dir(&base_id, base_revision)?;
     let tok_dir = if dir.join("tokenizer.json").is_file() || dir.join("vocab.json").is_file() {
         &dir
     } else {
@@ -316,7 +318,7 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     Ok(Trainer {
         config: config.clone(),
         model,
-        base: BaseModel::new(&config.model.id, &dir),
+        base: BaseModel::new(&config.model.id, config.model.revision.as_deref(), &dir),
         tokenizer,
         train,
         eval,
