@@ -71,8 +71,8 @@ fn the_final_model_is_the_best_checkpoint_and_survives_the_limit() {
     assert_eq!(reported["eval_rewards/margins"].as_f64(), Some(margins[0]));
 
     // Greater is better: the last evaluation is the best, so the final model is the last
-    // step's own, and eval_metrics.json its evaluation. transformers keeps only its checkpoint
-    // there at a limit of 1; that is orpo's final model, so no checkpoint stays.
+    // step's own, and eval_metrics.json its evaluation. transformers saves a checkpoint at
+    // the last step and keeps only it at a limit of 1.
     let out = tmp.path().join("greater");
     let run = train(&out, &["train.greater_is_better=true"], &[]);
     assert!(
@@ -80,7 +80,15 @@ fn the_final_model_is_the_best_checkpoint_and_survives_the_limit() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(checkpoint_steps(&out).is_empty());
+    assert_eq!(checkpoint_steps(&out), [10]);
+    assert_eq!(
+        state(&out.join("checkpoint-10"))["best_model_checkpoint"],
+        "checkpoint-10"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint-10/model.safetensors")).unwrap()
+    );
     let reported: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
             .unwrap();
@@ -112,7 +120,8 @@ fn a_resumed_run_loads_the_same_best_checkpoint() {
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap()
     );
-    assert_eq!(checkpoint_steps(&cut), [2, 4, 6, 8]);
+    assert_eq!(checkpoint_steps(&cut), [2, 4, 6, 8, 10]);
+    assert_eq!(checkpoint_steps(&whole), [2, 4, 6, 8, 10]);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(cut.join("checkpoint-2/model.safetensors")).unwrap()
@@ -142,8 +151,8 @@ fn checkpoints_at_new_best_evaluations_only() {
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(out.join("checkpoint-3/model.safetensors")).unwrap()
     );
-    // With the largest, every evaluation is a new best: a checkpoint at each but the last
-    // step's (the final model), each its own best.
+    // With the largest, every evaluation is a new best, the last step's too: a checkpoint at
+    // each, each its own best.
     let out = tmp.path().join("largest");
     let mut more = sets.to_vec();
     more.push("train.greater_is_better=true");
@@ -153,8 +162,8 @@ fn checkpoints_at_new_best_evaluations_only() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert_eq!(checkpoint_steps(&out), [3, 6, 9]);
-    for step in [3, 6, 9] {
+    assert_eq!(checkpoint_steps(&out), [3, 6, 9, 10]);
+    for step in [3, 6, 9, 10] {
         let s = state(&out.join(format!("checkpoint-{step}")));
         assert_eq!(s["best_global_step"], step);
         assert_eq!(s["best_model_checkpoint"], format!("checkpoint-{step}"));
@@ -174,8 +183,8 @@ fn model_only_checkpoints_serve_the_best_model_but_no_resume() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert_eq!(checkpoint_steps(&out), [2, 4, 6, 8]);
-    for step in [2, 4, 6, 8] {
+    assert_eq!(checkpoint_steps(&out), [2, 4, 6, 8, 10]);
+    for step in [2, 4, 6, 8, 10] {
         let dir = out.join(format!("checkpoint-{step}"));
         assert!(dir.join("model.safetensors").is_file());
         assert!(!dir.join("optimizer.safetensors").exists(), "{step}");

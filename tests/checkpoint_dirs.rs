@@ -52,7 +52,8 @@ fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     train(&config(&out, &[]), None);
-    assert_eq!(steps(&out), [3, 6, 9, 12, 15]);
+    // Every third step, and the last (transformers' save at the end).
+    assert_eq!(steps(&out), [3, 6, 9, 12, 15, 16]);
     let reference = std::fs::read(out.join("model.safetensors")).unwrap();
     assert!(
         hidden_entries(&out).is_empty(),
@@ -61,7 +62,7 @@ fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
     );
 
     // Back to step 3, keeping two checkpoints, stopped after one step: its checkpoint-4 is the
-    // newest (before: pruned at once, the old run's 12 and 15 kept and resumed).
+    // newest (before: pruned at once, the old run's 15 and 16 kept and resumed).
     let limited = config(&out, &["train.save_total_limit=2"]);
     let err = load_trainer(&limited)
         .unwrap()
@@ -76,7 +77,7 @@ fn resuming_from_an_earlier_checkpoint_replaces_the_later_ones() {
     assert_eq!(latest_checkpoint(&out), Some(out.join("checkpoint-4")));
 
     train(&limited, Some(&out.join("checkpoint-4")));
-    assert_eq!(steps(&out), [12, 15]);
+    assert_eq!(steps(&out), [15, 16]);
     assert!(
         std::fs::read(out.join("model.safetensors")).unwrap() == reference,
         "the resumed run's model differs from the uninterrupted one"
@@ -93,7 +94,7 @@ fn a_finished_run_leaves_no_later_checkpoint_of_the_run_it_replaced() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     train(&config(&out, &[]), None);
-    // Resumed from step 9 with no checkpoints of its own: 12 and 15 lie on the old run.
+    // Resumed from step 9 with no checkpoints of its own: 12, 15 and 16 lie on the old run.
     train(
         &config(&out, &["train.save_every=0"]),
         Some(&out.join("checkpoint-9")),
@@ -168,7 +169,7 @@ fn another_runs_checkpoints_are_never_replaced() {
     for (out, lr) in [(&a, "optim.lr=5e-4"), (&b, "optim.lr=1e-3")] {
         train(&config(out, &[lr, "train.max_steps=7"]), None);
     }
-    assert_eq!(steps(&a), [3, 6]);
+    assert_eq!(steps(&a), [3, 6, 7]);
     // b's checkpoint-3 resumed into a, which holds a run with another learning rate.
     let into_a = config(&a, &["optim.lr=1e-3", "train.max_steps=7"]);
     let err = load_trainer(&into_a)
@@ -178,8 +179,8 @@ fn another_runs_checkpoints_are_never_replaced() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("holds 2 checkpoint(s) of another run") && err.contains("optim.lr"),
+        err.contains("holds 3 checkpoint(s) of another run") && err.contains("optim.lr"),
         "{err}"
     );
-    assert_eq!(steps(&a), [3, 6]);
+    assert_eq!(steps(&a), [3, 6, 7]);
 }

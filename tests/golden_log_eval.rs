@@ -213,9 +213,9 @@ fn check_within(golden: &str, extra: &[&str], rel: f64) -> (Value, tempfile::Tem
     (g, tmp)
 }
 
-/// A `load_best_model_at_end` golden: the checkpoints left (TRL's but the last step's, whose
-/// weights orpo saves as the final model), the best evaluation each holds, the final model's
-/// parameter norms (the loaded checkpoint's, or the last step's) and its evaluation.
+/// A `load_best_model_at_end` golden: the checkpoints left (TRL's, the last step's among them
+/// when it wrote one there), the best evaluation each holds, the final model's parameter norms
+/// (the loaded checkpoint's, or the last step's) and its evaluation.
 fn check_best_model(golden: &str) {
     // 20 steps at lr 1e-2 or 2e-2 (margins that peak mid-run, by 15% or more over the
     // runner-up): f32 rounding grows to ~4e-3 in a late grad_norm, so the numbers are held
@@ -223,13 +223,11 @@ fn check_best_model(golden: &str) {
     let (g, tmp) = check_within(golden, &[], 1e-2);
     let out = tmp.path().join("run");
     let best = &g["best"];
-    let total = g["max_steps"].as_u64().unwrap();
     let trl: Vec<u64> = g["checkpoints"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_u64().unwrap())
-        .filter(|&s| s != total)
         .collect();
     assert_eq!(checkpoint_steps(&out), trl, "{golden}: checkpoints left");
     for step in &trl {
@@ -256,8 +254,8 @@ fn check_best_model(golden: &str) {
         );
     }
     // The final model: the loaded checkpoint's weights, byte for byte, or (nothing loaded)
-    // the last step's, which only a checkpoint written at that step holds (one where early
-    // stopping ended the run; transformers' own at the run's end orpo does not write).
+    // the last step's, which only a checkpoint written at that step holds (the run's end, or
+    // where early stopping ended it).
     let model = std::fs::read(out.join("model.safetensors")).unwrap();
     let held = |step: u64| {
         std::fs::read(out.join(format!("checkpoint-{step}/model.safetensors"))).unwrap()
@@ -421,8 +419,8 @@ fn epoch_strategies_and_a_fractional_epoch_count_match_trl() {
     let (g, tmp) = check("tiny-opt.epochs.trl.json", &[]);
     let out = tmp.path().join("run");
     assert_eq!(json_lines(&out.join("metrics.jsonl")).len(), 10);
-    // TRL saves checkpoint-4, -8 and -10; orpo the same before the last step, whose weights
-    // are the final model at the run's root.
+    // TRL saves checkpoint-4, -8 and -10 (the last step's under any save schedule), and the
+    // final model at the run's root.
     let trl: Vec<u64> = g["checkpoints"]
         .as_array()
         .unwrap()
@@ -430,7 +428,7 @@ fn epoch_strategies_and_a_fractional_epoch_count_match_trl() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(trl, [4, 8, 10]);
-    assert_eq!(checkpoint_steps(&out), trl[..trl.len() - 1]);
+    assert_eq!(checkpoint_steps(&out), trl);
     assert!(out.join("model.safetensors").is_file());
 }
 
@@ -438,7 +436,7 @@ fn epoch_strategies_and_a_fractional_epoch_count_match_trl() {
 fn fractions_of_the_run_as_log_eval_and_save_intervals_match_trl() {
     // transformers' logging/eval/save steps below 1 over the 10-step run: ceil(2.5) = 3,
     // ceil(4.5) = 5 and ceil(7.0) = 7. TRL logs at 3, 6 and 9, evaluates at 5 and the last
-    // step, and saves at 7 and 10 (orpo at 7, and the final model).
+    // step, and saves at 7 and 10 (the last step).
     let (g, tmp) = check("tiny-opt.fractions.trl.json", &[]);
     assert_eq!(
         g["resolved_steps"],
@@ -451,6 +449,6 @@ fn fractions_of_the_run_as_log_eval_and_save_intervals_match_trl() {
         .collect();
     assert_eq!(logged, [3, 6, 9, 10]);
     let checkpoints = checkpoint_steps(&out);
-    assert_eq!(checkpoints, [7]);
+    assert_eq!(checkpoints, [7, 10]);
     assert_eq!(g["checkpoints"], serde_json::json!([7, 10]));
 }

@@ -286,7 +286,7 @@ fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
     let extra = [
         "train.max_steps=8",
         "train.save_every=2",
-        "train.save_total_limit=2",
+        "train.save_total_limit=3",
         "train.shuffle=false",
     ];
     let full_dir = tempfile::tempdir().unwrap();
@@ -295,7 +295,7 @@ fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
         .unwrap()
         .run(None, &AtomicBool::new(false))
         .unwrap();
-    assert_eq!(checkpoint_steps(full_dir.path()), [4, 6]);
+    assert_eq!(checkpoint_steps(full_dir.path()), [4, 6, 8]);
     let state = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
             .unwrap()
@@ -331,30 +331,37 @@ fn an_interrupts_checkpoint_leaves_the_scheduled_ones_as_they_were() {
         .run(Some(&five), &AtomicBool::new(false))
         .unwrap();
     // checkpoint-6 replaced the interrupt's; the run ends with the whole run's checkpoints
-    // (checkpoint-4 copied in, -6 written) and its model.
-    assert_eq!(checkpoint_steps(cut_dir.path()), [4, 6]);
+    // (checkpoint-4 copied in, -6 and the last step's written) and its model.
+    assert_eq!(checkpoint_steps(cut_dir.path()), [4, 6, 8]);
     assert_eq!(
         std::fs::read(cut_dir.path().join("model.safetensors")).unwrap(),
         std::fs::read(full_dir.path().join("model.safetensors")).unwrap()
     );
 
-    // Interrupted during the last step but one (7): the resumed run's last step is the
-    // final model, no checkpoint, and the interrupt's goes at the end.
+    // Without a save schedule: the interrupt's checkpoint goes when the resumed run ends,
+    // leaving none, as the uninterrupted run.
+    let unsaved = ["train.max_steps=3", "train.shuffle=false"];
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole_cfg = tiny_config("tiny-opt", whole_dir.path(), &unsaved);
+    load_trainer(&whole_cfg)
+        .unwrap()
+        .run(None, &AtomicBool::new(false))
+        .unwrap();
+    assert!(checkpoint_steps(whole_dir.path()).is_empty());
     let late_dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config("tiny-opt", late_dir.path(), &extra);
-    let six = late_dir.path().join("checkpoint-6");
-    copy_dir(&full_dir.path().join("checkpoint-6"), &six);
+    let cfg = tiny_config("tiny-opt", late_dir.path(), &unsaved);
     let mut first = load_trainer(&cfg).unwrap();
-    assert!(first.run(Some(&six), &AtomicBool::new(true)).is_err());
-    let seven = late_dir.path().join("checkpoint-7");
+    assert!(first.run(None, &AtomicBool::new(true)).is_err());
+    assert_eq!(checkpoint_steps(late_dir.path()), [1]);
+    let one = late_dir.path().join("checkpoint-1");
     load_trainer(&cfg)
         .unwrap()
-        .run(Some(&seven), &AtomicBool::new(false))
+        .run(Some(&one), &AtomicBool::new(false))
         .unwrap();
-    assert_eq!(checkpoint_steps(late_dir.path()), [6]);
+    assert!(checkpoint_steps(late_dir.path()).is_empty());
     assert_eq!(
         std::fs::read(late_dir.path().join("model.safetensors")).unwrap(),
-        std::fs::read(full_dir.path().join("model.safetensors")).unwrap()
+        std::fs::read(whole_dir.path().join("model.safetensors")).unwrap()
     );
 }
 

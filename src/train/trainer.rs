@@ -367,18 +367,24 @@ impl Trainer {
                 step_metrics.rewards_accuracy(),
                 st.total_tokens as f64 / elapsed.max(1e-9)
             ));
-            // The last step's evaluation is the final one, below. It runs before this step's
-            // line is written, which is logged anyway when the evaluation ends the run.
-            let eval_due = eval_every.due(done, plan.steps_per_epoch) && done < total;
+            // transformers saves a checkpoint at the last step under any save schedule ("best":
+            // when its evaluation is a new best), its evaluation first.
+            let save_at_end = done == total && save_every != Interval::Never;
+            // The last step's evaluation is the final one: here when a checkpoint there needs
+            // it, else below. It runs before this step's line is written, which is logged
+            // anyway when the evaluation ends the run.
+            let eval_due =
+                (eval_every.due(done, plan.steps_per_epoch) && done < total) || save_at_end;
             let evaluation = match (eval_due, &self.eval) {
                 (true, Some(data)) => Some(self.evaluate_at(data, done, epoch)?),
                 _ => None,
             };
-            let stop_early = evaluation.as_ref().is_some_and(|e| {
-                let mut evals = st.evals.clone();
-                evals.push(e.clone());
-                self.early_stop_due(&evals)
-            });
+            let stop_early = done < total
+                && evaluation.as_ref().is_some_and(|e| {
+                    let mut evals = st.evals.clone();
+                    evals.push(e.clone());
+                    self.early_stop_due(&evals)
+                });
             let first = done == 1 && cfg.train.logging_first_step;
             if log_every.due(done, plan.steps_per_epoch) || done == total || first || stop_early {
                 let entry = LogEntry {
@@ -407,9 +413,11 @@ impl Trainer {
             let due = match save_every {
                 // transformers' save_strategy = "best": an evaluation here that is the best.
                 Interval::Best => self.best_eval_of(&st).is_some_and(|e| e.step == done),
-                every => every.due(done, plan.steps_per_epoch),
+                every => every.due(done, plan.steps_per_epoch) || save_at_end,
             };
-            if done < total && (interrupted || due) {
+            // An interrupt at the last step lets the run finish.
+            let interrupted = interrupted && done < total;
+            if interrupted || due {
                 remove_replaced_checkpoints(&out_dir, start_step, &written)?;
                 // Only a scheduled checkpoint can be the best: one written for an interrupt
                 // stands in for no checkpoint of an uninterrupted run.
@@ -481,11 +489,10 @@ impl Trainer {
             run_dir::remove_checkpoint(&old)?;
         }
         // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
-        // every other one; a best last step is its checkpoint there, which is orpo's final
-        // model, so then none stays.
+        // every other one; a best last step keeps its checkpoint when one was written there.
         if cfg.train.save_total_limit == Some(1) {
             let keep = match self.best_at_end(&st, end, total) {
-                BestAtEnd::LastStep => Some(None),
+                BestAtEnd::LastStep => Some(st.best_checkpoint.filter(|&s| s == end)),
                 BestAtEnd::Checkpoint(step) => Some(Some(step)),
                 BestAtEnd::Nothing => None,
             };
@@ -606,10 +613,10 @@ impl Trainer {
     }
 
     /// Where a run's best model is at its end, as transformers has it: the weights of a run
-    /// that trained all `total` steps and is best at the last (transformers saves a checkpoint
-    /// there, orpo the final model), else the best checkpoint written (an evaluation between
-    /// checkpoints never is one, nor the step where early stopping ended a run unless a
-    /// checkpoint was due there).
+    /// that trained all `total` steps and is best at the last (the final model, and that
+    /// step's checkpoint under a save schedule), else the best checkpoint written (an
+    /// evaluation between checkpoints never is one, nor the step where early stopping ended a
+    /// run unless a checkpoint was due there).
     fn best_at_end(&self, st: &RunState, end: usize, total: usize) -> BestAtEnd {
         match self.best_eval_of(st) {
             None => BestAtEnd::Nothing,
@@ -720,7 +727,7 @@ impl Trainer {
 enum BestAtEnd {
     /// No best evaluation, or none with a checkpoint.
     Nothing,
-    /// The last step's weights: the final model itself.
+    /// The last step's weights: the final model itself (nothing to load).
     LastStep,
     Checkpoint(usize),
 }
