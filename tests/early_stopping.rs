@@ -163,3 +163,33 @@ fn a_checkpoint_with_a_nan_metric_resumes() {
         std::fs::read(whole.join("model.safetensors")).unwrap()
     );
 }
+
+/// Under `save_every = "epoch"` a run that early stopping ends mid-epoch still ends that epoch
+/// as transformers does (`on_epoch_end` after the loop), with a checkpoint at the stopping step;
+/// the best metric alone (no load_best) leaves that checkpoint the only one.
+#[test]
+fn an_epoch_schedule_saves_where_early_stopping_ends_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // 16 steps an epoch (64 pairs in fours): no epoch ends within the 10 steps.
+    train(
+        &out,
+        &[
+            "train.save_every=epoch",
+            "train.load_best_model_at_end=false",
+        ],
+        &[],
+    );
+    assert_eq!(
+        steps(&json_lines(&out.join("eval_metrics.jsonl"))),
+        [2, 4, 6]
+    );
+    assert_eq!(checkpoint_steps(&out), [6]);
+    let state = read_json(&out.join("checkpoint-6/trainer_state.json"));
+    assert_eq!(state["best_global_step"], 2);
+    // The last step's weights are the final model (nothing is loaded without load_best).
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint-6/model.safetensors")).unwrap()
+    );
+}

@@ -370,11 +370,14 @@ impl Trainer {
             // transformers saves a checkpoint at the last step under any save schedule ("best":
             // when its evaluation is a new best), its evaluation first.
             let save_at_end = done == total && save_every != Interval::Never;
-            // The last step's evaluation is the final one: here when a checkpoint there needs
-            // it, else below. It runs before this step's line is written, which is logged
-            // anyway when the evaluation ends the run.
-            let eval_due =
-                (eval_every.due(done, plan.steps_per_epoch) && done < total) || save_at_end;
+            // The last step's evaluation is the final one: here when a checkpoint there holds
+            // it, else below (where a run without scheduled evaluations makes its own). It
+            // runs before this step's line is written, which is logged anyway when the
+            // evaluation ends the run.
+            let eval_due = match done < total {
+                true => eval_every.due(done, plan.steps_per_epoch),
+                false => save_at_end && eval_every != Interval::Never,
+            };
             let evaluation = match (eval_due, &self.eval) {
                 (true, Some(data)) => Some(self.evaluate_at(data, done, epoch)?),
                 _ => None,
@@ -413,6 +416,10 @@ impl Trainer {
             let due = match save_every {
                 // transformers' save_strategy = "best": an evaluation here that is the best.
                 Interval::Best => self.best_eval_of(&st).is_some_and(|e| e.step == done),
+                // transformers ends an epoch when early stopping ends the run mid-epoch too.
+                Interval::Epoch => {
+                    save_every.due(done, plan.steps_per_epoch) || save_at_end || stop_early
+                }
                 every => every.due(done, plan.steps_per_epoch) || save_at_end,
             };
             // An interrupt at the last step lets the run finish.
@@ -488,19 +495,12 @@ impl Trainer {
         if let Some(old) = interrupt_checkpoint.take() {
             run_dir::remove_checkpoint(&old)?;
         }
-        // transformers ends a run with `save_total_limit = 1` and a best checkpoint by deleting
-        // every other one; a best last step keeps its checkpoint when one was written there.
-        if cfg.train.save_total_limit == Some(1) {
-            let keep = match self.best_at_end(&st, end, total) {
-                BestAtEnd::LastStep => Some(st.best_checkpoint.filter(|&s| s == end)),
-                BestAtEnd::Checkpoint(step) => Some(Some(step)),
-                BestAtEnd::Nothing => None,
-            };
-            if let Some(keep) = keep {
-                for (step, path) in run_dir::checkpoints(&out_dir) {
-                    if Some(step) != keep {
-                        run_dir::remove_checkpoint(&path)?;
-                    }
+        // transformers ends a run with `save_total_limit = 1` and a best checkpoint (its
+        // `best_model_checkpoint`) by deleting every other one.
+        if let (Some(1), Some(keep)) = (cfg.train.save_total_limit, st.best_checkpoint) {
+            for (step, path) in run_dir::checkpoints(&out_dir) {
+                if step != keep {
+                    run_dir::remove_checkpoint(&path)?;
                 }
             }
         }
