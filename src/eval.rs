@@ -30,12 +30,25 @@ pub fn evaluate(
     beta: f64,
     pad_id: u32,
     nll_on_prompt: bool,
+    drop_last: bool,
 ) -> Result<EvalMetrics, Error> {
     let start = Instant::now();
     let device = model.lm_head().device().clone();
     // No graph: nothing is differentiated here.
     let model = &model.detached();
-    let pairs: Vec<_> = data.pairs.iter().collect();
+    let mut pairs: Vec<_> = data.pairs.iter().collect();
+    if drop_last {
+        // transformers' `dataloader_drop_last` drops a short last batch here too.
+        pairs.truncate(pairs.len() - pairs.len() % batch_size.max(1));
+        if pairs.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: {} pairs, fewer than the evaluation batch of {batch_size}; with \
+                 train.dataloader_drop_last that short batch is dropped and nothing is left",
+                data.source,
+                data.pairs.len()
+            )));
+        }
+    }
     // Every batch is queued before any is read: on a GPU the host prepares the next batch
     // while the device runs the last.
     let mut readouts = Vec::new();

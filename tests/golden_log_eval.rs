@@ -90,7 +90,8 @@ fn best_model_overrides(s: &Value) -> Vec<String> {
     if let Some(n) = s["save_total_limit"].as_u64().filter(|&n| n > 0) {
         out.push(format!("train.save_total_limit={n}"));
     }
-    // transformers' EarlyStoppingCallback, eval_on_start and logging_first_step.
+    // transformers' EarlyStoppingCallback, eval_on_start, logging_first_step and
+    // dataloader_drop_last.
     if let Some(n) = s["patience"].as_u64().filter(|&n| n > 0) {
         out.push(format!("train.early_stopping_patience={n}"));
         out.push(format!(
@@ -101,6 +102,7 @@ fn best_model_overrides(s: &Value) -> Vec<String> {
     for (key, ours) in [
         ("eval_on_start", "train.eval_on_start"),
         ("logging_first_step", "train.logging_first_step"),
+        ("drop_last", "train.dataloader_drop_last"),
     ] {
         if s[key].as_u64() == Some(1) {
             out.push(format!("{ours}=true"));
@@ -398,6 +400,20 @@ fn an_evaluation_at_the_start_is_logged_and_never_the_best() {
     assert_eq!(g["train_log"][0]["step"], 1);
     assert_eq!(g["best"]["best_global_step"], 4);
     check_best_model("tiny-opt.first-step.trl.json");
+}
+
+#[test]
+fn dropping_each_epochs_short_last_batch_matches_trl() {
+    // dataloader_drop_last over 2 epochs of 64 shuffled pairs in batches of 6: 10 micro-batches
+    // an epoch (each epoch's permutation loses its last 4), steps of 3, 3, 3 and 1, and
+    // evaluations over 2 batches of the 16 held-out pairs. Without it an epoch has 11
+    // micro-batches and every line moves.
+    let (g, tmp) = check("tiny-opt.drop-last.trl.json", &[]);
+    assert_eq!(g["settings"]["drop_last"], 1);
+    assert_eq!(g["max_steps"], 8);
+    assert_eq!(g["train_log"][0]["epoch"], 0.6);
+    let evals = json_lines(&tmp.path().join("run/eval_metrics.jsonl"));
+    assert!(evals.iter().all(|e| e["eval_pairs"] == 12), "{evals:?}");
 }
 
 #[test]

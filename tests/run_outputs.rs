@@ -106,6 +106,7 @@ fn evaluations_during_training_are_the_checkpoints_metrics() {
             cfg.orpo.beta,
             loaded.tokenizer.pad_id(),
             true,
+            false,
         )
         .unwrap();
         for ((k, a), (_, b)) in eval_metrics(line).iter().zip(eval_metrics(&m.to_json())) {

@@ -582,3 +582,33 @@ fn a_checkpoint_of_the_earlier_shuffled_order_resumes_over_its_own_pairs() {
     resumed.run(Some(&ckpt), &AtomicBool::new(false)).unwrap();
     assert_eq!(logged_tokens(), want(&chacha_plan));
 }
+
+/// `train.dataloader_drop_last` with fewer pairs than a batch would leave nothing to train on
+/// or evaluate: refused before the model loads, naming the data and the key.
+#[test]
+fn drop_last_needs_a_full_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let drop = "train.dataloader_drop_last=true";
+    for (extra, key) in [
+        (&[drop, "train.batch_size=16"][..], "train.batch_size = 16"),
+        (&[drop, "data.eval_size=3"][..], "train.eval_batch_size = 4"),
+    ] {
+        let mut extra = extra.to_vec();
+        extra.push("train.eval_batch_size=4");
+        let err = load_trainer(&tiny_config("tiny-opt", tmp.path(), &extra))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains("explicit-10.jsonl"),
+            "{err}"
+        );
+    }
+    // Without it the short batches are trained on.
+    assert!(load_trainer(&tiny_config(
+        "tiny-opt",
+        tmp.path(),
+        &["train.batch_size=16"]
+    ))
+    .is_ok());
+}

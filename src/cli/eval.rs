@@ -123,6 +123,7 @@ pub fn eval(
         config.orpo.beta,
         loaded.tokenizer.pad_id(),
         config.orpo.nll_on_prompt,
+        config.train.dataloader_drop_last,
     )?;
     if as_json {
         println!("{}", m.to_json());

@@ -101,6 +101,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("eval_on_start", Bool),
                 ("logging_first_step", Bool),
                 ("save_only_model", Bool),
+                ("dataloader_drop_last", Bool),
             ],
         ),
         (

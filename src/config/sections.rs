@@ -248,6 +248,9 @@ pub struct TrainConfig {
     /// transformers' `save_only_model`: scheduled checkpoints hold the model without the
     /// optimizer state (less disk; no resuming from them).
     pub save_only_model: bool,
+    /// transformers' `dataloader_drop_last`: an epoch's last micro-batch, and an evaluation's
+    /// last batch, are dropped when short.
+    pub dataloader_drop_last: bool,
 }
 
 impl TrainConfig {
@@ -310,6 +313,7 @@ impl Default for TrainConfig {
             early_stopping_threshold: 0.0,
             eval_on_start: false,
             logging_first_step: false,
+            dataloader_drop_last: false,
             save_only_model: false,
         }
     }

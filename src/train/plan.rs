@@ -1,5 +1,6 @@
 //! Which pairs each optimizer step trains on, exactly as transformers' Trainer cuts an epoch:
-//! micro-batches of `batch_size` in (shuffled) order, the last one possibly smaller; each step
+//! micro-batches of `batch_size` in (shuffled) order, the last one possibly smaller (or dropped,
+//! with `dataloader_drop_last`); each step
 //! takes `grad_accum` of them except the epoch's last step, which takes what remains; with
 //! `max_steps` beyond one epoch the data wraps into the next epoch with a fresh order.
 
@@ -27,11 +28,23 @@ impl ShuffleOrder {
     }
 }
 
+/// How an epoch is cut into steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// transformers' `dataloader_drop_last`: a short last micro-batch is left out.
+    pub drop_last: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub n_pairs: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    pub drop_last: bool,
     pub shuffle: bool,
     pub order: ShuffleOrder,
     pub seed: u64,
@@ -57,14 +70,21 @@ pub struct StepBatches {
 impl Plan {
     pub fn new(
         n_pairs: usize,
-        batch_size: usize,
-        grad_accum: usize,
+        batching: Batching,
         epochs: f64,
         max_steps: usize,
         shuffle: bool,
         seed: u64,
     ) -> Self {
-        let micro_per_epoch = n_pairs.div_ceil(batch_size);
+        let Batching {
+            batch_size,
+            grad_accum,
+            drop_last,
+        } = batching;
+        let micro_per_epoch = match drop_last {
+            true => n_pairs / batch_size,
+            false => n_pairs.div_ceil(batch_size),
+        };
         let steps_per_epoch = micro_per_epoch.div_ceil(grad_accum);
         let total_steps = if max_steps > 0 {
             max_steps
@@ -76,6 +96,7 @@ impl Plan {
             n_pairs,
             batch_size,
             grad_accum,
+            drop_last,
             shuffle,
             order: ShuffleOrder::Torch,
             seed,
@@ -120,7 +141,10 @@ impl Plan {
                 order[lo..hi].to_vec()
             })
             .collect();
-        let remainder = self.n_pairs % self.batch_size;
+        let remainder = match self.drop_last {
+            true => 0,
+            false => self.n_pairs % self.batch_size,
+        };
         let metric_pairs = (last == self.micro_per_epoch && remainder > 0).then_some(remainder);
         StepBatches {
             epoch,
@@ -135,10 +159,44 @@ impl Plan {
 mod tests {
     use super::*;
 
+    fn cut(batch_size: usize, grad_accum: usize) -> Batching {
+        Batching {
+            batch_size,
+            grad_accum,
+            drop_last: false,
+        }
+    }
+
+    #[test]
+    fn a_short_last_micro_batch_is_dropped_with_drop_last() {
+        // 7 pairs, batch 2 -> 3 full micro-batches (pair 6 of each epoch's order left out);
+        // grad_accum 2 -> steps of 2 and 1, every pair's metrics reported.
+        let batching = Batching {
+            drop_last: true,
+            ..cut(2, 2)
+        };
+        let p = Plan::new(7, batching, 2.0, 0, false, 0);
+        assert_eq!(
+            (p.micro_per_epoch, p.steps_per_epoch, p.total_steps),
+            (3, 2, 4)
+        );
+        assert_eq!(p.step(0).micro_batches, vec![vec![0, 1], vec![2, 3]]);
+        let last = p.step(1);
+        assert_eq!(last.micro_batches, vec![vec![4, 5]]);
+        assert_eq!((last.epoch_progress, last.metric_pairs), (1.0, None));
+        assert_eq!(p.step(2).micro_batches, vec![vec![0, 1], vec![2, 3]]);
+        // Shuffled: the epoch's permutation of all 7, its first 6 trained.
+        let p = Plan::new(7, batching, 1.0, 0, true, 42);
+        let trained: Vec<usize> = (0..2)
+            .flat_map(|s| p.step(s).micro_batches.concat())
+            .collect();
+        assert_eq!(trained, p.order(0)[..6]);
+    }
+
     #[test]
     fn partial_last_step_and_wraparound() {
         // 7 pairs, batch 2 -> 4 micro-batches (last has 1); grad_accum 3 -> steps of 3 and 1.
-        let p = Plan::new(7, 2, 3, 1.0, 5, false, 0);
+        let p = Plan::new(7, cut(2, 3), 1.0, 5, false, 0);
         assert_eq!(p.steps_per_epoch, 2);
         assert_eq!(
             p.step(0).micro_batches,
@@ -158,7 +216,7 @@ mod tests {
     fn shuffled_epochs_are_transformers_order() {
         // TRL 1.16's ORPOTrainer, seed 42, 10 pairs, batch 2, 3 epochs: the pairs its
         // training_step received, in order.
-        let p = Plan::new(10, 2, 1, 3.0, 0, true, 42);
+        let p = Plan::new(10, cut(2, 1), 3.0, 0, true, 42);
         let trained: Vec<usize> = (0..p.total_steps)
             .flat_map(|s| p.step(s).micro_batches.concat())
             .collect();
@@ -174,16 +232,19 @@ mod tests {
         // 10 pairs, batch 2, grad_accum 2 -> 3 steps an epoch; transformers:
         // max_steps = ceil(num_train_epochs * 3).
         for (epochs, steps) in [(1.0, 3), (2.5, 8), (0.1, 1), (1.34, 5), (2.0, 6)] {
-            assert_eq!(Plan::new(10, 2, 2, epochs, 0, false, 0).total_steps, steps);
+            assert_eq!(
+                Plan::new(10, cut(2, 2), epochs, 0, false, 0).total_steps,
+                steps
+            );
         }
         // max_steps still overrides.
-        assert_eq!(Plan::new(10, 2, 2, 2.5, 4, false, 0).total_steps, 4);
+        assert_eq!(Plan::new(10, cut(2, 2), 2.5, 4, false, 0).total_steps, 4);
     }
 
     #[test]
     fn shuffle_is_a_seeded_permutation() {
         for order in [ShuffleOrder::Torch, ShuffleOrder::ChaCha8] {
-            let mut p = Plan::new(10, 2, 1, 2.0, 0, true, 42);
+            let mut p = Plan::new(10, cut(2, 1), 2.0, 0, true, 42);
             p.order = order;
             let mut a = p.order(0);
             assert_eq!(a, p.order(0));

@@ -24,6 +24,10 @@ pub fn plan_fingerprint(plan: &Plan) -> Value {
     if plan.shuffle {
         v["shuffle_order"] = plan.order.name().into();
     }
+    // Only when set: checkpoints from before the setting still match.
+    if plan.drop_last {
+        v["drop_last"] = true.into();
+    }
     v
 }
 

@@ -284,6 +284,22 @@ pub fn load_trainer(config: &Config) -> Result<Trainer, Error> {
     if let Some(ds) = &eval {
         log_dataset("eval", ds);
     }
+    if config.train.dataloader_drop_last {
+        let batches = std::iter::once((&train, config.train.batch_size, "train.batch_size")).chain(
+            eval.as_ref()
+                .map(|ds| (ds, config.train.eval_batch_size(), "train.eval_batch_size")),
+        );
+        for (ds, batch, key) in batches {
+            if ds.pairs.len() < batch {
+                return Err(Error::Input(format!(
+                    "{}: {} pairs, fewer than {key} = {batch}; with train.dataloader_drop_last \
+                     that short batch is dropped and nothing is left",
+                    ds.source,
+                    ds.pairs.len()
+                )));
+            }
+        }
+    }
     check_data_fits(
         config,
         &model_config,

@@ -7,7 +7,7 @@ use super::forward::{forward, Readout};
 use super::log::{EvalEntry, JsonLines, LogEntry};
 use super::loss::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
-use super::plan::Plan;
+use super::plan::{Batching, Plan};
 use super::report::TensorBoard;
 use super::resume::{self, plan_fingerprint, ResumeState};
 use super::run_dir::{self, RUN_CONFIG};
@@ -103,10 +103,14 @@ impl Trainer {
 
     pub fn plan(&self) -> Plan {
         let t = &self.config.train;
+        let batching = Batching {
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+            drop_last: t.dataloader_drop_last,
+        };
         Plan::new(
             self.train.pairs.len(),
-            t.batch_size,
-            t.grad_accum,
+            batching,
             t.epochs,
             t.max_steps,
             t.shuffle,
@@ -549,6 +553,7 @@ impl Trainer {
             cfg.orpo.beta,
             self.tokenizer.pad_id(),
             cfg.orpo.nll_on_prompt,
+            cfg.train.dataloader_drop_last,
         )?;
         tracing::info!(
             step,
