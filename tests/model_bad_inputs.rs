@@ -488,6 +488,40 @@ fn every_fixture_still_loads() {
     }
 }
 
+/// A header entry whose shape does not fit its bytes (safetensors itself says only "invalid
+/// shape, data type, or offset for tensor"): the message names the file and the tensor.
+#[test]
+fn a_header_entry_that_does_not_fit_its_bytes_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = weights_copy("tiny-opt", tmp.path(), "model.safetensors", |_| {});
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "decoder.final_layer_norm.bias";
+    let entry = header
+        .as_object_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|(k, _)| k.ends_with(name))
+        .map(|(_, v)| v)
+        .unwrap();
+    let len = entry["shape"][0].as_u64().unwrap();
+    entry["shape"] = serde_json::json!([len + 1]);
+    let mut text = header.to_string().into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut edited = (text.len() as u64).to_le_bytes().to_vec();
+    edited.extend(&text);
+    edited.extend(&bytes[8 + n..]);
+    std::fs::write(&file, edited).unwrap();
+    let msg = load_error(tmp.path());
+    assert!(
+        msg.contains(&file.display().to_string()) && msg.contains(&format!("`model.{name}`")),
+        "{msg}"
+    );
+}
+
 /// Weights read a tensor at a time (a QLoRA base, `orpo merge`'s base): a file cut short or
 /// not safetensors at all is an error naming the file, before anything is built on it.
 #[test]

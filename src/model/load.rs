@@ -176,15 +176,22 @@ pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAnd
             msg: e.to_string(),
         }
     };
+    // safetensors names no tensor when an entry's shape, dtype and offsets disagree; the
+    // header check of the tensor-at-a-time reader does, so a failed load asks it first.
+    let load = |path: &Path| {
+        candle_core::safetensors::load(path, device).map_err(|e| {
+            match lazy_weights_with_files(dir) {
+                Err(named) => named,
+                Ok(_) => wrap(path)(e),
+            }
+        })
+    };
     let mut raw: Vec<(String, Tensor, PathBuf)> = Vec::new();
     let mut extend = |tensors: HashMap<String, Tensor>, path: &Path| {
         raw.extend(tensors.into_iter().map(|(n, t)| (n, t, path.to_path_buf())));
     };
     if single.is_file() {
-        extend(
-            candle_core::safetensors::load(&single, device).map_err(wrap(&single))?,
-            &single,
-        );
+        extend(load(&single)?, &single);
     } else if index.is_file() {
         for shard in shard_names(&index)? {
             let p = dir.join(&shard);
@@ -194,10 +201,7 @@ pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAnd
                     msg: format!("shard {shard} is missing"),
                 });
             }
-            extend(
-                candle_core::safetensors::load(&p, device).map_err(wrap(&p))?,
-                &p,
-            );
+            extend(load(&p)?, &p);
         }
     } else if bin.is_file() {
         let tensors = candle_core::pickle::read_all(&bin).map_err(wrap(&bin))?;
@@ -333,9 +337,33 @@ fn read_header(file: &mut File) -> Result<(u64, safetensors::tensor::Metadata), 
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)
         .map_err(|e| format!("not a safetensors file: {e}"))?;
-    let meta = serde_json::from_slice(&header)
-        .map_err(|e| format!("not a safetensors file: its header: {e}"))?;
+    let meta = serde_json::from_slice(&header).map_err(|e| match misfit_entry(&header) {
+        Some(msg) => format!("a damaged safetensors header: {msg}"),
+        None => format!("not a safetensors file: its header: {e}"),
+    })?;
     Ok((8 + n, meta))
+}
+
+/// The first entry of a safetensors header whose shape and dtype do not fit its byte offsets,
+/// described by name (safetensors' own message names no tensor).
+fn misfit_entry(header: &[u8]) -> Option<String> {
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).ok()?;
+    for (name, e) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype: safetensors::Dtype = serde_json::from_value(e["dtype"].clone()).ok()?;
+        let shape: Vec<u64> = serde_json::from_value(e["shape"].clone()).ok()?;
+        let [a, b]: [u64; 2] = serde_json::from_value(e["data_offsets"].clone()).ok()?;
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |n, &d| n.checked_mul(d));
+        if b < a || bits != Some((b - a) * 8) {
+            return Some(format!(
+                "tensor `{name}`: a {dtype:?} tensor of shape {shape:?} at bytes {a}..{b}, \
+                 which do not hold it"
+            ));
+        }
+    }
+    None
 }
 
 /// Refuses a weight the model is about to use that is not floating point (an integer tensor
