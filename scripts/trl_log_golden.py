@@ -52,7 +52,8 @@ tracking: loaded_checkpoint is then null). eval_on_start=1 and logging_first_ste
 ORPOConfig fields of those names: an evaluation before the first step (logged with step 0, epoch 0;
 it is not passed to _determine_best_metric, so it never becomes the best) and a training log line
 at step 1 (the next window then starts after step 1). drop_last=1 is `dataloader_drop_last=True`:
-each epoch's last micro-batch, when short, is dropped, and so is the evaluation's.
+each epoch's last micro-batch, when short, is dropped, and so is the evaluation's. eval_delay=X is
+the ORPOConfig field: no evaluation before step X (epoch X under eval_strategy="epoch").
 
 Needs: torch, transformers, trl, datasets (pip). Run from the repository root:
   python3 scripts/trl_log_golden.py tests/fixtures/golden/extra/tiny-opt.log-eval.trl.json [key=value ...]
@@ -151,7 +152,8 @@ DEFAULTS = dict(model="tests/fixtures/tiny-opt", train="examples/data/hh-rlhf-64
 # Settings added after the goldens above: written to the output only away from these defaults.
 LATER = dict(epochs=0.0, eval_strategy="steps", save_strategy="no", save_steps=None,
              load_best=0, metric=None, greater_is_better=None, save_total_limit=0,
-             patience=0, threshold=0.0, eval_on_start=0, logging_first_step=0, drop_last=0)
+             patience=0, threshold=0.0, eval_on_start=0, logging_first_step=0, drop_last=0,
+             eval_delay=0.0)
 DEFAULTS.update(LATER)
 STEP_KEYS = ("logging_steps", "eval_steps", "save_steps")
 
@@ -219,7 +221,7 @@ def main():
         dataloader_num_workers=0, load_best_model_at_end=bool(s["load_best"]), metric_for_best_model=s["metric"],
         greater_is_better=s["greater_is_better"], save_total_limit=s["save_total_limit"] or None,
         eval_on_start=bool(s["eval_on_start"]), logging_first_step=bool(s["logging_first_step"]),
-        dataloader_drop_last=bool(s["drop_last"]))
+        dataloader_drop_last=bool(s["drop_last"]), eval_delay=s["eval_delay"])
     trainer_class = ORPOTrainer if s["shuffle"] else SequentialORPOTrainer
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
                             train_dataset=load(s["train"]), eval_dataset=load(s["eval"]))

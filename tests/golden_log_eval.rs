@@ -90,6 +90,9 @@ fn best_model_overrides(s: &Value) -> Vec<String> {
     if let Some(n) = s["save_total_limit"].as_u64().filter(|&n| n > 0) {
         out.push(format!("train.save_total_limit={n}"));
     }
+    if let Some(d) = s["eval_delay"].as_f64() {
+        out.push(format!("train.eval_delay={d}"));
+    }
     // transformers' EarlyStoppingCallback, eval_on_start, logging_first_step and
     // dataloader_drop_last.
     if let Some(n) = s["patience"].as_u64().filter(|&n| n > 0) {
@@ -400,6 +403,28 @@ fn an_evaluation_at_the_start_is_logged_and_never_the_best() {
     assert_eq!(g["train_log"][0]["step"], 1);
     assert_eq!(g["best"]["best_global_step"], 4);
     check_best_model("tiny-opt.first-step.trl.json");
+}
+
+#[test]
+fn an_eval_delay_skips_the_early_evaluations_as_trl() {
+    // eval_delay 7 with evaluations and checkpoints every 3 of 15 steps: evaluations at 9, 12
+    // and 15 only; the checkpoints at 3 and 6 hold no evaluation, and a limit of 2 with the
+    // margins as the metric leaves 12 and 15.
+    let (g, tmp) = check("tiny-opt.eval-delay.trl.json", &[]);
+    let evals: Vec<u64> = g["eval_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [9, 12, 15]);
+    let trl: Vec<u64> = g["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(checkpoint_steps(&tmp.path().join("run")), trl);
 }
 
 #[test]

@@ -463,6 +463,12 @@ impl Config {
     /// transformers' `EarlyStoppingCallback` asserts a metric and evaluations during training.
     fn check_early_stopping(&self, o: &Origin) -> Result<(), ConfigError> {
         let t = &self.train;
+        if !t.eval_delay.is_finite() || t.eval_delay < 0.0 {
+            return Err(o.invalid(
+                "train.eval_delay",
+                format!("must be a finite number >= 0, got {}", t.eval_delay),
+            ));
+        }
         let threshold = t.early_stopping_threshold;
         if !threshold.is_finite() || threshold < 0.0 {
             return Err(o.invalid(

@@ -102,6 +102,7 @@ pub const SCHEMA: &[(&str, &[(&str, KeyKind)])] = {
                 ("logging_first_step", Bool),
                 ("save_only_model", Bool),
                 ("dataloader_drop_last", Bool),
+                ("eval_delay", Float),
             ],
         ),
         (

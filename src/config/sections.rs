@@ -251,6 +251,9 @@ pub struct TrainConfig {
     /// transformers' `dataloader_drop_last`: an epoch's last micro-batch, and an evaluation's
     /// last batch, are dropped when short.
     pub dataloader_drop_last: bool,
+    /// transformers' `eval_delay`: no scheduled evaluation before this many steps (epochs
+    /// under `eval_every = "epoch"`).
+    pub eval_delay: f64,
 }
 
 impl TrainConfig {
@@ -314,6 +317,7 @@ impl Default for TrainConfig {
             eval_on_start: false,
             logging_first_step: false,
             dataloader_drop_last: false,
+            eval_delay: 0.0,
             save_only_model: false,
         }
     }

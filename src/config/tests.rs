@@ -942,6 +942,19 @@ fn the_best_model_needs_evaluations_and_checkpoints_on_one_schedule() {
     assert!(c.validate_for_train().is_err());
 }
 
+#[test]
+fn eval_delay_is_a_finite_non_negative_number() {
+    assert_eq!(load(MINIMAL, &[]).unwrap().train.eval_delay, 0.0);
+    for v in ["7", "6.5"] {
+        let c = load(MINIMAL, &[&format!("train.eval_delay={v}")]).unwrap();
+        assert_eq!(c.train.eval_delay, v.parse::<f64>().unwrap());
+    }
+    for v in ["-1", "inf", "nan"] {
+        let e = load(MINIMAL, &[&format!("train.eval_delay={v}")]).unwrap_err();
+        assert_eq!(e.key(), Some("train.eval_delay"), "{v}: {e}");
+    }
+}
+
 /// Early stopping's requirements (transformers' `EarlyStoppingCallback` asserts a metric and
 /// an evaluation strategy), and evaluations at the start, which need held-out pairs.
 #[test]

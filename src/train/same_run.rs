@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// Settings a resumed run may change: where and how often it writes, logs and evaluates, and
 /// where and how it computes; none changes what the steps train.
-const MAY_CHANGE: [&str; 15] = [
+const MAY_CHANGE: [&str; 16] = [
     "model.device",
     "data.eval",
     "data.eval_split",
@@ -20,6 +20,7 @@ const MAY_CHANGE: [&str; 15] = [
     "train.save_total_limit",
     "train.log_every",
     "train.eval_every",
+    "train.eval_delay",
     "train.eval_on_start",
     "train.logging_first_step",
     "train.save_only_model",
@@ -31,10 +32,11 @@ const MAY_CHANGE: [&str; 15] = [
 
 /// The evaluations' settings: with early stopping they decide where training ends, so then
 /// they may not change.
-const EVALUATIONS: [&str; 4] = [
+const EVALUATIONS: [&str; 5] = [
     "data.eval",
     "data.eval_split",
     "train.eval_every",
+    "train.eval_delay",
     "train.eval_batch_size",
 ];
 

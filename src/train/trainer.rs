@@ -378,10 +378,16 @@ impl Trainer {
             // it, else below (where a run without scheduled evaluations makes its own). It
             // runs before this step's line is written, which is logged anyway when the
             // evaluation ends the run.
-            let eval_due = match done < total {
-                true => eval_every.due(done, plan.steps_per_epoch),
-                false => save_at_end && eval_every != Interval::Never,
+            // transformers' eval_delay: in steps, or epochs under an epoch schedule.
+            let delayed = match eval_every {
+                Interval::Epoch => epoch < cfg.train.eval_delay,
+                _ => (done as f64) < cfg.train.eval_delay,
             };
+            let eval_due = !delayed
+                && match done < total {
+                    true => eval_every.due(done, plan.steps_per_epoch),
+                    false => save_at_end && eval_every != Interval::Never,
+                };
             let evaluation = match (eval_due, &self.eval) {
                 (true, Some(data)) => Some(self.evaluate_at(data, done, epoch)?),
                 _ => None,
