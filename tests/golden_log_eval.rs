@@ -114,6 +114,15 @@ fn best_model_overrides(s: &Value) -> Vec<String> {
     out
 }
 
+/// A golden's JSON list of whole numbers (steps).
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
 /// Every numeric key of each golden line against the same line of `got`.
 /// `rel`: the tolerance of the metrics that are not differences of log-probabilities.
 fn compare(what: &str, got: &[Value], want: &[Value], skip: impl Fn(&str) -> bool, rel: f64) {
@@ -228,12 +237,7 @@ fn check_best_model(golden: &str) {
     let (g, tmp) = check_within(golden, &[], 1e-2);
     let out = tmp.path().join("run");
     let best = &g["best"];
-    let trl: Vec<u64> = g["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let trl = u64s(&g["checkpoints"]);
     assert_eq!(checkpoint_steps(&out), trl, "{golden}: checkpoints left");
     for step in &trl {
         let name = format!("checkpoint-{step}");
@@ -274,12 +278,7 @@ fn check_best_model(golden: &str) {
             );
         }
         None => {
-            let last: Vec<u64> = best["final_weights_saved_at"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect();
+            let last = u64s(&best["final_weights_saved_at"]);
             for &s in &trl {
                 assert_eq!(
                     model == held(s),
@@ -418,12 +417,7 @@ fn an_eval_delay_skips_the_early_evaluations_as_trl() {
         .map(|e| e["step"].as_u64().unwrap())
         .collect();
     assert_eq!(evals, [9, 12, 15]);
-    let trl: Vec<u64> = g["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let trl = u64s(&g["checkpoints"]);
     assert_eq!(checkpoint_steps(&tmp.path().join("run")), trl);
 }
 
@@ -462,12 +456,7 @@ fn epoch_strategies_and_a_fractional_epoch_count_match_trl() {
     assert_eq!(json_lines(&out.join("metrics.jsonl")).len(), 10);
     // TRL saves checkpoint-4, -8 and -10 (the last step's under any save schedule), and the
     // final model at the run's root.
-    let trl: Vec<u64> = g["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let trl = u64s(&g["checkpoints"]);
     assert_eq!(trl, [4, 8, 10]);
     assert_eq!(checkpoint_steps(&out), trl);
     assert!(out.join("model.safetensors").is_file());
