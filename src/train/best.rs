@@ -53,6 +53,23 @@ pub fn patience_counter(evals: &[EvalEntry], key: &str, greater: bool, threshold
     counter
 }
 
+/// The checkpoint whose weights a `load_best_model_at_end` run ends with, as transformers'
+/// `_load_best_model` picks it: none when the best evaluation is the last step's of a run that
+/// trained all `total` steps (the final weights are it), else the best checkpoint written, if
+/// any (an evaluation between checkpoints never is one, nor the step where early stopping
+/// ended a run unless a checkpoint was due there).
+pub fn checkpoint_to_load(
+    best: Option<&EvalEntry>,
+    best_checkpoint: Option<usize>,
+    end: usize,
+    total: usize,
+) -> Option<usize> {
+    match best? {
+        b if b.step == end && end == total => None,
+        _ => best_checkpoint,
+    }
+}
+
 fn improves(v: f64, best: f64, greater: bool) -> bool {
     if greater {
         v > best

@@ -188,6 +188,54 @@ pub fn remove_checkpoint(path: &Path) -> Result<(), Error> {
     remove_entry(&aside)
 }
 
+/// Keeps the newest `keep` `checkpoint-STEP` folders (`train.save_total_limit`).
+pub fn prune_checkpoints(out_dir: &Path, keep: usize, best: Option<usize>) -> Result<(), Error> {
+    let mut found = checkpoints(out_dir);
+    // The best checkpoint (load_best_model_at_end) counts as the newest but one, as
+    // transformers sorts it; with a limit of 1 the newest stays beside it.
+    let mut keep = keep;
+    if let Some(i) = best.and_then(|b| found.iter().position(|(s, _)| *s == b)) {
+        if i + 1 < found.len() {
+            let entry = found.remove(i);
+            found.insert(found.len() - 1, entry);
+            keep = keep.max(2);
+        }
+    }
+    let excess = found.len().saturating_sub(keep);
+    for (_, path) in found.into_iter().take(excess) {
+        remove_checkpoint(&path)?;
+    }
+    Ok(())
+}
+
+/// Removes the checkpoints after `start` (the step this run began from) that this run did not
+/// write: they belong to the run it replaces, resumed from an earlier checkpoint, and would
+/// otherwise be taken by `--resume` or kept by `save_total_limit` over this run's own.
+pub fn remove_replaced_checkpoints(
+    out_dir: &Path,
+    start: usize,
+    written: &[usize],
+) -> Result<(), Error> {
+    for (step, path) in checkpoints(out_dir) {
+        if step > start && !written.contains(&step) {
+            remove_checkpoint(&path)?;
+            tracing::info!(
+                path = %path.display(),
+                "removed a checkpoint of the replaced run (it lies after the step this run resumed from)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two paths name one folder.
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +274,28 @@ mod tests {
             ]
         );
         assert!(!holds_run(d));
+    }
+
+    /// save_total_limit keeps the best checkpoint as if it were the newest but one, and with a
+    /// limit of 1 the newest beside it (transformers' `_sorted_checkpoints`).
+    #[test]
+    fn pruning_keeps_the_best_checkpoint() {
+        let kept = |keep: usize, best: Option<usize>| {
+            let tmp = tempfile::tempdir().unwrap();
+            for s in [2, 4, 6, 8] {
+                std::fs::create_dir(tmp.path().join(format!("checkpoint-{s}"))).unwrap();
+            }
+            prune_checkpoints(tmp.path(), keep, best).unwrap();
+            checkpoints(tmp.path())
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(1, None), [8]);
+        assert_eq!(kept(1, Some(4)), [4, 8]);
+        assert_eq!(kept(1, Some(8)), [8]);
+        assert_eq!(kept(2, Some(2)), [2, 8]);
+        assert_eq!(kept(3, Some(2)), [2, 6, 8]);
+        assert_eq!(kept(2, None), [6, 8]);
     }
 }
