@@ -15,7 +15,7 @@ const NAME: &str = "chat_template";
 pub struct ChatTemplate {
     source: String,
     env: Environment<'static>,
-    /// (variable name, token string), e.g. ("bos_token", "<s>").
+    /// (variable name, token string), e.g. (`"bos_token"`, `"<s>"`).
     special: Vec<(String, String)>,
 }
 

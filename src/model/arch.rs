@@ -1,6 +1,6 @@
 //! `config.json` parsing for the supported architectures, old and new key spellings alike.
 
-use super::load::ModelError;
+use super::error::ModelError;
 use super::rope::{shown, Rope};
 use serde_json::Value;
 use std::path::Path;

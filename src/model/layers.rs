@@ -280,7 +280,7 @@ fn probs_chain(
 
 static RECOMPUTE_PROBS: AtomicBool = AtomicBool::new(true);
 
-/// Whether attention's probabilities are checkpointed (see [`ProbsBlock`]); on unless turned off
+/// Whether attention's probabilities are checkpointed (see `ProbsBlock`); on unless turned off
 /// (the binary reads `ORPO_RECOMPUTE_ATTENTION=0`, to measure what it costs and saves).
 pub fn set_recompute_attention_probs(on: bool) {
     RECOMPUTE_PROBS.store(on, Ordering::Relaxed);

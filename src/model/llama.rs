@@ -6,9 +6,10 @@
 //! per-head q/k norms; Mistral's and Phi-3's sliding windows.
 
 use super::arch::{Activation, Architecture, ModelConfig};
+use super::error::ModelError;
 use super::layers::{apply_rope, attention, attention_bias, rms_norm, split_heads, Attention};
 use super::linear::Linear;
-use super::load::{AdapterInfo, ModelError, WeightSource};
+use super::load::{AdapterInfo, WeightSource};
 use super::opt::trainable;
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;

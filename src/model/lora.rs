@@ -2,7 +2,7 @@
 //! Kaiming-uniform, B `[out, r]` zeros and s = alpha / r (alpha / √r with rsLoRA). Tensor names
 //! and the two files follow PEFT, so `PeftModel.from_pretrained(base, dir)` loads our adapters.
 
-use super::load::ModelError;
+use super::error::ModelError;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};

@@ -4,6 +4,8 @@
 //! every layer here is composed from differentiable primitives (see `layers.rs`).
 
 mod arch;
+mod error;
+mod files;
 mod gathered;
 mod head;
 mod layers;
@@ -19,9 +21,11 @@ pub mod recompute;
 pub mod rope;
 
 pub use arch::{Architecture, ModelConfig};
+pub use error::ModelError;
+pub use files::{read_weights, resolve_model_dir};
 pub use gathered::set_max_attention_groups;
 pub use layers::set_recompute_attention_probs;
-pub use load::{read_weights, resolve_model_dir, AdapterInfo, LoadOptions, ModelError, Quantize};
+pub use load::{AdapterInfo, LoadOptions, Quantize};
 pub use packed::{Packed, Padding, Prefix, Segment};
 pub use params::Params;
 
@@ -53,17 +57,17 @@ impl CausalLm {
         // way, each tensor kept in the output dtype once merged.
         let quantize = opts.quantize.is_some() && opts.lora.is_some() && !opts.merge;
         let mut source = match quantize || opts.merge {
-            true => match load::lazy_weights_with_files(dir)? {
+            true => match files::lazy_weights_with_files(dir)? {
                 Some((lazy, files)) => load::WeightSource::new(dir, HashMap::new(), opts)
                     .with_lazy(lazy)
                     .with_files(files),
                 None => {
-                    let (tensors, files) = load::read_weights_with_files(dir, &Device::Cpu)?;
+                    let (tensors, files) = files::read_weights_with_files(dir, &Device::Cpu)?;
                     load::WeightSource::new(dir, tensors, opts).with_files(files)
                 }
             },
             false => {
-                let (tensors, files) = load::read_weights_with_files(dir, device)?;
+                let (tensors, files) = files::read_weights_with_files(dir, device)?;
                 load::WeightSource::new(dir, tensors, opts).with_files(files)
             }
         };

@@ -2,9 +2,10 @@
 //! the pre-norm layout (125M, 1.3B, ...) and 350M's post-norm layout with project_in/out.
 
 use super::arch::ModelConfig;
+use super::error::ModelError;
 use super::layers::{attention, attention_bias, layer_norm, split_heads, Attention};
 use super::linear::Linear;
-use super::load::{AdapterInfo, ModelError, WeightSource};
+use super::load::{AdapterInfo, WeightSource};
 use super::packed::{AttendFn, Packed, PackedAttention};
 use super::params::Params;
 use super::recompute::{Block, RowsBlock, SideGrads};
