@@ -44,8 +44,9 @@ enum Command {
     /// ORPO metrics on held-out pairs
     Eval {
         /// Model folder (or hub id), or a LoRA adapter folder (or an adapter repository's hub
-        /// id), to evaluate; a run's as it trained (the dtype and a QLoRA base's quantization
-        /// in its orpo.toml; `--set model.dtype=...` / `lora.quantize=...` override)
+        /// id), to evaluate; a run's as it trained and evaluated (its orpo.toml's dtype, a QLoRA
+        /// base's quantization and, without --config, its lengths, columns, beta and batch
+        /// sizes; --set overrides)
         #[arg(long)]
         model: String,
         /// Base model of an adapter (default: adapter_config.json's base_model_name_or_path)
@@ -55,9 +56,11 @@ enum Command {
         /// columns, subset and revision (the split: data.eval_split with a config, else train)
         #[arg(long)]
         data: PathBuf,
-        /// Optional config for batch size, beta, lengths and the data's columns
+        /// Optional config for batch size, beta, lengths and the data's columns (instead of a
+        /// run's orpo.toml)
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Override a key: --set section.key=value (repeatable)
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
         /// Print one JSON object with TRL's eval_* keys

@@ -502,12 +502,16 @@ fn evaluation_batches_follow_eval_batch_size() {
         by_train_batch
     );
 
-    // During training too: the final evaluation equals `orpo eval` of the saved model.
+    // During training too: the final evaluation equals `orpo eval` of the saved model, which
+    // takes the run's settings from its orpo.toml (batches of 3, beta, lengths that truncate).
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let sets = [
         "train.max_steps=2".to_string(),
         "train.eval_batch_size=3".to_string(),
+        "orpo.beta=0.5".to_string(),
+        "data.max_length=48".to_string(),
+        "data.max_prompt_length=24".to_string(),
         format!("data.eval={pairs}"),
     ];
     train(&config(
@@ -518,21 +522,34 @@ fn evaluation_batches_follow_eval_batch_size() {
         serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap())
             .unwrap();
     let saved = out.display().to_string();
-    let r = orpo(&[
-        "eval",
-        "--model",
-        &saved,
-        "--data",
-        &pairs,
-        "--json",
-        "--set",
-        "train.eval_batch_size=3",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let again = eval_metrics(&serde_json::from_slice(&r.stdout).unwrap());
+    let eval_saved = |sets: &[&str]| {
+        let mut all = vec!["eval", "--model", &saved, "--data", &pairs, "--json"];
+        for s in sets {
+            all.extend(["--set", s]);
+        }
+        let r = orpo(&all);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        eval_metrics(&serde_json::from_slice(&r.stdout).unwrap())
+    };
+    let again = eval_saved(&[]);
     for ((k, a), (_, b)) in eval_metrics(&last).iter().zip(&again) {
         close(*a, *b, 1e-5, k);
     }
+    // --set still overrides the run's settings.
+    let rebatched = eval_saved(&["train.eval_batch_size=5"]);
+    assert_ne!(rebatched, again);
+    let with_config = {
+        let cfg = tmp.path().join("eval.toml");
+        std::fs::write(&cfg, "[train]\neval_batch_size = 5\n[orpo]\nbeta = 0.5\n[data]\nmax_length = 48\nmax_prompt_length = 24\n").unwrap();
+        let cfg = cfg.display().to_string();
+        let r = orpo(&[
+            "eval", "--model", &saved, "--data", &pairs, "--json", "--config", &cfg,
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        eval_metrics(&serde_json::from_slice(&r.stdout).unwrap())
+    };
+    // A --config replaces the run's settings: there, the same as --set gave.
+    assert_eq!(with_config, rebatched);
 }
 
 #[test]

@@ -32,7 +32,11 @@ pub fn eval(
             )));
         }
     }
-    let explicit_length = config.is_some() || overrides(&set, "data.max_length");
+    // A run's model (its orpo.toml beside it) is evaluated as the run evaluated: without
+    // --config, with the run's lengths, columns, ORPO settings and evaluation batches.
+    let run = orpo::train::run_dir::run_config(Path::new(&model));
+    let from_run = config.is_none() && run.is_some();
+    let explicit_length = config.is_some() || from_run || overrides(&set, "data.max_length");
     // Without a config, a folder or hub id is read from its `train` split (everything, for a
     // folder whose files name no split), unless --set names one.
     let explicit_split = config.is_some() || overrides(&set, "data.eval_split");
@@ -44,16 +48,19 @@ pub fn eval(
                 .collect();
             Config::load(&path, &sets)?
         }
-        None => Config::with_model(model.clone()).with_overrides("(command line)", &set)?,
+        None => match &run {
+            Some(r) => evaluated_as(r, model.clone()),
+            None => Config::with_model(model.clone()),
+        }
+        .with_overrides("(command line)", &set)?,
     };
     // --model wins over the config's model.id: the config only supplies batch size, beta, lengths.
     config.model.id = model;
     let device = orpo::device::select_device(&config.model.device)?;
-    // A run's model is evaluated as it trained: its orpo.toml beside it gives the products'
-    // dtype and, for a QLoRA adapter, the base's quantization, unless --set says otherwise (a
-    // model from elsewhere: as the config or --set says).
+    // A run's model is evaluated as it trained: its orpo.toml gives the products' dtype and,
+    // for a QLoRA adapter, the base's quantization, unless --set says otherwise (a model from
+    // elsewhere: as the config or --set says).
     let dir = Path::new(&config.model.id);
-    let run = orpo::train::run_dir::run_config(dir);
     let adapter = orpo::model::lora::is_adapter_dir(dir);
     let quant_set = overrides(&set, "lora.quantize") || overrides(&set, "lora.double_quant");
     let lora = match &run {
@@ -72,8 +79,10 @@ pub fn eval(
             dtype = ?dtype,
             quantize = %lora.quantize,
             double_quant = lora.double_quant,
-            "evaluating as the run trained (its orpo.toml; --set model.dtype / lora.quantize \
-             override)"
+            from_run,
+            "evaluating as the run trained: dtype and quantization from its orpo.toml (--set \
+             model.dtype / lora.quantize override), and without --config its lengths, columns, \
+             beta and batch sizes"
         );
     }
     let setup = orpo::train::EvalSetup {
@@ -131,4 +140,23 @@ pub fn eval(
         print!("{}", m.render());
     }
     Ok(())
+}
+
+/// The settings of `run` that decide an evaluation's numbers — lengths, column names, ORPO's
+/// beta and NLL span, evaluation batches — for evaluating `model`. The rest stays default: the
+/// run's data sources, device and model revision belong to its training, and its chat template
+/// is saved with the model.
+fn evaluated_as(run: &Config, model: String) -> Config {
+    let mut c = Config::with_model(model);
+    let (d, r) = (&mut c.data, &run.data);
+    d.max_length = r.max_length;
+    d.max_prompt_length = r.max_prompt_length;
+    d.prompt_column = r.prompt_column.clone();
+    d.chosen_column = r.chosen_column.clone();
+    d.rejected_column = r.rejected_column.clone();
+    c.orpo = run.orpo.clone();
+    c.train.batch_size = run.train.batch_size;
+    c.train.eval_batch_size = run.train.eval_batch_size;
+    c.train.dataloader_drop_last = run.train.dataloader_drop_last;
+    c
 }
