@@ -145,12 +145,12 @@ fn main() -> ExitCode {
             dtype,
         } => {
             orpo::merge::merge(base.as_deref(), &adapter, &out, overwrite, dtype).map(|base_dir| {
-                eprintln!(
-                    "merged {} into {}; full model written to {}",
+                cli::stderr(&format!(
+                    "merged {} into {}; full model written to {}\n",
                     adapter.display(),
                     base_dir.display(),
                     out.display()
-                )
+                ))
             })
         }
         Command::Data {
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
                 }
                 source = s.source();
             }
-            eprintln!("{msg}");
+            cli::stderr(&format!("{msg}\n"));
             ExitCode::from(e.exit_code())
         }
     }

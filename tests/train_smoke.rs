@@ -10,7 +10,7 @@ use orpo::model::CausalLm;
 use orpo::train::load_trainer;
 use orpo::train::plan::{Plan, ShuffleOrder};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 
 fn tiny_config(model: &str, out: &Path, extra: &[&str]) -> Config {
@@ -199,6 +199,41 @@ fn cli_train_eval_and_data() {
 
     let r = orpo(&["data", "--config", "configs/tiny-opt.toml"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// A reader that goes away (`orpo data | head`, `orpo train 2>&1 | head -1`) ends a report
+/// quietly with success and leaves a training run going: no panic on the broken pipe.
+#[test]
+fn a_closed_pipe_ends_a_report_quietly_and_leaves_training_running() {
+    let bin = env!("CARGO_BIN_EXE_orpo");
+    let mut child = Command::new(bin)
+        .args(["data", "--config", "configs/tiny-opt.toml", "--show", "64"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the report (written once the data is tokenized) starts.
+    drop(child.stdout.take());
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{:?}: {err}", r.status);
+    assert!(!err.contains("panicked"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("run");
+    let out_set = format!("train.output_dir={}", out_dir.display());
+    let mut child = Command::new(bin)
+        .args(["train", "--config", "configs/tiny-opt.toml"])
+        .args(["--set", "train.max_steps=2", "--set", &out_set])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(out_dir.join("model.safetensors").is_file());
+    assert!(out_dir.join("eval_metrics.json").is_file());
 }
 
 #[test]
@@ -393,7 +428,7 @@ fn sigkilled_cli_run_resumes_bit_identical() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_orpo"))
         .args(args(&cut))
         .current_dir(repo())
-        .stderr(std::process::Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let ckpt = cut.join("checkpoint-4/trainer_state.json");
@@ -480,7 +515,7 @@ fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
             &format!("train.output_dir={}", out.display()),
         ])
         .current_dir(repo())
-        .stderr(std::process::Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();

@@ -1,5 +1,6 @@
 //! `orpo data`: loads and tokenises the configured splits as training would and describes them.
 
+use super::output::stdout;
 use orpo::config::Config;
 use orpo::data::Tokenizer;
 use orpo::Error;
@@ -59,30 +60,31 @@ pub fn data(
             }
             json_out.insert(split.into(), v);
         } else {
-            println!("== {split}: {} ({} format)", ds.source, ds.format);
-            println!(
-                "pairs:          {} (max_length {}, max_prompt_length {})",
+            stdout(&format!(
+                "== {split}: {} ({} format)\npairs:          {} (max_length {}, max_prompt_length {})\n{}",
+                ds.source,
+                ds.format,
                 ds.pairs.len(),
                 opts.max_length,
-                opts.max_prompt_length
-            );
-            print!("{}", ds.stats.render());
+                opts.max_prompt_length,
+                ds.stats.render()
+            ))?;
             if n_show > 0 {
-                println!(
-                    "masked (label -100) tokens are shown {}like this{}, trained tokens {}like this{}",
+                stdout(&format!(
+                    "masked (label -100) tokens are shown {}like this{}, trained tokens {}like this{}\n",
                     orpo::data::show::MASKED.0,
                     orpo::data::show::MASKED.1,
                     orpo::data::show::TRAINED.0,
                     orpo::data::show::TRAINED.1
-                );
+                ))?;
             }
             for i in 0..n_show {
-                print!("{}", orpo::data::show::render_example(&ds, i, &tok, ids));
+                stdout(&orpo::data::show::render_example(&ds, i, &tok, ids))?;
             }
         }
     }
     if as_json {
-        println!("{}", serde_json::Value::Object(json_out));
+        stdout(&format!("{}\n", serde_json::Value::Object(json_out)))?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `orpo eval`: a saved model (or adapter on its base) on held-out pairs.
 
+use super::output::stdout;
 use candle_core::DType;
 use orpo::config::{BaseQuant, Config, Dtype};
 use orpo::model::Quantize;
@@ -134,12 +135,10 @@ pub fn eval(
         config.orpo.nll_on_prompt,
         config.train.dataloader_drop_last,
     )?;
-    if as_json {
-        println!("{}", m.to_json());
-    } else {
-        print!("{}", m.render());
+    match as_json {
+        true => stdout(&format!("{}\n", m.to_json())),
+        false => stdout(&m.render()),
     }
-    Ok(())
 }
 
 /// The settings of `run` that decide an evaluation's numbers — lengths, column names, ORPO's

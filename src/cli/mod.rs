@@ -4,10 +4,12 @@
 mod check_kernels;
 mod data;
 mod eval;
+mod output;
 pub mod setup;
 mod train;
 
 pub use check_kernels::check_kernels;
 pub use data::data;
 pub use eval::eval;
+pub use output::stderr;
 pub use train::train;

@@ -36,6 +36,9 @@ pub fn init_logging() {
         .with_ansi(colour)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // A closed stderr loses the logs, not the run: tracing would report the failed
+        // write with `eprintln!`, which panics.
+        .log_internal_errors(false)
         .init();
 }
 

@@ -1,5 +1,6 @@
 //! `orpo train`: where the run starts (fresh, resumed, or replacing one), signals, the summary.
 
+use super::output::stderr;
 use orpo::config::Config;
 use orpo::train::load_trainer;
 use orpo::train::resume::latest_checkpoint;
@@ -60,11 +61,11 @@ pub fn train(
         // end): it is checked to be this config's run, and left as it is.
         Some(None) if finished(&out) => {
             orpo::train::same_run::check(&out, &config, "", None)?;
-            eprintln!(
+            stderr(&format!(
                 "train.output_dir `{}` holds this run, finished (final model, evaluation and \
-                 training_curves.svg written); nothing to resume (--overwrite trains it again)",
+                 training_curves.svg written); nothing to resume (--overwrite trains it again)\n",
                 out.display()
-            );
+            ));
             return Ok(());
         }
         Some(None) => Some(latest_checkpoint(&out).ok_or_else(|| {
@@ -107,16 +108,16 @@ pub fn train(
     }
     let summary = trainer.run(resume_from.as_deref(), &stop)?;
     if let Some(last) = summary.log.last() {
-        eprintln!(
-            "finished {} steps: loss {:.4}, rewards/accuracies {:.3}; model saved to {}",
+        stderr(&format!(
+            "finished {} steps: loss {:.4}, rewards/accuracies {:.3}; model saved to {}\n",
             last.step,
             last.metrics.loss,
             last.metrics.rewards_accuracy(),
             summary.output_dir.display()
-        );
+        ));
     }
     if let Some(eval) = summary.eval {
-        eprint!("{}", eval.render());
+        stderr(&eval.render());
     }
     Ok(())
 }
