@@ -305,6 +305,17 @@ fn a_max_length_beyond_the_position_table_is_refused_only_for_a_sequence_that_lo
         err.contains("hh-rlhf-eval-16.jsonl:11") && err.contains("max_position_embeddings (512)"),
         "{err}"
     );
+    // `orpo data`, which checks a dataset before a run, refuses it the same way.
+    let cfg = tmp.path().join("long.toml");
+    let text = config(tmp.path(), &[&long[..], &[&eval]].concat()).to_toml_string();
+    std::fs::write(&cfg, text).unwrap();
+    let r = orpo(&["data", "--config", &cfg.display().to_string()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("hh-rlhf-eval-16.jsonl:11") && err.contains("max_position_embeddings (512)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `orpo data`: loads and tokenises the configured splits as training would and describes them.
+//! `orpo data`: loads and tokenises the configured splits as training would, checks them
+//! against the model's config.json as training does, and describes them.
 
 use super::output::stdout;
 use orpo::config::Config;
@@ -34,6 +35,11 @@ pub fn data(
     }
     // The splits as training reads them: data.eval, or pairs held out by data.eval_size.
     let (train, eval) = orpo::train::load_splits(&config, &tok)?;
+    // And fitted to the model as training checks them: ids in its vocabulary, sequences
+    // within its positions (config.json only; no weights are read).
+    let model = orpo::model::ModelConfig::from_dir(&dir)?;
+    let all: Vec<_> = std::iter::once(&train).chain(eval.as_ref()).collect();
+    orpo::train::check_data_fits(&config, &model, &all)?;
     let splits = std::iter::once(("train", train)).chain(eval.map(|e| ("eval", e)));
     let mut json_out = serde_json::Map::new();
     for (split, ds) in splits {
