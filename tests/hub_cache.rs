@@ -1,6 +1,7 @@
 //! Hub ids resolve from a populated hf-hub cache with `HF_HUB_OFFLINE=1` (no network), using
 //! the cache layout `models--org--name/{refs/main, snapshots/REV/...}` under `$HF_HOME/hub`:
-//! a model, a LoRA adapter repository, and a base pinned at a revision.
+//! a model, a LoRA adapter repository, a base pinned at a revision, and a model's configs
+//! without its weights (enough for `orpo data`).
 
 mod common;
 
@@ -125,4 +126,29 @@ fn offline_hub_id_loads_from_cache() {
         .unwrap()
         .to_string();
     assert!(err.contains("tiny/opt-pinned"), "{err}");
+
+    // `orpo data` needs a model's config and tokenizer, not its weights: a cache without the
+    // shards its index names serves it, where loading the model is refused.
+    let bare = home.path().join("hub/models--tiny--opt-bare");
+    let snap = bare.join("snapshots").join(rev);
+    copy_dir(&model_dir("tiny-opt"), &snap);
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    let index =
+        r#"{"weight_map": {"decoder.embed_tokens.weight": "model-00001-of-00002.safetensors"}}"#;
+    std::fs::write(snap.join("model.safetensors.index.json"), index).unwrap();
+    std::fs::create_dir_all(bare.join("refs")).unwrap();
+    std::fs::write(bare.join("refs/main"), rev).unwrap();
+    let err = resolve_model_dir("tiny/opt-bare", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model-00001-of-00002.safetensors"), "{err}");
+    let r = orpo(&[
+        "data",
+        "--config",
+        "configs/tiny-opt.toml",
+        "--set",
+        "model.id=tiny/opt-bare",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("pairs:          64"));
 }

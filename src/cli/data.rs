@@ -20,7 +20,9 @@ pub fn data(
         ));
     }
     let config = Config::load(config_path, set)?;
-    let dir = orpo::model::resolve_model_dir(&config.model.id, config.model.revision.as_deref())?;
+    // The model's config and tokenizer only: a 7B model's weights are not fetched to check data.
+    let dir =
+        orpo::model::resolve_model_config_dir(&config.model.id, config.model.revision.as_deref())?;
     let mut tok = Tokenizer::from_dir(&dir)?;
     orpo::data::apply_chat_template_setting(&mut tok, config.data.chat_template.as_deref())?;
     let opts = orpo::data::DataOptions {

@@ -36,6 +36,17 @@ const ANCHORS: [&str; 2] = ["config.json", lora::ADAPTER_CONFIG];
 /// hf-hub (its cache honours `HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only, see `crate::hub`):
 /// a model, or a LoRA adapter repository (adapter_config.json, no config.json).
 pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    resolve(id, revision, true)
+}
+
+/// As [`resolve_model_dir`], with the configs and tokenizer files only: no weights fetched
+/// (nor their shards required in an offline cache), for checking data against a model
+/// without downloading it whole.
+pub fn resolve_model_config_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    resolve(id, revision, false)
+}
+
+fn resolve(id: &str, revision: Option<&str>, with_weights: bool) -> Result<PathBuf, ModelError> {
     let local = Path::new(id);
     if local.is_dir() {
         return Ok(local.to_path_buf());
@@ -56,7 +67,10 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
     };
     let config_path = if offline {
         let cache = hf_hub::Cache::from_env().repo(repo);
-        if let Some(p) = cache.get("model.safetensors.index.json") {
+        let index = cache
+            .get("model.safetensors.index.json")
+            .filter(|_| with_weights);
+        if let Some(p) = index {
             for shard in shard_names(&p)? {
                 cache.get(&shard).ok_or_else(|| {
                     hub_err(format!("offline and shard {shard} is not in the cache"))
@@ -82,7 +96,7 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
             // safetensors (many repositories hold both).
             let adapter_file = f.starts_with("adapter_");
             let weights = f.starts_with("model.") || *f == "pytorch_model.bin";
-            if (adapter_file && !adapter_repo) || (weights && adapter_repo) {
+            if (adapter_file && !adapter_repo) || (weights && (adapter_repo || !with_weights)) {
                 continue;
             }
             let has_safetensors = dir.join("model.safetensors").exists()
@@ -93,7 +107,7 @@ pub fn resolve_model_dir(id: &str, revision: Option<&str>) -> Result<PathBuf, Mo
             let _ = api.get(f);
         }
         let index = dir.join("model.safetensors.index.json");
-        if index.exists() {
+        if with_weights && index.exists() {
             for shard in shard_names(&index)? {
                 api.get(&shard)
                     .map_err(|e| hub_err(format!("{shard}: {e}")))?;

@@ -22,7 +22,7 @@ pub mod rope;
 
 pub use arch::{Architecture, ModelConfig};
 pub use error::ModelError;
-pub use files::{read_weights, resolve_model_dir};
+pub use files::{read_weights, resolve_model_config_dir, resolve_model_dir};
 pub use gathered::set_max_attention_groups;
 pub use layers::set_recompute_attention_probs;
 pub use load::{AdapterInfo, LoadOptions, Quantize};
