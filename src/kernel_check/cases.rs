@@ -4,7 +4,8 @@
 use super::{Case, Input, OpFn, Values};
 use crate::model::Params;
 use crate::ops;
-use crate::train::optim::{global_norm, AdamW, AdamWSettings};
+use crate::train::grad_norm::global_norm;
+use crate::train::optim::{AdamW, AdamWSettings};
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::HashMap;
 

@@ -455,12 +455,12 @@ impl ResumeState {
 
     /// Overwrites the model's trainable weights (the whole model, or its LoRA adapter) with
     /// the checkpoint's (whose errors say first when the checkpoint is another kind of run's),
-    /// and checks the optimizer state fits them (`optim::check_state`: every moment there, of
+    /// and checks the optimizer state fits them (`optim_state::check_state`: every moment there, of
     /// the parameter's size, finite, the step the checkpoint's).
     pub fn restore_weights(&self, model: &CausalLm, device: &Device) -> Result<(), Error> {
         restore_model_weights(&self.dir, model, device)?;
         // Damaged moments would fail mid-run, or train on silently, without naming the file.
-        super::optim::check_state(model.params(), &self.optimizer, self.eight_bit, self.step)?
+        super::optim_state::check_state(model.params(), &self.optimizer, self.eight_bit, self.step)?
             .map_err(|msg| bad_file(&self.dir, OPTIMIZER_FILE, msg))
     }
 }

@@ -2,9 +2,10 @@
 //! its schedule; at the end the final (or best) model saved and evaluated.
 
 use super::checkpoint::{save_checkpoint, save_model, save_tensors, write_atomic};
+use super::grad_norm::{clip_coefficient, global_norm};
 use super::log::{EvalEntry, JsonLines, LogEntry};
 use super::loss::Metrics;
-use super::optim::{clip_coefficient, global_norm, AdamW, AdamWSettings};
+use super::optim::{AdamW, AdamWSettings};
 use super::plan::Plan;
 use super::report::TensorBoard;
 use super::resume::{self, ResumeState};
