@@ -10,6 +10,62 @@ use serde_json::Value;
 
 const NAME: &str = "chat_template";
 
+/// What transformers appends to a final message it continues, to find where it ends.
+const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+
+/// Python's `str.isspace`, which `strip()` and Jinja's `trim` use: Unicode's White_Space (as
+/// Rust's `trim`) and the separators U+001C to U+001F.
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+fn py_strip(s: &str) -> &str {
+    s.trim_matches(py_space)
+}
+
+/// `s.strip(chars)` / `lstrip` / `rstrip` (`side`: both, start, end) as Python computes it.
+fn py_trim(s: &str, chars: Option<&str>, side: std::cmp::Ordering) -> String {
+    use std::cmp::Ordering::*;
+    let set: Option<Vec<char>> = chars.map(|c| c.chars().collect());
+    let strip = |c: char| match &set {
+        Some(set) => set.contains(&c),
+        None => py_space(c),
+    };
+    match side {
+        Equal => s.trim_matches(strip),
+        Less => s.trim_start_matches(strip),
+        Greater => s.trim_end_matches(strip),
+    }
+    .to_string()
+}
+
+/// Jinja's `trim` filter (Python's `str.strip`).
+fn trim(value: String, chars: Option<String>) -> String {
+    py_trim(&value, chars.as_deref(), std::cmp::Ordering::Equal)
+}
+
+/// Python's string methods (minijinja's pycompat), with `strip`, `lstrip` and `rstrip` on
+/// Python's whitespace.
+fn py_method(
+    state: &minijinja::State,
+    value: &minijinja::Value,
+    method: &str,
+    args: &[minijinja::Value],
+) -> Result<minijinja::Value, Error> {
+    use std::cmp::Ordering::*;
+    let side = match method {
+        "strip" => Some(Equal),
+        "lstrip" => Some(Less),
+        "rstrip" => Some(Greater),
+        _ => None,
+    };
+    if let (Some(s), Some(side)) = (value.as_str(), side) {
+        let (chars,): (Option<&str>,) = minijinja::value::from_args(args)?;
+        return Ok(minijinja::Value::from(py_trim(s, chars, side)));
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
 /// A compiled chat template plus the special-token strings it is rendered with.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -41,7 +97,8 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(py_method);
+        env.add_filter("trim", trim);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -67,8 +124,20 @@ impl ChatTemplate {
         continue_final_message: bool,
     ) -> Result<String, String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
+        // transformers' continue_final_message: the final message is rendered with a tag after
+        // it, and the chat cut where the tag begins.
+        let mut messages = messages.to_vec();
+        let mut final_message = String::new();
+        if continue_final_message {
+            let content = messages
+                .last_mut()
+                .and_then(|m| m.get_mut("content"))
+                .ok_or("continue_final_message: the final message has no content")?;
+            final_message = content.as_str().unwrap_or_default().to_string();
+            *content = Value::String(format!("{final_message}{CONTINUE_TAG}"));
+        }
         let mut ctx = serde_json::Map::new();
-        ctx.insert("messages".into(), Value::Array(messages.to_vec()));
+        ctx.insert("messages".into(), Value::Array(messages));
         ctx.insert(
             "add_generation_prompt".into(),
             Value::Bool(add_generation_prompt),
@@ -84,26 +153,22 @@ impl ChatTemplate {
         if !continue_final_message {
             return Ok(rendered);
         }
-        // transformers' continue_final_message: cut everything after the final message.
-        let last = messages
-            .last()
-            .and_then(|m| m.get("content"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let stripped = last.trim();
-        let Some(loc) = rendered.rfind(stripped) else {
+        let tag = CONTINUE_TAG.trim_end();
+        let (Some(loc), true) = (
+            rendered.rfind(tag),
+            rendered.contains(py_strip(&final_message)),
+        ) else {
             return Err(
                 "continue_final_message: the final message does not appear in the rendered chat"
                     .into(),
             );
         };
-        let lstripped = last.trim_start();
-        let end = if rendered[loc..].starts_with(last) && last.len() == lstripped.len() {
-            loc + lstripped.len()
-        } else {
-            loc + stripped.len()
-        };
-        Ok(rendered[..end].to_string())
+        Ok(match rendered[loc..].starts_with(CONTINUE_TAG) {
+            // The template kept the message's spacing.
+            true => rendered[..loc].to_string(),
+            // It trimmed the message: so is what comes before the tag.
+            false => rendered[..loc].trim_end_matches(py_space).to_string(),
+        })
     }
 
     /// TRL 1.16's `apply_chat_template` for a preference example with an explicit prompt.
@@ -431,6 +496,60 @@ mod tests {
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer is "
         );
+    }
+
+    /// transformers 5.25's `continue_final_message` (its tag), rendered by transformers'
+    /// `render_jinja_template` for the expected texts: a final message that also occurs in the
+    /// end-of-turn marker ("end" in `<|im_end|>`), surrounded by spaces, or empty, under a
+    /// template that keeps spacing and one that trims it.
+    #[test]
+    fn continue_final_message_as_transformers_cuts_it() {
+        let trimmed = ChatTemplate::new(
+            "{% for message in messages %}{{ '<|start|>' + message['role'] + '\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}",
+            vec![],
+        )
+        .unwrap();
+        let render = |t: &ChatTemplate, last: &str| {
+            t.render(
+                &[
+                    json!({"role": "user", "content": "hi"}),
+                    json!({"role": "assistant", "content": last}),
+                ],
+                false,
+                true,
+            )
+            .unwrap()
+        };
+        let chatml_head = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+        for last in ["end", " x ", "", "\u{1c}Hi\u{1c}"] {
+            assert_eq!(render(&chatml(), last), format!("{chatml_head}{last}"));
+        }
+        let head = "<|start|>user\nhi<|eot_id|><|start|>assistant";
+        let want = [
+            ("The answer is ", "\nThe answer is"),
+            ("end", "\nend"),
+            ("id", "\nid"),
+            (" x ", "\nx"),
+            ("", ""),
+            ("\u{1c}Hi\u{1c}", "\nHi"),
+        ];
+        for (last, tail) in want {
+            assert_eq!(render(&trimmed, last), format!("{head}{tail}"), "{last:?}");
+        }
+    }
+
+    /// `trim` and `strip()` strip Python's whitespace, which includes U+001C to U+001F.
+    #[test]
+    fn trim_and_strip_are_pythons() {
+        let t = ChatTemplate::new(
+            "{% for message in messages %}{{ '[' + message['content'] | trim + '|' + message['content'].strip() + '|' + message['content'].rstrip() + '|' + message['content'].lstrip() + '|' + message['content'].strip('ab') + ']' }}{% endfor %}",
+            vec![],
+        )
+        .unwrap();
+        let out = t
+            .render(&[json!({"content": " a\tb\u{1f}"})], false, false)
+            .unwrap();
+        assert_eq!(out, "[a\tb|a\tb| a\tb|a\tb\u{1f}| a\tb\u{1f}]");
     }
 
     #[test]
