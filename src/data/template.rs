@@ -10,6 +10,20 @@ use serde_json::Value;
 
 const NAME: &str = "chat_template";
 
+/// The template with transformers' `{% generation %}` ... `{% endgeneration %}` blocks (which
+/// mark assistant tokens for `return_assistant_tokens_mask` and render their body unchanged)
+/// as `{% if true %}` ... `{% endif %}`, which minijinja knows, whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let tag = |name: &str| {
+        fancy_regex::Regex::new(&format!(r"\{{%([-+]?)\s*{name}\s*([-+]?)%\}}"))
+            .expect("a valid pattern")
+    };
+    let open = tag("generation").replace_all(source, "{%${1} if true ${2}%}");
+    tag("endgeneration")
+        .replace_all(&open, "{%${1} endif ${2}%}")
+        .into_owned()
+}
+
 /// What transformers appends to a final message it continues, to find where it ends.
 const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
 
@@ -102,7 +116,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
+        env.add_template_owned(NAME, without_generation_tags(source))
             .map_err(|e| describe(&e))?;
         Ok(ChatTemplate {
             source: source.to_string(),
@@ -550,6 +564,25 @@ mod tests {
             .render(&[json!({"content": " a\tb\u{1f}"})], false, false)
             .unwrap();
         assert_eq!(out, "[a\tb|a\tb| a\tb|a\tb\u{1f}| a\tb\u{1f}]");
+    }
+
+    /// transformers' `{% generation %}` blocks render their body (expected texts from
+    /// transformers' `render_jinja_template`).
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let t = ChatTemplate::new(
+            "{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{ '<|a|>' }}{%- generation %}\n  {{ message['content'] }}{{ '<|end|>' }}\n{%- endgeneration %}{% else %}{{ '<|u|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|a|>' }}{% endif %}",
+            vec![],
+        )
+        .unwrap();
+        let chat = [
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "assistant", "content": "yo"}),
+        ];
+        let out = t.render(&chat, false, false).unwrap();
+        assert_eq!(out, "<|u|>hi<|end|><|a|>  yo<|end|>");
+        let out = t.render(&chat[..1], true, false).unwrap();
+        assert_eq!(out, "<|u|>hi<|end|><|a|>");
     }
 
     #[test]
