@@ -77,7 +77,65 @@ fn py_method(
         let (chars,): (Option<&str>,) = minijinja::value::from_args(args)?;
         return Ok(minijinja::Value::from(py_trim(s, chars, side)));
     }
+    if let (Some(s), "split") = (value.as_str(), method) {
+        let (sep, maxsplit): (Option<minijinja::Value>, Option<i64>) =
+            minijinja::value::from_args(args)?;
+        if sep.as_ref().is_none_or(|v| v.is_none() || v.is_undefined()) {
+            return Ok(minijinja::Value::from(py_split_whitespace(s, maxsplit)));
+        }
+    }
+    if let (Some(s), "splitlines") = (value.as_str(), method) {
+        let (keepends,): (Option<bool>,) = minijinja::value::from_args(args)?;
+        return Ok(minijinja::Value::from(py_splitlines(
+            s,
+            keepends.unwrap_or(false),
+        )));
+    }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Python's `s.split()` / `s.split(None, maxsplit)`: runs of Python whitespace separate, none
+/// at either end; past `maxsplit` splits the rest stays whole (its leading whitespace gone).
+fn py_split_whitespace(s: &str, maxsplit: Option<i64>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = s.trim_start_matches(py_space);
+    while !rest.is_empty() {
+        if maxsplit.is_some_and(|m| m >= 0 && out.len() as i64 == m) {
+            out.push(rest.to_string());
+            break;
+        }
+        let end = rest.find(py_space).unwrap_or(rest.len());
+        out.push(rest[..end].to_string());
+        rest = rest[end..].trim_start_matches(py_space);
+    }
+    out
+}
+
+/// Python's `s.splitlines(keepends)`: lines end at `\n`, `\r`, `\r\n`, `\v`, `\f`,
+/// U+001C-U+001E, U+0085, U+2028 and U+2029.
+fn py_splitlines(s: &str, keepends: bool) -> Vec<String> {
+    let breaks = |c: char| {
+        matches!(
+            c,
+            '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}'
+                ..='\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        )
+    };
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(at) = rest.find(breaks) {
+        let width = match rest[at..].starts_with("\r\n") {
+            true => 2,
+            false => rest[at..].chars().next().map_or(1, char::len_utf8),
+        };
+        let end = if keepends { at + width } else { at };
+        out.push(rest[..end].to_string());
+        rest = &rest[at + width..];
+    }
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
 }
 
 /// A compiled chat template plus the special-token strings it is rendered with.
@@ -564,6 +622,34 @@ mod tests {
             .render(&[json!({"content": " a\tb\u{1f}"})], false, false)
             .unwrap();
         assert_eq!(out, "[a\tb|a\tb| a\tb|a\tb\u{1f}| a\tb\u{1f}]");
+    }
+
+    /// `split()` and `splitlines()` as Python's (expected values from Python 3).
+    #[test]
+    fn split_and_splitlines_are_pythons() {
+        let t = ChatTemplate::new(
+            "{% for message in messages %}{% set c = message['content'] %}{{ c.split() | tojson }}{{ c.split(none, 1) | tojson }}{{ c.split(',') | tojson }}{{ c.splitlines() | tojson }}{{ c.splitlines(true) | tojson }}{% endfor %}",
+            vec![],
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &[json!({"content": " a\u{1f}b,c\r\nd\re \u{2028}f\n"})],
+                false,
+                false,
+            )
+            .unwrap();
+        // Python's s.split(), s.split(None, 1), s.split(','), s.splitlines(), s.splitlines(True)
+        // through transformers' tojson (ensure_ascii=False: U+2028 stays as it is).
+        let want = [
+            r#"["a", "b,c", "d", "e", "f"]"#,
+            "[\"a\", \"b,c\\r\\nd\\re \u{2028}f\\n\"]",
+            r#"[" a\u001fb", "c\r\nd\re "#,
+            "\u{2028}f\\n\"]",
+            r#"[" a\u001fb,c", "d", "e ", "f"]"#,
+            "[\" a\\u001fb,c\\r\\n\", \"d\\r\", \"e \u{2028}\", \"f\\n\"]",
+        ];
+        assert_eq!(out, want.concat());
     }
 
     /// transformers' `{% generation %}` blocks render their body (expected texts from
