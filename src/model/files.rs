@@ -161,8 +161,6 @@ type WeightsAndFiles = (HashMap<String, Tensor>, HashMap<String, PathBuf>);
 
 /// [`read_weights`], with the file each tensor came from.
 pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAndFiles, ModelError> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
     let bin = dir.join("pytorch_model.bin");
     let wrap = |path: &Path| {
         let path = path.to_path_buf();
@@ -185,17 +183,8 @@ pub fn read_weights_with_files(dir: &Path, device: &Device) -> Result<WeightsAnd
     let mut extend = |tensors: HashMap<String, Tensor>, path: &Path| {
         raw.extend(tensors.into_iter().map(|(n, t)| (n, t, path.to_path_buf())));
     };
-    if single.is_file() {
-        extend(load(&single)?, &single);
-    } else if index.is_file() {
-        for shard in shard_names(&index)? {
-            let p = dir.join(&shard);
-            if !p.is_file() {
-                return Err(ModelError::Weights {
-                    path: index.clone(),
-                    msg: format!("shard {shard} is missing"),
-                });
-            }
+    if let Some(paths) = safetensors_files(dir)? {
+        for p in paths {
             extend(load(&p)?, &p);
         }
     } else if bin.is_file() {
@@ -249,30 +238,38 @@ impl LazyWeights {
     }
 }
 
+/// `dir`'s `model.safetensors`, or the shards its index names (a missing one is named);
+/// `None` when it has neither.
+fn safetensors_files(dir: &Path) -> Result<Option<Vec<PathBuf>>, ModelError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        return Ok(Some(vec![single]));
+    }
+    if !index.is_file() {
+        return Ok(None);
+    }
+    let mut paths = Vec::new();
+    for shard in shard_names(&index)? {
+        let p = dir.join(&shard);
+        if !p.is_file() {
+            return Err(ModelError::Weights {
+                path: index.clone(),
+                msg: format!("shard {shard} is missing"),
+            });
+        }
+        paths.push(p);
+    }
+    Ok(Some(paths))
+}
+
 /// Lazily read weights, and the file each tensor is in (for messages).
 pub type LazyAndFiles = (LazyWeights, HashMap<String, PathBuf>);
 
 /// `dir`'s safetensors (one file or shards) indexed for reading a tensor at a time, with the
 /// file of each tensor; `None` for a `pytorch_model.bin` checkpoint, which is read whole.
 pub fn lazy_weights_with_files(dir: &Path) -> Result<Option<LazyAndFiles>, ModelError> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let paths = if single.is_file() {
-        vec![single]
-    } else if index.is_file() {
-        let mut paths = Vec::new();
-        for shard in shard_names(&index)? {
-            let p = dir.join(&shard);
-            if !p.is_file() {
-                return Err(ModelError::Weights {
-                    path: index.clone(),
-                    msg: format!("shard {shard} is missing"),
-                });
-            }
-            paths.push(p);
-        }
-        paths
-    } else {
+    let Some(paths) = safetensors_files(dir)? else {
         return Ok(None);
     };
     let mut lazy = LazyWeights {
