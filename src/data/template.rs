@@ -37,25 +37,32 @@ fn py_strip(s: &str) -> &str {
     s.trim_matches(py_space)
 }
 
-/// `s.strip(chars)` / `lstrip` / `rstrip` (`side`: both, start, end) as Python computes it.
-fn py_trim(s: &str, chars: Option<&str>, side: std::cmp::Ordering) -> String {
-    use std::cmp::Ordering::*;
+/// Which ends Python's `strip` (both), `lstrip` (start) or `rstrip` (end) takes from.
+#[derive(Clone, Copy)]
+enum Ends {
+    Both,
+    Start,
+    End,
+}
+
+/// `s.strip(chars)` / `lstrip` / `rstrip` as Python computes it.
+fn py_trim(s: &str, chars: Option<&str>, ends: Ends) -> String {
     let set: Option<Vec<char>> = chars.map(|c| c.chars().collect());
     let strip = |c: char| match &set {
         Some(set) => set.contains(&c),
         None => py_space(c),
     };
-    match side {
-        Equal => s.trim_matches(strip),
-        Less => s.trim_start_matches(strip),
-        Greater => s.trim_end_matches(strip),
+    match ends {
+        Ends::Both => s.trim_matches(strip),
+        Ends::Start => s.trim_start_matches(strip),
+        Ends::End => s.trim_end_matches(strip),
     }
     .to_string()
 }
 
 /// Jinja's `trim` filter (Python's `str.strip`).
 fn trim(value: String, chars: Option<String>) -> String {
-    py_trim(&value, chars.as_deref(), std::cmp::Ordering::Equal)
+    py_trim(&value, chars.as_deref(), Ends::Both)
 }
 
 /// Python's string methods (minijinja's pycompat), with `strip`, `lstrip` and `rstrip` on
@@ -66,16 +73,15 @@ fn py_method(
     method: &str,
     args: &[minijinja::Value],
 ) -> Result<minijinja::Value, Error> {
-    use std::cmp::Ordering::*;
-    let side = match method {
-        "strip" => Some(Equal),
-        "lstrip" => Some(Less),
-        "rstrip" => Some(Greater),
+    let ends = match method {
+        "strip" => Some(Ends::Both),
+        "lstrip" => Some(Ends::Start),
+        "rstrip" => Some(Ends::End),
         _ => None,
     };
-    if let (Some(s), Some(side)) = (value.as_str(), side) {
+    if let (Some(s), Some(ends)) = (value.as_str(), ends) {
         let (chars,): (Option<&str>,) = minijinja::value::from_args(args)?;
-        return Ok(minijinja::Value::from(py_trim(s, chars, side)));
+        return Ok(minijinja::Value::from(py_trim(s, chars, ends)));
     }
     if let (Some(s), "split") = (value.as_str(), method) {
         let (sep, maxsplit): (Option<minijinja::Value>, Option<i64>) =
